@@ -1,0 +1,164 @@
+"""Measure prompt adherence of the shapes model: `python -m model.evaluate [--source …]`.
+
+Each evaluation prompt is the caption of a procedurally generated scene with a seed below
+`model.train.TRAIN_SEED_BASE` (training never sees those). The generated image is read
+back with `shapes_data.analyse` and scored on what the caption states:
+
+- background: the most common colour of the border is the one asked for
+- shape colour / shape / position: for one-shape prompts
+- both colours: for two-shape prompts, each half of the image has the colour asked for it
+
+`--source reconstruction` scores the VAE's reconstructions of the true images instead: the
+ceiling the UNet can reach. `--source truth` scores the rendered scenes (a self-check of
+the scorer; it should print 100% everywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from model import shapes_data
+
+TARGETS = {"background": 0.98, "shape_colour": 0.95, "shape": 0.90, "position": 0.90, "both_colours": 0.85}
+
+
+def prompt_kind(scene: shapes_data.Scene) -> str:
+    if len(scene.shapes) == 2:
+        return "two shapes"
+    return "one shape, full" if {"position", "size"} <= scene.mentions else "one shape, short"
+
+
+def score(image: Image.Image, scene: shapes_data.Scene) -> dict[str, bool]:
+    """Which of the caption's statements the image satisfies."""
+    found = shapes_data.analyse(image, scene)
+    checks: dict[str, bool] = {}
+    if "background" in scene.mentions:
+        checks["background"] = found.background == scene.background
+    if len(scene.shapes) == 1:
+        shape, got = scene.shapes[0], found.shapes[0]
+        checks["shape_colour"] = got["colour"] == shape.colour
+        checks["shape"] = got["kind"] == shape.kind
+        if "position" in scene.mentions:
+            checks["position"] = got["position"] == shape.position
+    else:
+        checks["both_colours"] = all(g["colour"] == s.colour for s, g in zip(scene.shapes, found.shapes))
+    return checks
+
+
+def generate(model: Path, prompts: list[str], seeds: list[int], args) -> list[Image.Image]:
+    import torch
+
+    from model.engine import Engine, GenerationRequest
+
+    engine = Engine.load(model, device=args.device)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), args.batch):
+        requests = [
+            GenerationRequest(prompt=p, seed=s, steps=args.steps, guidance_scale=args.guidance,
+                              scheduler=args.scheduler)
+            for p, s in zip(prompts[start : start + args.batch], seeds[start : start + args.batch])
+        ]
+        with torch.inference_mode():
+            images += [r.images[0] for r in engine.generate(requests)]
+    return images
+
+
+def reconstruct(model: Path, truths: list[Image.Image], device: str) -> list[Image.Image]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model / "vae").to(device).eval()
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in truths]).transpose(0, 3, 1, 2)).float() / 127.5 - 1
+    out = []
+    with torch.inference_mode():
+        for chunk in x.split(64):
+            rec = vae(chunk.to(device), sample_posterior=False).sample.clamp(-1, 1)
+            arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            out += [Image.fromarray(a) for a in arr]
+    return out
+
+
+def grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> None:
+    """Images with their prompts underneath, for the README."""
+    cell_w, cell_h, scale = 200, 236, 3
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        sheet.paste(image.resize((64 * scale, 64 * scale), Image.Resampling.NEAREST), (x + 4, y + 4))
+        words, lines, line = caption.split(), [], ""
+        for w in words:  # wrap to the cell width
+            if len(line) + len(w) > 32:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines[:3]):
+            draw.text((x + 4, y + 64 * scale + 6 + 11 * k), text, fill="black")
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(__file__).parent / "shapes")
+    parser.add_argument("--source", choices=["model", "reconstruction", "truth"], default="model")
+    parser.add_argument("-n", type=int, default=240, help="number of prompts (seeds 0..n-1)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--scheduler", default="dpmpp_2m")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--grid", type=Path, default=None, help="also save a grid of the first 16")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    args = parser.parse_args(argv)
+
+    samples = [shapes_data.sample(seed) for seed in range(args.n)]
+    scenes = [s for _, _, s in samples]
+    captions = [c for _, c, _ in samples]
+    truths = [im for im, _, _ in samples]
+    started = time.perf_counter()
+    if args.source == "truth":
+        images = truths
+    elif args.source == "reconstruction":
+        images = reconstruct(args.model, truths, "cpu" if args.device == "auto" else args.device)
+    else:
+        images = generate(args.model, captions, list(range(args.n)), args)
+    elapsed = time.perf_counter() - started
+
+    by_kind: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for image, scene in zip(images, scenes):
+        for check, ok in score(image, scene).items():
+            by_kind[prompt_kind(scene)][check].append(ok)
+            by_kind["all"][check].append(ok)
+
+    checks = list(TARGETS)
+    print(f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
+          f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)")
+    print(f"{'prompt kind':<18}{'n':>5}" + "".join(f"{c:>14}" for c in checks))
+    report: dict[str, dict[str, float]] = {}
+    for kind in sorted(by_kind, key=lambda k: (k == "all", k)):
+        results = by_kind[kind]
+        n = sum(1 for s in scenes if kind == "all" or prompt_kind(s) == kind)
+        report[kind] = {c: float(np.mean(v)) for c, v in results.items()}
+        cells = "".join(f"{report[kind][c]:>14.2f}" if c in report[kind] else f"{'-':>14}" for c in checks)
+        print(f"{kind:<18}{n:>5}{cells}")
+    met = {c: report["all"].get(c, 0.0) >= t for c, t in TARGETS.items()}
+    print("targets: " + ", ".join(f"{c} ≥ {t:.2f} {'met' if met[c] else 'NOT met'}" for c, t in TARGETS.items()))
+    if args.grid:
+        grid(images[:16], captions[:16], args.grid)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "report": report, "seconds": elapsed}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

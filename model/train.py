@@ -1,0 +1,338 @@
+"""Train the default "shapes" model from scratch: `python -m model.train {vae,unet,export} …`.
+
+Stages, each seeded and resumable (a checkpoint in the run folder every few hundred steps,
+picked up again by running the same command):
+
+1. `vae`: an AutoencoderKL on rendered scenes (L1 + MSE reconstruction, a small KL term).
+   Its latent scale is measured at the end so latents enter diffusion at unit variance.
+2. `unet`: a CLIP text encoder and a UNet2DConditionModel trained together on frozen VAE
+   latents with v-prediction on a zero-terminal-SNR schedule, classifier-free-guidance
+   dropout, and an exponential moving average of the weights.
+3. `export`: writes the diffusers folder (EMA weights) that the service loads.
+
+Data is procedural: step s uses scenes with seeds from a range no evaluation uses, so a
+run is reproducible from its seed and the data never repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import shapes_data
+from model.architecture import PRESETS, build_scheduler, build_text_encoder, build_unet, build_vae
+from model.tokenizer import MAX_LENGTH, build_tokenizer
+
+TRAIN_SEED_BASE = 10_000_000  # evaluation uses seeds below this; training never does
+CFG_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional score
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def scene_batch(stage: int, step: int, batch: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] and captions for one step: seeds are a pure function of (stage, step)."""
+    start = TRAIN_SEED_BASE + seed * 1_000_003 + stage * 500_000_000 + step * batch
+    images, captions = shapes_data.batch(range(start, start + batch))
+    return torch.from_numpy(images), captions
+
+
+class Checkpoints:
+    """`<run>/<stage>.pt` holding model, optimizer and EMA state and the step reached."""
+
+    def __init__(self, run: Path, stage: str):
+        self.path = run / f"{stage}.pt"
+        run.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)  # atomic: a kill mid-save never leaves a torn checkpoint
+
+
+def log_line(run: Path, record: dict) -> None:
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+def train_vae(args: argparse.Namespace) -> None:
+    arch = PRESETS[args.preset]
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    vae = build_vae(arch).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    ckpt = Checkpoints(args.run, "vae")
+    step = 0
+    if (state := ckpt.load()) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed vae at step {step}")
+    val_images = torch.from_numpy(shapes_data.batch(range(64))[0]).to(device)
+    started = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="vae", dynamic_ncols=True)
+    while step < args.steps:
+        images, _ = scene_batch(0, step, args.batch, args.seed)
+        images = images.to(device)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # L1 keeps edges sharp on flat colours; MSE drives PSNR; KL only keeps latents tame
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + args.kl * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for group in opt.param_groups:  # cosine decay to 10% over the planned steps
+            group["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0 or step == args.steps:
+            with torch.no_grad():
+                val = psnr(vae(val_images, sample_posterior=False).sample, val_images)
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{val:.2f}")
+            log_line(args.run, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": val,
+                                "elapsed_s": time.time() - started})
+        if step % args.save_every == 0 or step == args.steps:
+            ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "preset": args.preset})
+    bar.close()
+    scale = measure_latent_scale(vae, device)
+    state = ckpt.load()
+    state.update(scale)
+    ckpt.save(state)
+    print(f"vae done: latent mean {scale['latent_mean']:.3f}, std {scale['latent_std']:.3f}")
+
+
+@torch.no_grad()
+def measure_latent_scale(vae, device, n: int = 1024) -> dict:
+    """SD's `scaling_factor`: 1 / std of the latents, so diffusion sees unit variance."""
+    images = torch.from_numpy(shapes_data.batch(range(TRAIN_SEED_BASE - n, TRAIN_SEED_BASE))[0])
+    latents = torch.cat([vae.encode(chunk.to(device)).latent_dist.sample() for chunk in images.split(128)])
+    return {"latent_mean": latents.mean().item(), "latent_std": latents.std().item(),
+            "scaling_factor": 1.0 / latents.std().item()}
+
+
+def load_vae(args: argparse.Namespace, device: torch.device):
+    arch = PRESETS[args.preset]
+    vae = build_vae(arch)
+    state = Checkpoints(args.run, "vae").load()
+    if state is None:
+        raise SystemExit(f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first")
+    vae.load_state_dict(state["model"])
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 2: text encoder and UNet
+
+
+def sample_timesteps(batch: int, high_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, plus a share drawn from the noisiest 30%: that is where layout
+    (which colour, which shape, where) is decided, and where a small model learns slowest."""
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    high = torch.rand(batch, generator=generator) < high_share
+    t[high] = torch.randint(700, 1000, (int(high.sum()),), generator=generator)
+    return t
+
+
+def train_unet(args: argparse.Namespace) -> None:
+    from diffusers.training_utils import EMAModel
+
+    arch = PRESETS[args.preset]
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    vae = load_vae(args, device)
+    latent_size = 64 // 2 ** (len(arch.vae_channels) - 1)
+    text_encoder = build_text_encoder(arch, len(tokenizer)).to(device)
+    unet = build_unet(arch, latent_size).to(device)
+    scheduler = build_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    ckpt = Checkpoints(args.run, "unet")
+    step = 0
+    if (state := ckpt.load()) is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        step = state["step"]
+        print(f"resumed unet at step {step}")
+    elif args.init_from:
+        init_from_folder(args.init_from, unet, text_encoder)
+        ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+        print(f"initialised from {args.init_from}")
+    generator = torch.Generator().manual_seed(args.seed * 7919 + step)
+    alphas = scheduler.alphas_cumprod.to(device)
+    started = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="unet", dynamic_ncols=True)
+    while step < args.steps:
+        images, captions = scene_batch(1, step, args.batch, args.seed)
+        rng = random.Random(args.seed * 1_000_003 + step)
+        captions = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            latents = vae.encode(images.to(device)).latent_dist.sample(generator=None)
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = sample_timesteps(latents.shape[0], args.high_noise_share, generator).to(device)
+        # x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε ;  v = sqrt(ᾱ_t) ε − sqrt(1-ᾱ_t) x_0  (Salimans & Ho 2022)
+        a = alphas[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        noisy = a * latents + s * noise
+        target = a * noise - s * latents
+        hidden = text_encoder(ids).last_hidden_state
+        pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:  # linear warm-up, then constant
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.step()
+        ema.step(params)
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log_line(args.run, {"stage": "unet", "step": step, "loss": loss.item(),
+                                "elapsed_s": time.time() - started})
+        if step % args.save_every == 0 or step == args.steps:
+            ckpt.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                       "optimizer": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+                       "preset": args.preset})
+    bar.close()
+
+
+def init_from_folder(folder: Path, unet, text_encoder) -> None:
+    """Start a new sitting from the committed (EMA) weights when no run checkpoint is at hand."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+    text_encoder.load_state_dict(
+        CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).state_dict()
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 3: the diffusers folder
+
+
+def export(args: argparse.Namespace) -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import EMAModel
+
+    arch = PRESETS[args.preset]
+    device = torch.device("cpu")
+    vae = load_vae(args, device)
+    tokenizer = build_tokenizer()
+    latent_size = 64 // 2 ** (len(arch.vae_channels) - 1)
+    text_encoder = build_text_encoder(arch, len(tokenizer))
+    unet = build_unet(arch, latent_size)
+    state = Checkpoints(args.run, "unet").load()
+    if state is None:
+        raise SystemExit(f"no UNet checkpoint in {args.run}")
+    unet.load_state_dict(state["unet"])
+    text_encoder.load_state_dict(state["text_encoder"])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(params)
+    # DPM-Solver++(2M) is the default sampler of a plain pipeline call; the config keeps
+    # v-prediction, zero terminal SNR and trailing spacing from training.
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        build_scheduler().config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = Path(args.out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # The UNet is stored in float16 to keep the repository's weights small; diffusers loads
+    # it back as float32 unless asked otherwise. The text encoder stays float32: transformers
+    # would otherwise load it in float16 ("auto" dtype) and mismatch the rest on a CPU.
+    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    unet.to(torch.float32)
+    index = json.loads((out / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]  # loadable by transformers 4 and 5
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "diffq.json").write_text(json.dumps({
+        "name": "shapes",
+        "default_width": 64, "default_height": 64, "min_size": 32, "max_size": 128,
+        "default_steps": 20, "default_guidance_scale": 5.0, "default_scheduler": "dpmpp_2m",
+        "lcm": False,
+    }, indent=2) + "\n")
+    record = {
+        "preset": args.preset, "architecture": dataclasses.asdict(arch),
+        "vae_steps": Checkpoints(args.run, "vae").load()["step"], "unet_steps": state["step"],
+        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+        "torch": torch.__version__,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"exported to {out}: {record}")
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=["vae", "unet", "export"])
+    parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")
+    parser.add_argument("--steps", type=int, default=3000, help="train until this step")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--kl", type=float, default=1e-6, help="VAE KL weight")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--high-noise-share", type=float, default=0.3)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start the UNet stage from an exported folder (a new sitting)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shapes")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    np.random.seed(args.seed)
+    {"vae": train_vae, "unet": train_unet, "export": export}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
