@@ -1,0 +1,39 @@
+"""diffq's model layer: the generation engine, its schedulers and the bundled "shapes" model.
+
+Importing `model` (or `model.schedulers`, `model.engine`) does not import torch
+or diffusers: the API process uses the names and types without the model
+stack, and a worker pays for torch only when it loads a model. The engine's
+names are importable from here too, lazily:
+
+    from model import Engine, GenerationRequest
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ENGINE_NAMES = {
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "InvalidRequestError",
+    "ModelInfo",
+    "ModelLoadError",
+    "StopGeneration",
+    "UnknownSchedulerError",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "SCHEDULERS":
+        from .schedulers import SCHEDULERS
+
+        return SCHEDULERS
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+__all__ = sorted(_ENGINE_NAMES | {"SCHEDULERS"})

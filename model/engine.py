@@ -1,0 +1,630 @@
+"""The generation engine: one diffusers text-to-image pipeline, loaded once, many requests.
+
+    engine = Engine.load("model/shapes")                     # once per process
+    request = engine.validate(GenerationRequest(prompt="a red circle"))
+    [result] = engine.generate([request], on_step=report)    # per job (or batch of jobs)
+
+What it adds to a bare diffusers pipeline:
+
+- Request validation up front, with errors that name the field and what is
+  accepted (`InvalidRequestError`, a ValueError), and defaults resolved from
+  the model (`ModelInfo`).
+- Schedulers picked by name per request (see `model.schedulers`), each built
+  once from the model's own scheduler config.
+- Batching: requests that share size, steps, scheduler and guidance scale run
+  as one pipeline call, and give the same images as if run alone.
+- Reproducibility: image k of a request starts from, and draws all its noise
+  from, its own CPU `torch.Generator` seeded with `seed + k`. Same request +
+  seed on the same machine gives identical pixels, whatever else is in the
+  batch (up to float rounding of batched kernels), and the initial noise does
+  not depend on the device.
+- Progress and cancellation: `on_step` is called after every denoising step;
+  whatever it raises stops the run between steps and propagates.
+- Warnings for prompt words the text encoder never sees (unknown or cut off),
+  see `model.prompt_check`.
+
+Importing this module does not import torch or diffusers (they load in
+`Engine.load`), so request/result types can be used without the model stack.
+
+Threads: `generate` holds a lock for the whole run, because the pipeline
+object and the schedulers are stateful (`generate` swaps the pipeline's
+scheduler for the call and restores it). Concurrent calls are safe but run
+one after the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .prompt_check import prompt_warnings
+from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline, SchedulerMixin
+    from PIL import Image
+
+__all__ = [
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "InvalidRequestError",
+    "ModelInfo",
+    "ModelLoadError",
+    "StepCallback",
+    "StopGeneration",
+    "UnknownSchedulerError",
+]
+
+#: Default upper limit of `steps`; `Engine.load(max_steps=...)` changes it.
+DEFAULT_MAX_STEPS = 150
+#: Default upper limit of `num_images` per request; `Engine.load(max_images=...)` changes it.
+DEFAULT_MAX_IMAGES = 8
+#: Largest seed: image k uses `seed + k`, which must fit torch's signed 64-bit seed.
+MAX_SEED = 2**63 - 1
+#: Optional file in the model folder with diffq's defaults for that model.
+SETTINGS_FILE = "diffq.json"
+#: Keys `diffq.json` may set (others, e.g. training records, are ignored).
+SETTINGS_KEYS = {
+    "name": str,
+    "default_width": int,
+    "default_height": int,
+    "min_size": int,
+    "max_size": int,
+    "size_multiple": int,
+    "default_steps": int,
+    "default_guidance_scale": float,
+    "default_scheduler": str,
+    "lcm": bool,
+}
+#: Files that count as weights for `ModelInfo.weights_hash`.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".gguf")
+DTYPES = ("float16", "bfloat16", "float32")
+#: diffusers' SD/SDXL/LCM pipelines reject sizes that are not multiples of 8.
+_PIPELINE_SIZE_MULTIPLE = 8
+
+
+class StopGeneration(Exception):
+    """Raise from `on_step` to stop a run between two denoising steps.
+
+    The engine does not catch it (nor any other exception from `on_step`):
+    it reaches the caller of `generate`, which then has no results for the
+    interrupted batch.
+    """
+
+
+class InvalidRequestError(ValueError):
+    """A request field holds a value this model does not accept; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnknownSchedulerError(InvalidRequestError):
+    """A scheduler name this model does not offer; the message lists those it does."""
+
+    def __init__(self, name: object, accepted: Sequence[str]):
+        self.name = name
+        self.accepted = list(accepted)
+        super().__init__("scheduler", f"unknown scheduler {name!r}; accepted: {', '.join(self.accepted)}")
+
+
+class ModelLoadError(ValueError):
+    """The folder is not a pipeline the engine can serve, or its diffq.json is inconsistent."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text-to-image job. `None` fields take the model's defaults (see `Engine.validate`)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int = 0
+    num_images: int = 1  # image k uses seed + k
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request, in the order of their seeds."""
+
+    images: list[Image.Image]  # RGB
+    seeds: list[int]  # seeds[k] == request.seed + k: rerun image k alone with seed=seeds[k], num_images=1
+    warnings: list[str]  # for the user: prompt words the model ignored, and why
+    parameters: dict[str, Any]  # resolved request plus model name and weights hash
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model accepts and what it does by default."""
+
+    name: str
+    pipeline_class: str  # e.g. "StableDiffusionPipeline", "StableDiffusionXLPipeline"
+    weights_hash: str  # sha256 (hex) over the folder's weight files, names included
+    device: str
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    default_width: int
+    default_height: int
+    min_size: int
+    max_size: int
+    size_multiple: int  # width and height must be multiples of it
+    default_steps: int
+    max_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: list[str]  # names this model accepts, a subset of model.schedulers.SCHEDULERS
+    max_images: int = DEFAULT_MAX_IMAGES  # per request
+
+
+#: on_step(step, total, latents_by_request): step counts from 1 to total.
+StepCallback = Callable[[int, int, "dict[int, torch.Tensor]"], None]
+
+
+class Engine:
+    """A loaded pipeline plus everything needed to serve requests with it. Build with `Engine.load`."""
+
+    def __init__(self, pipe: DiffusionPipeline, info: ModelInfo, schedulers: Mapping[str, SchedulerMixin]):
+        self.pipe = pipe
+        self.info = info
+        self._schedulers = dict(schedulers)
+        self._tokenizers = [getattr(pipe, name) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)]
+        call_parameters = inspect.signature(pipe.__call__).parameters
+        self._takes_negative_prompt = "negative_prompt" in call_parameters
+        # SDXL encodes a missing negative prompt as zeros but "" as text: the
+        # two must not share a batch, or batching would change the images.
+        self._empty_negative_is_special = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        self._lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        name: str | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        max_images: int = DEFAULT_MAX_IMAGES,
+    ) -> Engine:
+        """Load a diffusers pipeline folder once, offline, onto `device` in `dtype`.
+
+        device: "auto" (CUDA if available, else CPU) or a torch device string.
+        dtype: "auto" (float16 on CUDA, float32 elsewhere), "float16", "bfloat16" or "float32".
+        name: the model's name in `ModelInfo`; default: diffq.json's "name", else the folder's name.
+
+        Raises FileNotFoundError (no pipeline folder), ValueError (bad device or
+        dtype) or ModelLoadError (a pipeline the engine cannot serve).
+        """
+        import torch
+        from diffusers import DiffusionPipeline
+
+        folder = Path(path)
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        torch_device = _resolve_device(device)
+        dtype_name = _resolve_dtype(dtype, torch_device)
+        settings = _read_settings(folder)
+
+        # A service returns images to its own users: no safety checker (and no
+        # image processor that only the checker uses).
+        index = json.loads(index_file.read_text())
+        overrides: dict[str, Any] = {}
+        if "safety_checker" in index:
+            overrides.update(safety_checker=None, requires_safety_checker=False)
+            if "feature_extractor" in index:
+                overrides["feature_extractor"] = None
+        with warnings.catch_warnings():
+            # Newer diffusers renamed `torch_dtype` to `dtype`; older versions know only the former.
+            warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, torch_dtype=getattr(torch, dtype_name), local_files_only=True, **overrides
+            )
+        _check_supported(pipe)
+        pipe.to(torch_device)
+        pipe.set_progress_bar_config(disable=True)
+
+        schedulers = _offered_schedulers(pipe, settings)
+        info = ModelInfo(
+            name=name or settings.get("name") or folder.resolve().name,
+            pipeline_class=type(pipe).__name__,
+            weights_hash=weights_hash(folder),
+            device=str(torch_device),
+            dtype=dtype_name,
+            max_steps=max_steps,
+            max_images=max_images,
+            schedulers=schedulers,
+            **_model_defaults(pipe, settings, schedulers),
+        )
+        _check_info(info)
+        base_config = pipe.scheduler.config
+        return cls(pipe, info, {name: build_scheduler(name, base_config) for name in schedulers})
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """Check every field against this model and return the request with defaults filled in.
+
+        Validating a validated request returns it unchanged. Raises
+        InvalidRequestError (UnknownSchedulerError for the scheduler), whose
+        message starts with the field's name and says what is accepted.
+        """
+        info = self.info
+        _check_text("prompt", request.prompt, allow_empty=False)
+        _check_text("negative_prompt", request.negative_prompt, allow_empty=True)
+        if request.negative_prompt and not self._takes_negative_prompt:
+            raise InvalidRequestError(
+                "negative_prompt", f"{info.pipeline_class} takes no negative prompt; send an empty string"
+            )
+        scheduler = info.default_scheduler if request.scheduler is None else request.scheduler
+        if scheduler not in info.schedulers:
+            raise UnknownSchedulerError(scheduler, info.schedulers)
+        width = info.default_width if request.width is None else request.width
+        height = info.default_height if request.height is None else request.height
+        for field, size in (("width", width), ("height", height)):
+            _check_int(field, size, info.min_size, info.max_size)
+            if size % info.size_multiple:
+                raise InvalidRequestError(field, f"{size} is not a multiple of {info.size_multiple}")
+        steps = info.default_steps if request.steps is None else request.steps
+        _check_int("steps", steps, 1, self._max_steps(scheduler))
+        guidance = info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
+            raise InvalidRequestError("guidance_scale", f"{guidance!r} is not a finite number")
+        if guidance < 0:
+            raise InvalidRequestError("guidance_scale", f"{guidance} is negative; accepted: >= 0")
+        _check_int("num_images", request.num_images, 1, info.max_images)
+        _check_int("seed", request.seed, 0, MAX_SEED - (request.num_images - 1))
+        return dataclasses.replace(
+            request,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=float(guidance),
+            scheduler=scheduler,
+        )
+
+    def _max_steps(self, scheduler: str) -> int:
+        if scheduler == "lcm":
+            # LCM samples from the `original_inference_steps` timesteps it was distilled on.
+            return min(self.info.max_steps, self._schedulers["lcm"].config.original_inference_steps)
+        return self.info.max_steps
+
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What of the request's text the model will ignore, for the user (see model.prompt_check)."""
+        warnings = prompt_warnings(self._tokenizers, request.prompt, request.negative_prompt)
+        guidance = self.info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        if request.negative_prompt and not self._uses_guidance(guidance):
+            warnings.append(
+                f"negative prompt ignored: guidance_scale {guidance} turns classifier-free guidance off "
+                "(it needs guidance_scale > 1)"
+            )
+        return warnings
+
+    def _uses_guidance(self, guidance_scale: float) -> bool:
+        """Whether the pipeline runs classifier-free guidance (and so uses the negative prompt).
+
+        Same rule as diffusers' `do_classifier_free_guidance`: LCM-distilled
+        UNets take the guidance scale as an input instead.
+        """
+        return guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+    ) -> list[GenerationResult]:
+        """Generate the images of `requests`; results come back in request order.
+
+        All requests are validated before anything runs. Requests that share
+        (width, height, steps, scheduler, guidance_scale) run as one batched
+        pipeline call; other groups run one after the other.
+
+        on_step(step, total, latents_by_request) is called after every
+        denoising step of each group: step counts from 1 to total (the
+        scheduler's number of timesteps, which for "pndm" is steps + 1), and
+        latents_by_request maps the index of each request of the running group
+        (in `requests`) to its latents, shape (num_images, channels,
+        height // f, width // f) for the VAE factor f. The tensors are views
+        into the pipeline's state: read them, do not modify them. Whatever
+        on_step raises (`StopGeneration`, a caller's own cancel exception)
+        stops the run and propagates; groups already finished are lost too.
+        """
+        resolved = [self.validate(request) for request in requests]
+        results: list[GenerationResult | None] = [None] * len(resolved)
+        with self._lock:
+            for indices in self._batch_groups(resolved):
+                for index, result in zip(indices, self._run_batch(resolved, indices, on_step)):
+                    results[index] = result
+        return results  # type: ignore[return-value]  # every index belongs to one group
+
+    def _batch_groups(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Indices of requests that can share a pipeline call, groups in order of first appearance."""
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            key: tuple = (request.width, request.height, request.steps, request.scheduler, request.guidance_scale)
+            if self._empty_negative_is_special:
+                key += (request.negative_prompt == "",)
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _run_batch(
+        self, requests: Sequence[GenerationRequest], indices: list[int], on_step: StepCallback | None
+    ) -> list[GenerationResult]:
+        """One pipeline call for the requests at `indices`, all sharing a batch key."""
+        import torch
+
+        # 1. Expand requests into images: one prompt, negative prompt and
+        #    generator per image, so image k of a request sees seed + k only.
+        prompts: list[str] = []
+        negative_prompts: list[str] = []
+        generators: list[torch.Generator] = []
+        rows: dict[int, slice] = {}
+        for index in indices:
+            request = requests[index]
+            start = len(prompts)
+            for k in range(request.num_images):
+                prompts.append(request.prompt)
+                negative_prompts.append(request.negative_prompt)
+                generators.append(torch.Generator(device="cpu").manual_seed(request.seed + k))
+            rows[index] = slice(start, len(prompts))
+
+        # 2. Call the pipeline with the group's shared settings.
+        first = requests[indices[0]]
+        kwargs: dict[str, Any] = dict(
+            prompt=prompts,
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            num_images_per_prompt=1,
+            generator=generators,
+            output_type="pil",
+        )
+        if self._takes_negative_prompt:
+            # None (not [""] * n) when no request has one: SDXL then uses zeros.
+            kwargs["negative_prompt"] = negative_prompts if any(negative_prompts) else None
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _per_request_callback(on_step, rows, total=first.steps)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        with self._scheduler_in_place(first.scheduler):
+            images = self.pipe(**kwargs).images
+
+        # 3. Split the images back per request.
+        results = []
+        for index in indices:
+            request = requests[index]
+            results.append(
+                GenerationResult(
+                    images=[image.convert("RGB") for image in images[rows[index]]],
+                    seeds=[request.seed + k for k in range(request.num_images)],
+                    warnings=self.prompt_warnings(request),
+                    parameters=self._parameters(request),
+                )
+            )
+        return results
+
+    @contextmanager
+    def _scheduler_in_place(self, name: str) -> Iterator[None]:
+        """Put the cached scheduler `name` into the shared pipeline for one call, then restore it.
+
+        Safe only under `self._lock`: the pipeline has one scheduler slot.
+        A cached scheduler is reused across calls because diffusers resets its
+        state in `set_timesteps` at the start of every pipeline call.
+        """
+        original = self.pipe.scheduler
+        self.pipe.scheduler = self._schedulers[name]
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = original
+
+    def _parameters(self, request: GenerationRequest) -> dict[str, Any]:
+        return {
+            "model": self.info.name,
+            "weights_hash": self.info.weights_hash,
+            **dataclasses.asdict(request),
+        }
+
+
+def _per_request_callback(on_step: StepCallback, rows: Mapping[int, slice], total: int) -> Callable[..., dict]:
+    """Adapt `on_step` to diffusers' `callback_on_step_end(pipe, step_index, timestep, tensors)`."""
+
+    def callback(pipe: DiffusionPipeline, step_index: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+        latents = tensors["latents"]
+        on_step(step_index + 1, getattr(pipe, "num_timesteps", total), {i: latents[r] for i, r in rows.items()})
+        return tensors
+
+    return callback
+
+
+# -- request checks -----------------------------------------------------------------------------
+
+
+def _check_text(field: str, value: object, *, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(field, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InvalidRequestError(field, "must not be empty")
+
+
+def _check_int(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(field, f"{value!r} is not an integer; accepted: {low}..{high}")
+    if not low <= value <= high:
+        raise InvalidRequestError(field, f"{value} is out of range; accepted: {low}..{high}")
+
+
+# -- loading helpers ----------------------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported; accepted: auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def _read_settings(folder: Path) -> dict[str, Any]:
+    """diffq.json's known keys, type-checked; {} when the folder has none."""
+    file = folder / SETTINGS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{file}: must hold a JSON object")
+    settings = {}
+    for key, expected in SETTINGS_KEYS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise ModelLoadError(f"{file}: {key!r} must be of type {expected.__name__}, got {value!r}")
+        settings[key] = float(value) if expected is float else value
+    return settings
+
+
+def _check_supported(pipe: DiffusionPipeline) -> None:
+    """Only UNet latent-diffusion text-to-image pipelines (SD 1.x/2.x, SDXL, LCM) are served."""
+    parts_present = all(getattr(pipe, part, None) is not None for part in ("unet", "vae", "text_encoder", "tokenizer"))
+    parameters = inspect.signature(pipe.__call__).parameters
+    if not parts_present or not {"prompt", "callback_on_step_end", "generator"} <= parameters.keys():
+        raise ModelLoadError(
+            f"{type(pipe).__name__} is not supported: diffq serves UNet text-to-image pipelines with a "
+            "text encoder, tokenizer and VAE (Stable Diffusion 1.x/2.x, SDXL, LCM)"
+        )
+
+
+def _offered_schedulers(pipe: DiffusionPipeline, settings: Mapping[str, Any]) -> list[str]:
+    """Scheduler names this model accepts: those that can honour its noise schedule; LCM only if distilled for it."""
+    lcm = settings.get("lcm", type(pipe.scheduler).__name__ == "LCMScheduler")
+    return [name for name in SCHEDULERS if (name != "lcm" or lcm) and is_compatible(name, pipe.scheduler.config)]
+
+
+def _model_defaults(pipe: DiffusionPipeline, settings: Mapping[str, Any], schedulers: list[str]) -> dict[str, Any]:
+    """Sizes, steps, guidance and scheduler defaults: diffq.json first, else derived from the configs.
+
+    The default image is the UNet's sample size in pixels (SD 1.x 512,
+    SDXL 1024). Sizes must be multiples of the total downsampling of VAE and
+    UNet, so that the UNet's skip connections line up (SD: 64), and of 8,
+    which diffusers' pipelines check.
+    """
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sample_size = pipe.unet.config.sample_size
+    sample_h, sample_w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = settings.get("size_multiple", math.lcm(_PIPELINE_SIZE_MULTIPLE, vae_factor * unet_factor))
+    width = settings.get("default_width", sample_w * vae_factor)
+    height = settings.get("default_height", sample_h * vae_factor)
+    # Half to twice the native size: outside it, SD-family models mostly produce garbage.
+    min_size = settings.get("min_size", max(multiple, _round_up(min(width, height) // 2, multiple)))
+    max_size = settings.get("max_size", 2 * max(width, height) // multiple * multiple)
+
+    folder_default = name_for_scheduler(pipe.scheduler)
+    scheduler = settings.get("default_scheduler", folder_default if folder_default in schedulers else "dpmpp_2m")
+    if scheduler == "lcm":
+        # LCM models sample in a few steps; a distilled UNet takes guidance as an input (w-embedding),
+        # an LCM-LoRA'd one works best without classifier-free guidance.
+        steps = settings.get("default_steps", 4)
+        guidance = 8.5 if pipe.unet.config.time_cond_proj_dim is not None else 1.0
+    else:
+        steps = settings.get("default_steps", 30)
+        guidance = 7.5
+    return dict(
+        default_width=width,
+        default_height=height,
+        min_size=min_size,
+        max_size=max_size,
+        size_multiple=multiple,
+        default_steps=steps,
+        default_guidance_scale=settings.get("default_guidance_scale", guidance),
+        default_scheduler=scheduler,
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_info(info: ModelInfo) -> None:
+    """The defaults must be requests the model accepts (diffq.json could say otherwise)."""
+    problems = []
+    if info.size_multiple % _PIPELINE_SIZE_MULTIPLE:
+        problems.append(f"size_multiple {info.size_multiple} is not a multiple of {_PIPELINE_SIZE_MULTIPLE}")
+    if not 0 < info.size_multiple <= info.min_size <= info.max_size:
+        problems.append(
+            f"need 0 < size_multiple <= min_size <= max_size, got {info.size_multiple}, {info.min_size}, "
+            f"{info.max_size}"
+        )
+    for key in ("default_width", "default_height"):
+        size = getattr(info, key)
+        if not info.min_size <= size <= info.max_size or size % info.size_multiple:
+            accepted = f"a multiple of {info.size_multiple} in {info.min_size}..{info.max_size}"
+            problems.append(f"{key} {size} is not {accepted}")
+    if not (math.isfinite(info.default_guidance_scale) and info.default_guidance_scale >= 0):
+        problems.append(f"default_guidance_scale {info.default_guidance_scale} is not a finite number >= 0")
+    if not 1 <= info.default_steps <= info.max_steps:
+        problems.append(f"default_steps {info.default_steps} is not in 1..{info.max_steps}")
+    if info.default_scheduler not in info.schedulers:
+        problems.append(f"default_scheduler {info.default_scheduler!r} is not one of {info.schedulers}")
+    if problems:
+        raise ModelLoadError(f"model {info.name!r}: " + "; ".join(problems))
+
+
+def weights_hash(folder: str | Path) -> str:
+    """sha256 (hex) over every weight file under `folder`: relative path, then contents, in path order.
+
+    Identifies the weights a result was made with (PNG metadata, caches).
+    Reads every byte once: a few seconds for a multi-GB checkpoint.
+    """
+    folder = Path(folder)
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # e.g. .cache/huggingface metadata
+        files += [Path(root, name) for name in names if name.endswith(WEIGHT_SUFFIXES)]
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.relative_to(folder).as_posix()):
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
