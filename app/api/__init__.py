@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, error-to-status mapping and the OpenAPI document."""

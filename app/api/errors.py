@@ -1,0 +1,84 @@
+"""Maps domain errors to HTTP statuses; every error response carries an ``Error`` body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import (
+    DiffqError,
+    ImageNotFoundError,
+    InvalidRequestError,
+    JobNotFoundError,
+    StoreUnavailableError,
+)
+from app.schemas.errors import Error, FieldError
+
+STATUS: dict[type[DiffqError], int] = {
+    JobNotFoundError: 404,
+    ImageNotFoundError: 404,
+    InvalidRequestError: 422,  # UnknownModelError too, as a subclass
+    StoreUnavailableError: 503,
+}
+
+RETRY_AFTER_SECONDS = 1
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": Error, "description": "No such job or image."},
+    422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
+    503: {"model": Error, "description": "Redis is unreachable; retry after `Retry-After` seconds."},
+}
+
+
+def _status_for(exc: DiffqError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def _error_response(status: int, error: Error, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.model_dump(), status_code=status, headers=headers)
+
+
+async def _on_diffq_error(request: Request, exc: DiffqError) -> JSONResponse:
+    fields = []
+    if isinstance(exc, InvalidRequestError):
+        fields = [FieldError(field=p.field, message=p.message) for p in exc.problems]
+    status = _status_for(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return _error_response(status, Error(code=exc.code, message=exc.message, fields=fields), headers)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        if loc and loc[0] in ("body", "path", "query", "header"):
+            loc = loc[1:]
+        fields.append(FieldError(field=".".join(loc) or "body", message=str(error.get("msg", "invalid"))))
+    message = "; ".join(f"{f.field}: {f.message}" for f in fields) or "invalid request"
+    return _error_response(422, Error(code="invalid_request", message=message, fields=fields))
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error_response(exc.status_code, Error(code=code, message=str(exc.detail)), getattr(exc, "headers", None))
+
+
+async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+    return await _on_diffq_error(request, StoreUnavailableError(f"Redis is unreachable: {exc}"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers so no route has to know about status codes of domain errors."""
+    app.add_exception_handler(DiffqError, _on_diffq_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _on_redis_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _on_redis_down)

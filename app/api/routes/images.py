@@ -1,0 +1,48 @@
+"""``/v1/jobs/{id}/images/{n}.png``: finished PNGs, cacheable and revalidated by ETag."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Response
+
+from app.api.errors import ERROR_RESPONSES
+from app.deps import JobServiceDep, SettingsDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["images"], responses=ERROR_RESPONSES)
+
+PNG_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"image/png": {}}, "description": "The PNG."},
+    304: {"description": "The client's copy (`If-None-Match`) is current."},
+}
+
+
+@router.get(
+    "/{job_id}/images/{index}.png",
+    name="get_image",
+    response_class=Response,
+    responses=PNG_RESPONSES,
+    summary="Download one image of a finished job",
+)
+def get_image(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, description="Image number, from 0.")],
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    image = jobs.image(job_id, index)
+    etag = f'"{image.sha256}"'
+    # An image never changes once stored, so caches may keep it as long as diffq does.
+    headers = {"ETag": etag, "Cache-Control": f"private, max-age={settings.result_ttl}, immutable"}
+    if if_none_match is not None and etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(jobs.image_bytes(job_id, index), media_type="image/png", headers=headers)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` list (or ``*``) against one ETag."""
+    if if_none_match.strip() == "*":
+        return True
+    candidates = (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
+    return etag.removeprefix("W/") in candidates

@@ -1,0 +1,92 @@
+"""The ``diffq`` command: ``up`` (everything, one command), ``api`` and ``worker`` (the parts).
+
+Importing this module imports neither torch nor the worker: ``diffq api``
+stays light, and ``diffq worker`` imports the worker only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **fields: str) -> Settings:
+    """The environment's settings with the options given on the command line on top."""
+    updates = {field: getattr(args, option) for option, field in fields.items() if getattr(args, option) is not None}
+    return Settings(**updates) if updates else load_settings()
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(args, host="host", port="port")
+    _configure_logging(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args, model="model_path", name="model_name", device="device", dtype="dtype")
+    _configure_logging(settings)
+    from worker.service import run_worker as serve  # imports the model stack only now
+
+    serve(settings, burst=args.burst)
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from app.launcher import up
+
+    settings = _settings(args, host="host", port="port", model="model_path")
+    return up(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffq", description="REST inference service for latent diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="start Redis (embedded unless DIFFQ_REDIS_URL is set), the API and one worker"
+    )
+    up.add_argument("--port", type=int, help="API port (default: DIFFQ_PORT or 8000)")
+    up.add_argument("--host", help="API address (default: DIFFQ_HOST or 127.0.0.1)")
+    up.add_argument("--model", type=Path, help="model folder of the worker (default: DIFFQ_MODEL_PATH)")
+    up.set_defaults(run=run_up)
+
+    api = commands.add_parser("api", help="run the HTTP API (no torch needed)")
+    api.add_argument("--port", type=int, help="default: DIFFQ_PORT or 8000")
+    api.add_argument("--host", help="default: DIFFQ_HOST or 127.0.0.1")
+    api.set_defaults(run=run_api)
+
+    worker = commands.add_parser("worker", help="run one worker serving one model")
+    worker.add_argument("--model", type=Path, help="diffusers model folder (default: DIFFQ_MODEL_PATH, the bundled model)")
+    worker.add_argument("--name", help="name to serve the model under (default: DIFFQ_MODEL_NAME, else the model's own)")
+    worker.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: DIFFQ_DEVICE or auto)")
+    worker.add_argument("--dtype", help="auto, float32, float16, bfloat16 (default: DIFFQ_DTYPE or auto)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.set_defaults(run=run_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""What the API and the workers agree on, importable without torch.
+
+- ``keys``: every Redis key diffq writes, its type and its lifetime.
+- ``status``: job statuses and the one mapping from RQ's statuses.
+- ``records``: the pydantic records stored under those keys.
+- ``store``: the atomic operations on job records (create, claim, progress, finish, delete).
+- ``registry``: worker and model registration with heartbeats.
+- ``tasks``: the single task a worker runs and the queue each model uses.
+"""

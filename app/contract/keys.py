@@ -1,0 +1,56 @@
+"""The Redis key layout of diffq: every key, its type, who writes it, and its TTL.
+
+diffq's own keys all start with ``diffq:``. RQ keeps its usual ``rq:`` keys
+(``rq:queue:<queue>``, ``rq:job:<id>``, registries); diffq reads and writes
+those only through RQ's API. A diffq job and its RQ job share one id.
+
+==============================  ======  ========  ==================================================
+key                             type    writer    lifetime
+==============================  ======  ========  ==================================================
+diffq:job:<id>                  hash    both      ``job_ttl`` from creation, renewed when the job
+                                                  ends. One field per ``JobRecord`` field, each
+                                                  JSON-encoded. Written only through
+                                                  ``app.contract.store`` scripts, which never
+                                                  recreate a deleted record.
+diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based).
+diffq:workers                   set     worker    none. Ids of registered workers; readers drop
+                                                  ids whose worker key has expired.
+diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
+                                                  ``heartbeat_interval``. JSON ``WorkerRecord``.
+diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by every worker that
+                                                  serves it. JSON ``ModelRecord``: the limits the
+                                                  API validates requests against.
+rq:queue:diffq:<model>          list    API       RQ's queue of job ids for one model.
+==============================  ======  ========  ==================================================
+
+Reserved for later features (not written yet), so names do not collide:
+``diffq:job:<id>:preview`` (latest preview PNG), ``diffq:job:<id>:events``
+(event stream), ``diffq:idempotency:<key>`` (Idempotency-Key store).
+"""
+
+from __future__ import annotations
+
+PREFIX = "diffq"
+
+WORKERS = f"{PREFIX}:workers"
+"""Set of worker ids; membership alone does not mean alive (see ``worker``)."""
+
+
+def job(job_id: str) -> str:
+    """Hash holding one job record."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def image(job_id: str, index: int) -> str:
+    """PNG bytes of image ``index`` of a job."""
+    return f"{PREFIX}:job:{job_id}:image:{index}"
+
+
+def worker(worker_id: str) -> str:
+    """A live worker's registration; it expires when its heartbeats stop."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def model(name: str) -> str:
+    """The registered limits of a model served by at least one live worker."""
+    return f"{PREFIX}:model:{name}"

@@ -1,0 +1,153 @@
+"""The records diffq keeps in Redis, as pydantic models shared by API and worker.
+
+A ``JobRecord`` is stored as a Redis hash with one JSON-encoded value per
+field, so either side can update a few fields atomically (see ``store``)
+and later features can add fields without reshaping existing records.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.contract.status import JobStatus
+
+
+def utcnow() -> datetime:
+    """Timestamps are always timezone-aware UTC, so API and worker hosts agree."""
+    return datetime.now(UTC)
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable reasons a job failed; clients branch on these, humans read the message."""
+
+    INVALID_REQUEST = "invalid_request"  # the engine rejected a parameter at run time
+    GENERATION_ERROR = "generation_error"  # the model raised while generating
+    TIMEOUT = "timeout"  # ran longer than the deployment's job_timeout
+    WORKER_LOST = "worker_lost"  # the worker died or RQ gave up on the job
+    REFUSED = "refused"  # the queued RQ job was not diffq's task
+    INTERNAL_ERROR = "internal_error"  # a bug in diffq; the message says what
+
+
+class ErrorInfo(BaseModel):
+    """Why a job failed: a stable code and a message for people."""
+
+    code: str
+    message: str
+
+
+class JobParams(BaseModel):
+    """A text-to-image request with every default resolved, as the worker will run it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    seed: int
+    num_images: int = 1
+    metadata: bool = True  # write generation parameters into the PNGs
+
+
+class Progress(BaseModel):
+    """Denoising progress of a running job, written by the worker (throttled)."""
+
+    step: int
+    total: int
+
+
+class ImageRecord(BaseModel):
+    """One stored output image; the bytes live under ``keys.image(job_id, index)``."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str  # also the HTTP ETag, so a 304 needs no PNG read
+    size_bytes: int
+
+
+class JobRecord(BaseModel):
+    """Everything diffq knows about one job; the API's job resource is built from it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: JobStatus = JobStatus.QUEUED
+    model: str
+    request: JobParams
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress | None = None
+    attempt: int = 0  # runs started so far; the first run is attempt 1
+    attempt_token: str | None = None  # identifies the current run; stale runs may not write
+    worker: str | None = None  # id of the worker running or last running it
+    seeds: list[int] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # as resolved by the engine
+    error: ErrorInfo | None = None
+    images: list[ImageRecord] = Field(default_factory=list)
+
+    def to_hash(self) -> dict[str, str]:
+        """The record as Redis hash fields, each value JSON-encoded."""
+        return encode_fields(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_hash(cls, fields: dict[bytes, bytes] | dict[str, str]) -> JobRecord:
+        """Parse ``HGETALL`` output; unknown fields (from newer versions) are ignored."""
+        decoded = {
+            (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in fields.items()
+        }
+        return cls.model_validate(decoded)
+
+
+def encode_fields(values: dict[str, Any]) -> dict[str, str]:
+    """JSON-encode hash field values the way ``JobRecord.to_hash`` does."""
+    return {name: json.dumps(value, separators=(",", ":")) for name, value in values.items()}
+
+
+class ModelRecord(BaseModel):
+    """A served model's limits and defaults, as its worker's engine reports them."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    name: str
+    pipeline_class: str
+    weights_hash: str
+    device: str
+    dtype: str
+    default_width: int
+    default_height: int
+    min_size: int
+    max_size: int
+    size_multiple: int
+    default_steps: int
+    max_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: list[str]
+    max_images: int = 1  # per request
+
+
+class WorkerRecord(BaseModel):
+    """A live worker's registration, renewed by its heartbeat thread."""
+
+    id: str
+    model: str
+    device: str
+    dtype: str
+    host: str
+    pid: int
+    queue: str
+    started_at: datetime
+    heartbeat_at: datetime
+    current_job: str | None = None

@@ -1,0 +1,78 @@
+"""Worker and model registration: how the API learns which models live workers serve.
+
+Each worker writes its ``WorkerRecord`` and its model's ``ModelRecord`` with a
+short TTL and renews both from a heartbeat thread. A worker that dies simply
+stops renewing, and its keys expire: liveness is decided by Redis' clock, so
+hosts with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from redis import Redis
+
+from app.contract import keys
+from app.contract.records import ModelRecord, WorkerRecord
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model and the live workers serving it."""
+
+    model: ModelRecord
+    workers: list[WorkerRecord]
+
+
+class Registry:
+    """Announce, renew and withdraw workers; list the live ones and what they serve."""
+
+    def __init__(self, redis: Redis, ttl: int) -> None:
+        self.redis = redis
+        self.ttl = ttl
+
+    def announce(self, worker: WorkerRecord, model: ModelRecord) -> None:
+        """Register or renew a worker and its model for another ``ttl`` seconds."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(keys.worker(worker.id), worker.model_dump_json(), ex=self.ttl)
+            pipe.sadd(keys.WORKERS, worker.id)
+            pipe.set(keys.model(model.name), model.model_dump_json(), ex=self.ttl)
+            pipe.execute()
+
+    def withdraw(self, worker_id: str, model_name: str) -> None:
+        """Unregister a worker that stops cleanly; its model goes when no one else serves it."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(keys.worker(worker_id))
+            pipe.srem(keys.WORKERS, worker_id)
+            pipe.execute()
+        if not any(w.model == model_name for w in self.live_workers()):
+            self.redis.delete(keys.model(model_name))
+
+    def live_workers(self) -> list[WorkerRecord]:
+        """Workers whose registration has not expired; drops the ids of the others."""
+        ids = sorted(member.decode() for member in self.redis.smembers(keys.WORKERS))
+        if not ids:
+            return []
+        values = self.redis.mget([keys.worker(worker_id) for worker_id in ids])
+        dead = [worker_id for worker_id, value in zip(ids, values, strict=True) if value is None]
+        if dead:
+            self.redis.srem(keys.WORKERS, *dead)
+        return [WorkerRecord.model_validate_json(value) for value in values if value is not None]
+
+    def model(self, name: str) -> ModelRecord | None:
+        """A model's registered limits, if a live worker serves it."""
+        raw = self.redis.get(keys.model(name))
+        return ModelRecord.model_validate_json(raw) if raw is not None else None
+
+    def served_models(self) -> list[ServedModel]:
+        """Models with at least one live worker, by name."""
+        by_model: dict[str, list[WorkerRecord]] = defaultdict(list)
+        for worker in self.live_workers():
+            by_model[worker.model].append(worker)
+        served = []
+        for name in sorted(by_model):
+            model = self.model(name)
+            if model is not None:
+                served.append(ServedModel(model=model, workers=by_model[name]))
+        return served

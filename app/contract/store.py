@@ -1,0 +1,177 @@
+"""Atomic operations on job records, shared by the API and the workers.
+
+Each write that a worker makes is a Lua script that first checks the record
+still exists, still belongs to the caller's attempt, and has not ended. So:
+
+- a job deleted by a client is never brought back by a worker still running it;
+- a stale run (an older attempt) can never overwrite the run that replaced it;
+- a job that ended (for example canceled) never changes status again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+
+from app.contract import keys
+from app.contract.records import JobRecord, encode_fields, utcnow
+from app.contract.status import TERMINAL, JobStatus
+
+_TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(TERMINAL))
+
+# Shared preamble. KEYS[1]: job hash; ARGV[1]: JSON attempt token the record must
+# hold ('' to skip the check). Sets `status` for callers to use.
+_GUARD = f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{0}} end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'attempt_token') ~= ARGV[1] then return {{-1}} end
+local status = redis.call('HGET', KEYS[1], 'status')
+local terminal = {{{_TERMINAL_JSON}}}
+if terminal[status] then return {{-2}} end
+"""
+
+# ARGV[2]: TTL to set on the record ('0' keeps it); ARGV[3..]: field, value pairs.
+_UPDATE = (
+    _GUARD
+    + """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return {1}
+"""
+)
+
+# KEYS[2..]: image keys. ARGV[2]: record TTL; ARGV[3]: image TTL; ARGV[4]: number of
+# field/value strings that follow; then those strings; then one PNG per image key.
+_FINISH = (
+    _GUARD
+    + """
+local nfields = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + nfields))
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[3 + nfields + i], 'EX', ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1}
+"""
+)
+
+# ARGV[2..]: field, value pairs to set; the attempt counter is incremented here.
+# Returns {1, HGETALL...} so the caller gets the claimed record in one round trip.
+_CLAIM = (
+    "local token = ARGV[1]\nARGV[1] = ''\n"
+    + _GUARD
+    + """
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
+redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 2))
+local result = {1}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
+return result
+"""
+)
+
+
+class WriteResult(IntEnum):
+    """What a guarded write did; anything but ``WRITTEN`` means the caller must stop."""
+
+    WRITTEN = 1
+    MISSING = 0  # deleted or expired: the client no longer wants it
+    STALE = -1  # another attempt owns the job now
+    ENDED = -2  # the job already reached a terminal status
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """PNG bytes to store for image ``index`` of a job."""
+
+    index: int
+    png: bytes
+
+
+class JobStore:
+    """Reads and guarded writes of job records and their images."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._update = redis.register_script(_UPDATE)
+        self._finish = redis.register_script(_FINISH)
+        self._claim = redis.register_script(_CLAIM)
+
+    def create(self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None) -> None:
+        """Write a new record; pass the pipeline that also enqueues it so both happen or neither."""
+        target = pipeline if pipeline is not None else self.redis.pipeline()
+        target.hset(keys.job(record.id), mapping=record.to_hash())
+        target.expire(keys.job(record.id), ttl)
+        if pipeline is None:
+            target.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, or ``None`` if there is none (never created, deleted or expired)."""
+        fields = self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(fields) if fields else None
+
+    def image(self, job_id: str, index: int) -> bytes | None:
+        """PNG bytes of one image, or ``None`` once they have expired."""
+        return self.redis.get(keys.image(job_id, index))
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the record and all its images; ``False`` if there was no record."""
+        raw = self.redis.hget(keys.job(job_id), "request")
+        if raw is None:
+            return False
+        num_images = int(json.loads(raw).get("num_images", 1))
+        names = [keys.job(job_id), *(keys.image(job_id, n) for n in range(num_images))]
+        return bool(self.redis.delete(*names))
+
+    def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:
+        """Mark a job running under a new attempt; ``None`` if it is gone or already ended."""
+        fields = encode_fields(
+            {
+                "status": JobStatus.RUNNING.value,
+                "worker": worker_id,
+                "started_at": utcnow().isoformat(),
+                "finished_at": None,
+                "progress": None,
+                "error": None,
+            }
+        )
+        reply = self._claim(keys=[keys.job(job_id)], args=[json.dumps(token), *_flatten(fields)])
+        if int(reply[0]) != WriteResult.WRITTEN:
+            return None
+        pairs = reply[1:]
+        return JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+
+    def update(self, job_id: str, token: str | None, values: dict[str, Any], ttl: int = 0) -> WriteResult:
+        """Set some fields of a live record, if ``token`` (when given) still owns it."""
+        args = [_token_arg(token), str(ttl), *_flatten(encode_fields(values))]
+        return WriteResult(int(self._update(keys=[keys.job(job_id)], args=args)[0]))
+
+    def finish(
+        self,
+        job_id: str,
+        token: str | None,
+        values: dict[str, Any],
+        images: Sequence[StoredImage],
+        job_ttl: int,
+        result_ttl: int,
+    ) -> WriteResult:
+        """End a job: store its images and final fields together, or nothing at all."""
+        fields = _flatten(encode_fields(values))
+        reply = self._finish(
+            keys=[keys.job(job_id), *(keys.image(job_id, image.index) for image in images)],
+            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields]
+            + [image.png for image in images],
+        )
+        return WriteResult(int(reply[0]))
+
+
+def _token_arg(token: str | None) -> str:
+    return "" if token is None else json.dumps(token)
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]

@@ -1,0 +1,1 @@
+"""The API's domain logic: no HTTP here, only domain errors (mapped to codes in ``app.api``)."""

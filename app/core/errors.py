@@ -1,0 +1,60 @@
+"""Domain errors raised by the core; ``app.api.errors`` maps each to one HTTP status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DiffqError(Exception):
+    """Base of every error a client can be told about; ``code`` is stable, the message human."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class JobNotFoundError(DiffqError):
+    """No such job: never created, deleted, or expired."""
+
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} does not exist (never created, deleted, or expired)")
+
+
+class ImageNotFoundError(DiffqError):
+    """The job exists but has no such image (not finished, out of range, or expired)."""
+
+    code = "image_not_found"
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One bad request field and what would be accepted instead."""
+
+    field: str
+    message: str
+
+
+class InvalidRequestError(DiffqError):
+    """The request is well-formed but asks for something the model or deployment does not allow."""
+
+    code = "invalid_request"
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+        self.problems = problems
+
+
+class UnknownModelError(InvalidRequestError):
+    """The request names a model no live worker serves."""
+
+    code = "unknown_model"
+
+
+class StoreUnavailableError(DiffqError):
+    """Redis cannot be reached; the request may succeed when it is back."""
+
+    code = "store_unavailable"

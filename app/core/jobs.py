@@ -1,0 +1,154 @@
+"""Submitting, reading and deleting jobs: the API's side of the job lifecycle."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.contract import status as job_status
+from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord
+from app.contract.registry import Registry
+from app.contract.status import JobStatus
+from app.contract.store import JobStore
+from app.contract.tasks import enqueue, model_queue, rq_status
+from app.core.errors import FieldProblem, ImageNotFoundError, JobNotFoundError, UnknownModelError
+from app.core.validation import resolve_request
+from app.schemas.jobs import JobCreate
+from app.settings import Settings
+
+
+def new_job_id() -> str:
+    """128 random bits: job ids are unguessable, so knowing one is the right to read it."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job record as clients should see it right now."""
+
+    record: JobRecord
+    status: JobStatus
+    error: ErrorInfo | None
+    queue_position: int | None
+
+
+class JobService:
+    """The operations behind the job endpoints, against Redis and RQ."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.store = JobStore(redis)
+        self.registry = Registry(redis, settings.heartbeat_ttl)
+
+    def submit(self, body: JobCreate) -> JobView:
+        """Validate against the served model, then write the record and enqueue it atomically."""
+        model = self.served_model(body.model)
+        record = JobRecord(id=new_job_id(), model=model.name, request=resolve_request(body, model))
+        queue = model_queue(model.name, self.redis)
+        with self.redis.pipeline() as pipe:
+            # One MULTI: a worker can never dequeue a job whose record is not there yet.
+            enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
+            self.store.create(record, self.settings.job_ttl, pipeline=pipe)
+            pipe.execute()
+        return self.view(record)
+
+    def get(self, job_id: str) -> JobView:
+        """The job as it is now; raises ``JobNotFoundError``."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        return self.view(record)
+
+    def view(self, record: JobRecord) -> JobView:
+        """Combine the record with RQ's view: RQ knows of failures the worker could not record."""
+        status, error = record.status, record.error
+        if not status.is_terminal:
+            status, error = self._reconcile(record)
+        position = None
+        if status is JobStatus.QUEUED:
+            position = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
+        return JobView(record=record, status=status, error=error, queue_position=position)
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job and its images; a queued job will never run, a running one stops."""
+        if not self.store.delete(job_id):
+            raise JobNotFoundError(job_id)
+        # A running job is left to its worker: the worker finds the record gone at its
+        # next progress write and stops, and RQ then closes its own bookkeeping.
+        if job_status.from_rq(rq_status(job_id, self.redis)) is not JobStatus.RUNNING:
+            try:
+                self._rq_job(job_id).delete(remove_from_queue=True)
+            except NoSuchJobError:
+                pass
+
+    def image(self, job_id: str, index: int) -> ImageRecord:
+        """An image's record (sha256, size); raises if the job or the image does not exist."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        for image in record.images:
+            if image.index == index:
+                return image
+        raise ImageNotFoundError(_missing_image_message(record, index))
+
+    def image_bytes(self, job_id: str, index: int) -> bytes:
+        """PNG bytes of an image; raises once they have expired or were deleted."""
+        png = self.store.image(job_id, index)
+        if png is None:
+            raise ImageNotFoundError(f"image {index} of job {job_id!r} has expired or was deleted")
+        return png
+
+    def served_model(self, name: str | None) -> ModelRecord:
+        """The model a request runs on; raises ``UnknownModelError`` naming the served ones."""
+        served = {entry.model.name: entry.model for entry in self.registry.served_models()}
+        if name is None:
+            name = self.settings.default_model
+        if name is None and len(served) == 1:
+            name = next(iter(served))
+        if name is not None and name in served:
+            return served[name]
+        listing = ", ".join(sorted(served)) or "none (no live workers)"
+        problem = "is required when several models are served" if name is None else f"{name!r} is not served"
+        raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])
+
+    def _reconcile(self, record: JobRecord) -> tuple[JobStatus, ErrorInfo | None]:
+        seen = job_status.from_rq(rq_status(record.id, self.redis))
+        if seen is None or not seen.is_terminal:
+            if record.status is JobStatus.QUEUED and seen is JobStatus.RUNNING:
+                return JobStatus.RUNNING, None  # dequeued, not yet claimed by the task
+            return record.status, None
+        if seen is JobStatus.FAILED:
+            return JobStatus.FAILED, self._rq_failure(record.id)
+        if seen is JobStatus.CANCELED:
+            return JobStatus.CANCELED, None
+        message = "the worker ended the job without storing its result"
+        return JobStatus.FAILED, ErrorInfo(code=ErrorCode.INTERNAL_ERROR.value, message=message)
+
+    def _rq_failure(self, job_id: str) -> ErrorInfo:
+        """Classify a failure that only RQ recorded (the task never got to write it)."""
+        try:
+            result = self._rq_job(job_id).latest_result()
+            detail = (result.exc_string or "") if result is not None else ""
+        except Exception:  # a malformed RQ job must not break reading the diffq record
+            detail = ""
+        last_line = detail.strip().splitlines()[-1] if detail.strip() else "unknown failure"
+        if "RefusedTaskError" in detail:
+            return ErrorInfo(code=ErrorCode.REFUSED.value, message=last_line)
+        if "JobTimeoutException" in detail:
+            return ErrorInfo(code=ErrorCode.TIMEOUT.value, message=f"ran longer than {self.settings.job_timeout} s")
+        return ErrorInfo(code=ErrorCode.WORKER_LOST.value, message=f"the worker lost the job: {last_line}")
+
+    def _rq_job(self, job_id: str) -> Job:
+        return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+
+
+def _missing_image_message(record: JobRecord, index: int) -> str:
+    if record.status is not JobStatus.SUCCEEDED:
+        return f"job {record.id!r} has no images yet (status {record.status.value})"
+    return f"job {record.id!r} has images 0..{len(record.images) - 1}; there is no image {index}"

@@ -1,0 +1,61 @@
+"""Checks a request against its model's registered limits and resolves its defaults.
+
+Settings limits are already enforced by ``JobCreate``'s fields; what remains
+depends on the model a worker registered: sizes, steps, schedulers. Every
+problem is reported at once, each naming the field and what is accepted;
+nothing is silently corrected.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from app.contract.records import JobParams, ModelRecord
+from app.core.errors import FieldProblem, InvalidRequestError
+from app.schemas.jobs import MAX_SEED, JobCreate
+
+
+def resolve_request(body: JobCreate, model: ModelRecord) -> JobParams:
+    """The request as it will run: model defaults filled in, a seed chosen if none was given."""
+    width = body.width if body.width is not None else model.default_width
+    height = body.height if body.height is not None else model.default_height
+    steps = body.steps if body.steps is not None else model.default_steps
+    scheduler = body.scheduler if body.scheduler is not None else model.default_scheduler
+
+    problems = [
+        *_size_problems("width", width, model),
+        *_size_problems("height", height, model),
+    ]
+    if steps > model.max_steps:
+        problems.append(FieldProblem("steps", f"must be between 1 and {model.max_steps} for model {model.name!r}; got {steps}"))
+    if body.num_images > model.max_images:
+        problems.append(
+            FieldProblem("num_images", f"must be between 1 and {model.max_images} for model {model.name!r}; got {body.num_images}")
+        )
+    if scheduler not in model.schedulers:
+        accepted = ", ".join(model.schedulers)
+        problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
+    if problems:
+        raise InvalidRequestError(problems)
+
+    return JobParams(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=body.guidance_scale if body.guidance_scale is not None else model.default_guidance_scale,
+        scheduler=scheduler,
+        seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - 1024),
+        num_images=body.num_images,
+        metadata=body.metadata,
+    )
+
+
+def _size_problems(field: str, value: int, model: ModelRecord) -> list[FieldProblem]:
+    lo, hi, multiple = model.min_size, model.max_size, model.size_multiple
+    if lo <= value <= hi and value % multiple == 0:
+        return []
+    return [
+        FieldProblem(field, f"must be a multiple of {multiple} between {lo} and {hi} for model {model.name!r}; got {value}")
+    ]

@@ -1,0 +1,45 @@
+"""Builds the FastAPI app: ``uvicorn --factory app.main:create_app`` or ``diffq api``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI
+from redis import Redis
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.openapi import build_openapi
+from app.api.routes import health, images, jobs, models
+from app.settings import Settings, load_settings
+
+DESCRIPTION = """\
+Text-to-image jobs on latent diffusion models. `POST /v1/jobs` queues a job and
+answers `202` with its URL; poll `GET /v1/jobs/{id}` until `status` is
+`succeeded`, then download `images[n].url`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API; ``settings`` defaults to the environment's ``DIFFQ_*`` variables."""
+    settings = settings if settings is not None else load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Connections are opened lazily by the pool, so the API starts even while
+        # Redis is down; /readyz says so and requests get 503 until it is back.
+        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        try:
+            yield
+        finally:
+            app.state.redis.close()
+
+    app = FastAPI(title="diffq", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (jobs, images, models, health):
+        app.include_router(module.router)
+    app.openapi = partial(build_openapi, app, settings)  # type: ignore[method-assign]
+    return app

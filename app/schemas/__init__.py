@@ -1,0 +1,1 @@
+"""Pydantic shapes of what the HTTP API accepts and returns."""

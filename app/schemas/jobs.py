@@ -1,0 +1,104 @@
+"""Job request and job resource schemas.
+
+``JobCreate``'s limits that come from settings (prompt length, steps, images
+per job) are applied by ``job_create_model``, which derives a subclass with
+those limits in its ``Field``s: one declaration drives both validation and
+the OpenAPI schema. Limits that come from the model (sizes, schedulers) are
+only known at run time and are checked in ``app.core.validation``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from app.contract.records import ErrorInfo, JobParams, Progress
+from app.contract.status import JobStatus
+from app.settings import Settings
+
+MAX_SEED = 2**32 - 1
+
+
+class JobCreate(BaseModel):
+    """A text-to-image request. Omitted parameters take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str = Field("", description="What to steer away from.")
+    model: str | None = Field(
+        None, min_length=1, max_length=100, description="Served model name (see `GET /v1/models`)."
+    )
+    width: int | None = Field(None, ge=1, description="Image width in pixels; the model sets the range and multiple.")
+    height: int | None = Field(None, ge=1, description="Image height in pixels; the model sets the range and multiple.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
+    scheduler: str | None = Field(None, description="Scheduler name; the model lists the accepted ones.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0 (image k uses seed + k); random if omitted.")
+    num_images: int = Field(1, ge=1, description="Images to generate.")
+    metadata: bool = Field(True, description="Write the generation parameters into the PNGs' text chunks.")
+
+
+@lru_cache(maxsize=8)
+def _limited(max_prompt_length: int, max_steps: int, max_images: int) -> type[JobCreate]:
+    base = JobCreate.model_fields
+
+    def limited(name: str, **limits: Any) -> Any:
+        return (Annotated[base[name].annotation, Field(**limits)], base[name])
+
+    return create_model(
+        "JobCreate",
+        __base__=JobCreate,
+        __module__=__name__,
+        prompt=limited("prompt", max_length=max_prompt_length),
+        negative_prompt=limited("negative_prompt", max_length=max_prompt_length),
+        steps=limited("steps", le=max_steps),
+        num_images=limited("num_images", le=max_images),
+    )
+
+
+def job_create_model(settings: Settings) -> type[JobCreate]:
+    """``JobCreate`` with this deployment's limits from settings."""
+    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job)
+
+
+class Timings(BaseModel):
+    """When the job was created, started running (latest attempt) and ended."""
+
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ImagePublic(BaseModel):
+    """One finished image."""
+
+    index: int
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+class JobPublic(BaseModel):
+    """The job resource: everything a client needs, in one GET."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobStatus
+    model: str
+    request: JobParams = Field(description="The request as it runs, defaults resolved.")
+    queue_position: int | None = Field(
+        None, description="Jobs ahead of this one in its model's queue (0 = next); only while queued."
+    )
+    progress: Progress | None = Field(None, description="Denoising step of the running attempt.")
+    timings: Timings
+    attempt: int = Field(description="Runs started so far (0 while never started).")
+    seeds: list[int] = Field(description="Seed used for each image.")
+    warnings: list[str]
+    error: ErrorInfo | None = None
+    images: list[ImagePublic]

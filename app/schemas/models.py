@@ -1,0 +1,46 @@
+"""What ``GET /v1/models`` returns about each model that live workers serve."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class WorkerPublic(BaseModel):
+    """A live worker serving a model."""
+
+    id: str
+    device: str
+    dtype: str
+    host: str
+    heartbeat_at: datetime
+    busy: bool
+
+
+class ModelPublic(BaseModel):
+    """A served model with the limits and defaults requests are checked against."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    pipeline_class: str
+    weights_hash: str
+    default_width: int
+    default_height: int
+    min_size: int
+    max_size: int
+    size_multiple: int
+    default_steps: int
+    max_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: list[str]
+    max_images: int
+    workers: list[WorkerPublic]
+
+
+class ModelList(BaseModel):
+    """The served models, by name."""
+
+    models: list[ModelPublic]

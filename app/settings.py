@@ -1,0 +1,78 @@
+"""The one settings object of diffq, shared by the API, the worker and the CLI.
+
+Every field is read from an environment variable with the ``DIFFQ_`` prefix
+(``DIFFQ_REDIS_URL``, ``DIFFQ_MAX_STEPS``, ...). The README lists them all;
+keep that table in step with this class.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_path() -> Path:
+    """Where the bundled ``shapes`` model lives, without importing ``model``.
+
+    ``model/__init__`` may import torch, which the API must never do, so the
+    package is located through its import spec instead of being imported.
+    """
+    spec = importlib.util.find_spec("model")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "shapes"
+    return Path(__file__).resolve().parent.parent / "model" / "shapes"
+
+
+class Settings(BaseSettings):
+    """Deployment settings; see the README's settings table for each one."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFQ_", extra="ignore")
+
+    # Connections and listening.
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis shared by the API and the workers (redis:// or rediss://).",
+    )
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
+    embedded_redis_port: int = Field(
+        0, ge=0, le=65535, description="Port of the Redis that `diffq up` embeds; 0 picks a free one."
+    )
+
+    # The model a worker serves.
+    model_path: Path = Field(default_factory=default_model_path, description="Diffusers folder a worker loads.")
+    model_name: str | None = Field(None, description="Name the worker serves its model under (default: the model's own).")
+    default_model: str | None = Field(
+        None, description="Model used when a request names none (default: the only model served, if just one)."
+    )
+    device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:1, mps.")
+    dtype: str = Field("auto", description="Worker dtype: auto, float32, float16, bfloat16.")
+
+    # Request limits (the model adds its own: sizes, schedulers, its max steps).
+    max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps a request may ask for.")
+    max_images_per_job: int = Field(4, ge=1, description="Most images one job may ask for.")
+
+    # Lifetimes, in seconds.
+    job_ttl: int = Field(86400, ge=1, description="How long a job record lives (from creation, renewed when it ends).")
+    result_ttl: int = Field(86400, ge=1, description="How long finished PNGs are kept.")
+    job_timeout: int = Field(600, ge=1, description="Longest one job may run on a worker before it fails.")
+
+    # Worker liveness and progress reporting.
+    heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
+    heartbeat_ttl: int = Field(10, ge=1, description="Seconds after its last heartbeat a worker counts as gone.")
+    progress_interval: float = Field(
+        0.1, ge=0, description="Least seconds between two progress writes of one job (0.1 = at most 10/s)."
+    )
+
+    log_level: str = Field("info", description="Log level of the API and worker processes.")
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """Settings read once from the environment; processes share this instance."""
+    return Settings()

@@ -1,0 +1,8 @@
+"""``python -m worker [options]`` is ``diffq worker [options]``."""
+
+import sys
+
+from app.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["worker", *sys.argv[1:]]))

@@ -1,0 +1,48 @@
+"""The worker's allow-list: it executes diffq's task, with a job id, and nothing else.
+
+Anyone who can write to Redis can put an RQ job on a diffq queue. RQ would
+import and call whatever function such a job names; a diffq worker instead
+checks the function name and arguments before importing anything, and fails
+the RQ job without running it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq.exceptions import DeserializationError
+from rq.job import Job
+
+from app.contract.tasks import TASK
+
+log = logging.getLogger(__name__)
+
+
+class RefusedTaskError(Exception):
+    """An RQ job on a diffq queue that is not diffq's task with a job id."""
+
+
+def refusal_reason(job: Job) -> str | None:
+    """Why ``job`` must not run, or ``None`` if it is exactly ``TASK(job.id)``."""
+    try:
+        func_name, args, kwargs = job.func_name, job.args, job.kwargs
+    except DeserializationError as error:
+        return f"its payload is not diffq's JSON ({error})"
+    except Exception as error:  # whatever else a hand-made payload can break
+        return f"its payload cannot be read ({type(error).__name__}: {error})"
+    if func_name != TASK:
+        return f"it names {func_name!r}; a diffq worker runs only {TASK!r}"
+    if list(args) != [job.id] or kwargs:
+        return f"its arguments must be exactly [job id] ({job.id!r}), got args={args!r} kwargs={kwargs!r}"
+    return None
+
+
+class AllowListedJob(Job):
+    """RQ's job, checked against the allow-list before its function is imported or called."""
+
+    def perform(self) -> object:
+        reason = refusal_reason(self)
+        if reason is not None:
+            log.error("refused RQ job %s: %s", self.id, reason)
+            raise RefusedTaskError(f"refused RQ job {self.id}: {reason}")
+        return super().perform()

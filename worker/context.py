@@ -1,0 +1,47 @@
+"""What the task needs from its worker process: the engine loaded once, Redis, settings.
+
+RQ calls the task as a plain function with only the job id, so the worker
+installs this context before it starts taking jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis import Redis
+
+from app.contract.store import JobStore
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from model.engine import Engine
+    from worker.heartbeat import Heartbeat
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """The long-lived state of one worker process."""
+
+    worker_id: str
+    engine: Engine
+    settings: Settings
+    redis: Redis
+    store: JobStore
+    heartbeat: Heartbeat
+
+
+_current: WorkerContext | None = None
+
+
+def install(context: WorkerContext | None) -> None:
+    """Make ``context`` the one the task sees (``None`` removes it)."""
+    global _current
+    _current = context
+
+
+def current() -> WorkerContext:
+    """The installed context; the task cannot run outside a diffq worker."""
+    if _current is None:
+        raise RuntimeError("worker.task.run_job runs only inside a diffq worker (no context installed)")
+    return _current

@@ -1,0 +1,75 @@
+"""Keeps this worker's registration alive from a background thread.
+
+The thread renews the worker and model keys every ``interval`` seconds, also
+while a long job holds the main thread, so the API sees the worker as live
+exactly as long as the process is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import redis.exceptions
+
+from app.contract.records import ModelRecord, WorkerRecord, utcnow
+from app.contract.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Announce now, renew periodically, withdraw on stop."""
+
+    def __init__(self, registry: Registry, worker: WorkerRecord, model: ModelRecord, interval: float) -> None:
+        self.registry = registry
+        self.worker = worker
+        self.model = model
+        self.interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="diffq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Register synchronously (so the caller knows it worked), then keep renewing."""
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing and unregister, so the API stops routing to this worker at once."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.registry.withdraw(self.worker.id, self.model.name)
+        except redis.exceptions.RedisError as error:
+            log.warning("could not unregister worker %s: %s", self.worker.id, error)
+
+    def beat(self) -> None:
+        """Renew the registration now."""
+        with self._lock:
+            self.worker = self.worker.model_copy(update={"heartbeat_at": utcnow()})
+            self.registry.announce(self.worker, self.model)
+
+    @contextmanager
+    def busy(self, job_id: str) -> Iterator[None]:
+        """Show ``job_id`` as this worker's current job while the block runs."""
+        self._set_current(job_id)
+        try:
+            yield
+        finally:
+            self._set_current(None)
+
+    def _set_current(self, job_id: str | None) -> None:
+        with self._lock:
+            self.worker = self.worker.model_copy(update={"current_job": job_id})
+        self.beat()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except redis.exceptions.RedisError as error:  # keep trying: Redis may come back
+                log.warning("heartbeat failed: %s", error)

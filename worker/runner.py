@@ -1,0 +1,134 @@
+"""Runs one diffq job on the loaded engine: claim, validate, generate, store.
+
+Every write goes through the store's guarded scripts with this run's attempt
+token, so a job deleted meanwhile is never recreated and a stale run never
+overwrites a newer one. Failures of the request or the model end the job
+``failed`` with a code and message; the worker itself keeps running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from typing import Any
+
+from rq.timeouts import JobTimeoutException
+
+from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
+from app.contract.store import StoredImage, WriteResult
+from model.engine import GenerationRequest, GenerationResult
+from worker.context import WorkerContext
+from worker.png import encode_png, png_text
+from worker.progress import JobAbandonedError, ProgressReporter
+
+log = logging.getLogger(__name__)
+
+
+def generation_request(params: JobParams) -> GenerationRequest:
+    """The engine's request for a job's resolved parameters."""
+    return GenerationRequest(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        scheduler=params.scheduler,
+        seed=params.seed,
+        num_images=params.num_images,
+    )
+
+
+class JobRunner:
+    """One job from claim to result, in the worker process."""
+
+    def __init__(self, context: WorkerContext) -> None:
+        self.context = context
+        self.store = context.store
+        self.settings = context.settings
+        self.model: ModelRecord = context.heartbeat.model
+
+    def run(self, job_id: str) -> None:
+        token = uuid.uuid4().hex
+        record = self.store.claim(job_id, self.context.worker_id, token)
+        if record is None:
+            log.info("job %s: deleted or ended before it started; skipping", job_id)
+            return
+        log.info("job %s: attempt %d started", job_id, record.attempt)
+        with self.context.heartbeat.busy(job_id):
+            self._run_claimed(record, token)
+
+    def _run_claimed(self, record: JobRecord, token: str) -> None:
+        engine = self.context.engine
+        try:
+            request = engine.validate(generation_request(record.request))
+        except ValueError as error:  # the engine names the field and what it accepts
+            self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
+            return
+
+        progress = ProgressReporter(self.store, record.id, token, self.settings.progress_interval)
+        try:
+            [result] = engine.generate([request], on_step=progress)
+        except JobAbandonedError as stop:
+            log.info("job %s: %s", record.id, stop)
+            return
+        except JobTimeoutException:
+            self._fail(record, token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
+            return
+        except ValueError as error:
+            self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
+            return
+        except Exception as error:  # a model failure ends this job, never the worker
+            log.exception("job %s: generation failed", record.id)
+            self._fail(record, token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}")
+            return
+        self._succeed(record, token, result)
+
+    def _succeed(self, record: JobRecord, token: str, result: GenerationResult) -> None:
+        params = record.request
+        images: list[StoredImage] = []
+        image_records: list[ImageRecord] = []
+        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            text = png_text(params, seed, self.model) if params.metadata else None
+            png = encode_png(image, text)
+            images.append(StoredImage(index=index, png=png))
+            image_records.append(
+                ImageRecord(
+                    index=index,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    sha256=hashlib.sha256(png).hexdigest(),
+                    size_bytes=len(png),
+                )
+            )
+        values: dict[str, Any] = {
+            "status": "succeeded",
+            "finished_at": utcnow().isoformat(),
+            "seeds": list(result.seeds),
+            "warnings": list(result.warnings),
+            "parameters": _jsonable(result.parameters),
+            "images": [image.model_dump(mode="json") for image in image_records],
+        }
+        outcome = self.store.finish(
+            record.id, token, values, images, job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl
+        )
+        if outcome is WriteResult.WRITTEN:
+            log.info("job %s: succeeded with %d image(s)", record.id, len(images))
+        else:
+            log.info("job %s: result discarded, record %s", record.id, outcome.name.lower())
+
+    def _fail(self, record: JobRecord, token: str, code: ErrorCode, message: str) -> None:
+        log.info("job %s: failed (%s): %s", record.id, code.value, message)
+        values = {
+            "status": "failed",
+            "finished_at": utcnow().isoformat(),
+            "error": {"code": code.value, "message": message},
+        }
+        self.store.finish(record.id, token, values, [], job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl)
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    """The engine's parameters, with anything JSON cannot hold turned into text."""
+    return {key: value if isinstance(value, str | int | float | bool | type(None)) else str(value) for key, value in values.items()}

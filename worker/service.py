@@ -1,0 +1,102 @@
+"""Starts a worker process: load the model once, register, take jobs until told to stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import uuid
+from typing import TYPE_CHECKING
+
+from redis import Redis
+from rq.serializers import JSONSerializer
+
+from app.contract.records import ModelRecord, WorkerRecord, utcnow
+from app.contract.registry import Registry
+from app.contract.store import JobStore
+from app.contract.tasks import queue_name
+from app.settings import Settings
+from worker import context
+from worker.context import WorkerContext
+from worker.heartbeat import Heartbeat
+from worker.rq_worker import DiffqWorker
+
+if TYPE_CHECKING:
+    from model.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The model this worker serves, loaded once for the life of the process."""
+    from model.engine import Engine
+
+    return Engine.load(
+        settings.model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        name=settings.model_name,
+        max_steps=settings.max_steps,
+        max_images=settings.max_images_per_job,
+    )
+
+
+def model_record(engine: Engine) -> ModelRecord:
+    """What the API validates requests against, straight from the engine."""
+    return ModelRecord.model_validate(dataclasses.asdict(engine.info))
+
+
+def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False) -> bool:
+    """Serve jobs of one model until stopped (SIGTERM/SIGINT) or, with ``burst``, until its queue is empty.
+
+    ``engine`` lets tests share one loaded model between workers. Returns
+    whether any job was taken.
+    """
+    engine = engine if engine is not None else load_engine(settings)
+    model = model_record(engine)
+    redis = Redis.from_url(settings.redis_url)
+    host, pid = socket.gethostname(), os.getpid()
+    worker_id = f"{host}.{pid}.{uuid.uuid4().hex[:8]}"
+    now = utcnow()
+    record = WorkerRecord(
+        id=worker_id,
+        model=model.name,
+        device=model.device,
+        dtype=model.dtype,
+        host=host,
+        pid=pid,
+        queue=queue_name(model.name),
+        started_at=now,
+        heartbeat_at=now,
+    )
+    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, model, settings.heartbeat_interval)
+    context.install(
+        WorkerContext(
+            worker_id=worker_id,
+            engine=engine,
+            settings=settings,
+            redis=redis,
+            store=JobStore(redis),
+            heartbeat=heartbeat,
+        )
+    )
+    rq_worker = DiffqWorker(
+        [queue_name(model.name)],
+        name=worker_id,
+        connection=redis,
+        serializer=JSONSerializer,
+    )
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    heartbeat.start()
+    log.info("worker %s serving model %r on %s (%s) from queue %r", worker_id, model.name, model.device,
+             model.dtype, queue_name(model.name))
+    try:
+        return rq_worker.work(burst=burst, logging_level=settings.log_level.upper())
+    finally:
+        heartbeat.stop()
+        context.install(None)
+        for sig, handler in handlers.items():  # RQ installed its own; give the caller's back
+            signal.signal(sig, handler)
+        redis.close()
