@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = Field("auto", description="Worker dtype: auto, float32, float16, bfloat16.")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads torch may use in a worker; 0 keeps torch's default (all cores)."
+    )
 
     # Request limits (the model adds its own: sizes, schedulers, its max steps).
     max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")

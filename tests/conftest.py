@@ -85,8 +85,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model: Path) -> Engine:
     """The tiny model loaded once for the whole session, as a worker process would."""
+    import torch
+
     from model.engine import Engine
 
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: threads only contend
     return Engine.load(tiny_model, device="cpu", dtype="float32", max_steps=100, max_images=4)
 
 

@@ -118,3 +118,74 @@ def test_delete_of_a_finished_job_removes_its_images(client: TestClient, redis: 
     assert redis.exists(keys.job(job_id), keys.image(job_id, 0), keys.image(job_id, 1)) == 0
     assert client.get(f"/v1/jobs/{job_id}/images/0.png").status_code == 404
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def _fields(response) -> dict[str, str]:
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] in ("invalid_request", "unknown_model")
+    return {problem["field"]: problem["message"] for problem in body["fields"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "accepted"),
+    [
+        ({"prompt": "x" * 1001}, "prompt", "at most 1000 characters"),
+        ({"negative_prompt": "x" * 1001}, "negative_prompt", "at most 1000 characters"),
+        ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"steps": 101}, "steps", "less than or equal to 100"),
+        ({"steps": 0}, "steps", "greater than or equal to 1"),
+        ({"num_images": 5}, "num_images", "less than or equal to 4"),
+        ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"guidance_scale": "lots"}, "guidance_scale", "valid number"),
+        ({"colour": "red"}, "colour", "Extra inputs are not permitted"),
+    ],
+)
+def test_settings_limits_give_422_naming_the_field(client: TestClient, change: dict, field: str, accepted: str) -> None:
+    fields = _fields(client.post("/v1/jobs", json={**TINY_JOB, **change}))
+    assert accepted in fields[field]
+
+
+def test_model_limits_give_422_naming_the_field(client: TestClient, served: ModelRecord) -> None:
+    sizes = f"multiple of {served.size_multiple} between {served.min_size} and {served.max_size}"
+    too_big = served.max_size + served.size_multiple
+    cases = [
+        ({"width": served.min_size + 1}, "width", f"{sizes} for model 'tiny'; got {served.min_size + 1}"),
+        ({"height": too_big}, "height", f"{sizes} for model 'tiny'; got {too_big}"),
+        ({"scheduler": "warp"}, "scheduler", f"one of: {', '.join(served.schedulers)}; got 'warp'"),
+        ({"model": "sdxl"}, "model", "'sdxl' is not served; served models: tiny"),
+    ]
+    for change, field, accepted in cases:
+        response = client.post("/v1/jobs", json={**TINY_JOB, **change})
+        assert response.json()["code"] == ("unknown_model" if field == "model" else "invalid_request")
+        assert accepted in _fields(response)[field]
+
+
+def test_every_problem_is_reported_at_once(client: TestClient) -> None:
+    fields = _fields(client.post("/v1/jobs", json={**TINY_JOB, "width": 7, "height": 9999, "scheduler": "warp"}))
+    assert set(fields) == {"width", "height", "scheduler"}
+
+
+def test_missing_prompt_and_bad_json_are_422(client: TestClient) -> None:
+    assert "prompt" in _fields(client.post("/v1/jobs", json={"steps": 2}))
+    response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["code"] == "invalid_request"
+
+
+def test_limits_follow_the_settings_dependency(client: TestClient, settings: Settings) -> None:
+    from app.deps import get_settings
+
+    strict = settings.model_copy(update={"max_steps": 3, "max_prompt_length": 5})
+    client.app.dependency_overrides[get_settings] = lambda: strict
+    try:
+        fields = _fields(client.post("/v1/jobs", json={**TINY_JOB, "steps": 4, "prompt": "a red circle"}))
+    finally:
+        client.app.dependency_overrides.clear()
+    assert "less than or equal to 3" in fields["steps"]
+    assert "at most 5 characters" in fields["prompt"]
+
+
+def test_no_live_worker_means_no_model_to_run_on(client: TestClient, redis: Redis) -> None:
+    redis.flushall()  # the registration of the `served` fixture is gone
+    fields = _fields(client.post("/v1/jobs", json=TINY_JOB))
+    assert "served models: none (no live workers)" in fields["model"]

@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 
 def load_engine(settings: Settings) -> Engine:
     """The model this worker serves, loaded once for the life of the process."""
+    import torch
+
     from model.engine import Engine
 
+    if settings.torch_threads:
+        # On a CPU shared with other processes, fewer threads avoid oversubscription (often much faster).
+        torch.set_num_threads(settings.torch_threads)
     return Engine.load(
         settings.model_path,
         device=settings.device,
