@@ -115,15 +115,19 @@ def _supervise(children: list[Child], url: str, stop: threading.Event) -> int:
     print(f"diffq: starting the API and a worker (loading the model) at {url} ...", flush=True)
     started = time.monotonic()
     ready = False
-    while not stop.wait(0.25):
+    next_probe = 0.0
+    while not stop.wait(0.1):
         for child in children:
             if not child.running():
                 print(f"diffq: the {child.name} exited with code {child.process.returncode}; stopping", flush=True)
                 return 1
-        if not ready and _ready(url):
+        if ready or time.monotonic() < next_probe:
+            continue
+        next_probe = time.monotonic() + 1.0
+        if _ready(url):
             ready = True
             print(f"diffq: ready at {url}  (API docs: {url}/docs; Ctrl-C stops everything)", flush=True)
-        if not ready and time.monotonic() - started > READY_TIMEOUT_SECONDS:
+        elif time.monotonic() - started > READY_TIMEOUT_SECONDS:
             print(f"diffq: not ready after {READY_TIMEOUT_SECONDS:.0f} s; stopping", flush=True)
             return 1
     return 0

@@ -45,3 +45,51 @@ def png_text(png: bytes) -> dict[str, str]:
 
 TINY_JOB = {"prompt": "a red circle", "steps": 2, "seed": 7}
 """A request the tiny test model runs in milliseconds."""
+
+
+def diffq_command() -> list[str]:
+    """The installed ``diffq`` console script next to this interpreter (``python -m app.cli`` if absent)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "diffq"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("diffq")
+    return [found] if found else [sys.executable, "-m", "app.cli"]
+
+
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """This process' environment without DIFFQ_* variables, plus ``overrides``."""
+    import os
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("DIFFQ_")}
+    env.update(overrides)
+    return env
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of a process, read from /proc (Linux)."""
+    from pathlib import Path
+
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def is_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -73,6 +73,8 @@ class JobService:
         position = None
         if status is JobStatus.QUEUED:
             position = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
+            if position is None:
+                position = 0  # a worker is taking it off the queue right now
         return JobView(record=record, status=status, error=error, queue_position=position)
 
     def delete(self, job_id: str) -> None:

@@ -1,0 +1,48 @@
+"""worker/heartbeat.py: a worker stays registered while alive, busy or not, and leaves cleanly."""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+
+from app.contract import keys
+from app.contract.records import ModelRecord, WorkerRecord, utcnow
+from app.contract.registry import Registry
+from worker.heartbeat import Heartbeat
+
+
+def _heartbeat(redis: Redis, served: ModelRecord) -> Heartbeat:
+    now = utcnow()
+    worker = WorkerRecord(id="hb", model=served.name, device="cpu", dtype="float32", host="h", pid=1,
+                          queue=f"diffq:{served.name}", started_at=now, heartbeat_at=now)
+    return Heartbeat(Registry(redis, ttl=1), worker, served, interval=0.2)
+
+
+def test_registration_outlives_its_ttl_while_beating_and_goes_on_stop(redis: Redis, served: ModelRecord) -> None:
+    redis.flushall()
+    heartbeat = _heartbeat(redis, served)
+    registry = Registry(redis, ttl=1)
+
+    heartbeat.start()
+    try:
+        time.sleep(1.5)  # longer than the TTL: only renewals keep it
+        assert [w.id for w in registry.live_workers()] == ["hb"]
+        assert registry.model(served.name) == served
+    finally:
+        heartbeat.stop()
+
+    assert registry.live_workers() == []
+    assert not redis.exists(keys.worker("hb"), keys.model(served.name))
+
+
+def test_busy_shows_the_current_job(redis: Redis, served: ModelRecord) -> None:
+    heartbeat = _heartbeat(redis, served)
+    registry = Registry(redis, ttl=1)
+    heartbeat.start()
+    try:
+        with heartbeat.busy("job-1"):
+            assert {w.id: w.current_job for w in registry.live_workers()}["hb"] == "job-1"
+        assert {w.id: w.current_job for w in registry.live_workers()}["hb"] is None
+    finally:
+        heartbeat.stop()

@@ -1,0 +1,68 @@
+"""worker/progress.py: throttled progress writes that also stop runs nobody wants any more."""
+
+from __future__ import annotations
+
+import pytest
+from redis import Redis
+
+from app.contract.records import JobParams, JobRecord
+from app.contract.store import JobStore, WriteResult
+from worker.progress import JobAbandonedError, ProgressReporter
+
+PARAMS = JobParams(prompt="p", width=16, height=16, steps=100, guidance_scale=7.5, scheduler="ddim", seed=1)
+
+
+class FakeClock:
+    """Time that advances only when told, so throttling is tested exactly."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(redis: Redis) -> JobStore:
+    store = JobStore(redis)
+    store.create(JobRecord(id="j", model="tiny", request=PARAMS), ttl=100)
+    store.claim("j", "w", "t")
+    return store
+
+
+def test_at_most_ten_writes_per_second_and_always_the_last_step(store: JobStore) -> None:
+    clock = FakeClock()
+    reporter = ProgressReporter(store, "j", "t", interval=0.1, clock=clock)
+
+    for step in range(1, 101):  # 100 steps of 10 ms: one second
+        reporter(step, 100, None)
+        clock.now += 0.01
+
+    assert 10 <= reporter.writes <= 11
+    assert store.get("j").progress.model_dump() == {"step": 100, "total": 100}
+
+
+def test_every_step_is_written_without_throttle(store: JobStore) -> None:
+    reporter = ProgressReporter(store, "j", "t", interval=0.0)
+    for step in range(1, 6):
+        reporter(step, 5, None)
+    assert reporter.writes == 5
+
+
+def test_a_deleted_job_stops_the_run(store: JobStore, redis: Redis) -> None:
+    reporter = ProgressReporter(store, "j", "t", interval=0.0)
+    reporter(1, 5, None)
+    store.delete("j")
+
+    with pytest.raises(JobAbandonedError) as stopped:
+        reporter(2, 5, None)
+
+    assert stopped.value.result is WriteResult.MISSING
+    assert redis.keys("*") == []
+
+
+def test_a_newer_attempt_stops_the_stale_run(store: JobStore) -> None:
+    store.claim("j", "w2", "newer")
+    with pytest.raises(JobAbandonedError) as stopped:
+        ProgressReporter(store, "j", "t", interval=0.0)(1, 5, None)
+    assert stopped.value.result is WriteResult.STALE
