@@ -37,3 +37,9 @@ def test_default_model_is_the_bundled_shapes_folder_found_without_importing_mode
     script = "import sys; from app.settings import Settings; Settings(); print('model' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_readme_lists_every_setting() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`DIFFQ_{name.upper()}`" not in readme]
+    assert missing == []
