@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -90,11 +91,12 @@ def train_vae(args: argparse.Namespace) -> None:
     vae = build_vae(arch).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = Checkpoints(args.run, "vae")
-    step = 0
+    step, previous_seconds = 0, 0.0
     if (state := ckpt.load()) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
+        previous_seconds = state.get("seconds", 0.0)
         print(f"resumed vae at step {step}")
     val_images = torch.from_numpy(shapes_data.batch(range(64))[0]).to(device)
     started = time.time()
@@ -125,7 +127,8 @@ def train_vae(args: argparse.Namespace) -> None:
                                 "elapsed_s": time.time() - started})
         if step % args.save_every == 0 or step == args.steps:
             ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "preset": args.preset})
+                       "preset": args.preset, "device": str(device),
+                       "seconds": previous_seconds + time.time() - started})
     bar.close()
     scale = measure_latent_scale(vae, device)
     state = ckpt.load()
@@ -144,13 +147,20 @@ def measure_latent_scale(vae, device, n: int = 1024) -> dict:
 
 
 def load_vae(args: argparse.Namespace, device: torch.device):
+    """The frozen VAE: from this run's checkpoint, else from the folder a new sitting starts from."""
     arch = PRESETS[args.preset]
     vae = build_vae(arch)
     state = Checkpoints(args.run, "vae").load()
-    if state is None:
-        raise SystemExit(f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first")
-    vae.load_state_dict(state["model"])
-    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+    elif args.init_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
+    else:
+        raise SystemExit(f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first, "
+                         "or pass --init-from model/shapes to continue from the shipped model")
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -183,18 +193,25 @@ def train_unet(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     ckpt = Checkpoints(args.run, "unet")
-    step = 0
+    step, previous_seconds = 0, 0.0
     if (state := ckpt.load()) is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         step = state["step"]
+        previous_seconds = state.get("seconds", 0.0)
         print(f"resumed unet at step {step}")
     elif args.init_from:
+        # A new sitting: the shipped (EMA) weights are the start, Adam's moments start afresh,
+        # and the step count (hence the data seeds) carries on where the last sitting ended.
         init_from_folder(args.init_from, unet, text_encoder)
         ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-        print(f"initialised from {args.init_from}")
+        record = json.loads((args.init_from / "training.json").read_text())
+        step, previous_seconds = record["unet_steps"], record.get("unet_seconds", 0.0)
+        ema.optimization_step = 0
+        print(f"initialised from {args.init_from} at step {step}")
+    first_step = 0 if state is not None else step  # warm up on fresh starts and new sittings
     generator = torch.Generator().manual_seed(args.seed * 7919 + step)
     alphas = scheduler.alphas_cumprod.to(device)
     started = time.time()
@@ -221,8 +238,8 @@ def train_unet(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:  # linear warm-up, then constant
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in opt.param_groups:  # linear warm-up (also after a new sitting), then constant
+            group["lr"] = args.lr * min(1.0, (step + 1 - first_step) / args.warmup)
         opt.step()
         ema.step(params)
         step += 1
@@ -234,7 +251,8 @@ def train_unet(args: argparse.Namespace) -> None:
         if step % args.save_every == 0 or step == args.steps:
             ckpt.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                        "optimizer": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-                       "preset": args.preset})
+                       "preset": args.preset, "device": str(device), "argv": sys.argv[1:],
+                       "seconds": previous_seconds + time.time() - started})
     bar.close()
 
 
@@ -298,11 +316,18 @@ def export(args: argparse.Namespace) -> None:
         "default_steps": 20, "default_guidance_scale": 5.0, "default_scheduler": "dpmpp_2m",
         "lcm": False,
     }, indent=2) + "\n")
+    vae_state = Checkpoints(args.run, "vae").load()
+    previous = json.loads((args.init_from / "training.json").read_text()) if args.init_from else {}
     record = {
-        "preset": args.preset, "architecture": dataclasses.asdict(arch),
-        "vae_steps": Checkpoints(args.run, "vae").load()["step"], "unet_steps": state["step"],
-        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
-        "torch": torch.__version__,
+        "preset": args.preset, "architecture": dataclasses.asdict(arch), "seed": args.seed,
+        "vae_steps": vae_state["step"] if vae_state else previous["vae_steps"],
+        "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
+        "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
+        "history": previous.get("history", []) + [{
+            "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
+            "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
+        }],
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"exported to {out}: {record}")
