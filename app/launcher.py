@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -73,6 +74,15 @@ def _spawn(name: str, args: list[str], env: dict[str, str]) -> Child:
     return Child(name, process)
 
 
+def _without_password(url: str) -> str:
+    """The URL safe to print: a password in it becomes ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200
@@ -89,7 +99,7 @@ def up(settings: Settings) -> int:
     try:
         env = dict(os.environ)
         if "redis_url" in settings.model_fields_set:
-            print(f"diffq: using Redis at {settings.redis_url}", flush=True)
+            print(f"diffq: using Redis at {_without_password(settings.redis_url)}", flush=True)
         else:
             redis = EmbeddedRedis(settings.embedded_redis_port)
             redis.start(start_new_session=True, preexec_fn=_die_with_parent)

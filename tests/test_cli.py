@@ -34,3 +34,11 @@ def test_up_port_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFFQ_PORT", "9000")
     assert _settings(build_parser().parse_args(["up"]), port="port").port == 9000
     assert _settings(build_parser().parse_args(["up", "--port", "9001"]), port="port").port == 9001
+
+
+def test_worker_without_a_model_folder_says_so_and_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run([*diffq_command(), "worker", "--model", str(tmp_path / "nothing")], capture_output=True,
+                            text=True, timeout=120, env=clean_environment())
+    assert result.returncode == 2
+    assert f"diffq worker: cannot serve {tmp_path / 'nothing'}" in result.stderr
+    assert "model_index.json" in result.stderr

@@ -45,3 +45,11 @@ def test_up_serves_a_job_and_ctrl_c_stops_every_child(tiny_model: Path, tmp_path
             up.wait()
     assert not [pid for pid in children if is_alive(pid)]
     assert "diffq: stopped" in log_path.read_text(errors="replace")
+
+
+def test_passwords_in_redis_urls_are_not_printed() -> None:
+    from app.launcher import _without_password
+
+    assert _without_password("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert _without_password("rediss://user:s3cret@redis:6380") == "rediss://user:***@redis:6380"
+    assert _without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
