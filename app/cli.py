@@ -43,7 +43,8 @@ def run_api(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, model="model_path", name="model_name", device="device", dtype="dtype")
     _configure_logging(settings)
-    from worker.service import load_engine, run_worker as serve  # imports the model stack only now
+    from worker.service import load_engine  # imports the model stack only now
+    from worker.service import run_worker as serve
 
     try:
         engine = load_engine(settings)
@@ -79,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(run=run_api)
 
     worker = commands.add_parser("worker", help="run one worker serving one model")
-    worker.add_argument("--model", type=Path, help="diffusers model folder (default: DIFFQ_MODEL_PATH, the bundled model)")
-    worker.add_argument("--name", help="name to serve the model under (default: DIFFQ_MODEL_NAME, else the model's own)")
+    worker.add_argument(
+        "--model", type=Path, help="diffusers model folder (default: DIFFQ_MODEL_PATH, the bundled model)"
+    )
+    worker.add_argument(
+        "--name", help="name to serve the model under (default: DIFFQ_MODEL_NAME, else the model's own)"
+    )
     worker.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: DIFFQ_DEVICE or auto)")
     worker.add_argument("--dtype", help="auto, float32, float16, bfloat16 (default: DIFFQ_DTYPE or auto)")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
 
     # The model a worker serves.
     model_path: Path = Field(default_factory=default_model_path, description="Diffusers folder a worker loads.")
-    model_name: str | None = Field(None, description="Name the worker serves its model under (default: the model's own).")
+    model_name: str | None = Field(
+        None, description="Name the worker serves its model under (default: the model's own)."
+    )
     default_model: str | None = Field(
         None, description="Model used when a request names none (default: the only model served, if just one)."
     )

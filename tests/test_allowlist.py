@@ -43,7 +43,9 @@ def test_a_job_naming_another_function_is_refused_and_nothing_runs(
     assert "'os.system'" in _failure(redis, job.id)
 
 
-def test_diffq_task_with_other_arguments_is_refused(redis: Redis, served: ModelRecord, settings: Settings, engine) -> None:
+def test_diffq_task_with_other_arguments_is_refused(
+    redis: Redis, served: ModelRecord, settings: Settings, engine
+) -> None:
     queue = _queue(redis, served)
     wrong_id = queue.enqueue_call(TASK, args=["someone-elses-job"])
     with_kwargs = queue.enqueue_call(TASK, args=[], kwargs={"job_id": "x"})

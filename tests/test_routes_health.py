@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from redis import Redis
 
 from app.embedded_redis import free_port
 from app.main import create_app

@@ -108,7 +108,9 @@ def test_delete_of_a_queued_job_removes_it_and_it_never_runs(
     assert not redis.exists(keys.job(job_id))
 
 
-def test_delete_of_a_finished_job_removes_its_images(client: TestClient, redis: Redis, settings: Settings, engine) -> None:
+def test_delete_of_a_finished_job_removes_its_images(
+    client: TestClient, redis: Redis, settings: Settings, engine
+) -> None:
     job_id = client.post("/v1/jobs", json={**TINY_JOB, "num_images": 2}).json()["id"]
     work(settings, engine)
     assert redis.exists(keys.image(job_id, 0), keys.image(job_id, 1)) == 2

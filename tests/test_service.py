@@ -41,7 +41,9 @@ def test_worker_is_listed_as_busy_while_it_runs_a_job_and_gone_after(
     assert client.get("/readyz").status_code == 503
 
 
-def test_jobs_record_which_worker_ran_them(client: TestClient, redis: Redis, settings: Settings, engine, served) -> None:
+def test_jobs_record_which_worker_ran_them(
+    client: TestClient, redis: Redis, settings: Settings, engine, served
+) -> None:
     job_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
     work(settings, engine)
     record = client.get(f"/v1/jobs/{job_id}").json()

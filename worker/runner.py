@@ -126,9 +126,12 @@ class JobRunner:
             "finished_at": utcnow().isoformat(),
             "error": {"code": code.value, "message": message},
         }
-        self.store.finish(record.id, token, values, [], job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl)
+        self.store.finish(
+            record.id, token, values, [], job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl
+        )
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     """The engine's parameters, with anything JSON cannot hold turned into text."""
-    return {key: value if isinstance(value, str | int | float | bool | type(None)) else str(value) for key, value in values.items()}
+    plain = (str, int, float, bool, type(None))
+    return {key: value if isinstance(value, plain) else str(value) for key, value in values.items()}

@@ -72,9 +72,8 @@ class JobService:
             status, error = self._reconcile(record)
         position = None
         if status is JobStatus.QUEUED:
-            position = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
-            if position is None:
-                position = 0  # a worker is taking it off the queue right now
+            found = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
+            position = found if isinstance(found, int) else 0  # None: a worker is taking it off the queue
         return JobView(record=record, status=status, error=error, queue_position=position)
 
     def delete(self, job_id: str) -> None:

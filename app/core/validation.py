@@ -27,11 +27,9 @@ def resolve_request(body: JobCreate, model: ModelRecord) -> JobParams:
         *_size_problems("height", height, model),
     ]
     if steps > model.max_steps:
-        problems.append(FieldProblem("steps", f"must be between 1 and {model.max_steps} for model {model.name!r}; got {steps}"))
+        problems.append(_range_problem("steps", steps, model.max_steps, model))
     if body.num_images > model.max_images:
-        problems.append(
-            FieldProblem("num_images", f"must be between 1 and {model.max_images} for model {model.name!r}; got {body.num_images}")
-        )
+        problems.append(_range_problem("num_images", body.num_images, model.max_images, model))
     if scheduler not in model.schedulers:
         accepted = ", ".join(model.schedulers)
         problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
@@ -56,6 +54,9 @@ def _size_problems(field: str, value: int, model: ModelRecord) -> list[FieldProb
     lo, hi, multiple = model.min_size, model.max_size, model.size_multiple
     if lo <= value <= hi and value % multiple == 0:
         return []
-    return [
-        FieldProblem(field, f"must be a multiple of {multiple} between {lo} and {hi} for model {model.name!r}; got {value}")
-    ]
+    accepted = f"a multiple of {multiple} between {lo} and {hi}"
+    return [FieldProblem(field, f"must be {accepted} for model {model.name!r}; got {value}")]
+
+
+def _range_problem(field: str, value: int, most: int, model: ModelRecord) -> FieldProblem:
+    return FieldProblem(field, f"must be between 1 and {most} for model {model.name!r}; got {value}")

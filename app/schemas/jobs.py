@@ -37,7 +37,9 @@ class JobCreate(BaseModel):
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
     scheduler: str | None = Field(None, description="Scheduler name; the model lists the accepted ones.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0 (image k uses seed + k); random if omitted.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of image 0 (image k uses seed + k); random if omitted."
+    )
     num_images: int = Field(1, ge=1, description="Images to generate.")
     metadata: bool = Field(True, description="Write the generation parameters into the PNGs' text chunks.")
 
