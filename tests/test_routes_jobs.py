@@ -135,6 +135,7 @@ def _fields(response) -> dict[str, str]:
         ({"prompt": "x" * 1001}, "prompt", "at most 1000 characters"),
         ({"negative_prompt": "x" * 1001}, "negative_prompt", "at most 1000 characters"),
         ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"prompt": " \n "}, "prompt", "must contain something other than whitespace"),
         ({"steps": 101}, "steps", "less than or equal to 100"),
         ({"steps": 0}, "steps", "greater than or equal to 1"),
         ({"num_images": 5}, "num_images", "less than or equal to 4"),

@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from app.contract.records import ErrorInfo, JobParams, Progress
 from app.contract.status import JobStatus
@@ -42,6 +42,13 @@ class JobCreate(BaseModel):
     )
     num_images: int = Field(1, ge=1, description="Images to generate.")
     metadata: bool = Field(True, description="Write the generation parameters into the PNGs' text chunks.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must contain something other than whitespace")
+        return prompt
 
 
 @lru_cache(maxsize=8)
