@@ -5,6 +5,7 @@ picked up again by running the same command):
 
 1. `vae`: an AutoencoderKL on rendered scenes (L1 + MSE reconstruction, a small KL term).
    Its latent scale is measured at the end so latents enter diffusion at unit variance.
+   `decoder` fine-tunes the decoder alone later; the latent space does not move.
 2. `unet`: a CLIP text encoder and a UNet2DConditionModel trained together on frozen VAE
    latents with v-prediction on a zero-terminal-SNR schedule, classifier-free-guidance
    dropout, and an exponential moving average of the weights.
@@ -89,31 +90,58 @@ def train_vae(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     vae = build_vae(arch).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = Checkpoints(args.run, "vae")
+    autoencoder_loop(vae, list(vae.parameters()), ckpt, 0, args, device)
+    scale = measure_latent_scale(vae, device)
+    state = ckpt.load()
+    state.update(scale)
+    ckpt.save(state)
+    print(f"vae done: latent mean {scale['latent_mean']:.3f}, std {scale['latent_std']:.3f}")
+
+
+def train_decoder(args: argparse.Namespace) -> None:
+    """Fine-tune the VAE's decoder alone (as SD's ft-MSE VAE did): the encoder, hence the
+    latent space the UNet was trained on, stays fixed, so this may run at any time."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    vae = load_vae(args, device).requires_grad_(False).train()
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    autoencoder_loop(vae, trainable, Checkpoints(args.run, "decoder"), 2, args, device)
+
+
+def autoencoder_loop(vae, params: list, ckpt: Checkpoints, stage: int, args: argparse.Namespace,
+                     device: torch.device) -> None:
+    """Reconstruction training of `params` (all of the VAE, or its decoder), resumable."""
+    name = ckpt.path.stem
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     step, previous_seconds = 0, 0.0
     if (state := ckpt.load()) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         previous_seconds = state.get("seconds", 0.0)
-        print(f"resumed vae at step {step}")
+        print(f"resumed {name} at step {step}")
     val_images = torch.from_numpy(shapes_data.batch(range(64))[0]).to(device)
     started = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="vae", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc=name, dynamic_ncols=True)
     while step < args.steps:
-        images, _ = scene_batch(0, step, args.batch, args.seed)
+        images, _ = scene_batch(stage, step, args.batch, args.seed)
         images = images.to(device)
-        posterior = vae.encode(images).latent_dist
+        with torch.set_grad_enabled(stage == 0):
+            posterior = vae.encode(images).latent_dist
         # Decode the posterior mean: with sampled latents a small VAE spends thousands of steps
         # learning to outshout the posterior noise before edges get sharp. The KL term still
         # keeps the latents' scale tame, and the UNet stage encodes with the mean as well.
         recon = vae.decode(posterior.mode()).sample
         # L1 keeps edges sharp on flat colours; MSE drives PSNR
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + args.kl * posterior.kl().mean()
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        if stage == 0:
+            loss = loss + args.kl * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:  # cosine decay to 10% over the planned steps
             group["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         opt.step()
@@ -123,18 +151,13 @@ def train_vae(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 val = psnr(vae(val_images, sample_posterior=False).sample, val_images)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{val:.2f}")
-            log_line(args.run, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": val,
+            log_line(args.run, {"stage": name, "step": step, "loss": loss.item(), "psnr": val,
                                 "elapsed_s": time.time() - started})
         if step % args.save_every == 0 or step == args.steps:
             ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "preset": args.preset, "device": str(device),
+                       "preset": args.preset, "device": str(device), "argv": sys.argv[1:],
                        "seconds": previous_seconds + time.time() - started})
     bar.close()
-    scale = measure_latent_scale(vae, device)
-    state = ckpt.load()
-    state.update(scale)
-    ckpt.save(state)
-    print(f"vae done: latent mean {scale['latent_mean']:.3f}, std {scale['latent_std']:.3f}")
 
 
 @torch.no_grad()
@@ -278,6 +301,9 @@ def export(args: argparse.Namespace) -> None:
     arch = PRESETS[args.preset]
     device = torch.device("cpu")
     vae = load_vae(args, device)
+    decoder_state = Checkpoints(args.run, "decoder").load()
+    if decoder_state is not None:  # same encoder, better decoder
+        vae.load_state_dict(decoder_state["model"])
     tokenizer = build_tokenizer()
     latent_size = 64 // 2 ** (len(arch.vae_channels) - 1)
     text_encoder = build_text_encoder(arch, len(tokenizer))
@@ -322,6 +348,8 @@ def export(args: argparse.Namespace) -> None:
         "preset": args.preset, "architecture": dataclasses.asdict(arch), "seed": args.seed,
         "vae_steps": vae_state["step"] if vae_state else previous["vae_steps"],
         "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
+        "decoder_steps": decoder_state["step"] if decoder_state else previous.get("decoder_steps", 0),
+        "decoder_seconds": decoder_state.get("seconds", 0.0) if decoder_state else previous.get("decoder_seconds", 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
         "history": previous.get("history", []) + [{
             "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
@@ -338,7 +366,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "unet", "export"])
+    parser.add_argument("stage", choices=["vae", "decoder", "unet", "export"])
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
     parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")
     parser.add_argument("--steps", type=int, default=3000, help="train until this step")
@@ -359,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(args.seed)
-    {"vae": train_vae, "unet": train_unet, "export": export}[args.stage](args)
+    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "export": export}[args.stage](args)
 
 
 if __name__ == "__main__":

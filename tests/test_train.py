@@ -21,13 +21,15 @@ def test_train_all_stages_resume_and_export(tmp_path):
 
     common = ["--preset", "tiny", "--run", str(tmp_path / "run"), "--batch", "4", "--save-every", "2"]
     run("vae", *common, "--steps", "4")
+    run("decoder", *common, "--steps", "2")
     run("unet", *common, "--steps", "3")
     run("unet", *common, "--steps", "5")  # resumes from step 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any(r["stage"] == "vae" and r["step"] == 4 for r in log)
     out = tmp_path / "model"
     run("export", *common, "--out", str(out))
-    assert json.loads((out / "training.json").read_text())["unet_steps"] == 5
+    record = json.loads((out / "training.json").read_text())
+    assert (record["vae_steps"], record["decoder_steps"], record["unet_steps"]) == (4, 2, 5)
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
