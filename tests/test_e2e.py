@@ -19,20 +19,12 @@ import pytest
 from PIL import Image
 
 from app.embedded_redis import EmbeddedRedis, free_port
+from model.shapes_data import COLOURS
 from tests.helpers import clean_environment, diffq_command, png_text, wait_for
 
 SHAPES = Path(__file__).resolve().parent.parent / "model" / "shapes"
 
-PALETTE = {  # the shapes world's colours (model/shapes_data.py)
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (245, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
+PALETTE = COLOURS  # the shapes world's colours, from the code that renders its training data
 
 pytestmark = [
     pytest.mark.slow,
