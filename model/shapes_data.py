@@ -205,6 +205,10 @@ def _shape_template(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
     return np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)) > 127
 
 
+# Area of each shape's template per unit radius², measured once.
+_UNIT_AREAS = {kind: float(_shape_template(kind, 32, 32, 10).sum()) / 100.0 for kind in SHAPES}
+
+
 def classify_kind(mask: np.ndarray) -> str | None:
     """The shape whose template, placed at the mask's centre and size, overlaps it best (IoU)."""
     if mask.sum() < 6:
@@ -214,9 +218,9 @@ def classify_kind(mask: np.ndarray) -> str | None:
     area = float(mask.sum())
     best, best_iou = None, -1.0
     for kind in SHAPES:
+        # radius whose template has the mask's area, then a few scales around it
+        unit = _UNIT_AREAS[kind]
         for scale in (0.8, 0.9, 1.0, 1.1, 1.25):
-            # radius whose template has the mask's area, then a few scales around it
-            unit = _shape_template(kind, 32, 32, 10).sum() / 100.0
             r = math.sqrt(area / max(unit, 1e-6)) * scale
             for dy in (-1.0, 0.0, 1.0):
                 template = _shape_template(kind, cx, cy + dy, r)
@@ -248,7 +252,6 @@ def analyse(image: Image.Image, scene: Scene) -> Analysis:
     if len(scene.shapes) == 1:
         regions.append(foreground)
     else:
-        axis_horizontal = scene.shapes[0].position in ("left", "right")
         half = np.zeros_like(foreground)
         for shape in scene.shapes:
             region = half.copy()
@@ -261,7 +264,6 @@ def analyse(image: Image.Image, scene: Scene) -> Analysis:
             else:
                 region[IMAGE_SIZE // 2 :, :] = True
             regions.append(foreground & region)
-        del axis_horizontal
 
     found = []
     for region in regions:
