@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from redis import Redis
+from starlette.datastructures import UploadFile
 
 from app.contract.registry import Registry
+from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
 from app.core.jobs import JobService
 from app.schemas.jobs import JobCreate, job_create_model
 from app.settings import Settings
@@ -45,14 +49,72 @@ def get_registry(redis: RedisDep, settings: SettingsDep) -> Registry:
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
-async def read_job_create(request: Request, settings: SettingsDep) -> JobCreate:
-    """Parse the POST body with the limits of the current settings (not the import-time ones)."""
+@dataclass(frozen=True)
+class Submission:
+    """A parsed ``POST /v1/jobs``: the fields, and multipart file parts by name."""
+
+    body: JobCreate
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+#: Fields a multipart request may send as file parts.
+FILE_FIELDS = ("image", "mask")
+
+
+async def read_submission(request: Request, settings: SettingsDep) -> Submission:
+    """Parse the POST body, JSON or multipart, with the limits of the current settings."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        values, files = await _read_multipart(request, settings)
+        return Submission(_validate(settings, values), files)
     raw = await request.body()
     try:
-        return job_create_model(settings).model_validate_json(raw)
+        return Submission(job_create_model(settings).model_validate_json(raw))
     except ValidationError as exc:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
+        raise _as_request_error(exc) from None
 
 
-JobCreateBody = Annotated[JobCreate, Depends(read_job_create)]
+async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict[str, Any], dict[str, bytes]]:
+    # A text field may carry a base64 image, so it may be as large as an upload in base64.
+    form = await request.form(
+        max_files=len(FILE_FIELDS), max_fields=64, max_part_size=settings.max_upload_bytes * 4 // 3 + 4096
+    )
+    values: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    problems = []
+    for name, value in form.multi_items():
+        if name in values or name in files:
+            problems.append(FieldProblem(name, "is sent more than once"))
+        elif isinstance(value, UploadFile):
+            if name not in FILE_FIELDS:
+                problems.append(FieldProblem(name, f"cannot be a file; file parts accepted: {', '.join(FILE_FIELDS)}"))
+            elif value.size is not None and value.size > settings.max_upload_bytes:
+                raise UploadTooLargeError(name, value.size, settings.max_upload_bytes)
+            else:
+                files[name] = await value.read()
+        elif value != "" or name in ("prompt", "negative_prompt"):  # HTML forms send "" for empty inputs
+            values[name] = value
+    if isinstance(values.get("outpaint"), str):
+        try:
+            values["outpaint"] = json.loads(values["outpaint"])
+        except json.JSONDecodeError:
+            problems.append(FieldProblem("outpaint", 'must be a JSON object, e.g. {"left": 16, "right": 16}'))
+    await form.close()
+    if problems:
+        raise InvalidRequestError(problems)
+    return values, files
+
+
+def _validate(settings: Settings, values: dict[str, Any]) -> JobCreate:
+    try:
+        return job_create_model(settings).model_validate(values)
+    except ValidationError as exc:
+        raise _as_request_error(exc) from None
+
+
+def _as_request_error(exc: ValidationError) -> RequestValidationError:
+    errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+    return RequestValidationError(errors)
+
+
+SubmissionBody = Annotated[Submission, Depends(read_submission)]

@@ -11,14 +11,16 @@ from redis import Redis
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
 from app.api.routes import health, images, jobs, models
 from app.settings import Settings, load_settings
 
 DESCRIPTION = """\
-Text-to-image jobs on latent diffusion models. `POST /v1/jobs` queues a job and
-answers `202` with its URL; poll `GET /v1/jobs/{id}` until `status` is
-`succeeded`, then download `images[n].url`.
+Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
+diffusion models. `POST /v1/jobs` (JSON, or multipart/form-data with image files)
+queues a job and answers `202` with its URL; poll `GET /v1/jobs/{id}` until
+`status` is `succeeded`, then download `images[n].url`.
 """
 
 
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="diffq", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, images, models, health):
         app.include_router(module.router)
     app.openapi = partial(build_openapi, app, settings)  # type: ignore[method-assign]

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None, description="Model used when a request names none (default: the only model served, if just one)."
     )
+    inpaint_model_path: Path | None = Field(
+        None,
+        description="Optional 9-channel inpainting checkpoint (same family as the model) that serves inpaint "
+        "and outpaint jobs; without it the model inpaints with its own UNet.",
+    )
     device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = Field("auto", description="Worker dtype: auto, float32, float16, bfloat16.")
     torch_threads: int = Field(
@@ -61,6 +66,16 @@ class Settings(BaseSettings):
     max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")
     max_steps: int = Field(100, ge=1, description="Most denoising steps a request may ask for.")
     max_images_per_job: int = Field(4, ge=1, description="Most images one job may ask for.")
+    max_upload_bytes: int = Field(
+        10 * 2**20, ge=1, description="Largest input image (or mask) file, in bytes; larger ones get 413."
+    )
+    max_upload_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width × height) of an input image, read from its header."
+    )
+    max_upload_side: int = Field(8192, ge=1, description="Longest width or height of an input image, in pixels.")
+    max_request_bytes: int = Field(
+        32 * 2**20, ge=1, description="Largest request body, in bytes (JSON with base64 or multipart); else 413."
+    )
 
     # Lifetimes, in seconds.
     job_ttl: int = Field(86400, ge=1, description="How long a job record lives (from creation, renewed when it ends).")

@@ -17,8 +17,10 @@ _ENGINE_NAMES = {
     "GenerationRequest",
     "GenerationResult",
     "InvalidRequestError",
+    "Mode",
     "ModelInfo",
     "ModelLoadError",
+    "Padding",
     "StopGeneration",
     "UnknownSchedulerError",
 }

@@ -22,6 +22,13 @@ What it adds to a bare diffusers pipeline:
   whatever it raises stops the run between steps and propagates.
 - Warnings for prompt words the text encoder never sees (unknown or cut off),
   see `model.prompt_check`.
+- Image editing with the same components (no second copy of the weights):
+  image-to-image, inpainting and outpainting through diffusers' own
+  img2img/inpaint pipelines made with `from_pipe`. An ordinary 4-channel
+  UNet inpaints by re-imposing the known region's latents at every step
+  (diffusers does this); a 9-channel inpainting checkpoint can be loaded
+  beside the model (`inpaint_path`) and then serves inpaint and outpaint.
+  The kept region is pasted back after decoding (see `model.editing`).
 
 Importing this module does not import torch or diffusers (they load in
 `Engine.load`), so request/result types can be used without the model stack.
@@ -48,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, outpaint_canvas, paste_back
 from .prompt_check import prompt_warnings
 from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
 
@@ -61,8 +69,10 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "InvalidRequestError",
+    "Mode",
     "ModelInfo",
     "ModelLoadError",
+    "Padding",
     "StepCallback",
     "StopGeneration",
     "UnknownSchedulerError",
@@ -128,7 +138,13 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One text-to-image job. `None` fields take the model's defaults (see `Engine.validate`)."""
+    """One job. `None` fields take the model's defaults (see `Engine.validate`).
+
+    Editing modes take `image` (RGB, the output's size for img2img and inpaint)
+    and, for inpaint, a same-size `mask` (white = repaint); outpaint takes
+    `outpaint` and makes an image that much larger. Their width and height
+    follow from the image: leave them None (or equal to it).
+    """
 
     prompt: str
     negative_prompt: str = ""
@@ -139,6 +155,11 @@ class GenerationRequest:
     scheduler: str | None = None
     seed: int = 0
     num_images: int = 1  # image k uses seed + k
+    mode: str = Mode.TXT2IMG.value
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None  # 0 < strength <= 1: how much of the input is re-noised
+    outpaint: Padding | None = None
 
 
 @dataclass
@@ -171,6 +192,8 @@ class ModelInfo:
     default_scheduler: str
     schedulers: list[str]  # names this model accepts, a subset of model.schedulers.SCHEDULERS
     max_images: int = DEFAULT_MAX_IMAGES  # per request
+    modes: list[str] = dataclasses.field(default_factory=lambda: [mode.value for mode in Mode])
+    inpaint_unet_channels: int = 4  # 9 when a dedicated inpainting checkpoint serves inpaint/outpaint
 
 
 #: on_step(step, total, latents_by_request): step counts from 1 to total.
@@ -180,10 +203,18 @@ StepCallback = Callable[[int, int, "dict[int, torch.Tensor]"], None]
 class Engine:
     """A loaded pipeline plus everything needed to serve requests with it. Build with `Engine.load`."""
 
-    def __init__(self, pipe: DiffusionPipeline, info: ModelInfo, schedulers: Mapping[str, SchedulerMixin]):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        info: ModelInfo,
+        schedulers: Mapping[str, SchedulerMixin],
+        inpaint_pipe: DiffusionPipeline | None = None,
+    ):
         self.pipe = pipe
         self.info = info
         self._schedulers = dict(schedulers)
+        self._inpaint_pipe = inpaint_pipe  # a 9-channel checkpoint, if one is configured
+        self._img2img_pipe: DiffusionPipeline | None = None  # made from `pipe` when first needed
         self._tokenizers = [getattr(pipe, name) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)]
         call_parameters = inspect.signature(pipe.__call__).parameters
         self._takes_negative_prompt = "negative_prompt" in call_parameters
@@ -204,44 +235,29 @@ class Engine:
         name: str | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         max_images: int = DEFAULT_MAX_IMAGES,
+        inpaint_path: str | Path | None = None,
     ) -> Engine:
         """Load a diffusers pipeline folder once, offline, onto `device` in `dtype`.
 
         device: "auto" (CUDA if available, else CPU) or a torch device string.
         dtype: "auto" (float16 on CUDA, float32 elsewhere), "float16", "bfloat16" or "float32".
         name: the model's name in `ModelInfo`; default: diffq.json's "name", else the folder's name.
+        inpaint_path: a 9-channel inpainting checkpoint of the same family (e.g. SD 1.5
+            inpainting beside SD 1.5) that then serves inpaint and outpaint requests.
 
         Raises FileNotFoundError (no pipeline folder), ValueError (bad device or
         dtype) or ModelLoadError (a pipeline the engine cannot serve).
         """
-        import torch
-        from diffusers import DiffusionPipeline
-
         folder = Path(path)
-        index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         torch_device = _resolve_device(device)
         dtype_name = _resolve_dtype(dtype, torch_device)
-        settings = _read_settings(folder)
-
-        # A service returns images to its own users: no safety checker (and no
-        # image processor that only the checker uses).
-        index = json.loads(index_file.read_text())
-        overrides: dict[str, Any] = {}
-        if "safety_checker" in index:
-            overrides.update(safety_checker=None, requires_safety_checker=False)
-            if "feature_extractor" in index:
-                overrides["feature_extractor"] = None
-        with warnings.catch_warnings():
-            # Newer diffusers renamed `torch_dtype` to `dtype`; older versions know only the former.
-            warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(
-                folder, torch_dtype=getattr(torch, dtype_name), local_files_only=True, **overrides
-            )
-        _check_supported(pipe)
-        pipe.to(torch_device)
-        pipe.set_progress_bar_config(disable=True)
+        settings = _read_settings(folder) if (folder / "model_index.json").is_file() else {}
+        pipe = _load_pipeline(folder, torch_device, dtype_name)
+        _check_supported(pipe, inpainting=False)
+        inpaint_pipe = None
+        if inpaint_path is not None:
+            inpaint_pipe = _load_pipeline(Path(inpaint_path), torch_device, dtype_name)
+            _check_supported(inpaint_pipe, inpainting=True)
 
         schedulers = _offered_schedulers(pipe, settings)
         info = ModelInfo(
@@ -253,11 +269,12 @@ class Engine:
             max_steps=max_steps,
             max_images=max_images,
             schedulers=schedulers,
+            inpaint_unet_channels=inpaint_pipe.unet.config.in_channels if inpaint_pipe else 4,
             **_model_defaults(pipe, settings, schedulers),
         )
         _check_info(info)
         base_config = pipe.scheduler.config
-        return cls(pipe, info, {name: build_scheduler(name, base_config) for name in schedulers})
+        return cls(pipe, info, {name: build_scheduler(name, base_config) for name in schedulers}, inpaint_pipe)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -278,14 +295,19 @@ class Engine:
         scheduler = info.default_scheduler if request.scheduler is None else request.scheduler
         if scheduler not in info.schedulers:
             raise UnknownSchedulerError(scheduler, info.schedulers)
-        width = info.default_width if request.width is None else request.width
-        height = info.default_height if request.height is None else request.height
+        mode = self._check_mode(request)
+        if mode.takes_image:
+            width, height = self._edit_size(request, mode)
+        else:
+            width = info.default_width if request.width is None else request.width
+            height = info.default_height if request.height is None else request.height
         for field, size in (("width", width), ("height", height)):
             _check_int(field, size, info.min_size, info.max_size)
             if size % info.size_multiple:
                 raise InvalidRequestError(field, f"{size} is not a multiple of {info.size_multiple}")
         steps = info.default_steps if request.steps is None else request.steps
         _check_int("steps", steps, 1, self._max_steps(scheduler))
+        strength = self._check_strength(request, mode, steps)
         guidance = info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
             raise InvalidRequestError("guidance_scale", f"{guidance!r} is not a finite number")
@@ -300,7 +322,85 @@ class Engine:
             steps=steps,
             guidance_scale=float(guidance),
             scheduler=scheduler,
+            mode=mode.value,
+            strength=strength,
         )
+
+    def _check_mode(self, request: GenerationRequest) -> Mode:
+        """The mode, and that exactly the inputs it takes are present."""
+        try:
+            mode = Mode(request.mode)
+        except ValueError:
+            accepted = ", ".join(self.info.modes)
+            raise InvalidRequestError("mode", f"unknown mode {request.mode!r}; accepted: {accepted}") from None
+        if mode.value not in self.info.modes:
+            raise InvalidRequestError("mode", f"{mode.value} is not offered by this model; accepted: {self.info.modes}")
+        editing = [m for m in Mode if m.takes_image]
+        used_by = {"image": editing, "strength": editing, "mask": [Mode.INPAINT], "outpaint": [Mode.OUTPAINT]}
+        for field, modes in used_by.items():
+            present = getattr(request, field) is not None
+            if present and mode not in modes:
+                names = ", ".join(m.value for m in modes)
+                raise InvalidRequestError(field, f"is only used by mode {names}, not {mode.value}")
+            if not present and mode in modes and field != "strength":
+                raise InvalidRequestError(field, f"is required by mode {mode.value}")
+        return mode
+
+    def _edit_size(self, request: GenerationRequest, mode: Mode) -> tuple[int, int]:
+        """Output size of an editing request: the input's (plus the outpainting border)."""
+        from PIL import Image
+
+        image = request.image
+        if not isinstance(image, Image.Image):
+            raise InvalidRequestError("image", f"must be a PIL image, got {type(image).__name__}")
+        size = image.size
+        if mode is Mode.INPAINT:
+            mask = request.mask
+            if not isinstance(mask, Image.Image):
+                raise InvalidRequestError("mask", f"must be a PIL image, got {type(mask).__name__}")
+            if mask.size != size:
+                raise InvalidRequestError(
+                    "mask", f"is {mask.width}×{mask.height} but the image is {image.width}×{image.height}; "
+                    "they must be the same size"
+                )
+        if mode is Mode.OUTPAINT:
+            padding = request.outpaint
+            if not isinstance(padding, Padding):
+                raise InvalidRequestError("outpaint", f"must be a Padding, got {type(padding).__name__}")
+            for side in ("left", "top", "right", "bottom"):
+                _check_int(f"outpaint.{side}", getattr(padding, side), 0, self.info.max_size)
+            if padding.is_empty:
+                raise InvalidRequestError("outpaint", "adds no pixels; give at least one side > 0")
+            size = padding.canvas_size(*size)
+        field = "outpaint" if mode is Mode.OUTPAINT else "image"
+        for requested, actual, name in ((request.width, size[0], "width"), (request.height, size[1], "height")):
+            if requested is not None and requested != actual:
+                raise InvalidRequestError(
+                    name, f"is {requested} but {mode.value} makes an image {size[0]}×{size[1]} (the input's "
+                    "size); omit width and height, or resize the input"
+                )
+        info = self.info
+        for actual in size:
+            if not info.min_size <= actual <= info.max_size or actual % info.size_multiple:
+                raise InvalidRequestError(
+                    field, f"makes an image {size[0]}×{size[1]}; width and height must be multiples of "
+                    f"{info.size_multiple} in {info.min_size}..{info.max_size}"
+                )
+        return size
+
+    @staticmethod
+    def _check_strength(request: GenerationRequest, mode: Mode, steps: int) -> float | None:
+        if not mode.takes_image:
+            return None
+        strength = DEFAULT_STRENGTH[mode] if request.strength is None else request.strength
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+            raise InvalidRequestError("strength", f"{strength!r} is not accepted; accepted: 0 < strength <= 1")
+        if int(steps * strength) < 1:
+            # diffusers runs int(steps * strength) of the steps: at least one must remain.
+            raise InvalidRequestError(
+                "strength", f"{strength} × {steps} steps leaves no denoising step; raise strength or steps"
+            )
+        return float(strength)
 
     def _max_steps(self, scheduler: str) -> int:
         if scheduler == "lcm":
@@ -360,7 +460,10 @@ class Engine:
         """Indices of requests that can share a pipeline call, groups in order of first appearance."""
         groups: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
-            key: tuple = (request.width, request.height, request.steps, request.scheduler, request.guidance_scale)
+            key: tuple = (
+                request.width, request.height, request.steps, request.scheduler, request.guidance_scale,
+                request.mode, request.strength,
+            )
             if self._empty_negative_is_special:
                 key += (request.negative_prompt == "",)
             groups.setdefault(key, []).append(index)
@@ -372,23 +475,28 @@ class Engine:
         """One pipeline call for the requests at `indices`, all sharing a batch key."""
         import torch
 
-        # 1. Expand requests into images: one prompt, negative prompt and
-        #    generator per image, so image k of a request sees seed + k only.
+        # 1. Expand requests into images: one prompt, negative prompt,
+        #    generator (and input) per image, so image k of a request sees seed + k only.
+        first = requests[indices[0]]
+        mode = Mode(first.mode)
         prompts: list[str] = []
         negative_prompts: list[str] = []
         generators: list[torch.Generator] = []
+        inputs: list[tuple[Image.Image, Image.Image | None]] = []  # (image, mask) per image
         rows: dict[int, slice] = {}
         for index in indices:
             request = requests[index]
             start = len(prompts)
+            edit_input = _edit_input(request, mode)
             for k in range(request.num_images):
                 prompts.append(request.prompt)
                 negative_prompts.append(request.negative_prompt)
                 generators.append(torch.Generator(device="cpu").manual_seed(request.seed + k))
+                inputs.append(edit_input)
             rows[index] = slice(start, len(prompts))
 
-        # 2. Call the pipeline with the group's shared settings.
-        first = requests[indices[0]]
+        # 2. Call the mode's pipeline with the group's shared settings.
+        pipe = self._pipeline(mode)
         kwargs: dict[str, Any] = dict(
             prompt=prompts,
             width=first.width,
@@ -399,14 +507,27 @@ class Engine:
             generator=generators,
             output_type="pil",
         )
+        masked = mode in (Mode.INPAINT, Mode.OUTPAINT)
+        known = None
+        if mode.takes_image:
+            kwargs.update(image=[image for image, _ in inputs], strength=first.strength)
+        if masked and self._inpaint_pipe is not None:
+            kwargs["mask_image"] = [mask for _, mask in inputs]
+        elif masked:
+            known = _KnownRegion.encode(pipe, inputs, [request.seed + k for request in (requests[i] for i in indices)
+                                                        for k in range(request.num_images)])
         if self._takes_negative_prompt:
             # None (not [""] * n) when no request has one: SDXL then uses zeros.
             kwargs["negative_prompt"] = negative_prompts if any(negative_prompts) else None
-        if on_step is not None:
-            kwargs["callback_on_step_end"] = _per_request_callback(on_step, rows, total=first.steps)
+        if on_step is not None or known is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step, rows, first.steps, known)
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
-        with self._scheduler_in_place(first.scheduler):
-            images = self.pipe(**kwargs).images
+        accepted = inspect.signature(pipe.__call__).parameters
+        kwargs = {key: value for key, value in kwargs.items() if key in accepted}  # img2img takes no size
+        with self._scheduler_in_place(pipe, first.scheduler):
+            images = [image.convert("RGB") for image in pipe(**kwargs).images]
+        if masked:
+            images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
 
         # 3. Split the images back per request.
         results = []
@@ -414,7 +535,7 @@ class Engine:
             request = requests[index]
             results.append(
                 GenerationResult(
-                    images=[image.convert("RGB") for image in images[rows[index]]],
+                    images=images[rows[index]],
                     seeds=[request.seed + k for k in range(request.num_images)],
                     warnings=self.prompt_warnings(request),
                     parameters=self._parameters(request),
@@ -422,38 +543,131 @@ class Engine:
             )
         return results
 
-    @contextmanager
-    def _scheduler_in_place(self, name: str) -> Iterator[None]:
-        """Put the cached scheduler `name` into the shared pipeline for one call, then restore it.
+    def _pipeline(self, mode: Mode) -> DiffusionPipeline:
+        """The pipeline for `mode`; editing pipelines share the loaded components (made once, under the lock)."""
+        if mode is Mode.TXT2IMG:
+            return self.pipe
+        if mode is not Mode.IMG2IMG and self._inpaint_pipe is not None:
+            return self._inpaint_pipe
+        # Ordinary UNets inpaint through the image-to-image pipeline plus `_KnownRegion`:
+        # diffusers' own inpainting pipeline only takes UNets with 4 (or 9) input
+        # channels, and the shapes model's latents have 8.
+        if self._img2img_pipe is None:
+            from diffusers import AutoPipelineForImage2Image
 
-        Safe only under `self._lock`: the pipeline has one scheduler slot.
+            self._img2img_pipe = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
+        return self._img2img_pipe
+
+    @contextmanager
+    def _scheduler_in_place(self, pipe: DiffusionPipeline, name: str) -> Iterator[None]:
+        """Put the cached scheduler `name` into `pipe` for one call, then restore it.
+
+        Safe only under `self._lock`: a pipeline has one scheduler slot.
         A cached scheduler is reused across calls because diffusers resets its
         state in `set_timesteps` at the start of every pipeline call.
         """
-        original = self.pipe.scheduler
-        self.pipe.scheduler = self._schedulers[name]
+        original = pipe.scheduler
+        pipe.scheduler = self._schedulers[name]
         try:
             yield
         finally:
-            self.pipe.scheduler = original
+            pipe.scheduler = original
 
     def _parameters(self, request: GenerationRequest) -> dict[str, Any]:
-        return {
-            "model": self.info.name,
-            "weights_hash": self.info.weights_hash,
-            **dataclasses.asdict(request),
-        }
+        """The resolved request for records and metadata: the inputs by size, not by pixels."""
+        parameters: dict[str, Any] = {"model": self.info.name, "weights_hash": self.info.weights_hash}
+        for field in dataclasses.fields(request):
+            value = getattr(request, field.name)
+            if field.name in ("image", "mask"):
+                value = None if value is None else f"{value.width}x{value.height}"
+            elif field.name == "outpaint":
+                value = None if value is None else dataclasses.asdict(value)
+            parameters[field.name] = value
+        return parameters
 
 
-def _per_request_callback(on_step: StepCallback, rows: Mapping[int, slice], total: int) -> Callable[..., dict]:
-    """Adapt `on_step` to diffusers' `callback_on_step_end(pipe, step_index, timestep, tensors)`."""
+def _edit_input(request: GenerationRequest, mode: Mode) -> tuple[Image.Image, Image.Image | None]:
+    """The image (and mask) an editing pipeline starts from; (None, None) for text-to-image."""
+    if mode is Mode.IMG2IMG:
+        return request.image.convert("RGB"), None
+    if mode is Mode.INPAINT:
+        return request.image.convert("RGB"), binary_mask(request.mask)
+    if mode is Mode.OUTPAINT:
+        return outpaint_canvas(request.image, request.outpaint)
+    return None, None  # type: ignore[return-value]  # text-to-image has no input
+
+
+def _step_callback(
+    on_step: StepCallback | None, rows: Mapping[int, slice], total: int, known: _KnownRegion | None
+) -> Callable[..., dict]:
+    """diffusers' `callback_on_step_end(pipe, step_index, timestep, tensors)`: re-impose the
+    known region (inpainting with an ordinary UNet), then report the step to `on_step`."""
 
     def callback(pipe: DiffusionPipeline, step_index: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-        latents = tensors["latents"]
-        on_step(step_index + 1, getattr(pipe, "num_timesteps", total), {i: latents[r] for i, r in rows.items()})
+        if known is not None:
+            tensors["latents"] = known.reimpose(pipe, step_index, tensors["latents"])
+        if on_step is not None:
+            latents = tensors["latents"]
+            on_step(step_index + 1, getattr(pipe, "num_timesteps", total), {i: latents[r] for i, r in rows.items()})
         return tensors
 
     return callback
+
+
+@dataclass
+class _KnownRegion:
+    """Inpainting for a UNet that takes only latents (RePaint-style, as diffusers does for 4 channels).
+
+    After every denoising step the latents outside the mask are replaced by
+    the input's latents noised to the level of the next step, so the model
+    only invents the masked region and makes it fit what surrounds it.
+    """
+
+    latents: torch.Tensor  # the input images' latents, scaled as the UNet sees them: (n, c, h, w)
+    repaint: torch.Tensor  # 1 where the model paints, 0 where the input is kept: (n, 1, h, w)
+    noise: torch.Tensor  # one fixed noise per image, from its own seed
+
+    @classmethod
+    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image]], seeds: Sequence[int]):
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess([image for image, _ in inputs])
+        # SDXL's VAE overflows in float16; diffusers' pipelines upcast it the same way.
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        with torch.no_grad():
+            if upcast:
+                vae.to(torch.float32)
+            try:
+                latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
+        latents = (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+        masks = torch.from_numpy(np.stack([np.asarray(mask) >= 128 for _, mask in inputs])).float()[:, None]
+        # A latent cell is repainted if any of its pixels is: the model then paints the whole
+        # masked area, and paste-back restores the kept pixels exactly.
+        factor = pixels.shape[-1] // latents.shape[-1]
+        repaint = F.max_pool2d(masks, kernel_size=factor).to(latents.device, latents.dtype)
+        noise = torch.stack([
+            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds
+        ]).to(latents.device, latents.dtype)
+        return cls(latents=latents, repaint=repaint, noise=noise)
+
+    def reimpose(self, pipe: DiffusionPipeline, step_index: int, latents: torch.Tensor) -> torch.Tensor:
+        scheduler = pipe.scheduler
+        timesteps = scheduler.timesteps
+        # img2img runs the schedule's last `num_timesteps` entries; the next one is the noise level now.
+        following = len(timesteps) - pipe.num_timesteps + step_index + 1
+        if following < len(timesteps):
+            known = scheduler.add_noise(self.latents, self.noise, timesteps[following : following + 1])
+        else:
+            known = self.latents
+        return self.repaint * latents + (1 - self.repaint) * known.to(latents.dtype)
 
 
 # -- request checks -----------------------------------------------------------------------------
@@ -523,14 +737,59 @@ def _read_settings(folder: Path) -> dict[str, Any]:
     return settings
 
 
-def _check_supported(pipe: DiffusionPipeline) -> None:
-    """Only UNet latent-diffusion text-to-image pipelines (SD 1.x/2.x, SDXL, LCM) are served."""
+def _load_pipeline(folder: Path, device: torch.device, dtype_name: str) -> DiffusionPipeline:
+    """A diffusers folder, offline, on `device` in `dtype_name`, without a safety checker."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    # A service returns images to its own users: no safety checker (and no
+    # image processor that only the checker uses).
+    index = json.loads(index_file.read_text())
+    overrides: dict[str, Any] = {}
+    if "safety_checker" in index:
+        overrides.update(safety_checker=None, requires_safety_checker=False)
+        if "feature_extractor" in index:
+            overrides["feature_extractor"] = None
+    with warnings.catch_warnings():
+        # Newer diffusers renamed `torch_dtype` to `dtype`; older versions know only the former.
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, torch_dtype=getattr(torch, dtype_name), local_files_only=True, **overrides
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_supported(pipe: DiffusionPipeline, *, inpainting: bool) -> None:
+    """Only UNet latent-diffusion pipelines (SD 1.x/2.x, SDXL, LCM) are served.
+
+    The main model must take text alone (a UNet whose input is the VAE's
+    latents); a 9-channel inpainting checkpoint is only accepted as
+    `inpaint_path`, where it takes latents, mask and masked-image latents.
+    """
     parts_present = all(getattr(pipe, part, None) is not None for part in ("unet", "vae", "text_encoder", "tokenizer"))
     parameters = inspect.signature(pipe.__call__).parameters
     if not parts_present or not {"prompt", "callback_on_step_end", "generator"} <= parameters.keys():
         raise ModelLoadError(
             f"{type(pipe).__name__} is not supported: diffq serves UNet text-to-image pipelines with a "
             "text encoder, tokenizer and VAE (Stable Diffusion 1.x/2.x, SDXL, LCM)"
+        )
+    latent_channels = pipe.vae.config.latent_channels
+    unet_channels = pipe.unet.config.in_channels
+    if inpainting and unet_channels != 2 * latent_channels + 1:
+        raise ModelLoadError(
+            f"inpaint model: its UNet takes {unet_channels} input channels; an inpainting checkpoint takes "
+            f"{2 * latent_channels + 1} (latents, mask, masked image)"
+        )
+    if not inpainting and unet_channels != latent_channels:
+        raise ModelLoadError(
+            f"{type(pipe).__name__}: its UNet takes {unet_channels} input channels, not the VAE's "
+            f"{latent_channels}; an inpainting checkpoint is served as the inpaint model beside a "
+            "text-to-image model"
         )
 
 

@@ -112,3 +112,32 @@ def test_the_picture_follows_the_prompt_and_is_reproducible(service: str) -> Non
 
     _, again = run(service, request)
     assert again == png
+
+
+def test_an_edit_chains_from_an_earlier_job_through_a_multipart_upload_and_a_reference(service: str) -> None:
+    """txt2img → outpaint it by reference → inpaint an uploaded mask over that: three real jobs."""
+    first, first_png = run(service, {"prompt": "a small red circle in the center, blue background", "seed": 5})
+    widened, widened_png = run(service, {"prompt": "blue background", "image": f"job:{first['id']}/0",
+                                         "outpaint": {"left": 16, "right": 16}, "seed": 6})
+    original = Image.open(io.BytesIO(first_png)).convert("RGB")
+    wide = Image.open(io.BytesIO(widened_png)).convert("RGB")
+    assert wide.size == (96, 64) and wide.crop((16, 0, 80, 64)).tobytes() == original.tobytes()
+    assert dominant_colour(widened_png) == "blue"
+    assert png_text(widened_png)["image_source"] == f"job:{first['id']}/0"
+
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    response = httpx.post(
+        f"{service}/v1/jobs",
+        data={"prompt": "a large yellow square on the left, blue background", "image": f"job:{widened['id']}/0",
+              "seed": "7"},
+        files={"mask": ("mask.png", buffer.getvalue(), "image/png")},
+    )
+    assert response.status_code == 202, response.text
+    job = wait_for(lambda: (j := httpx.get(response.headers["location"]).json())["status"] in ("succeeded", "failed")
+                   and j, timeout=180, interval=0.25)
+    assert job["status"] == "succeeded" and job["request"]["mode"] == "inpaint", job
+    edited = Image.open(io.BytesIO(httpx.get(job["images"][0]["url"]).content)).convert("RGB")
+    assert edited.crop((32, 0, 96, 64)).tobytes() == wide.crop((32, 0, 96, 64)).tobytes()

@@ -42,6 +42,11 @@ def test_post_answers_202_with_location_and_the_queued_job(client: TestClient, s
         "seed": 7,
         "num_images": 1,
         "metadata": True,
+        "mode": "txt2img",
+        "strength": None,
+        "outpaint": None,
+        "image": None,
+        "mask": None,
     }
 
 

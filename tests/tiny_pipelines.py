@@ -23,6 +23,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -113,6 +114,31 @@ def build_sd1(folder: Path, seed: int = 0) -> Path:
         text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu")),
         tokenizer=tokenizer,
         unet=_unet(),
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_sd1_inpaint(folder: Path, seed: int = 0) -> Path:
+    """An SD-1.x-style inpainting checkpoint: the UNet takes 9 channels (latents, mask, masked image)."""
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer_files(folder.parent / f"{folder.name}-vocab")
+    pipe = StableDiffusionInpaintPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu")),
+        tokenizer=tokenizer,
+        unet=_unet(in_channels=2 * LATENT_CHANNELS + 1),
         scheduler=PNDMScheduler(
             beta_start=0.00085,
             beta_end=0.012,

@@ -7,6 +7,7 @@ so the same request and seed through the service give byte-identical files.
 from __future__ import annotations
 
 import io
+import json
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -16,8 +17,8 @@ from app.contract.records import JobParams, ModelRecord
 
 
 def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]:
-    """What to write into one image's tEXt chunks: enough to reproduce it."""
-    return {
+    """What to write into one image's tEXt chunks: enough to reproduce it (with the same inputs)."""
+    text = {
         "prompt": params.prompt,
         "negative_prompt": params.negative_prompt,
         "steps": str(params.steps),
@@ -30,7 +31,18 @@ def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]
         "weights_hash": model.weights_hash,
         "diffq_version": __version__,
         "Software": f"diffq {__version__}",
+        "mode": params.mode.value,
     }
+    if params.strength is not None:
+        text["strength"] = repr(params.strength)
+    if params.outpaint is not None:
+        text["outpaint"] = json.dumps(params.outpaint.model_dump(), separators=(",", ":"))
+    for name in ("image", "mask"):
+        source = getattr(params, name)
+        if source is not None:  # which input: its hash, and where it came from
+            text[f"{name}_sha256"] = source.sha256
+            text[f"{name}_source"] = source.source
+    return text
 
 
 def encode_png(image: Image.Image, text: dict[str, str] | None) -> bytes:

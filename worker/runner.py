@@ -9,15 +9,18 @@ overwrites a newer one. Failures of the request or the model end the job
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
+from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract.store import StoredImage, WriteResult
-from model.engine import GenerationRequest, GenerationResult
+from model.engine import GenerationRequest, GenerationResult, Padding
 from worker.context import WorkerContext
 from worker.png import encode_png, png_text
 from worker.progress import JobAbandonedError, ProgressReporter
@@ -25,8 +28,10 @@ from worker.progress import JobAbandonedError, ProgressReporter
 log = logging.getLogger(__name__)
 
 
-def generation_request(params: JobParams) -> GenerationRequest:
-    """The engine's request for a job's resolved parameters."""
+def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = None) -> GenerationRequest:
+    """The engine's request for a job's resolved parameters and its stored input PNGs."""
+    inputs = inputs or {}
+    outpaint = params.outpaint
     return GenerationRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -37,7 +42,18 @@ def generation_request(params: JobParams) -> GenerationRequest:
         scheduler=params.scheduler,
         seed=params.seed,
         num_images=params.num_images,
+        mode=params.mode.value,
+        image=_open_png(inputs["image"]) if params.image is not None else None,
+        mask=_open_png(inputs["mask"]) if params.mask is not None else None,
+        strength=params.strength,
+        outpaint=Padding(**outpaint.model_dump()) if outpaint is not None else None,
     )
+
+
+def _open_png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
 class JobRunner:
@@ -61,8 +77,16 @@ class JobRunner:
 
     def _run_claimed(self, record: JobRecord, token: str) -> None:
         engine = self.context.engine
+        inputs = {}
+        for name in ("image", "mask"):
+            if getattr(record.request, name) is not None:
+                png = self.store.job_input(record.id, name)
+                if png is None:
+                    self._fail(record, token, ErrorCode.INVALID_REQUEST, f"{name}: the stored input has expired")
+                    return
+                inputs[name] = png
         try:
-            request = engine.validate(generation_request(record.request))
+            request = engine.validate(generation_request(record.request, inputs))
         except ValueError as error:  # the engine names the field and what it accepts
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
             return
@@ -107,7 +131,7 @@ class JobRunner:
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
-            "warnings": list(result.warnings),
+            "warnings": [*record.warnings, *result.warnings],  # the API's (about inputs), then the model's
             "parameters": _jsonable(result.parameters),
             "images": [image.model_dump(mode="json") for image in image_records],
         }

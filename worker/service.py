@@ -45,6 +45,7 @@ def load_engine(settings: Settings) -> Engine:
         name=settings.model_name,
         max_steps=settings.max_steps,
         max_images=settings.max_images_per_job,
+        inpaint_path=settings.inpaint_model_path,
     )
 
 

@@ -16,6 +16,7 @@ from app.core.errors import (
     InvalidRequestError,
     JobNotFoundError,
     StoreUnavailableError,
+    UploadTooLargeError,
 )
 from app.schemas.errors import Error, FieldError
 
@@ -24,12 +25,14 @@ STATUS: dict[type[DiffqError], int] = {
     ImageNotFoundError: 404,
     InvalidRequestError: 422,  # UnknownModelError too, as a subclass
     StoreUnavailableError: 503,
+    UploadTooLargeError: 413,
 }
 
 RETRY_AFTER_SECONDS = 1
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Error, "description": "No such job or image."},
+    413: {"model": Error, "description": "An uploaded image is larger than the deployment accepts."},
     422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
     503: {"model": Error, "description": "Redis is unreachable; retry after `Retry-After` seconds."},
 }

@@ -13,7 +13,10 @@ from app.settings import Settings
 JOB_CREATE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}},
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/JobCreateMultipart"}},
+        },
     }
 }
 """``openapi_extra`` of ``POST /v1/jobs``, whose body is parsed by a dependency."""
@@ -24,8 +27,31 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas["JobCreate"] = job_create_model(settings).model_json_schema(
-            ref_template="#/components/schemas/{model}"
-        )
+        job_create = job_create_model(settings).model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in job_create.pop("$defs", {}).items():  # nested models (Outpaint, JobMode)
+            schemas.setdefault(name, definition)
+        schemas["JobCreate"] = job_create
+        schemas["JobCreateMultipart"] = _multipart_schema(schemas["JobCreate"])
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _multipart_schema(job_create: dict[str, Any]) -> dict[str, Any]:
+    """The same fields as form fields, with `image` and `mask` also accepted as file parts."""
+    properties = dict(job_create.get("properties", {}))
+    for name in ("image", "mask"):
+        text = properties[name]
+        properties[name] = {
+            "description": text.get("description", ""),
+            "anyOf": [{"type": "string", "format": "binary"}, {"type": "string"}],
+        }
+    properties["outpaint"] = {
+        "type": "string",
+        "description": 'Pixels to add per side, as a JSON object, e.g. {"left": 16, "right": 16}.',
+    }
+    return {
+        "type": "object",
+        "title": "JobCreateMultipart",
+        "properties": properties,
+        "required": job_create.get("required", []),
+    }

@@ -13,6 +13,9 @@ diffq:job:<id>                  hash    both      ``job_ttl`` from creation, ren
                                                   ``app.contract.store`` scripts, which never
                                                   recreate a deleted record.
 diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based).
+diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation. Input PNG of an editing
+                                                  job: ``image`` (RGB) and, for inpainting,
+                                                  ``mask`` (greyscale, white = repaint).
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -44,6 +47,14 @@ def job(job_id: str) -> str:
 def image(job_id: str, index: int) -> str:
     """PNG bytes of image ``index`` of a job."""
     return f"{PREFIX}:job:{job_id}:image:{index}"
+
+
+def job_input(job_id: str, name: str) -> str:
+    """Normalised input PNG ``name`` ("image" or "mask") of an editing job."""
+    return f"{PREFIX}:job:{job_id}:input:{name}"
+
+
+INPUT_NAMES = ("image", "mask")
 
 
 def worker(worker_id: str) -> str:

@@ -40,8 +40,39 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class JobMode(str, Enum):
+    """What a job does; the same names as ``model.editing.Mode`` (the API cannot import it)."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    OUTPAINT = "outpaint"
+
+
+class InputImage(BaseModel):
+    """An input image of an editing job, as stored (normalised PNG) under ``keys.job_input``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str = Field(description='"upload", "alpha" (mask made from the image\'s alpha) or "job:<id>/<n>".')
+    width: int
+    height: int
+    sha256: str = Field(description="sha256 of the stored PNG the worker reads.")
+
+
+class Outpaint(BaseModel):
+    """Pixels added on each side of the input image."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    left: int = Field(0, ge=0, le=4096)
+    top: int = Field(0, ge=0, le=4096)
+    right: int = Field(0, ge=0, le=4096)
+    bottom: int = Field(0, ge=0, le=4096)
+
+
 class JobParams(BaseModel):
-    """A text-to-image request with every default resolved, as the worker will run it."""
+    """A request with every default resolved, as the worker will run it."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -55,6 +86,11 @@ class JobParams(BaseModel):
     seed: int
     num_images: int = 1
     metadata: bool = True  # write generation parameters into the PNGs
+    mode: JobMode = JobMode.TXT2IMG
+    strength: float | None = None  # editing modes only
+    outpaint: Outpaint | None = None  # outpaint only
+    image: InputImage | None = None  # editing modes: the (normalised, maybe resized) input
+    mask: InputImage | None = None  # inpaint only: white = repaint
 
 
 class Progress(BaseModel):
@@ -136,6 +172,7 @@ class ModelRecord(BaseModel):
     default_scheduler: str
     schedulers: list[str]
     max_images: int = 1  # per request
+    modes: list[JobMode] = Field(default_factory=lambda: [JobMode.TXT2IMG])  # older workers: text only
 
 
 class WorkerRecord(BaseModel):

@@ -101,9 +101,14 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._claim = redis.register_script(_CLAIM)
 
-    def create(self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None) -> None:
-        """Write a new record; pass the pipeline that also enqueues it so both happen or neither."""
+    def create(
+        self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None, inputs: dict[str, bytes] | None = None
+    ) -> None:
+        """Write a new record and its input PNGs; pass the pipeline that also enqueues it so
+        all happen or none."""
         target = pipeline if pipeline is not None else self.redis.pipeline()
+        for name, png in (inputs or {}).items():
+            target.set(keys.job_input(record.id, name), png, ex=ttl)
         target.hset(keys.job(record.id), mapping=record.to_hash())
         target.expire(keys.job(record.id), ttl)
         if pipeline is None:
@@ -118,13 +123,21 @@ class JobStore:
         """PNG bytes of one image, or ``None`` once they have expired."""
         return self.redis.get(keys.image(job_id, index))
 
+    def job_input(self, job_id: str, name: str) -> bytes | None:
+        """An editing job's input PNG ("image" or "mask"), or ``None`` if it has none (or expired)."""
+        return self.redis.get(keys.job_input(job_id, name))
+
     def delete(self, job_id: str) -> bool:
-        """Remove the record and all its images; ``False`` if there was no record."""
+        """Remove the record, its inputs and all its images; ``False`` if there was no record."""
         raw = self.redis.hget(keys.job(job_id), "request")
         if raw is None:
             return False
         num_images = int(json.loads(raw).get("num_images", 1))
-        names = [keys.job(job_id), *(keys.image(job_id, n) for n in range(num_images))]
+        names = [
+            keys.job(job_id),
+            *(keys.image(job_id, n) for n in range(num_images)),
+            *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES),
+        ]
         return bool(self.redis.delete(*names))
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:

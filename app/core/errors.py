@@ -54,6 +54,18 @@ class UnknownModelError(InvalidRequestError):
     code = "unknown_model"
 
 
+class UploadTooLargeError(DiffqError):
+    """An uploaded file is bigger than the deployment accepts; refused before any decoding."""
+
+    code = "upload_too_large"
+
+    def __init__(self, field: str, size: int, limit: int, unit: str = "bytes") -> None:
+        super().__init__(f"{field} is {size} {unit}; at most {limit} {unit} accepted")
+        self.field = field
+        self.size = size
+        self.limit = limit
+
+
 class StoreUnavailableError(DiffqError):
     """Redis cannot be reached; the request may succeed when it is back."""
 

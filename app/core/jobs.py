@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis import Redis
@@ -17,6 +18,7 @@ from app.contract.status import JobStatus
 from app.contract.store import JobStore
 from app.contract.tasks import enqueue, model_queue, rq_status
 from app.core.errors import FieldProblem, ImageNotFoundError, JobNotFoundError, UnknownModelError
+from app.core.inputs import prepare_inputs
 from app.core.validation import resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
@@ -46,15 +48,19 @@ class JobService:
         self.store = JobStore(redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
-    def submit(self, body: JobCreate) -> JobView:
-        """Validate against the served model, then write the record and enqueue it atomically."""
+    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None) -> JobView:
+        """Validate against the served model, then write the record (and input images) and
+        enqueue it atomically. ``files`` holds multipart uploads by field name ("image", "mask")."""
         model = self.served_model(body.model)
-        record = JobRecord(id=new_job_id(), model=model.name, request=resolve_request(body, model))
+        inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
+        record = JobRecord(
+            id=new_job_id(), model=model.name, request=resolve_request(body, model, inputs), warnings=inputs.warnings
+        )
         queue = model_queue(model.name, self.redis)
         with self.redis.pipeline() as pipe:
-            # One MULTI: a worker can never dequeue a job whose record is not there yet.
+            # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
             enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-            self.store.create(record, self.settings.job_ttl, pipeline=pipe)
+            self.store.create(record, self.settings.job_ttl, pipeline=pipe, inputs=inputs.pngs)
             pipe.execute()
         return self.view(record)
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import secrets
 
-from app.contract.records import JobParams, ModelRecord
+from app.contract.records import JobMode, JobParams, ModelRecord
 from app.core.errors import FieldProblem, InvalidRequestError
+from app.core.inputs import PreparedInputs
 from app.schemas.jobs import MAX_SEED, JobCreate
 
 
-def resolve_request(body: JobCreate, model: ModelRecord) -> JobParams:
-    """The request as it will run: model defaults filled in, a seed chosen if none was given."""
-    width = body.width if body.width is not None else model.default_width
-    height = body.height if body.height is not None else model.default_height
+def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None) -> JobParams:
+    """The request as it will run: model defaults filled in, a seed chosen if none was given.
+
+    ``inputs`` (from ``app.core.inputs.prepare_inputs``) gives an editing job's
+    mode, input images and output size; without it the request is text-to-image.
+    """
+    inputs = inputs or PreparedInputs(mode=JobMode.TXT2IMG)
+    if inputs.size is not None:
+        width, height = inputs.size
+    else:
+        width = body.width if body.width is not None else model.default_width
+        height = body.height if body.height is not None else model.default_height
     steps = body.steps if body.steps is not None else model.default_steps
     scheduler = body.scheduler if body.scheduler is not None else model.default_scheduler
 
@@ -33,6 +42,10 @@ def resolve_request(body: JobCreate, model: ModelRecord) -> JobParams:
     if scheduler not in model.schedulers:
         accepted = ", ".join(model.schedulers)
         problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
+    strength = _strength(body, inputs.mode)
+    if strength is not None and int(steps * strength) < 1:
+        # The pipeline runs int(steps × strength) steps: at least one must remain.
+        problems.append(FieldProblem("strength", f"{strength} × {steps} steps leaves no denoising step; raise either"))
     if problems:
         raise InvalidRequestError(problems)
 
@@ -47,7 +60,22 @@ def resolve_request(body: JobCreate, model: ModelRecord) -> JobParams:
         seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - 1024),
         num_images=body.num_images,
         metadata=body.metadata,
+        mode=inputs.mode,
+        strength=strength,
+        outpaint=body.outpaint if inputs.mode is JobMode.OUTPAINT else None,
+        image=inputs.image,
+        mask=inputs.mask,
     )
+
+
+#: Strength an editing mode uses when the request gives none (the engine's defaults).
+DEFAULT_STRENGTH = {JobMode.IMG2IMG: 0.75, JobMode.INPAINT: 1.0, JobMode.OUTPAINT: 1.0}
+
+
+def _strength(body: JobCreate, mode: JobMode) -> float | None:
+    if mode is JobMode.TXT2IMG:
+        return None
+    return body.strength if body.strength is not None else DEFAULT_STRENGTH[mode]
 
 
 def _size_problems(field: str, value: int, model: ModelRecord) -> list[FieldProblem]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from app.contract.records import ErrorInfo, JobParams, Progress
+from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress
 from app.contract.status import JobStatus
 from app.settings import Settings
 
@@ -23,7 +23,12 @@ MAX_SEED = 2**32 - 1
 
 
 class JobCreate(BaseModel):
-    """A text-to-image request. Omitted parameters take the model's defaults."""
+    """A text-to-image or image-editing request. Omitted parameters take the model's defaults.
+
+    As JSON, input images are base64 strings (or data: URLs) or references to
+    an earlier job's image; as multipart/form-data, `image` and `mask` may be
+    file parts and the other fields form fields (`outpaint` as a JSON object).
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -42,6 +47,35 @@ class JobCreate(BaseModel):
     )
     num_images: int = Field(1, ge=1, description="Images to generate.")
     metadata: bool = Field(True, description="Write the generation parameters into the PNGs' text chunks.")
+    mode: JobMode | None = Field(
+        None,
+        description="txt2img, img2img, inpaint or outpaint. Omitted: txt2img without an image, else inpaint "
+        "with a mask, outpaint with `outpaint`, img2img otherwise.",
+    )
+    image: str | None = Field(
+        None,
+        description="Input image (PNG, JPEG or WebP): base64 or a data: URL, or `job:<id>/<n>` for image n "
+        "of an earlier job. Sets the output size (see `resize`).",
+    )
+    mask: str | None = Field(
+        None,
+        description="Inpainting mask, white = repaint, same size as the image: base64, data: URL, "
+        '`job:<id>/<n>`, or "alpha" to repaint where the image is transparent (keep a product, '
+        "regenerate its background).",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="How much of the input is re-noised: low stays close to it, 1 ignores it outside the "
+        "mask. Default 0.75 for img2img, 1 for inpaint and outpaint.",
+    )
+    outpaint: Outpaint | None = Field(None, description="Pixels to add on each side; the original pixels are kept.")
+    resize: bool = Field(
+        False,
+        description="Scale the image (and mask) to width × height (model default where omitted) instead of "
+        "refusing an input whose size does not fit.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.core.jobs import JobView
-from app.deps import JobCreateBody, JobServiceDep
+from app.deps import JobServiceDep, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobPublic, Timings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -18,11 +18,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
     status_code=202,
     response_model=JobPublic,
     openapi_extra=JOB_CREATE_BODY,
-    summary="Submit a text-to-image job",
+    summary="Submit a text-to-image or image-editing job",
     response_description="The job, queued; `Location` is its URL.",
 )
-def create_job(body: JobCreateBody, jobs: JobServiceDep, request: Request, response: Response) -> JobPublic:
-    view = jobs.submit(body)
+def create_job(body: SubmissionBody, jobs: JobServiceDep, request: Request, response: Response) -> JobPublic:
+    # A plain `def`: FastAPI runs it in a worker thread, so decoding input images never
+    # blocks the event loop.
+    view = jobs.submit(body.body, body.files)
     response.headers["Location"] = str(request.url_for("get_job", job_id=view.record.id))
     return job_public(view, request)
 
