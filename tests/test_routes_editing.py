@@ -282,3 +282,24 @@ def test_expired_input_fails_the_job_clearly(client, redis: Redis, settings: Set
     failed = client.get(f"/v1/jobs/{job['id']}").json()
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
     assert "expired" in failed["error"]["message"]
+
+
+def test_decoding_runs_off_the_event_loop(client, monkeypatch) -> None:
+    import asyncio
+
+    import app.core.inputs as inputs
+
+    real_decode = inputs.decode_image
+    loops = []
+
+    def spying_decode(*args, **kwargs):
+        try:
+            loops.append(asyncio.get_running_loop())
+        except RuntimeError:  # no loop running in this thread: the event loop is free meanwhile
+            loops.append(None)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "decode_image", spying_decode)
+    response = client.post("/v1/jobs", json={**TINY_JOB, "image": b64(square()), "mask": b64(half_mask())})
+    assert response.status_code == 202
+    assert loops == [None, None]

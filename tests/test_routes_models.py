@@ -25,6 +25,7 @@ def test_lists_the_served_model_with_its_limits(client: TestClient, served: Mode
 
     assert model["name"] == served.name
     assert model["schedulers"] == served.schedulers
+    assert model["modes"] == ["txt2img", "img2img", "inpaint", "outpaint"]
     assert model["default_steps"] == served.default_steps
     assert (model["min_size"], model["max_size"], model["size_multiple"]) == (
         served.min_size, served.max_size, served.size_multiple,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.contract.records import JobMode
 
 
 class WorkerPublic(BaseModel):
@@ -37,6 +39,7 @@ class ModelPublic(BaseModel):
     default_scheduler: str
     schedulers: list[str]
     max_images: int
+    modes: list[JobMode] = Field(description="Job modes the model serves: txt2img, img2img, inpaint, outpaint.")
     workers: list[WorkerPublic]
 
 
