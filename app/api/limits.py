@@ -1,6 +1,9 @@
 """A cap on request body size, enforced before the body is read into memory.
 
-Starlette has no such limit of its own. ``Content-Length`` above the cap is
+Written here rather than FastAPI's ``max_body_size`` (Starlette's
+``RequestBodyLimitMiddleware``): that one answers a too-large ``Content-Length``
+with a plain-text body, replacing whatever the app sends, while every diffq
+error carries the JSON ``Error`` body. ``Content-Length`` above the cap is
 refused at once; a body without one (chunked) is counted as it streams in
 and refused as soon as it passes the cap. Either way the client gets a 413
 with diffq's error body, and nothing is parsed or stored.
