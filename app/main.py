@@ -8,6 +8,7 @@ from functools import partial
 
 from fastapi import FastAPI
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from app import __version__
 from app.api.errors import install_error_handlers
@@ -33,10 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Connections are opened lazily by the pool, so the API starts even while
         # Redis is down; /readyz says so and requests get 503 until it is back.
         app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        # Event streams and long polls block on Redis: an asyncio client, so they hold no thread.
+        app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2)
         try:
             yield
         finally:
             app.state.redis.close()
+            await app.state.aredis.aclose()
 
     app = FastAPI(title="diffq", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,35 @@ class Settings(BaseSettings):
     heartbeat_ttl: int = Field(10, ge=1, description="Seconds after its last heartbeat a worker counts as gone.")
     progress_interval: float = Field(
         0.1, ge=0, description="Least seconds between two progress writes of one job (0.1 = at most 10/s)."
+    )
+    preview_decoder: Literal["latent", "vae", "off"] = Field(
+        "latent",
+        description="How running jobs' previews are made: latent (a linear projection fitted to the VAE, "
+        "cheap), vae (full decode), off.",
+    )
+    preview_interval: float = Field(0.5, ge=0, description="Least seconds between two previews of one job.")
+
+    # Idempotency-Key and webhooks ("no job lost").
+    idempotency_ttl: int = Field(
+        86400, ge=1, description="Seconds an Idempotency-Key is remembered; a retry within it gets the same job."
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description='Webhook signing secret, "whsec_" + base64 (Standard Webhooks); unset: one is generated '
+        "once per deployment and kept in Redis.",
+    )
+    webhook_allow_loopback: bool = Field(
+        False, description="Accept webhook URLs on loopback addresses (127.0.0.0/8, ::1): tests and one-host setups."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Accept webhook URLs on private addresses (RFC 1918, fc00::/7, 100.64.0.0/10)."
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds each webhook connect, send and read may take.")
+    webhook_max_age: int = Field(
+        86400, ge=1, description="Seconds a failing webhook delivery is retried, from its first attempt, then given up."
+    )
+    webhook_lease: int = Field(
+        60, ge=1, description="Seconds a webhook deliverer owns a delivery it took; a crashed one's are resent after."
     )
 
     log_level: str = Field("info", description="Log level of the API and worker processes.")

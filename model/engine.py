@@ -18,8 +18,12 @@ What it adds to a bare diffusers pipeline:
   seed on the same machine gives identical pixels, whatever else is in the
   batch (up to float rounding of batched kernels), and the initial noise does
   not depend on the device.
-- Progress and cancellation: `on_step` is called after every denoising step;
+- Progress and cancellation: `on_step` is called after every denoising step
+  with the latents and the scheduler's estimate of the clean latents (x̂0);
   whatever it raises stops the run between steps and propagates.
+  `preview_images` turns either into pictures (a fitted linear projection, or
+  the VAE); `journey=True` on a request returns x̂0 decoded at every step
+  (see `model.preview`).
 - Warnings for prompt words the text encoder never sees (unknown or cut off),
   see `model.prompt_check`.
 - Image editing with the same components (no second copy of the weights):
@@ -56,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, outpaint_canvas, paste_back
+from .preview import DenoisedTap, LatentProjector, decode_latents, encode_latents
 from .prompt_check import prompt_warnings
 from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
 
@@ -160,6 +165,7 @@ class GenerationRequest:
     mask: Image.Image | None = None
     strength: float | None = None  # 0 < strength <= 1: how much of the input is re-noised
     outpaint: Padding | None = None
+    journey: bool = False  # also return the clean-image estimate decoded at every step
 
 
 @dataclass
@@ -170,6 +176,7 @@ class GenerationResult:
     seeds: list[int]  # seeds[k] == request.seed + k: rerun image k alone with seed=seeds[k], num_images=1
     warnings: list[str]  # for the user: prompt words the model ignored, and why
     parameters: dict[str, Any]  # resolved request plus model name and weights hash
+    journeys: list[list[Image.Image]] = dataclasses.field(default_factory=list)  # per image, one frame per step
 
 
 @dataclass(frozen=True)
@@ -196,8 +203,9 @@ class ModelInfo:
     inpaint_unet_channels: int = 4  # 9 when a dedicated inpainting checkpoint serves inpaint/outpaint
 
 
-#: on_step(step, total, latents_by_request): step counts from 1 to total.
-StepCallback = Callable[[int, int, "dict[int, torch.Tensor]"], None]
+#: on_step(step, total, latents_by_request, denoised_by_request): step counts from 1 to total;
+#: denoised is the scheduler's clean-latents estimate x̂0 (the latents where it has none).
+StepCallback = Callable[[int, int, "dict[int, torch.Tensor]", "dict[int, torch.Tensor]"], None]
 
 
 class Engine:
@@ -215,6 +223,7 @@ class Engine:
         self._schedulers = dict(schedulers)
         self._inpaint_pipe = inpaint_pipe  # a 9-channel checkpoint, if one is configured
         self._img2img_pipe: DiffusionPipeline | None = None  # made from `pipe` when first needed
+        self._projector = LatentProjector(pipe)
         self._tokenizers = [getattr(pipe, name) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)]
         call_parameters = inspect.signature(pipe.__call__).parameters
         self._takes_negative_prompt = "negative_prompt" in call_parameters
@@ -438,13 +447,15 @@ class Engine:
         (width, height, steps, scheduler, guidance_scale) run as one batched
         pipeline call; other groups run one after the other.
 
-        on_step(step, total, latents_by_request) is called after every
-        denoising step of each group: step counts from 1 to total (the
-        scheduler's number of timesteps, which for "pndm" is steps + 1), and
-        latents_by_request maps the index of each request of the running group
-        (in `requests`) to its latents, shape (num_images, channels,
-        height // f, width // f) for the VAE factor f. The tensors are views
-        into the pipeline's state: read them, do not modify them. Whatever
+        on_step(step, total, latents_by_request, denoised_by_request) is
+        called after every denoising step of each group: step counts from 1 to
+        total (the scheduler's number of timesteps, which for "pndm" is
+        steps + 1), and latents_by_request maps the index of each request of
+        the running group (in `requests`) to its latents, shape (num_images,
+        channels, height // f, width // f) for the VAE factor f;
+        denoised_by_request holds the scheduler's estimate of the clean
+        latents in the same shape. The tensors are views into the pipeline's
+        state: read them, do not modify them. Whatever
         on_step raises (`StopGeneration`, a caller's own cancel exception)
         stops the run and propagates; groups already finished are lost too.
         """
@@ -519,12 +530,15 @@ class Engine:
         if self._takes_negative_prompt:
             # None (not [""] * n) when no request has one: SDXL then uses zeros.
             kwargs["negative_prompt"] = negative_prompts if any(negative_prompts) else None
-        if on_step is not None or known is not None:
-            kwargs["callback_on_step_end"] = _step_callback(on_step, rows, first.steps, known)
-            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        tap = DenoisedTap()
+        journey_rows = [rows[i] for i in indices if requests[i].journey]
+        frames: list[list[Image.Image]] = [[] for _ in prompts]
+        journey = _Journey(pipe, journey_rows, frames) if journey_rows else None
+        kwargs["callback_on_step_end"] = _step_callback(on_step, rows, first.steps, known, tap, journey)
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}  # img2img takes no size
-        with self._scheduler_in_place(pipe, first.scheduler):
+        with self._scheduler_in_place(pipe, first.scheduler, tap):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
             images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
@@ -535,6 +549,7 @@ class Engine:
             request = requests[index]
             results.append(
                 GenerationResult(
+                    journeys=frames[rows[index]] if request.journey else [],
                     images=images[rows[index]],
                     seeds=[request.seed + k for k in range(request.num_images)],
                     warnings=self.prompt_warnings(request),
@@ -560,19 +575,30 @@ class Engine:
         return self._img2img_pipe
 
     @contextmanager
-    def _scheduler_in_place(self, pipe: DiffusionPipeline, name: str) -> Iterator[None]:
-        """Put the cached scheduler `name` into `pipe` for one call, then restore it.
+    def _scheduler_in_place(self, pipe: DiffusionPipeline, name: str, tap: DenoisedTap) -> Iterator[None]:
+        """Put the cached scheduler `name` into `pipe` for one call, with `tap` on it, then restore.
 
         Safe only under `self._lock`: a pipeline has one scheduler slot.
         A cached scheduler is reused across calls because diffusers resets its
         state in `set_timesteps` at the start of every pipeline call.
         """
         original = pipe.scheduler
-        pipe.scheduler = self._schedulers[name]
+        scheduler = pipe.scheduler = self._schedulers[name]
+        tap.attach(scheduler)
         try:
             yield
         finally:
+            tap.detach(scheduler)
             pipe.scheduler = original
+
+    def preview_images(self, latents: torch.Tensor, size: tuple[int, int], decoder: str = "latent") -> list[Image.Image]:
+        """Pictures of latents (or of x̂0) during a run: "latent" is a fitted linear projection
+        (cheap, blurry, at most 256 px), "vae" the full decode at the output size."""
+        if decoder == "vae":
+            return decode_latents(self.pipe, latents)
+        if decoder == "latent":
+            return self._projector.images(latents, size)
+        raise ValueError(f"decoder: {decoder!r} is not one of: latent, vae")
 
     def _parameters(self, request: GenerationRequest) -> dict[str, Any]:
         """The resolved request for records and metadata: the inputs by size, not by pixels."""
@@ -599,20 +625,48 @@ def _edit_input(request: GenerationRequest, mode: Mode) -> tuple[Image.Image, Im
 
 
 def _step_callback(
-    on_step: StepCallback | None, rows: Mapping[int, slice], total: int, known: _KnownRegion | None
+    on_step: StepCallback | None,
+    rows: Mapping[int, slice],
+    total: int,
+    known: _KnownRegion | None,
+    tap: DenoisedTap,
+    journey: _Journey | None,
 ) -> Callable[..., dict]:
     """diffusers' `callback_on_step_end(pipe, step_index, timestep, tensors)`: re-impose the
-    known region (inpainting with an ordinary UNet), then report the step to `on_step`."""
+    known region (inpainting with an ordinary UNet), record journey frames, then report the
+    step to `on_step`."""
 
     def callback(pipe: DiffusionPipeline, step_index: int, timestep: Any, tensors: dict[str, Any]) -> dict:
         if known is not None:
             tensors["latents"] = known.reimpose(pipe, step_index, tensors["latents"])
+        latents = tensors["latents"]
+        denoised = tap.value if tap.value is not None and tap.value.shape == latents.shape else latents
+        if journey is not None:
+            journey.record(denoised)
         if on_step is not None:
-            latents = tensors["latents"]
-            on_step(step_index + 1, getattr(pipe, "num_timesteps", total), {i: latents[r] for i, r in rows.items()})
+            on_step(
+                step_index + 1,
+                getattr(pipe, "num_timesteps", total),
+                {i: latents[r] for i, r in rows.items()},
+                {i: denoised[r] for i, r in rows.items()},
+            )
         return tensors
 
     return callback
+
+
+@dataclass
+class _Journey:
+    """Decodes x̂0 of the images that asked for a journey, once per step."""
+
+    pipe: DiffusionPipeline
+    rows: list[slice]
+    frames: list[list[Image.Image]]  # per image of the batch
+
+    def record(self, denoised: torch.Tensor) -> None:
+        for row in self.rows:
+            for offset, image in enumerate(decode_latents(self.pipe, denoised[row])):
+                self.frames[row.start + offset].append(image)
 
 
 @dataclass
@@ -634,20 +688,8 @@ class _KnownRegion:
         import torch
         import torch.nn.functional as F
 
-        vae = pipe.vae
         pixels = pipe.image_processor.preprocess([image for image, _ in inputs])
-        # SDXL's VAE overflows in float16; diffusers' pipelines upcast it the same way.
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        dtype = torch.float32 if upcast else vae.dtype
-        with torch.no_grad():
-            if upcast:
-                vae.to(torch.float32)
-            try:
-                latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
-            finally:
-                if upcast:
-                    vae.to(torch.float16)
-        latents = (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+        latents = encode_latents(pipe, pixels).to(pipe.unet.device, pipe.unet.dtype)
         masks = torch.from_numpy(np.stack([np.asarray(mask) >= 128 for _, mask in inputs])).float()[:, None]
         # A latent cell is repainted if any of its pixels is: the model then paints the whole
         # masked area, and paste-back restores the kept pixels exactly.

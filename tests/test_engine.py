@@ -217,7 +217,7 @@ def test_every_scheduler_runs_two_steps(engines, key, name):
     original = engine.pipe.scheduler
     seen = []
 
-    def on_step(step, total, latents):
+    def on_step(step, total, latents, denoised):
         seen.append((type(engine.pipe.scheduler), engine.pipe.scheduler.config.prediction_type))
 
     [result] = engine.generate([request], on_step)
@@ -265,7 +265,7 @@ def test_incompatible_requests_run_in_groups_in_request_order(sd1):
         GenerationRequest("a blue square", steps=2, scheduler="euler"),
     ]
     calls = []
-    results = sd1.generate(requests, lambda step, total, latents: calls.append((step, total, sorted(latents))))
+    results = sd1.generate(requests, lambda step, total, latents, denoised: calls.append((step, total, sorted(latents))))
     assert [len(result.images) for result in results] == [1, 1, 2, 1]
     assert results[1].images[0].size == (8, 24)
     assert calls == [(1, 2, [0, 2]), (2, 2, [0, 2]), (1, 3, [1]), (2, 3, [1]), (3, 3, [1]), (1, 2, [3]), (2, 2, [3])]
@@ -277,14 +277,16 @@ def test_on_step_gets_each_requests_latents(sd1):
         GenerationRequest("a blue square", steps=2, scheduler="ddim", width=8, height=24),
     ]
     calls = []
-    sd1.generate(requests, lambda step, total, latents: calls.append((step, total, latents)))
-    assert [(step, total) for step, total, _ in calls] == [(1, 2), (2, 2)]
-    for _, _, latents in calls:
+    sd1.generate(requests, lambda step, total, latents, denoised: calls.append((step, total, latents, denoised)))
+    assert [(step, total) for step, total, _, _ in calls] == [(1, 2), (2, 2)]
+    for _, _, latents, denoised in calls:
         # VAE factor 2: (num_images, channels, height / 2, width / 2).
-        assert {index: tuple(tensor.shape) for index, tensor in latents.items()} == {
-            0: (2, LATENT_CHANNELS, 12, 4),
-            1: (1, LATENT_CHANNELS, 12, 4),
-        }
+        for tensors in (latents, denoised):
+            assert {index: tuple(tensor.shape) for index, tensor in tensors.items()} == {
+                0: (2, LATENT_CHANNELS, 12, 4),
+                1: (1, LATENT_CHANNELS, 12, 4),
+            }
+        assert not torch.equal(latents[0], denoised[0])  # DDIM's x̂0, not the noisy latents
 
 
 def test_pndm_reports_its_extra_timestep(sd1):
@@ -298,7 +300,7 @@ def test_stop_generation_stops_between_steps(each_engine):
     [before] = each_engine.generate([request])
     steps = []
 
-    def stop_after_first(step, total, latents):
+    def stop_after_first(step, total, latents, denoised):
         steps.append(step)
         raise StopGeneration
 
@@ -314,7 +316,7 @@ def test_callers_own_exception_propagates(sd1):
     class Canceled(Exception):
         pass
 
-    def cancel(step, total, latents):
+    def cancel(step, total, latents, denoised):
         raise Canceled
 
     with pytest.raises(Canceled):

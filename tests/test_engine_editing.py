@@ -57,7 +57,7 @@ def test_img2img_runs_strength_times_steps(each_engine):
     seen = []
     request = GenerationRequest(prompt="a red circle", mode="img2img", image=picture(), strength=0.5, steps=4,
                                 scheduler="ddim")
-    [result] = each_engine.generate([request], on_step=lambda step, total, latents: seen.append((step, total)))
+    [result] = each_engine.generate([request], on_step=lambda step, total, latents, denoised: seen.append((step, total)))
     assert seen == [(1, 2), (2, 2)]
     assert result.images[0].size == (S, S)
     assert result.parameters["mode"] == "img2img" and result.parameters["strength"] == 0.5
@@ -97,7 +97,7 @@ def test_inpaint_without_a_checkpoint_reimposes_the_known_latents(engines):
     image = picture()
     last = {}
     engine.generate([edit("inpaint", image=image, mask=left_half_mask())],
-                    on_step=lambda step, total, latents: last.update(latents=latents[0].clone()))
+                    on_step=lambda step, total, latents, denoised: last.update(latents=latents[0].clone()))
     pipe = engine._pipeline(Mode.IMG2IMG)
     with torch.no_grad():
         expected = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mode()

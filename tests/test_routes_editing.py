@@ -73,7 +73,7 @@ def test_img2img_from_base64_runs_and_records_its_parameters(client, settings, e
     request = job["request"]
     assert request["mode"] == "img2img" and request["strength"] == 0.5
     assert request["image"]["source"] == "upload" and (request["image"]["width"], request["image"]["height"]) == (16, 16)
-    assert job["progress"] == {"step": 2, "total": 2}  # int(4 steps × 0.5)
+    assert (job["progress"]["step"], job["progress"]["total"]) == (2, 2)  # int(4 steps × 0.5)
     text = png_text(client.get(job["images"][0]["url"]).content)
     assert text["mode"] == "img2img" and text["strength"] == "0.5"
     assert text["image_sha256"] == request["image"]["sha256"] and text["image_source"] == "upload"

@@ -48,7 +48,8 @@ def test_job_goes_queued_running_succeeded_with_progress(
 
     assert seen == ["queued", "running", "succeeded"]
     job = client.get(f"/v1/jobs/{job_id}").json()
-    assert job["progress"] == {"step": 60, "total": 60}
+    assert (job["progress"]["step"], job["progress"]["total"], job["progress"]["eta_seconds"]) == (60, 60, 0)
+    assert job["progress"]["step_seconds"] > 0
     stored = JobStore(redis).get(job_id)
     assert stored.parameters["weights_hash"] and stored.parameters["seed"] == 7
 

@@ -55,3 +55,17 @@ def encode_png(image: Image.Image, text: dict[str, str] | None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+#: Milliseconds each journey frame shows; the last (the finished picture) stays longer.
+JOURNEY_FRAME_MS = 120
+JOURNEY_LAST_FRAME_MS = 1500
+
+
+def encode_journey(frames: list[Image.Image]) -> bytes:
+    """An animated WebP of the clean-image estimate over the steps, looping."""
+    durations = [JOURNEY_FRAME_MS] * (len(frames) - 1) + [JOURNEY_LAST_FRAME_MS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=durations,
+                   loop=0, lossless=True)
+    return buffer.getvalue()

@@ -1,13 +1,31 @@
-"""Reports denoising progress to the job record, throttled, and stops runs nobody wants any more."""
+"""What a running job tells the world between denoising steps, and how it learns to stop.
+
+The engine calls ``ProgressReporter`` after every step. It
+
+- checks the record (one round trip): a cancel request stops the run within
+  the step (``JobCanceledError``); a deleted, ended or re-attempted job stops
+  it without storing anything (``JobAbandonedError``);
+- writes progress with an ETA from the measured step times, at most once per
+  ``interval`` seconds (and always the last step), and publishes it as an event;
+- stores a preview of the clean-image estimate at most once per
+  ``preview_interval`` seconds (the fitted latent projection by default, the
+  VAE when configured), and publishes that too.
+"""
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from app.contract.store import JobStore, WriteResult
+from app.contract import events
+from app.contract.store import JobStore, RunCheck, WriteResult
 from model.engine import StopGeneration
+
+if TYPE_CHECKING:
+    from model.engine import Engine
 
 
 class JobAbandonedError(StopGeneration):
@@ -18,14 +36,26 @@ class JobAbandonedError(StopGeneration):
         self.result = result
 
 
-class ProgressReporter:
-    """An engine ``on_step`` callback for one job.
+class JobCanceledError(StopGeneration):
+    """A client canceled the running job: end it ``canceled``, with no images."""
 
-    Writes at most one progress update per ``interval`` seconds (the last step
-    always), so a fast model does not flood Redis. Every write is guarded by
-    the job's attempt token; when the guard refuses, the run is stopped by
-    raising ``JobAbandonedError`` from inside the denoising loop.
-    """
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """How previews are made: "latent" (fitted projection), "vae" (full decode) or "off"."""
+
+    decoder: str = "latent"
+    interval: float = 0.5  # least seconds between two stored previews
+    ttl: int = 86400
+    size: tuple[int, int] = (64, 64)  # the output's width and height
+
+
+_RUN_CHECK_TO_WRITE = {RunCheck.MISSING: WriteResult.MISSING, RunCheck.STALE: WriteResult.STALE,
+                       RunCheck.ENDED: WriteResult.ENDED}
+
+
+class ProgressReporter:
+    """An engine ``on_step`` callback for one job (one attempt)."""
 
     def __init__(
         self,
@@ -34,21 +64,69 @@ class ProgressReporter:
         token: str,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        engine: Engine | None = None,
+        previews: PreviewSettings | None = None,
+        event_ttl: int = 86400,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.token = token
         self.interval = interval
         self.clock = clock
+        self.engine = engine
+        self.previews = previews if previews is not None else PreviewSettings(decoder="off")
+        self.event_ttl = event_ttl
         self.writes = 0
+        self.previews_written = 0
+        self._started = clock()
         self._last_write = -float("inf")
+        self._last_preview = clock()  # the first preview after one interval: step 1 is mostly noise
 
-    def __call__(self, step: int, total: int, latents_by_request: Any = None) -> None:
+    def __call__(
+        self, step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None
+    ) -> None:
+        check = self.store.check(self.job_id, self.token)
+        if check is RunCheck.CANCEL:
+            raise JobCanceledError(f"job {self.job_id}: canceled at step {step} of {total}")
+        if check is not RunCheck.GO_ON:
+            raise JobAbandonedError(self.job_id, _RUN_CHECK_TO_WRITE[check])
+
         now = self.clock()
-        if step < total and now - self._last_write < self.interval:
-            return
+        if step == total or now - self._last_write >= self.interval:
+            self._write_progress(step, total, now)
+        if (
+            step < total
+            and self.previews.decoder != "off"
+            and self.engine is not None
+            and denoised_by_request
+            and now - self._last_preview >= self.previews.interval
+        ):
+            self._last_preview = now
+            self._store_preview(step, total, denoised_by_request)
+
+    def _write_progress(self, step: int, total: int, now: float) -> None:
         self._last_write = now
         self.writes += 1
-        result = self.store.update(self.job_id, self.token, {"progress": {"step": step, "total": total}})
+        step_seconds = (now - self._started) / step
+        progress = {"step": step, "total": total, "step_seconds": round(step_seconds, 4),
+                    "eta_seconds": round(step_seconds * (total - step), 2)}
+        result = self.store.update(self.job_id, self.token, {"progress": progress})
         if result is not WriteResult.WRITTEN:
             raise JobAbandonedError(self.job_id, result)
+        events.publish(self.store.redis, self.job_id, "progress", progress, self.event_ttl)
+
+    def _store_preview(self, step: int, total: int, denoised_by_request: Any) -> None:
+        import hashlib
+
+        denoised = next(iter(denoised_by_request.values()))[:1]  # image 0 of the job
+        [image] = self.engine.preview_images(denoised, self.previews.size, self.previews.decoder)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)  # fast: previews are replaced within seconds
+        png = buffer.getvalue()
+        info = {"step": step, "total": total, "sha256": hashlib.sha256(png).hexdigest()}
+        result = self.store.put_preview(self.job_id, self.token, png, info, self.previews.ttl)
+        if result is not WriteResult.WRITTEN:
+            raise JobAbandonedError(self.job_id, result)
+        self.previews_written += 1
+        events.publish(self.store.redis, self.job_id, "preview", {"step": step, "total": total}, self.event_ttl)

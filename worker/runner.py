@@ -12,18 +12,20 @@ import hashlib
 import io
 import logging
 import uuid
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
+from app.contract import events, keys
 from app.contract.store import StoredImage, WriteResult
 from model.engine import GenerationRequest, GenerationResult, Padding
 from worker.context import WorkerContext
-from worker.png import encode_png, png_text
-from worker.progress import JobAbandonedError, ProgressReporter
+from worker.png import encode_journey, encode_png, png_text
+from worker.progress import JobAbandonedError, JobCanceledError, PreviewSettings, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = N
         mask=_open_png(inputs["mask"]) if params.mask is not None else None,
         strength=params.strength,
         outpaint=Padding(**outpaint.model_dump()) if outpaint is not None else None,
+        journey=params.journey,
     )
 
 
@@ -72,6 +75,7 @@ class JobRunner:
             log.info("job %s: deleted or ended before it started; skipping", job_id)
             return
         log.info("job %s: attempt %d started", job_id, record.attempt)
+        self._publish(job_id, "running", {"attempt": record.attempt})
         with self.context.heartbeat.busy(job_id):
             self._run_claimed(record, token)
 
@@ -91,11 +95,25 @@ class JobRunner:
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
             return
 
-        progress = ProgressReporter(self.store, record.id, token, self.settings.progress_interval)
+        previews = PreviewSettings(
+            decoder=self.settings.preview_decoder,
+            interval=self.settings.preview_interval,
+            ttl=self.settings.result_ttl,
+            size=(request.width, request.height),
+        )
+        progress = ProgressReporter(
+            self.store, record.id, token, self.settings.progress_interval,
+            engine=engine, previews=previews, event_ttl=self.settings.job_ttl,
+        )
+        started = time.monotonic()
         try:
             [result] = engine.generate([request], on_step=progress)
         except JobAbandonedError as stop:
             log.info("job %s: %s", record.id, stop)
+            return
+        except JobCanceledError as stop:
+            log.info("job %s: %s", record.id, stop)
+            self._end(record, token, "canceled", {"status": "canceled", "finished_at": utcnow().isoformat()})
             return
         except JobTimeoutException:
             self._fail(record, token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
@@ -108,6 +126,28 @@ class JobRunner:
             self._fail(record, token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}")
             return
         self._succeed(record, token, result)
+        self._record_duration(time.monotonic() - started)
+
+    def _record_duration(self, seconds: float) -> None:
+        """Recent job durations of this model, for the ETAs of queued jobs."""
+        key = keys.model_durations(self.model.name)
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, f"{seconds:.3f}")
+            pipe.ltrim(key, 0, 19)
+            pipe.execute()
+
+    def _publish(self, job_id: str, type: str, data: dict[str, Any]) -> None:
+        events.publish(self.store.redis, job_id, type, data, self.settings.job_ttl)
+
+    def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
+             images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
+        """Store the job's final fields (and results) and, if that stuck, publish its terminal event."""
+        outcome = self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
+                                    result_ttl=self.settings.result_ttl, blobs=blobs)
+        if outcome is WriteResult.WRITTEN:
+            data = {key: values[key] for key in ("error", "seeds") if key in values}
+            self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
+        return outcome
 
     def _succeed(self, record: JobRecord, token: str, result: GenerationResult) -> None:
         params = record.request
@@ -134,10 +174,10 @@ class JobRunner:
             "warnings": [*record.warnings, *result.warnings],  # the API's (about inputs), then the model's
             "parameters": _jsonable(result.parameters),
             "images": [image.model_dump(mode="json") for image in image_records],
+            "journeys": len(result.journeys),
         }
-        outcome = self.store.finish(
-            record.id, token, values, images, job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl
-        )
+        journeys = {keys.journey(record.id, n): encode_journey(frames) for n, frames in enumerate(result.journeys)}
+        outcome = self._end(record, token, "succeeded", values, images, journeys)
         if outcome is WriteResult.WRITTEN:
             log.info("job %s: succeeded with %d image(s)", record.id, len(images))
         else:
@@ -150,9 +190,7 @@ class JobRunner:
             "finished_at": utcnow().isoformat(),
             "error": {"code": code.value, "message": message},
         }
-        self.store.finish(
-            record.id, token, values, [], job_ttl=self.settings.job_ttl, result_ttl=self.settings.result_ttl
-        )
+        self._end(record, token, "failed", values)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

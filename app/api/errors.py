@@ -12,8 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import (
     DiffqError,
+    IdempotencyConflictError,
     ImageNotFoundError,
     InvalidRequestError,
+    JobFinishedError,
     JobNotFoundError,
     StoreUnavailableError,
     UploadTooLargeError,
@@ -23,8 +25,10 @@ from app.schemas.errors import Error, FieldError
 STATUS: dict[type[DiffqError], int] = {
     JobNotFoundError: 404,
     ImageNotFoundError: 404,
+    IdempotencyConflictError: 409,
     InvalidRequestError: 422,  # UnknownModelError too, as a subclass
     StoreUnavailableError: 503,
+    JobFinishedError: 409,
     UploadTooLargeError: 413,
 }
 

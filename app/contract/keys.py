@@ -16,6 +16,14 @@ diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of i
 diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation. Input PNG of an editing
                                                   job: ``image`` (RGB) and, for inpainting,
                                                   ``mask`` (greyscale, white = repaint).
+diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record. The job's
+                                                  events (``app.contract.events``): status,
+                                                  progress, preview, and the terminal one.
+diffq:job:<id>:preview          string  worker    ``result_ttl``. PNG of the latest preview.
+diffq:job:<id>:journey:<n>      string  worker    ``result_ttl``. Animated WebP of image n's
+                                                  clean-image estimate over the steps.
+diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
+                                                  jobs, for queue ETAs.
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -27,8 +35,7 @@ rq:queue:diffq:<model>          list    API       RQ's queue of job ids for one 
 ==============================  ======  ========  ==================================================
 
 Reserved for later features (not written yet), so names do not collide:
-``diffq:job:<id>:preview`` (latest preview PNG), ``diffq:job:<id>:events``
-(event stream), ``diffq:idempotency:<key>`` (Idempotency-Key store).
+``diffq:idempotency:<key>`` (Idempotency-Key store).
 """
 
 from __future__ import annotations
@@ -55,6 +62,26 @@ def job_input(job_id: str, name: str) -> str:
 
 
 INPUT_NAMES = ("image", "mask")
+
+
+def events(job_id: str) -> str:
+    """Stream of a job's events, read by the SSE endpoint and long polls."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def preview(job_id: str) -> str:
+    """PNG of the latest preview of a running (or finished) job."""
+    return f"{PREFIX}:job:{job_id}:preview"
+
+
+def journey(job_id: str, index: int) -> str:
+    """Animated WebP of image ``index``'s journey from noise."""
+    return f"{PREFIX}:job:{job_id}:journey:{index}"
+
+
+def model_durations(name: str) -> str:
+    """Recent job durations of a model (seconds, newest first)."""
+    return f"{PREFIX}:model:{name}:durations"
 
 
 def worker(worker_id: str) -> str:

@@ -91,6 +91,7 @@ class JobParams(BaseModel):
     outpaint: Outpaint | None = None  # outpaint only
     image: InputImage | None = None  # editing modes: the (normalised, maybe resized) input
     mask: InputImage | None = None  # inpaint only: white = repaint
+    journey: bool = False  # also make an animated image of each picture emerging from noise
 
 
 class Progress(BaseModel):
@@ -98,6 +99,16 @@ class Progress(BaseModel):
 
     step: int
     total: int
+    eta_seconds: float | None = None  # until the run ends, from the measured step times
+    step_seconds: float | None = None  # mean time of the steps so far
+
+
+class PreviewInfo(BaseModel):
+    """The latest preview stored for a job."""
+
+    step: int
+    total: int
+    sha256: str
 
 
 class ImageRecord(BaseModel):
@@ -132,6 +143,9 @@ class JobRecord(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)  # as resolved by the engine
     error: ErrorInfo | None = None
     images: list[ImageRecord] = Field(default_factory=list)
+    cancel_requested: bool = False  # set by POST .../cancel on a running job; the worker stops at the next step
+    preview: PreviewInfo | None = None
+    journeys: int = 0  # journey animations stored (one per image), when asked for
 
     def to_hash(self) -> dict[str, str]:
         """The record as Redis hash fields, each value JSON-encoded."""

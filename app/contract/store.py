@@ -11,7 +11,7 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -75,6 +75,52 @@ return result
 )
 
 
+# Cancel. Queued: canceled at once. Running: flagged, the worker stops at its next step.
+# Returns {code, status JSON}: 1 canceled now, 2 flagged, -2 already ended, 0 missing.
+_CANCEL = f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, ''}} end
+local status = redis.call('HGET', KEYS[1], 'status')
+local terminal = {{{_TERMINAL_JSON}}}
+if terminal[status] then return {{-2, status}} end
+if status == '{json.dumps(JobStatus.QUEUED.value)}' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+  return {{1, status}}
+end
+redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+return {{2, status}}
+"""
+
+# Guarded SET of the preview PNG (KEYS[2]) plus the record's `preview` field.
+# ARGV[2]: PNG; ARGV[3]: TTL; ARGV[4]: preview field JSON.
+_PREVIEW = (
+    _GUARD
+    + """
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('HSET', KEYS[1], 'preview', ARGV[4])
+return {1}
+"""
+)
+
+
+class CancelResult(IntEnum):
+    """What ``JobStore.cancel`` did."""
+
+    CANCELED = 1  # it was queued: it is canceled now and will never run
+    REQUESTED = 2  # it is running: its worker stops at the next denoising step
+    ENDED = -2  # it had already ended (succeeded, failed or canceled)
+    MISSING = 0
+
+
+class RunCheck(IntEnum):
+    """What a running attempt learns from its record between two denoising steps."""
+
+    GO_ON = 1
+    CANCEL = 2  # a client asked to cancel
+    MISSING = 0  # deleted or expired
+    STALE = -1  # another attempt owns the job now
+    ENDED = -2
+
+
 class WriteResult(IntEnum):
     """What a guarded write did; anything but ``WRITTEN`` means the caller must stop."""
 
@@ -100,6 +146,8 @@ class JobStore:
         self._update = redis.register_script(_UPDATE)
         self._finish = redis.register_script(_FINISH)
         self._claim = redis.register_script(_CLAIM)
+        self._cancel = redis.register_script(_CANCEL)
+        self._preview = redis.register_script(_PREVIEW)
 
     def create(
         self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None, inputs: dict[str, bytes] | None = None
@@ -135,7 +183,10 @@ class JobStore:
         num_images = int(json.loads(raw).get("num_images", 1))
         names = [
             keys.job(job_id),
+            keys.events(job_id),
+            keys.preview(job_id),
             *(keys.image(job_id, n) for n in range(num_images)),
+            *(keys.journey(job_id, n) for n in range(num_images)),
             *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES),
         ]
         return bool(self.redis.delete(*names))
@@ -171,15 +222,51 @@ class JobStore:
         images: Sequence[StoredImage],
         job_ttl: int,
         result_ttl: int,
+        blobs: Mapping[str, bytes] | None = None,
     ) -> WriteResult:
-        """End a job: store its images and final fields together, or nothing at all."""
+        """End a job: store its images (and other results, ``blobs`` by key) and final fields
+        together, or nothing at all."""
         fields = _flatten(encode_fields(values))
+        stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
         reply = self._finish(
-            keys=[keys.job(job_id), *(keys.image(job_id, image.index) for image in images)],
-            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields]
-            + [image.png for image in images],
+            keys=[keys.job(job_id), *stored],
+            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields, *stored.values()],
         )
         return WriteResult(int(reply[0]))
+
+    def cancel(self, job_id: str, finished_at: str) -> tuple[CancelResult, JobStatus | None]:
+        """Cancel a queued job, or flag a running one; returns what happened and the status it had."""
+        code, status = self._cancel(
+            keys=[keys.job(job_id)], args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at)]
+        )
+        return CancelResult(int(code)), JobStatus(json.loads(status)) if status else None
+
+    def check(self, job_id: str, token: str) -> RunCheck:
+        """One round trip between denoising steps: may this attempt go on?"""
+        status, owner, cancel = self.redis.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested")
+        if status is None:
+            return RunCheck.MISSING
+        if owner is None or json.loads(owner) != token:
+            return RunCheck.STALE
+        if JobStatus(json.loads(status)).is_terminal:
+            return RunCheck.ENDED
+        return RunCheck.CANCEL if cancel is not None and json.loads(cancel) else RunCheck.GO_ON
+
+    def put_preview(self, job_id: str, token: str, png: bytes, info: dict[str, Any], ttl: int) -> WriteResult:
+        """Store the latest preview PNG, if ``token`` still owns the running job."""
+        reply = self._preview(
+            keys=[keys.job(job_id), keys.preview(job_id)],
+            args=[_token_arg(token), png, str(ttl), json.dumps(info, separators=(",", ":"))],
+        )
+        return WriteResult(int(reply[0]))
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The latest preview PNG, or ``None``."""
+        return self.redis.get(keys.preview(job_id))
+
+    def journey(self, job_id: str, index: int) -> bytes | None:
+        """Image ``index``'s journey animation (WebP), or ``None``."""
+        return self.redis.get(keys.journey(job_id, index))
 
 
 def _token_arg(token: str | None) -> str:

@@ -66,7 +66,27 @@ class UploadTooLargeError(DiffqError):
         self.limit = limit
 
 
+class JobFinishedError(DiffqError):
+    """The job already succeeded or failed, so it can no longer be canceled."""
+
+    code = "job_finished"
+
+
 class StoreUnavailableError(DiffqError):
     """Redis cannot be reached; the request may succeed when it is back."""
 
     code = "store_unavailable"
+
+
+class IdempotencyConflictError(DiffqError):
+    """An Idempotency-Key came back with a different request body: replaying it would hide a mistake."""
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, key: str, used_at: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used at {used_at} with a different request body; "
+            "send a new key for a different request"
+        )
+        self.key = key
+        self.used_at = used_at

@@ -7,17 +7,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from redis import Redis
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app.contract import events, keys
 from app.contract import status as job_status
-from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord
+from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry
 from app.contract.status import JobStatus
-from app.contract.store import JobStore
+from app.contract.store import CancelResult, JobStore
 from app.contract.tasks import enqueue, model_queue, rq_status
-from app.core.errors import FieldProblem, ImageNotFoundError, JobNotFoundError, UnknownModelError
+from app.core.errors import (
+    FieldProblem,
+    ImageNotFoundError,
+    JobFinishedError,
+    JobNotFoundError,
+    UnknownModelError,
+)
 from app.core.inputs import prepare_inputs
 from app.core.validation import resolve_request
 from app.schemas.jobs import JobCreate
@@ -37,6 +44,7 @@ class JobView:
     status: JobStatus
     error: ErrorInfo | None
     queue_position: int | None
+    eta_seconds: float | None = None  # until it ends: from the queue ahead, or the running steps
 
 
 class JobService:
@@ -61,6 +69,7 @@ class JobService:
             # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
             enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
             self.store.create(record, self.settings.job_ttl, pipeline=pipe, inputs=inputs.pngs)
+            events.publish(pipe, record.id, "queued", {"status": "queued"}, self.settings.job_ttl)
             pipe.execute()
         return self.view(record)
 
@@ -76,11 +85,63 @@ class JobService:
         status, error = record.status, record.error
         if not status.is_terminal:
             status, error = self._reconcile(record)
-        position = None
+        position, eta = None, None
         if status is JobStatus.QUEUED:
             found = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
             position = found if isinstance(found, int) else 0  # None: a worker is taking it off the queue
-        return JobView(record=record, status=status, error=error, queue_position=position)
+            eta = self._queued_eta(record.model, position)
+        elif status is JobStatus.RUNNING and record.progress is not None:
+            eta = record.progress.eta_seconds
+        return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta)
+
+    def _queued_eta(self, model: str, position: int) -> float | None:
+        """Seconds until a queued job ends: the jobs ahead shared among the model's live workers,
+        then its own run, at the model's recent mean job time. None before any job has run."""
+        durations = [float(d) for d in self.redis.lrange(keys.model_durations(model), 0, -1)]
+        if not durations:
+            return None
+        workers = sum(len(entry.workers) for entry in self.registry.served_models() if entry.model.name == model)
+        mean = sum(durations) / len(durations)
+        return round((position / max(1, workers) + 1) * mean, 2)
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a job: a queued one never runs, a running one stops at its next denoising step.
+
+        Canceling a canceled job again changes nothing; a finished job raises ``JobFinishedError``.
+        """
+        result, status = self.store.cancel(job_id, utcnow().isoformat())
+        if result is CancelResult.MISSING:
+            raise JobNotFoundError(job_id)
+        if result is CancelResult.ENDED and status is not JobStatus.CANCELED:
+            raise JobFinishedError(f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
+        if result is CancelResult.CANCELED:
+            try:
+                self._rq_job(job_id).cancel()  # off the queue; RQ's own status says canceled too
+            except (NoSuchJobError, InvalidJobOperation):
+                pass
+            events.publish(self.redis, job_id, "canceled", {"status": "canceled", "images": 0}, self.settings.job_ttl)
+        return self.get(job_id)
+
+    def preview(self, job_id: str) -> bytes:
+        """The latest preview PNG of a job; raises if the job has none (yet)."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        png = self.store.preview(job_id)
+        if png is None:
+            raise ImageNotFoundError(f"job {job_id!r} has no preview yet (status {record.status.value})")
+        return png
+
+    def journey(self, job_id: str, index: int) -> bytes:
+        """Image ``index``'s journey animation; raises unless the job asked for one and finished."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(job_id)
+        data = self.store.journey(job_id, index) if index < record.journeys else None
+        if data is None:
+            reason = "did not ask for a journey" if not record.request.journey else "has no such journey (yet)"
+            raise ImageNotFoundError(f"job {job_id!r} {reason}: journey {index}")
+        return data
 
     def delete(self, job_id: str) -> None:
         """Remove the job and its images; a queued job will never run, a running one stops."""

@@ -65,6 +65,7 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         outpaint=body.outpaint if inputs.mode is JobMode.OUTPAINT else None,
         image=inputs.image,
         mask=inputs.mask,
+        journey=body.journey,
     )
 
 

@@ -71,6 +71,11 @@ class JobCreate(BaseModel):
         "mask. Default 0.75 for img2img, 1 for inpaint and outpaint.",
     )
     outpaint: Outpaint | None = Field(None, description="Pixels to add on each side; the original pixels are kept.")
+    journey: bool = Field(
+        False,
+        description="Also make an animated WebP per image of the clean-image estimate over the steps: the "
+        "picture emerging from noise (`images[n].journey_url`).",
+    )
     resize: bool = Field(
         False,
         description="Scale the image (and mask) to width × height (model default where omitted) instead of "
@@ -124,6 +129,7 @@ class ImagePublic(BaseModel):
     seed: int
     width: int
     height: int
+    journey_url: str | None = Field(None, description="Animated WebP of this image emerging, if `journey` was asked.")
 
 
 class JobPublic(BaseModel):
@@ -138,7 +144,14 @@ class JobPublic(BaseModel):
     queue_position: int | None = Field(
         None, description="Jobs ahead of this one in its model's queue (0 = next); only while queued."
     )
-    progress: Progress | None = Field(None, description="Denoising step of the running attempt.")
+    eta_seconds: float | None = Field(
+        None,
+        description="Seconds until the job should end: from the queue ahead and the model's recent job times "
+        "while queued, from the measured step times while running.",
+    )
+    progress: Progress | None = Field(None, description="Denoising step of the running attempt, with its ETA.")
+    preview_url: str | None = Field(None, description="Latest intermediate image (PNG), once one exists.")
+    cancel_requested: bool = Field(False, description="A cancel was asked while running; it ends within a step.")
     timings: Timings
     attempt: int = Field(description="Runs started so far (0 while never started).")
     seeds: list[int] = Field(description="Seed used for each image.")

@@ -46,3 +46,32 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
         return True
     candidates = (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
     return etag.removeprefix("W/") in candidates
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    name="get_preview",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The latest preview."}},
+    summary="The latest intermediate image of a job",
+)
+def get_preview(job_id: str, jobs: JobServiceDep) -> Response:
+    # Replaced as the run goes on: never cached.
+    return Response(jobs.preview(job_id), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/{job_id}/journey/{index}.webp",
+    name="get_journey",
+    response_class=Response,
+    responses={200: {"content": {"image/webp": {}}, "description": "Animated WebP, one frame per step."}},
+    summary="Image n emerging from noise: the clean-image estimate at every step",
+)
+def get_journey(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, description="Image number, from 0.")],
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+) -> Response:
+    headers = {"Cache-Control": f"private, max-age={settings.result_ttl}, immutable"}
+    return Response(jobs.journey(job_id, index), media_type="image/webp", headers=headers)

@@ -1,16 +1,38 @@
-"""``/v1/jobs``: submit a job, read the job resource, delete a job."""
+"""``/v1/jobs``: submit, read (or long-poll), stream events of, cancel and delete jobs."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+import time
+from collections.abc import AsyncIterable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from redis.asyncio import Redis as AsyncRedis
 
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
-from app.core.jobs import JobView
+from app.contract import events, keys
+from app.core.errors import JobNotFoundError
+from app.core.jobs import JobService, JobView
 from app.deps import JobServiceDep, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobPublic, Timings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+#: Longest long poll, in seconds; clients poll again after it.
+MAX_WAIT = 60
+#: How often a stream or long poll re-reads the job even without events (RQ may end a job silently).
+RECHECK_SECONDS = 5
+
+
+def async_redis(request: Request) -> AsyncRedis:
+    """The API's asyncio Redis client, for blocking reads that must not hold a thread."""
+    return request.app.state.aredis
+
+
+AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
 
 
 @router.post(
@@ -29,9 +51,87 @@ def create_job(body: SubmissionBody, jobs: JobServiceDep, request: Request, resp
     return job_public(view, request)
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="Read a job")
-def get_job(job_id: str, jobs: JobServiceDep, request: Request) -> JobPublic:
-    return job_public(jobs.get(job_id), request)
+@router.get("/{job_id}", response_model=JobPublic, summary="Read a job, or wait for it to end")
+async def get_job(
+    job_id: str,
+    jobs: JobServiceDep,
+    redis: AsyncRedisDep,
+    request: Request,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds.")
+    ] = 0,
+) -> JobPublic:
+    deadline = time.monotonic() + wait
+    last = events.last_id_text(await redis.xrevrange(keys.events(job_id), count=1))
+    view = await run_in_threadpool(jobs.get, job_id)
+    while not view.status.is_terminal and (remaining := deadline - time.monotonic()) > 0:
+        reply = await redis.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, RECHECK_SECONDS) * 1000)))
+        if reply:
+            last = events.parse(reply[0][1])[-1].id
+        view = await run_in_threadpool(jobs.get, job_id)
+    return job_public(view, request)
+
+
+def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
+    """The job, or a 404 before any response (or stream) starts."""
+    return jobs.get(job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Stream a job's events (server-sent events)",
+    response_description="`queued`, `running`, `progress`, `preview`, then one of `succeeded`, `failed`, "
+    "`canceled` (or `deleted`); each with an id to resume from with `Last-Event-ID`.",
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    jobs: JobServiceDep,
+    redis: AsyncRedisDep,
+    _: Annotated[JobView, Depends(existing_job)],
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> AsyncIterable[ServerSentEvent]:
+    last = last_event_id if last_event_id and events.is_event_id(last_event_id) else "0"
+    while not await request.is_disconnected():
+        reply = await redis.xread({keys.events(job_id): last}, block=RECHECK_SECONDS * 1000, count=100)
+        if reply:
+            for event in events.parse(reply[0][1]):
+                last = event.id
+                yield ServerSentEvent(id=event.id, event=event.type, data=event.data)
+                if event.is_terminal:
+                    return
+            continue
+        ended = await _ended_without_event(jobs, job_id)
+        if ended is not None:
+            yield ended
+            return
+
+
+async def _ended_without_event(jobs: JobService, job_id: str) -> ServerSentEvent | None:
+    """A terminal event for a job that ended or vanished without publishing one (e.g. RQ failed it)."""
+    try:
+        view = await run_in_threadpool(jobs.get, job_id)
+    except JobNotFoundError:
+        return ServerSentEvent(event="deleted", data={"status": "deleted"})
+    if not view.status.is_terminal:
+        return None
+    error = view.error.model_dump() if view.error else None
+    return ServerSentEvent(event=view.status.value, data={"status": view.status.value, "error": error,
+                                                          "images": len(view.record.images)})
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    summary="Cancel a queued or running job",
+    response_description="The job: `canceled` if it was queued; a running job shows `cancel_requested` and "
+    "ends `canceled` (no images) within one denoising step. Canceling again is harmless; a finished job is a 409.",
+    responses={409: ERROR_RESPONSES[422] | {"description": "The job already succeeded or failed."}},
+)
+def cancel_job(job_id: str, jobs: JobServiceDep, request: Request) -> JobPublic:
+    return job_public(jobs.cancel(job_id), request)
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a job and its images")
@@ -41,7 +141,7 @@ def delete_job(job_id: str, jobs: JobServiceDep) -> Response:
 
 
 def job_public(view: JobView, request: Request) -> JobPublic:
-    """The job resource, with absolute image URLs for this request's host."""
+    """The job resource, with absolute URLs for this request's host."""
     record = view.record
     images = [
         ImagePublic(
@@ -50,6 +150,9 @@ def job_public(view: JobView, request: Request) -> JobPublic:
             seed=image.seed,
             width=image.width,
             height=image.height,
+            journey_url=str(request.url_for("get_journey", job_id=record.id, index=str(image.index)))
+            if image.index < record.journeys
+            else None,
         )
         for image in record.images
     ]
@@ -59,7 +162,10 @@ def job_public(view: JobView, request: Request) -> JobPublic:
         model=record.model,
         request=record.request,
         queue_position=view.queue_position,
+        eta_seconds=view.eta_seconds,
         progress=record.progress,
+        preview_url=str(request.url_for("get_preview", job_id=record.id)) if record.preview else None,
+        cancel_requested=record.cancel_requested,
         timings=Timings(created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at),
         attempt=record.attempt,
         seeds=record.seeds,
