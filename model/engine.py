@@ -591,6 +591,10 @@ class Engine:
             tap.detach(scheduler)
             pipe.scheduler = original
 
+    def prepare_previews(self) -> None:
+        """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
+        self._projector.prepare()
+
     def preview_images(self, latents: torch.Tensor, size: tuple[int, int], decoder: str = "latent") -> list[Image.Image]:
         """Pictures of latents (or of x̂0) during a run: "latent" is a fitted linear projection
         (cheap, blurry, at most 256 px), "vae" the full decode at the output size."""

@@ -92,6 +92,10 @@ class LatentProjector:
         return [Image.fromarray(np.ascontiguousarray(p), mode="RGB").resize(shown, Image.Resampling.BILINEAR)
                 for p in pixels]
 
+    def prepare(self) -> None:
+        """Fit now rather than at the first preview."""
+        self._fitted()
+
     def _fitted(self) -> torch.Tensor:
         if self._weights is None:
             self._weights = self._fit()

@@ -38,7 +38,7 @@ def load_engine(settings: Settings) -> Engine:
     if settings.torch_threads:
         # On a CPU shared with other processes, fewer threads avoid oversubscription (often much faster).
         torch.set_num_threads(settings.torch_threads)
-    return Engine.load(
+    engine = Engine.load(
         settings.model_path,
         device=settings.device,
         dtype=settings.dtype,
@@ -47,6 +47,9 @@ def load_engine(settings: Settings) -> Engine:
         max_images=settings.max_images_per_job,
         inpaint_path=settings.inpaint_model_path,
     )
+    if settings.preview_decoder == "latent":
+        engine.prepare_previews()
+    return engine
 
 
 def model_record(engine: Engine) -> ModelRecord:
