@@ -1,4 +1,4 @@
-"""The ``diffq`` command: ``up`` (everything, one command), ``api`` and ``worker`` (the parts).
+"""The ``diffq`` command: ``up`` (everything, one command), ``api``, ``worker`` and ``webhooks`` (the parts).
 
 Importing this module imports neither torch nor the worker: ``diffq api``
 stays light, and ``diffq worker`` imports the worker only when it runs.
@@ -55,6 +55,14 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_webhooks(args: argparse.Namespace) -> int:
+    from app.webhooks.deliver import main as deliver
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    return deliver(settings)
+
+
 def run_up(args: argparse.Namespace) -> int:
     from app.launcher import up
 
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser(
-        "up", help="start Redis (embedded unless DIFFQ_REDIS_URL is set), the API and one worker"
+        "up", help="start Redis (embedded unless DIFFQ_REDIS_URL is set), the API, one worker and a webhook deliverer"
     )
     up.add_argument("--port", type=int, help="API port (default: DIFFQ_PORT or 8000)")
     up.add_argument("--host", help="API address (default: DIFFQ_HOST or 127.0.0.1)")
@@ -90,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--dtype", help="auto, float32, float16, bfloat16 (default: DIFFQ_DTYPE or auto)")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(run=run_worker)
+
+    webhooks = commands.add_parser(
+        "webhooks", help="run a webhook deliverer: sends, signs and retries job webhooks (no torch needed)"
+    )
+    webhooks.set_defaults(run=run_webhooks)
     return parser
 
 

@@ -14,6 +14,8 @@ from starlette.datastructures import UploadFile
 
 from app.contract.registry import Registry
 from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
 from app.core.jobs import JobService
 from app.schemas.jobs import JobCreate, job_create_model
 from app.settings import Settings
@@ -55,6 +57,7 @@ class Submission:
 
     body: JobCreate
     files: dict[str, bytes] = field(default_factory=dict)
+    fingerprint: str | None = None  # of the body, when the request has an Idempotency-Key
 
 
 #: Fields a multipart request may send as file parts.
@@ -64,14 +67,17 @@ FILE_FIELDS = ("image", "mask")
 async def read_submission(request: Request, settings: SettingsDep) -> Submission:
     """Parse the POST body, JSON or multipart, with the limits of the current settings."""
     content_type = request.headers.get("content-type", "")
+    keyed = validate_key(request.headers.get(IDEMPOTENCY_HEADER)) is not None
     if content_type.startswith("multipart/form-data"):
         values, files = await _read_multipart(request, settings)
-        return Submission(_validate(settings, values), files)
+        digest = fingerprint_multipart(values, files) if keyed else None
+        return Submission(_validate(settings, values), files, digest)
     raw = await request.body()
     try:
-        return Submission(job_create_model(settings).model_validate_json(raw))
+        body = job_create_model(settings).model_validate_json(raw)
     except ValidationError as exc:
         raise _as_request_error(exc) from None
+    return Submission(body, fingerprint=fingerprint(raw) if keyed else None)
 
 
 async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -99,6 +105,11 @@ async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict
             values["outpaint"] = json.loads(values["outpaint"])
         except json.JSONDecodeError:
             problems.append(FieldProblem("outpaint", 'must be a JSON object, e.g. {"left": 16, "right": 16}'))
+    if isinstance(values.get("webhook"), str):
+        try:
+            values["webhook"] = json.loads(values["webhook"])
+        except json.JSONDecodeError:
+            problems.append(FieldProblem("webhook", 'must be a JSON object, e.g. {"url": "https://example.com/hook"}'))
     await form.close()
     if problems:
         raise InvalidRequestError(problems)

@@ -1,7 +1,8 @@
-"""``diffq up``: Redis, the API and one worker as child processes of one command.
+"""``diffq up``: Redis, the API, one worker and a webhook deliverer as child processes of one command.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only
-this supervisor, which then stops them in order: worker and API first, Redis
+this supervisor, which then stops them in order: the worker, the webhook
+deliverer (which may still send the worker's last events), the API, and Redis
 last (a worker must not lose Redis while it finishes). Each child also gets
 SIGTERM from the kernel if the supervisor dies without cleaning up, so no
 process outlives it.
@@ -107,12 +108,13 @@ def up(settings: Settings) -> int:
             print(f"diffq: started embedded Redis at {redis.url}", flush=True)
         env.update(DIFFQ_HOST=settings.host, DIFFQ_PORT=str(settings.port), DIFFQ_MODEL_PATH=str(settings.model_path))
         children.append(_spawn("api", ["api"], env))
+        children.append(_spawn("webhook deliverer", ["webhooks"], env))
         children.append(_spawn("worker", ["worker"], env))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         url = f"http://{host}:{settings.port}"
         return _supervise(children, url, stop)
     finally:
-        for child in reversed(children):  # worker first, then the API
+        for child in reversed(children):  # worker first, then the deliverer, then the API
             child.stop()
         if redis is not None:
             redis.stop()
@@ -122,7 +124,7 @@ def up(settings: Settings) -> int:
 
 
 def _supervise(children: list[Child], url: str, stop: threading.Event) -> int:
-    print(f"diffq: starting the API and a worker (loading the model) at {url} ...", flush=True)
+    print(f"diffq: starting the API, a webhook deliverer and a worker (loading the model) at {url} ...", flush=True)
     started = time.monotonic()
     ready = False
     next_probe = 0.0

@@ -86,6 +86,21 @@ class Settings(BaseSettings):
     # Worker liveness and progress reporting.
     heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
     heartbeat_ttl: int = Field(10, ge=1, description="Seconds after its last heartbeat a worker counts as gone.")
+
+    # Recovery: lost jobs, deadlines, shutdown, Redis outages.
+    sweep_interval: float = Field(
+        2.0, gt=0, description="Seconds between a worker's sweeps for jobs of lost workers and passed deadlines."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Lost attempts (the worker died mid-run) after which a job fails with worker_lost."
+    )
+    max_deadline: int = Field(86400, ge=1, description="Longest deadline_seconds a request may ask for.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds a running job may take to finish before it is handed back."
+    )
+    redis_retry: float = Field(
+        60.0, ge=0, description="Seconds a worker keeps retrying to store a finished job's result while Redis is down."
+    )
     progress_interval: float = Field(
         0.1, ge=0, description="Least seconds between two progress writes of one job (0.1 = at most 10/s)."
     )

@@ -15,7 +15,7 @@ def test_diffq_offers_up_api_and_worker() -> None:
     result = subprocess.run([*diffq_command(), "--help"], capture_output=True, text=True, timeout=60,
                             env=clean_environment())
     assert result.returncode == 0
-    for command in ("up", "api", "worker"):
+    for command in ("up", "api", "worker", "webhooks"):
         assert command in result.stdout
 
 

@@ -28,7 +28,7 @@ def test_up_serves_a_job_and_ctrl_c_stops_every_child(tiny_model: Path, tmp_path
         assert f"diffq: ready at http://127.0.0.1:{port}" in output, output
         assert "started embedded Redis at redis://127.0.0.1:" in output
         children = children_of(up.pid)
-        assert len(children) == 3  # redis-server, the API, the worker
+        assert len(children) == 4  # redis-server, the API, the webhook deliverer, the worker
 
         base = f"http://127.0.0.1:{port}"
         job = httpx.post(f"{base}/v1/jobs", json={"prompt": "a red circle", "steps": 2, "seed": 5}).json()

@@ -48,6 +48,8 @@ def test_post_answers_202_with_location_and_the_queued_job(client: TestClient, s
         "image": None,
         "mask": None,
         "journey": False,
+        "deadline_at": None,
+        "webhook": None,
     }
 
 

@@ -6,7 +6,8 @@ installs this context before it starts taking jobs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from redis import Redis
@@ -19,6 +20,21 @@ if TYPE_CHECKING:
     from worker.heartbeat import Heartbeat
 
 
+@dataclass
+class Shutdown:
+    """A graceful shutdown in progress: the running job may finish until ``deadline`` (monotonic)."""
+
+    deadline: float | None = None
+    handed_back: set[str] = field(default_factory=set)  # jobs given back to the queue, for RQ to re-enqueue
+
+    def begin(self, grace: float) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + grace
+
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """The long-lived state of one worker process."""
@@ -29,6 +45,7 @@ class WorkerContext:
     redis: Redis
     store: JobStore
     heartbeat: Heartbeat
+    shutdown: Shutdown = field(default_factory=Shutdown)
 
 
 _current: WorkerContext | None = None

@@ -15,10 +15,13 @@ The engine calls ``ProgressReporter`` after every step. It
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import redis.exceptions
 
 from app.contract import events
 from app.contract.store import JobStore, RunCheck, WriteResult
@@ -26,6 +29,8 @@ from model.engine import StopGeneration
 
 if TYPE_CHECKING:
     from model.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 class JobAbandonedError(StopGeneration):
@@ -38,6 +43,10 @@ class JobAbandonedError(StopGeneration):
 
 class JobCanceledError(StopGeneration):
     """A client canceled the running job: end it ``canceled``, with no images."""
+
+
+class JobHandBackError(StopGeneration):
+    """The worker is shutting down and its grace period is over: give the job back to the queue."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class ProgressReporter:
         engine: Engine | None = None,
         previews: PreviewSettings | None = None,
         event_ttl: int = 86400,
+        overdue: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.job_id = job_id
@@ -77,15 +87,31 @@ class ProgressReporter:
         self.engine = engine
         self.previews = previews if previews is not None else PreviewSettings(decoder="off")
         self.event_ttl = event_ttl
+        self.overdue = overdue
         self.writes = 0
         self.previews_written = 0
         self._started = clock()
         self._last_write = -float("inf")
         self._last_preview = clock()  # the first preview after one interval: step 1 is mostly noise
+        self._redis_down = False
 
     def __call__(
         self, step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None
     ) -> None:
+        if self.overdue():
+            raise JobHandBackError(f"job {self.job_id}: shutdown grace over at step {step} of {total}")
+        try:
+            self._report(step, total, denoised_by_request)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            # Redis is down: keep denoising; the result is stored once it is back (see runner).
+            if not self._redis_down:
+                log.warning("job %s: Redis unreachable at step %d, going on without progress: %s",
+                            self.job_id, step, error)
+            self._redis_down = True
+        else:
+            self._redis_down = False
+
+    def _report(self, step: int, total: int, denoised_by_request: Any) -> None:
         check = self.store.check(self.job_id, self.token)
         if check is RunCheck.CANCEL:
             raise JobCanceledError(f"job {self.job_id}: canceled at step {step} of {total}")

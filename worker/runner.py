@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import uuid
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import redis.exceptions
 from PIL import Image
 from rq.timeouts import JobTimeoutException
 
@@ -25,7 +26,13 @@ from app.contract.store import StoredImage, WriteResult
 from model.engine import GenerationRequest, GenerationResult, Padding
 from worker.context import WorkerContext
 from worker.png import encode_journey, encode_png, png_text
-from worker.progress import JobAbandonedError, JobCanceledError, PreviewSettings, ProgressReporter
+from worker.progress import (
+    JobAbandonedError,
+    JobCanceledError,
+    JobHandBackError,
+    PreviewSettings,
+    ProgressReporter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,10 @@ class JobRunner:
             return
         log.info("job %s: attempt %d started", job_id, record.attempt)
         self._publish(job_id, "running", {"attempt": record.attempt})
+        deadline = record.request.deadline_at
+        if deadline is not None and deadline < utcnow() and record.attempt == 1:
+            self._fail(record, token, ErrorCode.DEADLINE_EXCEEDED, "still queued when its deadline passed")
+            return
         with self.context.heartbeat.busy(job_id):
             self._run_claimed(record, token)
 
@@ -104,6 +115,7 @@ class JobRunner:
         progress = ProgressReporter(
             self.store, record.id, token, self.settings.progress_interval,
             engine=engine, previews=previews, event_ttl=self.settings.job_ttl,
+            overdue=self.context.shutdown.overdue,
         )
         started = time.monotonic()
         try:
@@ -114,6 +126,14 @@ class JobRunner:
         except JobCanceledError as stop:
             log.info("job %s: %s", record.id, stop)
             self._end(record, token, "canceled", {"status": "canceled", "finished_at": utcnow().isoformat()})
+            return
+        except JobHandBackError as stop:
+            log.info("job %s: %s; handing it back to the queue", record.id, stop)
+            result, _ = self.store.requeue(record.id, token, lost=False)
+            if result is WriteResult.WRITTEN:
+                self.context.shutdown.handed_back.add(record.id)  # DiffqWorker re-enqueues it in RQ
+                self._publish(record.id, "queued", {"status": "queued", "reason": "worker_shutdown",
+                                                    "attempt": record.attempt})
             return
         except JobTimeoutException:
             self._fail(record, token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
@@ -137,17 +157,35 @@ class JobRunner:
             pipe.execute()
 
     def _publish(self, job_id: str, type: str, data: dict[str, Any]) -> None:
-        events.publish(self.store.redis, job_id, type, data, self.settings.job_ttl)
+        try:
+            events.publish(self.store.redis, job_id, type, data, self.settings.job_ttl)
+        except redis.exceptions.RedisError as error:  # the record holds the truth; streams re-read it
+            log.warning("job %s: could not publish %s event: %s", job_id, type, error)
 
     def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
              images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
         """Store the job's final fields (and results) and, if that stuck, publish its terminal event."""
-        outcome = self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
-                                    result_ttl=self.settings.result_ttl, blobs=blobs)
+        outcome = self._while_redis_recovers(
+            lambda: self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
+                                      result_ttl=self.settings.result_ttl, blobs=blobs)
+        )
         if outcome is WriteResult.WRITTEN:
             data = {key: values[key] for key in ("error", "seeds") if key in values}
             self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
         return outcome
+
+    def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:
+        """Retry a final write while Redis is unreachable (a restart), for up to ``redis_retry`` s."""
+        deadline, wait = time.monotonic() + self.settings.redis_retry, 0.2
+        while True:
+            try:
+                return write()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("Redis unreachable while storing a result (%s); retrying in %.1f s", error, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     def _succeed(self, record: JobRecord, token: str, result: GenerationResult) -> None:
         params = record.request

@@ -22,6 +22,7 @@ from worker import context
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.rq_worker import DiffqWorker
+from worker.sweeper import Sweeper, SweeperThread
 
 if TYPE_CHECKING:
     from model.engine import Engine
@@ -98,12 +99,15 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         serializer=JSONSerializer,
     )
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sweeper = SweeperThread(Sweeper(redis, settings, model.name, worker_id), settings.sweep_interval)
     heartbeat.start()
+    sweeper.start()
     log.info("worker %s serving model %r on %s (%s) from queue %r", worker_id, model.name, model.device,
              model.dtype, queue_name(model.name))
     try:
         return rq_worker.work(burst=burst, logging_level=settings.log_level.upper())
     finally:
+        sweeper.stop()
         heartbeat.stop()
         context.install(None)
         for sig, handler in handlers.items():  # RQ installed its own; give the caller's back

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.errors import (
     DiffqError,
     IdempotencyConflictError,
+    IdempotencyInProgressError,
     ImageNotFoundError,
     InvalidRequestError,
     JobFinishedError,
@@ -26,6 +27,7 @@ STATUS: dict[type[DiffqError], int] = {
     JobNotFoundError: 404,
     ImageNotFoundError: 404,
     IdempotencyConflictError: 409,
+    IdempotencyInProgressError: 409,
     InvalidRequestError: 422,  # UnknownModelError too, as a subclass
     StoreUnavailableError: 503,
     JobFinishedError: 409,
@@ -58,7 +60,8 @@ async def _on_diffq_error(request: Request, exc: DiffqError) -> JSONResponse:
     if isinstance(exc, InvalidRequestError):
         fields = [FieldError(field=p.field, message=p.message) for p in exc.problems]
     status = _status_for(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    retry = status == 503 or isinstance(exc, IdempotencyInProgressError)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
     return _error_response(status, Error(code=exc.code, message=exc.message, fields=fields), headers)
 
 

@@ -49,6 +49,11 @@ def _multipart_schema(job_create: dict[str, Any]) -> dict[str, Any]:
         "type": "string",
         "description": 'Pixels to add per side, as a JSON object, e.g. {"left": 16, "right": 16}.',
     }
+    properties["webhook"] = {
+        "type": "string",
+        "description": 'The webhook as a JSON object, e.g. {"url": "https://example.com/hook", '
+        '"events": ["succeeded"]}.',
+    }
     return {
         "type": "object",
         "title": "JobCreateMultipart",

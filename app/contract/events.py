@@ -11,6 +11,16 @@ Event types, in the order a job emits them:
 An event's id is its stream entry id (``<ms>-<n>``): increasing, and what an
 SSE client sends back as ``Last-Event-ID`` to resume after it. The stream
 lives as long as the job record and is trimmed to its latest entries.
+
+Webhooks: a status event (``STATUS_EVENTS``: not progress or previews) of a job
+whose request has a ``webhook`` whose ``events`` name it is also scheduled for
+delivery (``app.webhooks.queue.schedule``) in the same ``MULTI`` as the stream
+entry, so the event exists exactly when its delivery does. ``publish`` finds the
+job's webhook itself (one ``HGET`` of the record's ``request``) unless it is
+given a pipeline; then the caller passes ``webhook`` (``JobService.submit`` does).
+The delivery's ``webhook-id`` is ``msg_<job id>_<type>`` (``_<attempt>`` added
+when the data has an ``attempt``, as ``running`` does), so a receiver can drop a
+repeated event.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from redis import Redis
 from redis.client import Pipeline
 
 from app.contract import keys
+from app.contract.records import Webhook
+from app.webhooks import queue as webhook_queue
 
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+#: Events that change a job's status: the ones a webhook can subscribe to.
+STATUS_EVENTS = frozenset({"queued", "running", *TERMINAL_EVENTS})
 #: Entries kept per job: progress is throttled, so this covers many minutes of a run.
 MAX_EVENTS = 1000
 
@@ -42,12 +56,68 @@ class Event:
         return self.type in TERMINAL_EVENTS
 
 
-def publish(redis: Redis | Pipeline, job_id: str, type: str, data: dict[str, Any], ttl: int) -> None:
-    """Append an event (inside the caller's pipeline when one is given) and renew the stream's TTL."""
+def publish(
+    redis: Redis | Pipeline,
+    job_id: str,
+    type: str,
+    data: dict[str, Any],
+    ttl: int,
+    webhook: Webhook | dict[str, Any] | None = None,
+) -> None:
+    """Append an event and renew the stream's TTL, and schedule its webhook delivery if the job
+    has a webhook for it: inside the caller's pipeline when one is given, else in one ``MULTI``.
+
+    ``webhook`` is the job's webhook spec; ``None`` means "look it up" on a plain client (status
+    events only) and "none" in a pipeline, whose caller knows the job's request.
+    """
+    if webhook is None and type in STATUS_EVENTS and not isinstance(redis, Pipeline):
+        webhook = job_webhook(redis, job_id)
+    spec = Webhook.model_validate(webhook) if isinstance(webhook, dict) else webhook
+    if isinstance(redis, Pipeline):
+        _write(redis, job_id, type, data, ttl, spec)
+    else:
+        with redis.pipeline() as pipe:
+            _write(pipe, job_id, type, data, ttl, spec)
+            pipe.execute()
+
+
+def _write(pipe: Pipeline, job_id: str, type: str, data: dict[str, Any], ttl: int, webhook: Webhook | None) -> None:
     stream = keys.events(job_id)
-    redis.xadd(stream, {"type": type, "data": json.dumps(data, separators=(",", ":"))},
-               maxlen=MAX_EVENTS, approximate=True)
-    redis.expire(stream, ttl)
+    pipe.xadd(stream, {"type": type, "data": json.dumps(data, separators=(",", ":"))},
+              maxlen=MAX_EVENTS, approximate=True)
+    pipe.expire(stream, ttl)
+    if webhook is not None and type in STATUS_EVENTS and type in webhook.events:
+        webhook_queue.schedule(
+            pipe, job_id, webhook.url, f"job.{type}", webhook_data(job_id, type, data), webhook_id(job_id, type, data)
+        )
+
+
+def job_webhook(redis: Redis, job_id: str) -> Webhook | None:
+    """The webhook of a job's request, or ``None`` (no webhook, or no record)."""
+    raw = redis.hget(keys.job(job_id), "request")
+    if raw is None:
+        return None
+    spec = json.loads(raw).get("webhook")
+    return Webhook.model_validate(spec) if spec else None
+
+
+def webhook_id(job_id: str, type: str, data: dict[str, Any]) -> str:
+    """The ``webhook-id`` of an event: the same for a repeat of the same event. Events a job can
+    emit more than once (``running`` on a retry, ``queued`` when requeued) carry ``attempt``."""
+    attempt = data.get("attempt")
+    return f"msg_{job_id}_{type}" + (f"_{attempt}" if attempt is not None else "")
+
+
+def webhook_data(job_id: str, type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` of an event's webhook payload: the event's data plus the job's id and path,
+    and for a terminal event its ``error`` and the paths of its images (not a count)."""
+    path = f"/v1/jobs/{job_id}"  # the API's routes (app/api/routes): relative, as workers know no host
+    payload = {"id": job_id, "url": path, "status": type, **data}
+    if type in TERMINAL_EVENTS:
+        payload.setdefault("error", None)
+        count = data.get("images", 0)
+        payload["images"] = [f"{path}/images/{n}.png" for n in range(count if isinstance(count, int) else 0)]
+    return payload
 
 
 def parse(entries: list) -> list[Event]:

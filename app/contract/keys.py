@@ -24,6 +24,9 @@ diffq:job:<id>:journey:<n>      string  worker    ``result_ttl``. Animated WebP 
                                                   clean-image estimate over the steps.
 diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
                                                   jobs, for queue ETAs.
+diffq:running                   zset    worker    none. Ids of claimed, unended jobs (score: claim
+                                                  time); the sweeper looks there for lost jobs.
+diffq:sweeper:<model>           string  worker    a sweep interval. Lock: one sweep per model at once.
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -34,13 +37,33 @@ diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by 
 rq:queue:diffq:<model>          list    API       RQ's queue of job ids for one model.
 ==============================  ======  ========  ==================================================
 
-Reserved for later features (not written yet), so names do not collide:
-``diffq:idempotency:<key>`` (Idempotency-Key store).
+Idempotency-Key and webhooks (their modules own these keys; see each module's docstring):
+
+==================================  ======  ========  ==============================================
+key                                 type    writer    lifetime
+==================================  ======  ========  ==============================================
+diffq:idempotency:<sha256>          string  API       ``idempotency_ttl`` from first use. JSON
+                                                      ``{body_sha256, job_id, created_at}``
+                                                      (``app.core.idempotency``).
+diffq:job:<id>:webhooks             list    deliverer the job record's remaining TTL. JSON of each
+                                                      delivery attempt (``app.webhooks.deliver``);
+                                                      deleted with the job by the API.
+diffq:webhooks:due                  zset    both      none. Delivery id -> unix time it is next due;
+                                                      written by ``events.publish`` with the event.
+diffq:webhook:delivery:<id>         string  both      7 days, extended while retried. JSON delivery.
+diffq:webhooks:inflight             zset    deliverer none. Claimed delivery id -> lease end.
+diffq:webhooks:owners               hash    deliverer none. Claimed delivery id -> claim token.
+diffq:webhook:secret                string  any       none. Generated signing secret, unless
+                                                      ``webhook_secret`` is set.
+==================================  ======  ========  ==============================================
 """
 
 from __future__ import annotations
 
 PREFIX = "diffq"
+
+RUNNING = f"{PREFIX}:running"
+"""Sorted set of running job ids, scored by claim time."""
 
 WORKERS = f"{PREFIX}:workers"
 """Set of worker ids; membership alone does not mean alive (see ``worker``)."""
@@ -77,6 +100,11 @@ def preview(job_id: str) -> str:
 def journey(job_id: str, index: int) -> str:
     """Animated WebP of image ``index``'s journey from noise."""
     return f"{PREFIX}:job:{job_id}:journey:{index}"
+
+
+def sweeper_lock(model: str) -> str:
+    """Held by the worker sweeping a model's jobs, for one sweep interval."""
+    return f"{PREFIX}:sweeper:{model}"
 
 
 def model_durations(name: str) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.contract.status import JobStatus
 
@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"  # ran longer than the deployment's job_timeout
     WORKER_LOST = "worker_lost"  # the worker died or RQ gave up on the job
     REFUSED = "refused"  # the queued RQ job was not diffq's task
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # still queued when the request's deadline passed
     INTERNAL_ERROR = "internal_error"  # a bug in diffq; the message says what
 
 
@@ -71,6 +72,36 @@ class Outpaint(BaseModel):
     bottom: int = Field(0, ge=0, le=4096)
 
 
+WEBHOOK_EVENTS = ("queued", "running", "succeeded", "failed", "canceled")
+"""Job events a webhook can subscribe to (status changes; not progress or previews)."""
+
+WebhookEvent = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class Webhook(BaseModel):
+    """Where to POST a job's status changes, and which ones (signed, retried: ``app.webhooks``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL that receives the events; it must resolve to public addresses unless the "
+        "deployment allows loopback or private ones. Redirects are not followed.",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["succeeded", "failed", "canceled"],
+        min_length=1,
+        description="Events to send: any of queued, running, succeeded, failed, canceled (default: the three "
+        "terminal ones).",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[str]) -> list[str]:
+        return list(dict.fromkeys(events))
+
+
 class JobParams(BaseModel):
     """A request with every default resolved, as the worker will run it."""
 
@@ -92,6 +123,8 @@ class JobParams(BaseModel):
     image: InputImage | None = None  # editing modes: the (normalised, maybe resized) input
     mask: InputImage | None = None  # inpaint only: white = repaint
     journey: bool = False  # also make an animated image of each picture emerging from noise
+    deadline_at: datetime | None = None  # still queued then: the job fails with deadline_exceeded
+    webhook: Webhook | None = None  # status events to POST (events.publish schedules them)
 
 
 class Progress(BaseModel):
@@ -146,6 +179,7 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False  # set by POST .../cancel on a running job; the worker stops at the next step
     preview: PreviewInfo | None = None
     journeys: int = 0  # journey animations stored (one per image), when asked for
+    lost_attempts: int = 0  # attempts whose worker died (or vanished); max_attempts ends the job
 
     def to_hash(self) -> dict[str, str]:
         """The record as Redis hash fields, each value JSON-encoded."""

@@ -11,6 +11,7 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -19,7 +20,7 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from app.contract import keys
+from app.contract import events, keys
 from app.contract.records import JobRecord, encode_fields, utcnow
 from app.contract.status import TERMINAL, JobStatus
 
@@ -45,29 +46,46 @@ return {1}
 """
 )
 
-# KEYS[2..]: image keys. ARGV[2]: record TTL; ARGV[3]: image TTL; ARGV[4]: number of
-# field/value strings that follow; then those strings; then one PNG per image key.
+# KEYS[2]: the running index; KEYS[3..]: result keys (images, journeys). ARGV[2]: record
+# TTL; ARGV[3]: result TTL; ARGV[4]: number of field/value strings that follow; then those
+# strings; then one value per result key.
 _FINISH = (
     _GUARD
     + """
 local nfields = tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + nfields))
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[3 + nfields + i], 'EX', ARGV[3])
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2 + nfields + i], 'EX', ARGV[3])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[5 + nfields + #KEYS - 2])
 return {1}
 """
 )
 
-# ARGV[2..]: field, value pairs to set; the attempt counter is incremented here.
+# Hand a running job back to the queue (its worker died, or is shutting down). KEYS[2]: the
+# running index. ARGV[2]: job id; ARGV[3]: 1 to count the attempt as lost; ARGV[4]: status JSON.
+_REQUEUE = (
+    _GUARD
+    + """
+local lost = tonumber(redis.call('HGET', KEYS[1], 'lost_attempts') or '0') + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'attempt_token', 'null', 'worker', 'null', 'progress', 'null',
+           'lost_attempts', tostring(lost))
+redis.call('ZREM', KEYS[2], ARGV[2])
+return {1, lost}
+"""
+)
+
+# KEYS[2]: the running index. ARGV[2]: claim time; ARGV[3]: job id; ARGV[4..]: field, value
+# pairs to set; the attempt counter is incremented here.
 # Returns {1, HGETALL...} so the caller gets the claimed record in one round trip.
 _CLAIM = (
     "local token = ARGV[1]\nARGV[1] = ''\n"
     + _GUARD
     + """
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 local result = {1}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
 return result
@@ -100,6 +118,14 @@ redis.call('HSET', KEYS[1], 'preview', ARGV[4])
 return {1}
 """
 )
+
+
+# Fail a job only while it is still queued (deadlines). ARGV[1..]: field, value pairs.
+_FAIL_QUEUED = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= '{json.dumps(JobStatus.QUEUED.value)}' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
 
 
 class CancelResult(IntEnum):
@@ -147,6 +173,8 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._claim = redis.register_script(_CLAIM)
         self._cancel = redis.register_script(_CANCEL)
+        self._requeue = redis.register_script(_REQUEUE)
+        self._fail_queued = redis.register_script(_FAIL_QUEUED)
         self._preview = redis.register_script(_PREVIEW)
 
     def create(
@@ -189,6 +217,7 @@ class JobStore:
             *(keys.journey(job_id, n) for n in range(num_images)),
             *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES),
         ]
+        self.redis.zrem(keys.RUNNING, job_id)
         return bool(self.redis.delete(*names))
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:
@@ -203,7 +232,9 @@ class JobStore:
                 "error": None,
             }
         )
-        reply = self._claim(keys=[keys.job(job_id)], args=[json.dumps(token), *_flatten(fields)])
+        reply = self._claim(
+            keys=[keys.job(job_id), keys.RUNNING], args=[json.dumps(token), str(time.time()), job_id, *_flatten(fields)]
+        )
         if int(reply[0]) != WriteResult.WRITTEN:
             return None
         pairs = reply[1:]
@@ -229,10 +260,34 @@ class JobStore:
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
         reply = self._finish(
-            keys=[keys.job(job_id), *stored],
-            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields, *stored.values()],
+            keys=[keys.job(job_id), keys.RUNNING, *stored],
+            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields, *stored.values(),
+                  job_id],
         )
         return WriteResult(int(reply[0]))
+
+    def requeue(self, job_id: str, token: str | None, *, lost: bool) -> tuple[WriteResult, int]:
+        """Put a running job back to ``queued`` (the caller re-enqueues it in RQ); ``lost`` counts
+        the attempt towards ``max_attempts``. Returns what happened and the lost attempts so far."""
+        reply = self._requeue(
+            keys=[keys.job(job_id), keys.RUNNING],
+            args=[_token_arg(token), job_id, "1" if lost else "0", json.dumps(JobStatus.QUEUED.value)],
+        )
+        return WriteResult(int(reply[0])), int(reply[1]) if len(reply) > 1 else 0
+
+    def expire_if_queued(self, job_id: str, event_ttl: int) -> bool:
+        """Fail a job still queued past its deadline (it never ran), with its event; False if it
+        is no longer queued. The caller takes it off RQ's queue."""
+        error = {"code": "deadline_exceeded", "message": "still queued when its deadline passed"}
+        values = {"status": "failed", "finished_at": utcnow().isoformat(), "error": error}
+        if not self._fail_queued(keys=[keys.job(job_id)], args=_flatten(encode_fields(values))):
+            return False
+        events.publish(self.redis, job_id, "failed", {"status": "failed", "error": error, "images": 0}, event_ttl)
+        return True
+
+    def running(self) -> list[tuple[str, float]]:
+        """(job id, claimed at unix time) of every job a worker has claimed and not ended."""
+        return [(member.decode(), score) for member, score in self.redis.zrange(keys.RUNNING, 0, -1, withscores=True)]
 
     def cancel(self, job_id: str, finished_at: str) -> tuple[CancelResult, JobStatus | None]:
         """Cancel a queued job, or flag a running one; returns what happened and the status it had."""

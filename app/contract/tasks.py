@@ -10,9 +10,10 @@ from __future__ import annotations
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue
-from rq.exceptions import InvalidJobOperation
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from app.settings import Settings
@@ -46,6 +47,19 @@ def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | 
         description=f"diffq job {job_id}",
         pipeline=pipeline,
     )
+
+
+def enqueue_again(queue: Queue, job_id: str) -> bool:
+    """Put an RQ job that was started (and maybe finished) back on its queue as ``queued``:
+    for a job diffq hands back (lost worker, shutdown). False if RQ no longer has the job."""
+    try:
+        job = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return False
+    StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job)  # RQ 2: per execution
+    FinishedJobRegistry(queue.name, connection=queue.connection).remove(job)
+    queue.enqueue_job(job)
+    return True
 
 
 def rq_status(job_id: str, redis: Redis) -> RQStatus | None:

@@ -90,3 +90,17 @@ class IdempotencyConflictError(DiffqError):
         )
         self.key = key
         self.used_at = used_at
+
+
+class IdempotencyInProgressError(DiffqError):
+    """The first request with this Idempotency-Key is still creating its job; retry in a moment."""
+
+    code = "idempotency_key_in_progress"
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"a request with Idempotency-Key {key!r} is still creating job {job_id!r}; retry in a moment "
+            "to get that job"
+        )
+        self.key = key
+        self.job_id = job_id

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -20,15 +22,25 @@ from app.contract.store import CancelResult, JobStore
 from app.contract.tasks import enqueue, model_queue, rq_status
 from app.core.errors import (
     FieldProblem,
+    IdempotencyInProgressError,
     ImageNotFoundError,
     JobFinishedError,
     JobNotFoundError,
     UnknownModelError,
 )
+from app.core.idempotency import IdempotencyStore
 from app.core.inputs import prepare_inputs
 from app.core.validation import resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
+from app.webhooks.deliver import attempts, attempts_key
+from app.webhooks.urls import AllowList, check_url
+
+#: Seconds a replayed Idempotency-Key waits for the job its first request is still creating.
+IDEMPOTENCY_WAIT = 2.0
+IDEMPOTENCY_POLL = 0.02
+#: A reservation older than this whose job record is missing stands for a deleted or expired job.
+IDEMPOTENCY_CREATING = 60.0
 
 
 def new_job_id() -> str:
@@ -45,6 +57,7 @@ class JobView:
     error: ErrorInfo | None
     queue_position: int | None
     eta_seconds: float | None = None  # until it ends: from the queue ahead, or the running steps
+    webhook_deliveries: list[dict[str, Any]] | None = None  # attempts so far; None: the job has no webhook
 
 
 class JobService:
@@ -56,22 +69,59 @@ class JobService:
         self.store = JobStore(redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
-    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None) -> JobView:
+    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None) -> JobView:
         """Validate against the served model, then write the record (and input images) and
-        enqueue it atomically. ``files`` holds multipart uploads by field name ("image", "mask")."""
+        enqueue it atomically. ``files`` holds multipart uploads by field name ("image", "mask");
+        ``job_id`` is the id to create (one reserved for an Idempotency-Key), else a new one."""
+        if body.webhook is not None:
+            check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         model = self.served_model(body.model)
         inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
-        record = JobRecord(
-            id=new_job_id(), model=model.name, request=resolve_request(body, model, inputs), warnings=inputs.warnings
-        )
+        request = resolve_request(body, model, inputs)
+        if body.webhook is not None:
+            request = request.model_copy(update={"webhook": body.webhook})
+        record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings)
         queue = model_queue(model.name, self.redis)
         with self.redis.pipeline() as pipe:
             # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
             enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
             self.store.create(record, self.settings.job_ttl, pipeline=pipe, inputs=inputs.pngs)
-            events.publish(pipe, record.id, "queued", {"status": "queued"}, self.settings.job_ttl)
+            events.publish(pipe, record.id, "queued", {"status": "queued"}, self.settings.job_ttl,
+                           webhook=record.request.webhook)
             pipe.execute()
         return self.view(record)
+
+    def submit_once(
+        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None
+    ) -> tuple[JobView, bool]:
+        """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
+        later one with the same body gets that job (``True``: a replay); another body raises
+        ``IdempotencyConflictError``. A replay that arrives while the first request is still
+        creating the job waits up to ``IDEMPOTENCY_WAIT`` seconds for it, then raises
+        ``IdempotencyInProgressError``; if the first request failed (its reservation is released),
+        this one creates the job instead."""
+        store = IdempotencyStore(self.redis, self.settings.idempotency_ttl)
+        while True:
+            reservation = store.reserve(key, body_fingerprint, new_job_id())
+            if reservation.created:
+                try:
+                    return self.submit(body, files, job_id=reservation.job_id), False
+                except BaseException:
+                    store.release(key, reservation.job_id)  # so the client's retry can succeed
+                    raise
+            deadline = time.monotonic() + IDEMPOTENCY_WAIT
+            while True:
+                record = self.store.get(reservation.job_id)
+                if record is not None:
+                    return self.view(record), True
+                if (utcnow() - reservation.created_at).total_seconds() > IDEMPOTENCY_CREATING:
+                    raise JobNotFoundError(reservation.job_id)  # created long ago, since deleted or expired
+                held = store.get(key)
+                if held is None or held["job_id"] != reservation.job_id:
+                    break  # the first request failed and released the key: reserve it again
+                if time.monotonic() >= deadline:
+                    raise IdempotencyInProgressError(key, reservation.job_id)
+                time.sleep(IDEMPOTENCY_POLL)
 
     def get(self, job_id: str) -> JobView:
         """The job as it is now; raises ``JobNotFoundError``."""
@@ -82,6 +132,12 @@ class JobService:
 
     def view(self, record: JobRecord) -> JobView:
         """Combine the record with RQ's view: RQ knows of failures the worker could not record."""
+        deadline = record.request.deadline_at
+        if record.status is JobStatus.QUEUED and deadline is not None and deadline < utcnow():
+            # Ended here too, so a client sees deadline_exceeded even while no worker sweeps.
+            if self.store.expire_if_queued(record.id, self.settings.job_ttl):
+                model_queue(record.model, self.redis).remove(record.id)
+            record = self.store.get(record.id) or record
         status, error = record.status, record.error
         if not status.is_terminal:
             status, error = self._reconcile(record)
@@ -92,7 +148,9 @@ class JobService:
             eta = self._queued_eta(record.model, position)
         elif status is JobStatus.RUNNING and record.progress is not None:
             eta = record.progress.eta_seconds
-        return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta)
+        deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
+        return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
+                       webhook_deliveries=deliveries)
 
     def _queued_eta(self, model: str, position: int) -> float | None:
         """Seconds until a queued job ends: the jobs ahead shared among the model's live workers,
@@ -147,6 +205,7 @@ class JobService:
         """Remove the job and its images; a queued job will never run, a running one stops."""
         if not self.store.delete(job_id):
             raise JobNotFoundError(job_id)
+        self.redis.delete(attempts_key(job_id))  # its webhook delivery attempts
         # A running job is left to its worker: the worker finds the record gone at its
         # next progress write and stops, and RQ then closes its own bookkeeping.
         if job_status.from_rq(rq_status(job_id, self.redis)) is not JobStatus.RUNNING:
@@ -186,6 +245,8 @@ class JobService:
         raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])
 
     def _reconcile(self, record: JobRecord) -> tuple[JobStatus, ErrorInfo | None]:
+        if record.status is JobStatus.QUEUED and record.attempt > 0:
+            return record.status, None  # handed back (lost worker, shutdown): RQ's status is the old run's
         seen = job_status.from_rq(rq_status(record.id, self.redis))
         if seen is None or not seen.is_terminal:
             if record.status is JobStatus.QUEUED and seen is JobStatus.RUNNING:

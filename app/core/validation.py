@@ -9,8 +9,9 @@ nothing is silently corrected.
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 
-from app.contract.records import JobMode, JobParams, ModelRecord
+from app.contract.records import JobMode, JobParams, ModelRecord, utcnow
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.inputs import PreparedInputs
 from app.schemas.jobs import MAX_SEED, JobCreate
@@ -66,6 +67,7 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         image=inputs.image,
         mask=inputs.mask,
         journey=body.journey,
+        deadline_at=utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress
+from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress, Webhook, WebhookEvent
 from app.contract.status import JobStatus
 from app.settings import Settings
 
@@ -71,6 +71,12 @@ class JobCreate(BaseModel):
         "mask. Default 0.75 for img2img, 1 for inpaint and outpaint.",
     )
     outpaint: Outpaint | None = Field(None, description="Pixels to add on each side; the original pixels are kept.")
+    deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="If the job is still queued this many seconds after submission, it ends `failed` with "
+        "`deadline_exceeded` instead of running.",
+    )
     journey: bool = Field(
         False,
         description="Also make an animated WebP per image of the clean-image estimate over the steps: the "
@@ -80,6 +86,12 @@ class JobCreate(BaseModel):
         False,
         description="Scale the image (and mask) to width × height (model default where omitted) instead of "
         "refusing an input whose size does not fit.",
+    )
+    webhook: Webhook | None = Field(
+        None,
+        description="POST the job's status changes to this URL, signed per Standard Webhooks and retried with "
+        'backoff: `{"url": "https://…", "events": ["succeeded", "failed", "canceled"]}` (in multipart, as a JSON '
+        "string).",
     )
 
     @field_validator("prompt")
@@ -91,7 +103,7 @@ class JobCreate(BaseModel):
 
 
 @lru_cache(maxsize=8)
-def _limited(max_prompt_length: int, max_steps: int, max_images: int) -> type[JobCreate]:
+def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadline: int) -> type[JobCreate]:
     base = JobCreate.model_fields
 
     def limited(name: str, **limits: Any) -> Any:
@@ -105,12 +117,13 @@ def _limited(max_prompt_length: int, max_steps: int, max_images: int) -> type[Jo
         negative_prompt=limited("negative_prompt", max_length=max_prompt_length),
         steps=limited("steps", le=max_steps),
         num_images=limited("num_images", le=max_images),
+        deadline_seconds=limited("deadline_seconds", le=max_deadline),
     )
 
 
 def job_create_model(settings: Settings) -> type[JobCreate]:
     """``JobCreate`` with this deployment's limits from settings."""
-    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job)
+    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job, settings.max_deadline)
 
 
 class Timings(BaseModel):
@@ -130,6 +143,29 @@ class ImagePublic(BaseModel):
     width: int
     height: int
     journey_url: str | None = Field(None, description="Animated WebP of this image emerging, if `journey` was asked.")
+
+
+class WebhookDelivery(BaseModel):
+    """One attempt to deliver one event to the job's webhook."""
+
+    delivery_id: str
+    event_id: str = Field(description="The `webhook-id` header: the same on every retry of the event.")
+    type: str = Field(description="`job.<event>`, e.g. `job.succeeded`.")
+    attempt: int = Field(description="1 for the first try of this delivery, then 2, 3, …")
+    at: datetime
+    status_code: int | None = Field(None, description="The receiver's HTTP status; null if none came back.")
+    error: str | None = Field(None, description="Why it failed: HTTP status, refused address, timeout, …")
+    duration_ms: float
+    outcome: str = Field(description="`delivered`, `retrying` or `gave_up`.")
+    next_attempt_at: datetime | None = Field(None, description="When it is tried again, while `retrying`.")
+
+
+class WebhookPublic(BaseModel):
+    """The job's webhook and every delivery attempt so far (oldest first)."""
+
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDelivery]
 
 
 class JobPublic(BaseModel):
@@ -158,3 +194,6 @@ class JobPublic(BaseModel):
     warnings: list[str]
     error: ErrorInfo | None = None
     images: list[ImagePublic]
+    webhook: WebhookPublic | None = Field(
+        None, description="Only with a webhook: its URL and events, and every delivery attempt (oldest first)."
+    )

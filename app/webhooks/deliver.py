@@ -2,7 +2,7 @@
 
 Run it as its own process (any number of them, on any hosts)::
 
-    python -m app.webhooks.deliver
+    diffq webhooks            # or: python -m app.webhooks.deliver
 
 It stops cleanly on SIGTERM/SIGINT. In tests or embedded use::
 
@@ -348,9 +348,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def main() -> int:
-    """``python -m app.webhooks.deliver``: deliver until SIGTERM or SIGINT."""
-    settings = load_settings()
+def main(settings: Settings | None = None) -> int:
+    """``python -m app.webhooks.deliver`` (or ``diffq webhooks``): deliver until SIGTERM or SIGINT."""
+    settings = settings or load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

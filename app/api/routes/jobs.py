@@ -15,9 +15,10 @@ from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.contract import events, keys
 from app.core.errors import JobNotFoundError
+from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
 from app.deps import JobServiceDep, SubmissionBody
-from app.schemas.jobs import ImagePublic, JobPublic, Timings
+from app.schemas.jobs import ImagePublic, JobPublic, Timings, WebhookDelivery, WebhookPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -41,12 +42,39 @@ AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
     response_model=JobPublic,
     openapi_extra=JOB_CREATE_BODY,
     summary="Submit a text-to-image or image-editing job",
-    response_description="The job, queued; `Location` is its URL.",
+    response_description="The job, queued; `Location` is its URL. With an `Idempotency-Key` already used with "
+    "the same body: that key's job, as it is now, with `Idempotent-Replayed: true`.",
+    responses={
+        409: ERROR_RESPONSES[422]
+        | {
+            "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`), or its "
+            "first request is still creating the job (`idempotency_key_in_progress`, with `Retry-After`)."
+        }
+    },
 )
-def create_job(body: SubmissionBody, jobs: JobServiceDep, request: Request, response: Response) -> JobPublic:
-    # A plain `def`: FastAPI runs it in a worker thread, so decoding input images never
-    # blocks the event loop.
-    view = jobs.submit(body.body, body.files)
+def create_job(
+    body: SubmissionBody,
+    jobs: JobServiceDep,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_HEADER,
+            description="Any unique string (e.g. a UUID), at most 255 printable ASCII characters. A retry with "
+            "the same key and body gets the same job instead of a second one, within `DIFFQ_IDEMPOTENCY_TTL` "
+            "seconds; the same key with another body is a 409.",
+        ),
+    ] = None,
+) -> JobPublic:
+    # A plain `def`: FastAPI runs it in a worker thread, so decoding input images (and checking a
+    # webhook URL's DNS) never blocks the event loop.
+    if idempotency_key is not None and body.fingerprint is not None:
+        view, replayed = jobs.submit_once(idempotency_key, body.fingerprint, body.body, body.files)
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+    else:
+        view = jobs.submit(body.body, body.files)
     response.headers["Location"] = str(request.url_for("get_job", job_id=view.record.id))
     return job_public(view, request)
 
@@ -172,4 +200,11 @@ def job_public(view: JobView, request: Request) -> JobPublic:
         warnings=record.warnings,
         error=view.error,
         images=images,
+        webhook=WebhookPublic(
+            url=record.request.webhook.url,
+            events=record.request.webhook.events,
+            deliveries=[WebhookDelivery.model_validate(attempt) for attempt in view.webhook_deliveries or []],
+        )
+        if record.request.webhook is not None
+        else None,
     )
