@@ -107,38 +107,22 @@ def _unet(**overrides) -> UNet2DConditionModel:
 
 def build_sd1(folder: Path, seed: int = 0) -> Path:
     """An SD-1.x-style pipeline (epsilon prediction, PNDM config) saved to `folder`."""
-    torch.manual_seed(seed)
-    tokenizer = write_tokenizer_files(folder.parent / f"{folder.name}-vocab")
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu")),
-        tokenizer=tokenizer,
-        unet=_unet(),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            skip_prk_steps=True,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    return folder
+    return _build_sd1_style(StableDiffusionPipeline, folder, seed, unet_in_channels=LATENT_CHANNELS)
 
 
 def build_sd1_inpaint(folder: Path, seed: int = 0) -> Path:
     """An SD-1.x-style inpainting checkpoint: the UNet takes 9 channels (latents, mask, masked image)."""
+    return _build_sd1_style(StableDiffusionInpaintPipeline, folder, seed, unet_in_channels=2 * LATENT_CHANNELS + 1)
+
+
+def _build_sd1_style(pipeline_class: type, folder: Path, seed: int, unet_in_channels: int) -> Path:
     torch.manual_seed(seed)
     tokenizer = write_tokenizer_files(folder.parent / f"{folder.name}-vocab")
-    pipe = StableDiffusionInpaintPipeline(
+    pipe = pipeline_class(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu")),
         tokenizer=tokenizer,
-        unet=_unet(in_channels=2 * LATENT_CHANNELS + 1),
+        unet=_unet(in_channels=unet_in_channels),
         scheduler=PNDMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
