@@ -1,4 +1,5 @@
-"""The ``diffq`` command: ``up`` (everything, one command), ``api``, ``worker`` and ``webhooks`` (the parts).
+"""The ``diffq`` command: ``up`` (everything, one command), ``api``, ``worker`` and ``webhooks`` (the parts);
+``generate``, ``jobs`` and ``cancel`` (a client of a running API: ``app.client_cli``).
 
 Importing this module imports neither torch nor the worker: ``diffq api``
 stays light, and ``diffq worker`` imports the worker only when it runs.
@@ -7,9 +8,8 @@ stays light, and ``diffq worker`` imports the worker only when it runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app.settings import Settings, load_settings
@@ -22,11 +22,9 @@ def _settings(args: argparse.Namespace, **fields: str) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from app.logs import setup  # JSON lines (DIFFQ_LOG_FORMAT), job ids on every line about a job
+
+    setup(settings)
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -36,7 +34,8 @@ def run_api(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                log_config=None)  # uvicorn's lines go through app.logs too
     return 0
 
 
@@ -68,6 +67,20 @@ def run_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host="host", port="port", model="model_path")
     return up(settings)
+
+
+def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
+    """``generate``, ``jobs``, ``cancel``: ``app.client_cli.<name>`` with the environment's settings."""
+
+    def run(args: argparse.Namespace) -> int:
+        from app import client_cli
+        from app.logs import setup
+
+        settings = load_settings()
+        setup(settings, level="warning")
+        return getattr(client_cli, name)(args, settings)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "webhooks", help="run a webhook deliverer: sends, signs and retries job webhooks (no torch needed)"
     )
     webhooks.set_defaults(run=run_webhooks)
+
+    from app.client_cli import add_commands
+
+    add_commands(commands, _client_command("generate"), _client_command("list_jobs"), _client_command("cancel"))
     return parser
 
 

@@ -107,6 +107,8 @@ def up(settings: Settings) -> int:
             env["DIFFQ_REDIS_URL"] = redis.url
             print(f"diffq: started embedded Redis at {redis.url}", flush=True)
         env.update(DIFFQ_HOST=settings.host, DIFFQ_PORT=str(settings.port), DIFFQ_MODEL_PATH=str(settings.model_path))
+        if settings.host in ("127.0.0.1", "localhost", "::1"):
+            env.setdefault("DIFFQ_JOB_LISTING", "true")  # one machine, loopback only: `diffq jobs` works
         children.append(_spawn("api", ["api"], env))
         children.append(_spawn("webhook deliverer", ["webhooks"], env))
         children.append(_spawn("worker", ["worker"], env))

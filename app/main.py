@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -14,7 +15,9 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
-from app.api.routes import health, images, jobs, models
+from app.api.metrics import DiffqCollector
+from app.api.routes import health, images, jobs, metrics, models, openai_images, playground
+from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
 
 DESCRIPTION = """\
@@ -48,5 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, images, models, health):
         app.include_router(module.router)
+    # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.
+    app.include_router(openai_images.router)
+    app.include_router(metrics.router)
+    app.include_router(playground.router)
+    app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")
+    app.state.metrics_registry = metrics.metrics_registry(DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl))
+    app.add_middleware(JobContextMiddleware)
     app.openapi = partial(build_openapi, app, settings)  # type: ignore[method-assign]
     return app

@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     )
     preview_interval: float = Field(0.5, ge=0, description="Least seconds between two previews of one job.")
 
+    # Cross-request batching in the worker.
+    batch_max: int = Field(
+        4, ge=1, description="Most jobs a worker runs as one pipeline call (the one it took plus compatible "
+        "queued ones: same size, steps, scheduler, guidance, mode and strength); 1 turns batching off.",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="Longest a worker waits, in milliseconds, for compatible jobs to join a batch "
+        "that is not full.",
+    )
+
     # Idempotency-Key and webhooks ("no job lost").
     idempotency_ttl: int = Field(
         86400, ge=1, description="Seconds an Idempotency-Key is remembered; a retry within it gets the same job."
@@ -132,6 +142,22 @@ class Settings(BaseSettings):
     )
     webhook_lease: int = Field(
         60, ge=1, description="Seconds a webhook deliverer owns a delivery it took; a crashed one's are resent after."
+    )
+
+    # Where users already are: the OpenAI-compatible endpoint, job listing, client commands, logs.
+    openai_timeout: float = Field(
+        300.0, gt=0, description="Seconds POST /v1/images/generations waits for its job, then 504 (the job goes on)."
+    )
+    job_listing: bool = Field(
+        False,
+        description="Serve GET /v1/jobs (recent jobs, ids included) to any client; off where job ids are the only "
+        "access control.",
+    )
+    url: str | None = Field(
+        None, description="API base URL for the client commands (diffq generate, jobs, cancel); default http://host:port."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines: json (one object a line, with job_id), text, or auto (json unless a terminal)."
     )
 
     log_level: str = Field("info", description="Log level of the API and worker processes.")

@@ -17,6 +17,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from model.engine import Engine
+    from worker.batching import Company
     from worker.heartbeat import Heartbeat
 
 
@@ -35,6 +36,14 @@ class Shutdown:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
+@dataclass
+class Batching:
+    """Where the running job finds company: set by ``DiffqWorker`` around each job it executes
+    (``None`` when batching is off or no RQ worker is running the job)."""
+
+    company: Company | None = None
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """The long-lived state of one worker process."""
@@ -46,6 +55,7 @@ class WorkerContext:
     store: JobStore
     heartbeat: Heartbeat
     shutdown: Shutdown = field(default_factory=Shutdown)
+    batching: Batching = field(default_factory=Batching)
 
 
 _current: WorkerContext | None = None

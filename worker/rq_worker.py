@@ -1,14 +1,24 @@
-"""diffq's RQ worker class: no fork, allow-listed jobs only."""
+"""diffq's RQ worker class: no fork, allow-listed jobs only, compatible queued jobs batched."""
 
 from __future__ import annotations
 
-from rq.job import Job
-from rq.queue import Queue
-from rq.worker import SimpleWorker
+import json
+import logging
 
+import redis.exceptions
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.queue import Queue
+from rq.worker import SimpleWorker, WorkerStatus
+
+from app.contract import keys
+from app.contract.status import JobStatus
 from app.contract.tasks import enqueue_again
 from worker import context
 from worker.allowlist import AllowListedJob
+from worker.batching import Company, Taken, engine_batch_key
+
+log = logging.getLogger(__name__)
 
 
 class DiffqWorker(SimpleWorker):
@@ -17,6 +27,11 @@ class DiffqWorker(SimpleWorker):
     RQ's default ``Worker`` forks a child per job; CUDA does not survive a
     fork, and reloading the model per job would cost seconds. Every dequeued
     job is an ``AllowListedJob``, refused unless it is diffq's task.
+
+    Batching (``batch_max`` > 1): the job RQ dequeued runs through RQ's usual
+    lifecycle, and while it runs the task takes compatible queued jobs along
+    (``worker.batching.Company``). Once it has ended, each job taken along is
+    ended in RQ by RQ's own success handling, as if RQ had run it.
     """
 
     job_class = AllowListedJob
@@ -29,9 +44,59 @@ class DiffqWorker(SimpleWorker):
         super().request_stop(signum, frame)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        super().execute_job(job, queue)
-        handed_back = context.current().shutdown.handed_back
-        if job.id in handed_back:
-            # RQ has just recorded the run as finished; make it queued again for another worker.
-            handed_back.discard(job.id)
-            enqueue_again(queue, job.id)
+        current = context.current()
+        company = None
+        if current.settings.batch_max > 1:
+            company = Company(self, queue, current.store, current.worker_id, engine_batch_key(current.engine))
+        current.batching.company = company
+        try:
+            # SimpleWorker.execute_job, keeping perform_job's verdict for the jobs taken along.
+            self.prepare_execution(job)
+            succeeded = self.perform_job(job, queue)
+            self.set_state(WorkerStatus.IDLE)
+        finally:
+            current.batching.company = None
+        taken = company.taken if company is not None else []
+        failure = None if succeeded else self._failure_of(job)
+        for extra in taken:
+            self._end_taken(extra, queue, failure)
+        handed_back = current.shutdown.handed_back
+        for job_id in [job.id, *(extra.record.id for extra in taken)]:
+            if job_id in handed_back:
+                # RQ has just recorded the run as finished; make it queued again for another worker.
+                handed_back.discard(job_id)
+                enqueue_again(queue, job_id)
+
+    def _end_taken(self, taken: Taken, queue: Queue, failure: str | None) -> None:
+        """End a job taken along in RQ: perform_job's success path (or its failure path, when the
+        lead's run failed before this job got a result), with the job's own execution."""
+        job = taken.rq_job
+        if failure is not None and self._has_ended(taken.record.id):
+            failure = None  # its result (or its failure) is stored: RQ has nothing to add
+        self.execution = taken.execution  # RQ's handlers end the worker's current execution
+        try:
+            self.handle_execution_ended(job, queue, job.success_callback_timeout)
+            if failure is None:
+                job._status = RQStatus.FINISHED
+                self.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
+            else:
+                job._status = RQStatus.FAILED
+                self.handle_job_failure(job=job, queue=queue, started_job_registry=queue.started_job_registry,
+                                        exc_string=failure)
+        except redis.exceptions.RedisError as error:  # the record holds the truth; RQ's view is secondary
+            log.warning("job %s: could not end it in RQ: %s", job.id, error)
+        finally:
+            self.execution = None
+
+    def _has_ended(self, job_id: str) -> bool:
+        raw = self.connection.hget(keys.job(job_id), "status")
+        return raw is None or JobStatus(json.loads(raw)).is_terminal
+
+    def _failure_of(self, lead: Job) -> str:
+        """What RQ recorded of the lead's failure, for the jobs that ran with it."""
+        try:
+            result = lead.latest_result()
+            detail = (result.exc_string or "") if result is not None else ""
+        except Exception:
+            detail = ""
+        return f"ran in the batch of job {lead.id}, whose run failed:\n{detail or 'unknown failure'}"

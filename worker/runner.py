@@ -1,4 +1,5 @@
-"""Runs one diffq job on the loaded engine: claim, validate, generate, store.
+"""Runs diffq jobs on the loaded engine: claim, validate, generate, store; one job, or a batch
+of compatible queued jobs in one pipeline call (see ``worker.batching``).
 
 Every write goes through the store's guarded scripts with this run's attempt
 token, so a job deleted meanwhile is never recreated and a stale run never
@@ -14,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -21,9 +23,9 @@ from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract import events, keys
+from app.contract import events, keys, metrics
 from app.contract.store import StoredImage, WriteResult
-from model.engine import GenerationRequest, GenerationResult, Padding
+from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration
 from worker.context import WorkerContext
 from worker.png import encode_journey, encode_png, png_text
 from worker.progress import (
@@ -32,6 +34,7 @@ from worker.progress import (
     JobHandBackError,
     PreviewSettings,
     ProgressReporter,
+    report_step,
 )
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,25 @@ def _open_png(data: bytes) -> Image.Image:
     return image
 
 
+@dataclass
+class _Job:
+    """A claimed job in a run: its record, attempt token, validated request and progress reporter."""
+
+    record: JobRecord
+    token: str
+    request: GenerationRequest
+    reporter: ProgressReporter | None = None
+    live: bool = True  # still wants its images; False once canceled, abandoned or ended
+
+
+class _AllStopped(StopGeneration):
+    """Every job of the batch was canceled or abandoned: nobody wants the rest of the run."""
+
+
 class JobRunner:
-    """One job from claim to result, in the worker process."""
+    """One job from claim to result, in the worker process, with any compatible queued jobs it
+    can take along (``batch_max``): those run in the same pipeline call, each with its own
+    claim, progress, cancel and result."""
 
     def __init__(self, context: WorkerContext) -> None:
         self.context = context
@@ -81,78 +101,163 @@ class JobRunner:
         if record is None:
             log.info("job %s: deleted or ended before it started; skipping", job_id)
             return
-        log.info("job %s: attempt %d started", job_id, record.attempt)
-        self._publish(job_id, "running", {"attempt": record.attempt})
+        with self.context.heartbeat.busy(job_id):
+            lead = self._start(record, token)
+            if lead is None:
+                return
+            jobs = [lead]
+            try:
+                jobs += self._company(lead)
+                self._run(jobs)
+            except Exception as error:
+                # A bug, or the job timeout striking outside generation: jobs taken along must
+                # not stay `running`; the lead's failure is RQ's to record, as before batching.
+                code = ErrorCode.TIMEOUT if isinstance(error, JobTimeoutException) else ErrorCode.INTERNAL_ERROR
+                for job in jobs[1:]:
+                    if job.live:
+                        job.live = False
+                        self._fail(job.record, job.token, code, f"{type(error).__name__}: {error}")
+                raise
+
+    def _start(self, record: JobRecord, token: str) -> _Job | None:
+        """A claimed job's start: announce it, then check its deadline, inputs and request.
+        ``None`` if it ended here (failed)."""
+        log.info("job %s: attempt %d started", record.id, record.attempt)
+        self._publish(record.id, "running", {"attempt": record.attempt})
         deadline = record.request.deadline_at
         if deadline is not None and deadline < utcnow() and record.attempt == 1:
             self._fail(record, token, ErrorCode.DEADLINE_EXCEEDED, "still queued when its deadline passed")
-            return
-        with self.context.heartbeat.busy(job_id):
-            self._run_claimed(record, token)
-
-    def _run_claimed(self, record: JobRecord, token: str) -> None:
-        engine = self.context.engine
+            return None
         inputs = {}
         for name in ("image", "mask"):
             if getattr(record.request, name) is not None:
                 png = self.store.job_input(record.id, name)
                 if png is None:
                     self._fail(record, token, ErrorCode.INVALID_REQUEST, f"{name}: the stored input has expired")
-                    return
+                    return None
                 inputs[name] = png
         try:
-            request = engine.validate(generation_request(record.request, inputs))
+            request = self.context.engine.validate(generation_request(record.request, inputs))
         except ValueError as error:  # the engine names the field and what it accepts
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
-            return
+            return None
+        return _Job(record=record, token=token, request=request)
 
+    def _company(self, lead: _Job) -> list[_Job]:
+        """Queued jobs that can share the lead's pipeline call, claimed and started (up to
+        ``batch_max - 1``, waiting at most ``batch_wait_ms`` for them). None while shutting down."""
+        company = self.context.batching.company
+        limit = self.settings.batch_max - 1
+        if company is None or limit < 1 or self.context.shutdown.deadline is not None:
+            return []
+        jobs = []
+        for taken in company.take(lead.record, limit, self.settings.batch_wait_ms / 1000):
+            job = self._start(taken.record, taken.token)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _reporter(self, job: _Job) -> ProgressReporter:
         previews = PreviewSettings(
             decoder=self.settings.preview_decoder,
             interval=self.settings.preview_interval,
             ttl=self.settings.result_ttl,
-            size=(request.width, request.height),
+            size=(job.request.width, job.request.height),
         )
-        progress = ProgressReporter(
-            self.store, record.id, token, self.settings.progress_interval,
-            engine=engine, previews=previews, event_ttl=self.settings.job_ttl,
+        return ProgressReporter(
+            self.store, job.record.id, job.token, self.settings.progress_interval,
+            engine=self.context.engine, previews=previews, event_ttl=self.settings.job_ttl,
             overdue=self.context.shutdown.overdue,
         )
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Generate the images of ``jobs`` in one engine call and store each job's result.
+
+        A job canceled mid-run ends ``canceled`` at once and the others go on (its rows are
+        computed to the end and dropped); a deleted or re-attempted one is dropped. If every job
+        is dropped, the run stops. A shutdown past its grace hands every job back to the queue.
+        If a batch of several jobs fails in the model (say, out of memory), each job is run
+        again alone, so that a failure only ever fails the job it belongs to.
+        """
+        for job in jobs:
+            job.reporter = self._reporter(job)
         started = time.monotonic()
         try:
-            [result] = engine.generate([request], on_step=progress)
-        except JobAbandonedError as stop:
-            log.info("job %s: %s", record.id, stop)
-            return
-        except JobCanceledError as stop:
-            log.info("job %s: %s", record.id, stop)
-            self._end(record, token, "canceled", {"status": "canceled", "finished_at": utcnow().isoformat()})
+            results = self.context.engine.generate([job.request for job in jobs], on_step=self._on_step(jobs))
+        except _AllStopped:
             return
         except JobHandBackError as stop:
-            log.info("job %s: %s; handing it back to the queue", record.id, stop)
-            result, _ = self.store.requeue(record.id, token, lost=False)
-            if result is WriteResult.WRITTEN:
-                self.context.shutdown.handed_back.add(record.id)  # DiffqWorker re-enqueues it in RQ
-                self._publish(record.id, "queued", {"status": "queued", "reason": "worker_shutdown",
-                                                    "attempt": record.attempt})
+            log.info("%s; handing back %d job(s) to the queue", stop, sum(job.live for job in jobs))
+            for job in jobs:
+                if job.live:
+                    self._hand_back(job)
             return
         except JobTimeoutException:
-            self._fail(record, token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
+            for job in jobs:
+                if job.live:
+                    job.live = False
+                    self._fail(job.record, job.token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
             return
-        except ValueError as error:
-            self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
+        except Exception as error:  # a model failure ends these jobs, never the worker
+            live = [job for job in jobs if job.live]
+            if len(live) > 1:
+                log.warning("batch of %d jobs failed (%s: %s); running each alone", len(live),
+                            type(error).__name__, error)
+                for job in live:
+                    self._run([job])
+                return
+            for job in live:
+                job.live = False
+                if isinstance(error, ValueError):
+                    self._fail(job.record, job.token, ErrorCode.INVALID_REQUEST, str(error))
+                else:
+                    log.exception("job %s: generation failed", job.record.id)
+                    self._fail(job.record, job.token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}")
             return
-        except Exception as error:  # a model failure ends this job, never the worker
-            log.exception("job %s: generation failed", record.id)
-            self._fail(record, token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}")
-            return
-        self._succeed(record, token, result)
-        self._record_duration(time.monotonic() - started)
+        for job, result in zip(jobs, results, strict=True):
+            if job.live:
+                job.live = False
+                self._succeed(job.record, job.token, result)
+        self._record_duration(time.monotonic() - started, len(jobs))
 
-    def _record_duration(self, seconds: float) -> None:
-        """Recent job durations of this model, for the ETAs of queued jobs."""
+    def _on_step(self, jobs: list[_Job]) -> Callable[..., None]:
+        """The engine's ``on_step`` for a batch: each job's own reporter sees its own latents."""
+
+        def on_step(step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None) -> None:
+            indices = latents_by_request.keys() if latents_by_request else range(len(jobs))
+            running = [index for index in indices if jobs[index].live]
+            if running:
+                runs = [(jobs[index].reporter, {index: denoised_by_request[index]} if denoised_by_request else None)
+                        for index in running]
+                for index, stop in zip(running, report_step(runs, step, total), strict=True):
+                    job = jobs[index]
+                    if isinstance(stop, JobCanceledError):
+                        log.info("job %s: %s", job.record.id, stop)
+                        job.live = False
+                        self._end(job.record, job.token, "canceled",
+                                  {"status": "canceled", "finished_at": utcnow().isoformat()})
+                    elif stop is not None:  # deleted, or taken over by another attempt
+                        log.info("job %s: %s", job.record.id, stop)
+                        job.live = False
+            if not any(job.live for job in jobs):
+                raise _AllStopped(f"every job of the run stopped at step {step} of {total}")
+
+        return on_step
+
+    def _hand_back(self, job: _Job) -> None:
+        job.live = False
+        result, _ = self.store.requeue(job.record.id, job.token, lost=False)
+        if result is WriteResult.WRITTEN:
+            self.context.shutdown.handed_back.add(job.record.id)  # DiffqWorker re-enqueues it in RQ
+            self._publish(job.record.id, "queued", {"status": "queued", "reason": "worker_shutdown",
+                                                    "attempt": job.record.attempt})
+
+    def _record_duration(self, seconds: float, jobs: int = 1) -> None:
+        """Recent job durations of this model, for the ETAs of queued jobs: a batch of n jobs
+        counts as n jobs of 1/n of its time each (what the queue behind it sees)."""
         key = keys.model_durations(self.model.name)
         with self.store.redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, f"{seconds:.3f}")
+            pipe.lpush(key, *[f"{seconds / jobs:.3f}"] * jobs)
             pipe.ltrim(key, 0, 19)
             pipe.execute()
 
@@ -172,6 +277,7 @@ class JobRunner:
         if outcome is WriteResult.WRITTEN:
             data = {key: values[key] for key in ("error", "seeds") if key in values}
             self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
+            metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
         return outcome
 
     def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:

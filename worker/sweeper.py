@@ -30,7 +30,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from app.contract import events, keys
+from app.contract import events, keys, metrics
 from app.contract.records import ErrorCode, utcnow
 from app.contract.registry import Registry
 from app.contract.status import JobStatus
@@ -99,6 +99,7 @@ class Sweeper:
             self.store.finish(job_id, None, values, [], job_ttl=self.settings.job_ttl,
                               result_ttl=self.settings.result_ttl)
             self._forget_rq_job(job_id)
+            metrics.record_finished(self.redis, self.model, "failed", ErrorCode.WORKER_LOST.value)
             events.publish(self.redis, job_id, "failed", {"status": "failed", "error": values["error"], "images": 0},
                            self.settings.job_ttl)
             report.failed.append(job_id)
@@ -119,6 +120,7 @@ class Sweeper:
             if record is None or record.request.deadline_at is None or record.request.deadline_at > now:
                 continue
             if self.store.expire_if_queued(job_id, self.settings.job_ttl):
+                metrics.record_finished(self.redis, self.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
                 self.queue.remove(job_id)
                 report.expired.append(job_id)
 

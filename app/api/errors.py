@@ -17,6 +17,7 @@ from app.core.errors import (
     ImageNotFoundError,
     InvalidRequestError,
     JobFinishedError,
+    JobListingDisabledError,
     JobNotFoundError,
     StoreUnavailableError,
     UploadTooLargeError,
@@ -32,6 +33,7 @@ STATUS: dict[type[DiffqError], int] = {
     StoreUnavailableError: 503,
     JobFinishedError: 409,
     UploadTooLargeError: 413,
+    JobListingDisabledError: 403,
 }
 
 RETRY_AFTER_SECONDS = 1

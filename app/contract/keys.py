@@ -35,6 +35,14 @@ diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by 
                                                   serves it. JSON ``ModelRecord``: the limits the
                                                   API validates requests against.
 rq:queue:diffq:<model>          list    API       RQ's queue of job ids for one model.
+diffq:jobs                      zset    API       none (the newest ``JOBS_INDEX_MAX``). Job id ->
+                                                  creation time (unix s), written at submit, for
+                                                  ``GET /v1/jobs``; readers drop ids whose record
+                                                  is gone.
+diffq:metrics:<model>           hash    both      none. Counters and histogram buckets of ended
+                                                  jobs (``app.contract.metrics``), read by
+                                                  ``GET /metrics``.
+diffq:metrics:models            set     both      none. Models that have a metrics hash.
 ==============================  ======  ========  ==================================================
 
 Idempotency-Key and webhooks (their modules own these keys; see each module's docstring):
@@ -67,6 +75,20 @@ RUNNING = f"{PREFIX}:running"
 
 WORKERS = f"{PREFIX}:workers"
 """Set of worker ids; membership alone does not mean alive (see ``worker``)."""
+
+JOBS = f"{PREFIX}:jobs"
+"""Sorted set of job ids scored by creation time (unix seconds): the newest jobs, for listing."""
+
+JOBS_INDEX_MAX = 10_000
+"""Job ids ``JOBS`` keeps; older ones are trimmed at submit."""
+
+METRICS_MODELS = f"{PREFIX}:metrics:models"
+"""Set of model names that have a ``metrics`` hash."""
+
+
+def metrics(model: str) -> str:
+    """Hash of a model's job counters and histogram buckets (``app.contract.metrics``)."""
+    return f"{PREFIX}:metrics:{model}"
 
 
 def job(job_id: str) -> str:

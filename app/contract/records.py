@@ -236,3 +236,8 @@ class WorkerRecord(BaseModel):
     started_at: datetime
     heartbeat_at: datetime
     current_job: str | None = None
+    # GPU memory of the worker's device at its latest heartbeat (None: not reported, e.g. a CPU worker);
+    # GET /metrics shows them.
+    gpu_memory_allocated_bytes: int | None = None
+    gpu_memory_reserved_bytes: int | None = None
+    gpu_memory_total_bytes: int | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from app.contract import events, keys
 from app.contract.records import JobRecord, encode_fields, utcnow
@@ -79,10 +80,7 @@ return {1, lost}
 # KEYS[2]: the running index. ARGV[2]: claim time; ARGV[3]: job id; ARGV[4..]: field, value
 # pairs to set; the attempt counter is incremented here.
 # Returns {1, HGETALL...} so the caller gets the claimed record in one round trip.
-_CLAIM = (
-    "local token = ARGV[1]\nARGV[1] = ''\n"
-    + _GUARD
-    + """
+_CLAIM_BODY = """
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
@@ -90,6 +88,16 @@ local result = {1}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
 return result
 """
+_CLAIM = "local token = ARGV[1]\nARGV[1] = ''\n" + _GUARD + _CLAIM_BODY
+
+# Claim a job still waiting in RQ's queue list (KEYS[3]) and take it off that list, in one step:
+# how a worker adds queued jobs to a batch. {-3}: no longer on the list (another worker has it);
+# a missing or ended record is left on the list for RQ's own path.
+_CLAIM_QUEUED = (
+    "local token = ARGV[1]\nARGV[1] = ''\n"
+    + _GUARD
+    + "if redis.call('LREM', KEYS[3], 1, ARGV[3]) == 0 then return {-3} end\n"
+    + _CLAIM_BODY
 )
 
 
@@ -119,6 +127,21 @@ return {1}
 """
 )
 
+
+# Between two denoising steps of a run: may it go on, and if so write its progress and append the
+# progress event, in one step. KEYS[2]: the job's event stream. ARGV[2]: progress JSON (the record's
+# field and the event's data); ARGV[3]: events kept in the stream; ARGV[4]: the stream's TTL.
+# {2}: a client asked to cancel (nothing written).
+_PROGRESS = (
+    _GUARD
+    + """
+if redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return {2} end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'progress', 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1}
+"""
+)
 
 # Fail a job only while it is still queued (deadlines). ARGV[1..]: field, value pairs.
 _FAIL_QUEUED = f"""
@@ -172,10 +195,12 @@ class JobStore:
         self._update = redis.register_script(_UPDATE)
         self._finish = redis.register_script(_FINISH)
         self._claim = redis.register_script(_CLAIM)
+        self._claim_queued = redis.register_script(_CLAIM_QUEUED)
         self._cancel = redis.register_script(_CANCEL)
         self._requeue = redis.register_script(_REQUEUE)
         self._fail_queued = redis.register_script(_FAIL_QUEUED)
         self._preview = redis.register_script(_PREVIEW)
+        self._progress = redis.register_script(_PROGRESS)
 
     def create(
         self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None, inputs: dict[str, bytes] | None = None
@@ -222,6 +247,16 @@ class JobStore:
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:
         """Mark a job running under a new attempt; ``None`` if it is gone or already ended."""
+        return self._claimed(self._claim, [keys.job(job_id), keys.RUNNING], job_id, worker_id, token)
+
+    def claim_queued(self, job_id: str, queue_key: str, worker_id: str, token: str) -> JobRecord | None:
+        """``claim`` a job that waits in RQ's queue list ``queue_key`` and take it off the list, atomically
+        (a worker batching it with the job it runs). ``None``, leaving the list as it was, if another
+        worker took it first or its record is gone or ended."""
+        return self._claimed(self._claim_queued, [keys.job(job_id), keys.RUNNING, queue_key], job_id, worker_id, token)
+
+    def _claimed(self, script: Any, script_keys: list[str], job_id: str, worker_id: str,
+                 token: str) -> JobRecord | None:
         fields = encode_fields(
             {
                 "status": JobStatus.RUNNING.value,
@@ -232,9 +267,7 @@ class JobStore:
                 "error": None,
             }
         )
-        reply = self._claim(
-            keys=[keys.job(job_id), keys.RUNNING], args=[json.dumps(token), str(time.time()), job_id, *_flatten(fields)]
-        )
+        reply = script(keys=script_keys, args=[json.dumps(token), str(time.time()), job_id, *_flatten(fields)])
         if int(reply[0]) != WriteResult.WRITTEN:
             return None
         pairs = reply[1:]
@@ -298,14 +331,39 @@ class JobStore:
 
     def check(self, job_id: str, token: str) -> RunCheck:
         """One round trip between denoising steps: may this attempt go on?"""
-        status, owner, cancel = self.redis.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested")
-        if status is None:
-            return RunCheck.MISSING
-        if owner is None or json.loads(owner) != token:
-            return RunCheck.STALE
-        if JobStatus(json.loads(status)).is_terminal:
-            return RunCheck.ENDED
-        return RunCheck.CANCEL if cancel is not None and json.loads(cancel) else RunCheck.GO_ON
+        return _run_check(token, *self.redis.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested"))
+
+    def step(self, runs: Sequence[tuple[str, str, dict[str, Any] | None]], event_ttl: int) -> list[RunCheck]:
+        """Between two denoising steps of one or more running jobs (a batch), in one round trip:
+        for each ``(job id, attempt token, progress or None)``, may the attempt go on
+        (``check``)? Where it may and progress is given, the progress is written to the record
+        and published as a ``progress`` event (as ``update`` and ``events.publish`` would)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token, progress in runs:
+                if progress is None:
+                    pipe.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested")
+                else:
+                    # EVALSHA without redis-py's per-pipeline SCRIPT EXISTS round trip; see NOSCRIPT below.
+                    pipe.evalsha(self._progress.sha, 2, *self._progress_call(job_id, token, progress, event_ttl))
+            replies = pipe.execute(raise_on_error=False)
+        checks = []
+        for (job_id, token, progress), reply in zip(runs, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # first use, or Redis restarted: load it and run it alone
+                arguments = self._progress_call(job_id, token, progress or {}, event_ttl)
+                reply = self._progress(keys=arguments[:2], args=arguments[2:])
+            if isinstance(reply, Exception):
+                raise reply
+            if progress is None:
+                checks.append(_run_check(token, *reply))
+            else:
+                code = int(reply[0])
+                checks.append(RunCheck.GO_ON if code == WriteResult.WRITTEN else RunCheck(code))
+        return checks
+
+    @staticmethod
+    def _progress_call(job_id: str, token: str, progress: dict[str, Any], event_ttl: int) -> list[str]:
+        return [keys.job(job_id), keys.events(job_id), _token_arg(token),
+                json.dumps(progress, separators=(",", ":")), str(events.MAX_EVENTS), str(event_ttl)]
 
     def put_preview(self, job_id: str, token: str, png: bytes, info: dict[str, Any], ttl: int) -> WriteResult:
         """Store the latest preview PNG, if ``token`` still owns the running job."""
@@ -322,6 +380,17 @@ class JobStore:
     def journey(self, job_id: str, index: int) -> bytes | None:
         """Image ``index``'s journey animation (WebP), or ``None``."""
         return self.redis.get(keys.journey(job_id, index))
+
+
+def _run_check(token: str, status: bytes | None, owner: bytes | None, cancel: bytes | None) -> RunCheck:
+    """``check``'s verdict from the record's status, attempt token and cancel flag."""
+    if status is None:
+        return RunCheck.MISSING
+    if owner is None or json.loads(owner) != token:
+        return RunCheck.STALE
+    if JobStatus(json.loads(status)).is_terminal:
+        return RunCheck.ENDED
+    return RunCheck.CANCEL if cancel is not None and json.loads(cancel) else RunCheck.GO_ON
 
 
 def _token_arg(token: str | None) -> str:

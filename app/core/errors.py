@@ -104,3 +104,13 @@ class IdempotencyInProgressError(DiffqError):
         )
         self.key = key
         self.job_id = job_id
+
+
+class JobListingDisabledError(DiffqError):
+    """``GET /v1/jobs`` on a deployment that has not turned listing on (``DIFFQ_JOB_LISTING``)."""
+
+    code = "job_listing_disabled"
+
+    def __init__(self) -> None:
+        super().__init__("listing jobs is off on this deployment (job ids are its only access control); "
+                         "set DIFFQ_JOB_LISTING=true on the API to turn it on")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract import events, keys
+from app.contract import events, keys, metrics
 from app.contract import status as job_status
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry
@@ -41,6 +42,8 @@ IDEMPOTENCY_WAIT = 2.0
 IDEMPOTENCY_POLL = 0.02
 #: A reservation older than this whose job record is missing stands for a deleted or expired job.
 IDEMPOTENCY_CREATING = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def new_job_id() -> str:
@@ -88,8 +91,31 @@ class JobService:
             self.store.create(record, self.settings.job_ttl, pipeline=pipe, inputs=inputs.pngs)
             events.publish(pipe, record.id, "queued", {"status": "queued"}, self.settings.job_ttl,
                            webhook=record.request.webhook)
+            pipe.zadd(keys.JOBS, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
+            pipe.zremrangebyrank(keys.JOBS, 0, -keys.JOBS_INDEX_MAX - 1)
             pipe.execute()
+        log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
         return self.view(record)
+
+    def recent(self, limit: int) -> list[JobView]:
+        """The newest ``limit`` jobs that still exist, newest first; drops index entries of
+        deleted or expired jobs as it meets them."""
+        views: list[JobView] = []
+        start = 0
+        while len(views) < limit:
+            ids = [i.decode() for i in self.redis.zrevrange(keys.JOBS, start, start + limit - 1)]
+            if not ids:
+                break
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(keys.job(job_id))
+                found = pipe.execute()
+            gone = [job_id for job_id, fields in zip(ids, found, strict=True) if not fields]
+            views.extend(self.view(JobRecord.from_hash(fields)) for fields in found if fields)
+            if gone:
+                self.redis.zrem(keys.JOBS, *gone)
+            start += len(ids) - len(gone)
+        return views[:limit]
 
     def submit_once(
         self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None
@@ -137,6 +163,7 @@ class JobService:
             # Ended here too, so a client sees deadline_exceeded even while no worker sweeps.
             if self.store.expire_if_queued(record.id, self.settings.job_ttl):
                 model_queue(record.model, self.redis).remove(record.id)
+                metrics.record_finished(self.redis, record.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
             record = self.store.get(record.id) or record
         status, error = record.status, record.error
         if not status.is_terminal:
@@ -178,6 +205,12 @@ class JobService:
             except (NoSuchJobError, InvalidJobOperation):
                 pass
             events.publish(self.redis, job_id, "canceled", {"status": "canceled", "images": 0}, self.settings.job_ttl)
+            view = self.get(job_id)
+            metrics.record_finished(self.redis, view.record.model, "canceled")  # queued: it never ran
+            log.info("job %s canceled while queued", job_id, extra={"job_id": job_id})
+            return view
+        if result is CancelResult.REQUESTED:
+            log.info("job %s: cancel requested while running", job_id, extra={"job_id": job_id})
         return self.get(job_id)
 
     def preview(self, job_id: str) -> bytes:

@@ -197,3 +197,9 @@ class JobPublic(BaseModel):
     webhook: WebhookPublic | None = Field(
         None, description="Only with a webhook: its URL and events, and every delivery attempt (oldest first)."
     )
+
+
+class JobList(BaseModel):
+    """The newest jobs, newest first."""
+
+    jobs: list[JobPublic]

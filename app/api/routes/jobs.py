@@ -14,11 +14,11 @@ from redis.asyncio import Redis as AsyncRedis
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.contract import events, keys
-from app.core.errors import JobNotFoundError
+from app.core.errors import JobListingDisabledError, JobNotFoundError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, SubmissionBody
-from app.schemas.jobs import ImagePublic, JobPublic, Timings, WebhookDelivery, WebhookPublic
+from app.deps import JobServiceDep, SettingsDep, SubmissionBody
+from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -26,6 +26,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 MAX_WAIT = 60
 #: How often a stream or long poll re-reads the job even without events (RQ may end a job silently).
 RECHECK_SECONDS = 5
+#: Most jobs one GET /v1/jobs lists.
+MAX_LIST = 100
 
 
 def async_redis(request: Request) -> AsyncRedis:
@@ -77,6 +79,26 @@ def create_job(
         view = jobs.submit(body.body, body.files)
     response.headers["Location"] = str(request.url_for("get_job", job_id=view.record.id))
     return job_public(view, request)
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List the newest jobs (when DIFFQ_JOB_LISTING is on)",
+    response_description="The newest jobs that still exist, newest first.",
+    responses={403: ERROR_RESPONSES[404] | {"description": "Listing is off (`DIFFQ_JOB_LISTING`)."}},
+)
+def list_jobs(
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST, description="How many jobs.")] = 20,
+) -> JobList:
+    if not settings.job_listing:
+        # Job ids are unguessable and knowing one is the right to read the job: a list would hand
+        # every client every job, so a deployment turns it on knowingly.
+        raise JobListingDisabledError()
+    return JobList(jobs=[job_public(view, request) for view in jobs.recent(limit)])
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Read a job, or wait for it to end")

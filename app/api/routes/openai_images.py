@@ -1,0 +1,353 @@
+"""``POST /v1/images/generations``: OpenAI's Images API on top of diffq jobs.
+
+The official ``openai`` client pointed at diffq (``OpenAI(base_url="http://host:8000/v1",
+api_key="any")``) works unchanged: ``client.images.generate(prompt=..., n=..., size="64x64",
+response_format="b64_json" | "url")``. The request queues an ordinary diffq job, waits for it (up to
+``DIFFQ_OPENAI_TIMEOUT`` seconds) and answers ``{"created", "data": [{"b64_json" | "url"}]}``.
+
+- ``model``: a served diffq model; OpenAI's own names (``dall-e-*``, ``gpt-image-*``,
+  ``chatgpt-image-*``) and no model mean the deployment's default model.
+- ``size``: ``"WxH"`` (the model's limits apply) or ``"auto"`` (the model's default).
+- Accepted and ignored: ``quality``, ``style``, ``user``, ``moderation``, ``safety_identifier``,
+  ``output_compression``, ``partial_images``; ``background`` ``auto``/``opaque``; ``output_format``
+  ``png``; ``stream`` ``false``. Other values of those are a ``400``, as is any other field.
+- diffq's own parameters ride along (``extra_body`` in the client): ``negative_prompt``, ``steps``,
+  ``seed``, ``guidance_scale``, ``scheduler``, ``metadata``.
+
+Errors have OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: a bad request is a
+``400 invalid_request_error`` naming ``param``; a job that failed is a ``500 server_error`` (``400`` if
+the worker found the request invalid); a job still unfinished after the timeout is a ``504`` (the job
+goes on; the message names its URL). Both carry ``x-should-retry: false`` so the client does not queue
+the same work again. No live worker, or Redis down: ``503`` (retried by the client). The job's id is
+in the ``x-diffq-job-id`` header. A client that hangs up while waiting cancels its job.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import redis.exceptions
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from redis.asyncio import Redis as AsyncRedis
+
+from app.contract import events, keys
+from app.contract.status import JobStatus
+from app.core.errors import (
+    DiffqError,
+    IdempotencyConflictError,
+    IdempotencyInProgressError,
+    InvalidRequestError,
+    JobNotFoundError,
+    StoreUnavailableError,
+    UnknownModelError,
+    UploadTooLargeError,
+)
+from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from app.core.idempotency import fingerprint, validate_key
+from app.core.jobs import JobService, JobView
+from app.deps import JobServiceDep, SettingsDep
+from app.schemas.jobs import job_create_model
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/images", tags=["openai"])
+
+#: OpenAI model names that mean "the deployment's default model" here.
+OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
+#: How often the wait re-reads the job even without events, and checks that the client is still there.
+RECHECK_SECONDS = 5.0
+POLL_SECONDS = 1.0
+SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+#: Request fields mapped onto diffq's, for naming the OpenAI parameter in errors.
+PARAM_NAMES = {"num_images": "n", "width": "size", "height": "size"}
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's ``images.generate`` body, with diffq's own parameters as optional extras."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: StrictStr = Field(description="What to draw.")
+    model: StrictStr | None = Field(
+        None, description="A served diffq model; OpenAI's names (dall-e-*, gpt-image-*) mean the default one."
+    )
+    n: StrictInt | None = Field(None, ge=1, description="Images to make (diffq's `num_images`).")
+    size: StrictStr | None = Field(None, description='"WIDTHxHEIGHT" within the model\'s limits, or "auto".')
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="b64_json (default): the PNGs inline; url: links to the job's images on this API."
+    )
+    output_format: Literal["png"] | None = Field(None, description="Only png.")
+    background: Literal["auto", "opaque"] | None = Field(None, description="transparent is not supported.")
+    stream: Literal[False] | None = Field(None, description="Streaming is not supported.")
+    quality: StrictStr | None = Field(None, description="Accepted and ignored (use `steps`).")
+    style: StrictStr | None = Field(None, description="Accepted and ignored.")
+    user: StrictStr | None = Field(None, description="Accepted and ignored.")
+    moderation: StrictStr | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: StrictStr | None = Field(None, description="Accepted and ignored.")
+    output_compression: StrictInt | None = Field(None, description="Accepted and ignored (PNG is lossless).")
+    partial_images: StrictInt | None = Field(None, description="Accepted and ignored (no streaming).")
+    negative_prompt: StrictStr | None = Field(None, description="diffq: what to steer away from.")
+    steps: StrictInt | None = Field(None, description="diffq: denoising steps.")
+    seed: StrictInt | None = Field(None, description="diffq: seed of image 0 (image k uses seed + k).")
+    guidance_scale: StrictFloat | StrictInt | None = Field(None, description="diffq: classifier-free guidance.")
+    scheduler: StrictStr | None = Field(None, description="diffq: scheduler name.")
+    metadata: StrictBool | None = Field(None, description="diffq: write generation parameters into the PNGs.")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ``ImagesResponse``."""
+
+    created: int = Field(description="Unix time the job was created.")
+    data: list[ImageData]
+    size: str
+    output_format: Literal["png"] = "png"
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body."""
+
+    error: OpenAIErrorDetail
+
+
+class OpenAIFailure(Exception):
+    """An answer in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry: bool | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry, self.job_id = retry, job_id
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry is not None:
+            headers["x-should-retry"] = "true" if self.retry else "false"
+        if self.status == 503:
+            headers["Retry-After"] = "1"
+        if self.job_id is not None:
+            headers["x-diffq-job-id"] = self.job_id
+        body = OpenAIError(error=OpenAIErrorDetail(message=self.message, type=self.type, param=self.param,
+                                                   code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIError, "description": "A parameter is invalid (`param` names it), or the job found it so."},
+    500: {"model": OpenAIError, "description": "The job failed or was canceled (`code` says why)."},
+    503: {"model": OpenAIError, "description": "No live worker, or Redis is unreachable: retry."},
+    504: {"model": OpenAIError, "description": "The job did not end within `DIFFQ_OPENAI_TIMEOUT`; it goes on."},
+}
+
+
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+        }
+    },
+    summary="Create images (OpenAI Images API compatible): queue a job, wait for it, answer its images",
+)
+async def create_images(
+    request: Request,
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)] = None,
+) -> Any:
+    try:
+        return await _create_images(request, jobs, settings.openai_timeout, idempotency_key)
+    except OpenAIFailure as failure:
+        return failure.response()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        return OpenAIFailure(503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable",
+                             retry=True).response()
+
+
+async def _create_images(request: Request, jobs: JobService, timeout: float, idempotency_key: str | None) -> Any:
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OpenAIFailure(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise OpenAIFailure(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        params = ImageGenerationRequest.model_validate(payload)
+    except ValidationError as error:
+        raise _parameter_failure(error) from None
+    body = _job_create(params, jobs)
+    try:
+        key = validate_key(idempotency_key)
+        if key is not None:
+            view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None)
+        else:
+            view = await run_in_threadpool(jobs.submit, body, None)
+    except DiffqError as error:
+        raise _submit_failure(error) from None
+    job_id = view.record.id
+    log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
+    view = await _wait(request, jobs, view, timeout)
+    if view is None:  # the client hung up: nobody will read the result
+        return JSONResponse({"error": None}, status_code=499)
+    return await _answer(request, jobs, view, params.response_format or "b64_json")
+
+
+def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
+    """The diffq ``JobCreate`` for an OpenAI request."""
+    fields: dict[str, Any] = {"prompt": params.prompt}
+    model = params.model
+    if model is not None and model.lower().startswith(OPENAI_MODEL_PREFIXES):
+        model = None
+    if model is not None:
+        fields["model"] = model
+    if params.n is not None:
+        fields["num_images"] = params.n
+    if params.size is not None and params.size.strip().lower() != "auto":
+        match = SIZE.match(params.size)
+        if match is None:
+            raise OpenAIFailure(400, f"Invalid value: {params.size!r}. Supported values are 'auto' and "
+                                "'WIDTHxHEIGHT' in pixels, e.g. '64x64' (GET /v1/models lists each model's sizes).",
+                                param="size", code="invalid_value")
+        fields["width"], fields["height"] = int(match.group(1)), int(match.group(2))
+    for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata"):
+        value = getattr(params, name)
+        if value is not None:
+            fields[name] = value
+    try:
+        return job_create_model(jobs.settings).model_validate(fields)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        param = PARAM_NAMES.get(name or "", name)
+        raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+                            code="invalid_value") from None
+
+
+def _parameter_failure(error: ValidationError) -> OpenAIFailure:
+    """The first problem of an OpenAI request, worded as OpenAI words it."""
+    first = error.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    kind = first["type"]
+    if kind == "missing":
+        return OpenAIFailure(400, f"Missing required parameter: '{param}'.", param=param,
+                             code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return OpenAIFailure(400, f"Unrecognized request argument supplied: {param}", param=param,
+                             code="unknown_parameter")
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        return OpenAIFailure(400, f"Invalid value: {first.get('input')!r}. Supported values are: {expected}.",
+                             param=param, code="invalid_value")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return OpenAIFailure(400, f"Invalid type for '{param}': {first['msg'].lower()}.", param=param,
+                             code="invalid_type")
+    return OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
+
+
+def _submit_failure(error: DiffqError) -> OpenAIFailure:
+    if isinstance(error, UnknownModelError):
+        problem = error.problems[0].message if error.problems else error.message
+        if "no live workers" in problem:
+            return OpenAIFailure(503, "No live worker serves a model right now; start one (diffq worker).",
+                                 type="server_error", code="no_workers", retry=True)
+        return OpenAIFailure(400, f"Invalid value for 'model': {problem}", param="model", code="model_not_found")
+    if isinstance(error, InvalidRequestError):
+        problem = error.problems[0] if error.problems else None
+        param = PARAM_NAMES.get(problem.field, problem.field) if problem else None
+        message = f"Invalid value for '{param}': {problem.message}" if problem else error.message
+        return OpenAIFailure(400, message, param=param, code="invalid_value")
+    if isinstance(error, StoreUnavailableError):
+        return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
+    if isinstance(error, UploadTooLargeError):
+        return OpenAIFailure(413, error.message, code=error.code)
+    if isinstance(error, IdempotencyConflictError | IdempotencyInProgressError):
+        return OpenAIFailure(409, error.message, code=error.code, retry=isinstance(error, IdempotencyInProgressError))
+    if isinstance(error, JobNotFoundError):
+        return OpenAIFailure(404, error.message, code=error.code)
+    return OpenAIFailure(500, error.message, type="server_error", code=error.code, retry=False)
+
+
+async def _wait(request: Request, jobs: JobService, view: JobView, timeout: float) -> JobView | None:
+    """The job once it has ended; ``None`` if the client hung up first (the job is then canceled)."""
+    job_id = view.record.id
+    aredis: AsyncRedis = request.app.state.aredis
+    deadline = time.monotonic() + timeout
+    last = events.last_id_text(await aredis.xrevrange(keys.events(job_id), count=1))
+    checked = time.monotonic()
+    while not view.status.is_terminal:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            url = request.url_for("get_job", job_id=job_id)
+            raise OpenAIFailure(
+                504, f"The image job is still {view.status.value} after {timeout:g} s; it goes on: {url}",
+                type="server_error", code="timeout", retry=False, job_id=job_id,
+            )
+        if await request.is_disconnected():
+            log.info("OpenAI images client hung up; canceling job %s", job_id, extra={"job_id": job_id})
+            try:
+                await run_in_threadpool(jobs.cancel, job_id)
+            except DiffqError:
+                pass  # it ended meanwhile, or was deleted
+            return None
+        reply = await aredis.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
+        ended = False
+        if reply:
+            parsed = events.parse(reply[0][1])
+            last = parsed[-1].id
+            ended = any(event.is_terminal for event in parsed)
+        if ended or time.monotonic() - checked >= RECHECK_SECONDS:
+            checked = time.monotonic()
+            try:
+                view = await run_in_threadpool(jobs.get, job_id)
+            except JobNotFoundError:
+                raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
+                                    code="job_deleted", retry=False, job_id=job_id) from None
+    return view
+
+
+async def _answer(request: Request, jobs: JobService, view: JobView, response_format: str) -> JSONResponse:
+    record = view.record
+    headers = {"x-diffq-job-id": record.id}
+    if view.status is not JobStatus.SUCCEEDED:
+        error = view.error
+        code = error.code if error is not None else view.status.value
+        message = error.message if error is not None else f"the job was {view.status.value}"
+        if code == "invalid_request":
+            raise OpenAIFailure(400, message, code=code, retry=False, job_id=record.id)
+        raise OpenAIFailure(500, f"The image job {record.id} {view.status.value}: {message}", type="server_error",
+                            code=code, retry=False, job_id=record.id)
+    data = []
+    for image in record.images:
+        if response_format == "url":
+            data.append(ImageData(url=str(request.url_for("get_image", job_id=record.id, index=str(image.index)))))
+        else:
+            png = await run_in_threadpool(jobs.image_bytes, record.id, image.index)
+            data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))
+    size = f"{record.request.width}x{record.request.height}"
+    if record.images:
+        size = f"{record.images[0].width}x{record.images[0].height}"
+    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size)
+    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
