@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Redis is down; /readyz says so and requests get 503 until it is back.
         app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
         # Event streams and long polls block on Redis: an asyncio client, so they hold no thread.
-        app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2)
+        # Its socket timeout must outlast the blocking reads (5 s XREAD; redis-py's default is 5 s too).
+        app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
         try:
             yield
         finally:

@@ -1,8 +1,8 @@
 """Per-image latency of the default model on this machine: `python bench/model_latency.py`.
 
 Runs the engine in-process (no service) at the README's settings (DPM-Solver++ 2M, 20 steps,
-guidance 5, 64×64) for batch 1 and batch 8 side by side, interleaved over several rounds so
-both see the same machine load, and prints seconds per image and their ratio.
+guidance 5, 64×64) for batch 1 and batch 8 (or `--batches 1 4 8`) side by side, interleaved over
+several rounds so all see the same machine load, and prints seconds per image and their ratios.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (the first is the base)")
     args = parser.parse_args()
 
     import torch
@@ -40,18 +41,21 @@ def main() -> None:
             engine.generate(requests)
         return (time.perf_counter() - started) / batch
 
-    run(1, 0), run(8, 0)  # warm-up
-    per_image = {1: [], 8: []}
+    per_image: dict[int, list[float]] = {batch: [] for batch in args.batches}
+    for batch in per_image:  # warm-up
+        run(batch, 0)
     for r in range(1, args.rounds + 1):
         for batch in per_image:
             per_image[batch].append(run(batch, r))
-    b1, b8 = statistics.median(per_image[1]), statistics.median(per_image[8])
+    base = statistics.median(per_image[args.batches[0]])
     print(f"model={args.model.name} device={engine.info.device} threads={torch.get_num_threads()} "
           f"steps={args.steps} scheduler=dpmpp_2m rounds={args.rounds}")
     print(f"{'batch':>6} {'s/image (median)':>18} {'min':>8} {'max':>8}")
     for batch, values in per_image.items():
         print(f"{batch:>6} {statistics.median(values):>18.3f} {min(values):>8.3f} {max(values):>8.3f}")
-    print(f"batch 8 per-image time / batch 1: {b8 / b1:.2f}")
+    for batch in args.batches[1:]:
+        print(f"batch {batch} per-image time / batch {args.batches[0]}: "
+              f"{statistics.median(per_image[batch]) / base:.2f}")
 
 
 if __name__ == "__main__":

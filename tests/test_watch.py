@@ -227,3 +227,10 @@ def test_journey_is_an_animation_with_a_frame_per_step(api, watched, engine) -> 
     work(watched, engine)
     assert job_of(api, plain)["images"][0]["journey_url"] is None
     assert api.get(f"/v1/jobs/{plain}/journey/0.webp").status_code == 404
+
+
+def test_a_long_poll_outlasting_a_quiet_stream_read_is_not_a_redis_error(api) -> None:
+    """The blocking read waits 5 s at a time; the Redis client's own timeout must not cut it (was a 503)."""
+    job_id = api.post("/v1/jobs", json=TINY_JOB).json()["id"]
+    response = api.get(f"/v1/jobs/{job_id}", params={"wait": 6})
+    assert response.status_code == 200 and response.json()["status"] == "queued"

@@ -34,7 +34,8 @@ diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed eve
 diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by every worker that
                                                   serves it. JSON ``ModelRecord``: the limits the
                                                   API validates requests against.
-rq:queue:diffq:<model>          list    API       RQ's queue of job ids for one model.
+rq:queue:diffq:<model>          list    both      RQ's queue of job ids for one model; workers also
+                                                  take batch company off it (worker/batching.py).
 diffq:jobs                      zset    API       none (the newest ``JOBS_INDEX_MAX``). Job id ->
                                                   creation time (unix s), written at submit, for
                                                   ``GET /v1/jobs``; readers drop ids whose record
