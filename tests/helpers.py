@@ -24,6 +24,28 @@ def work(settings: Settings, engine: Engine) -> bool:
     return run_worker(settings, engine=engine, burst=True)
 
 
+def while_working(settings: Settings, engine: Engine, client_side: Callable[[dict], None]) -> dict:
+    """Run ``client_side(results)`` in a thread while a worker works in this thread (RQ's worker
+    installs signal handlers, so it must own the main thread); returns what the client side recorded."""
+    import threading
+
+    results: dict = {}
+
+    def client() -> None:
+        try:
+            client_side(results)
+        except BaseException as error:  # surfaced in the test's thread below
+            results["error"] = error
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    work(settings, engine)
+    thread.join(timeout=60)
+    if "error" in results:
+        raise results["error"]
+    return results
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
     """Poll until ``condition()`` is truthy and return it; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from app.contract import events, keys
 from app.contract.store import JobStore
 from app.contract.tasks import model_queue, queue_name
 from app.settings import Settings
-from tests.helpers import TINY_JOB, png_text, wait_for, work
+from tests.helpers import TINY_JOB, png_text, wait_for, while_working, work
 from worker.batching import Company, engine_batch_key
 from worker.rq_worker import DiffqWorker
 from worker.sweeper import Sweeper
@@ -65,26 +64,6 @@ def pixels(client: TestClient, job_id: str, index: int = 0) -> np.ndarray:
 
 def rq_statuses(redis: Redis, ids: list[str]) -> list[str]:
     return [Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status(refresh=True) for job_id in ids]
-
-
-def while_working(settings: Settings, engine, client_side) -> dict:
-    """Run ``client_side(results)`` in a thread while a worker works in this thread (RQ's worker
-    installs signal handlers, so it must own the main thread)."""
-    results: dict = {}
-
-    def client() -> None:
-        try:
-            client_side(results)
-        except BaseException as error:  # surfaced in the test's thread below
-            results["error"] = error
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    work(settings, engine)
-    thread.join(timeout=60)
-    if "error" in results:
-        raise results["error"]
-    return results
 
 
 def test_compatible_queued_jobs_run_as_one_pipeline_call(client, redis, settings, engine, calls, served) -> None:

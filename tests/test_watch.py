@@ -15,7 +15,7 @@ from redis import Redis
 from app.contract import keys
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import TINY_JOB, wait_for, work
+from tests.helpers import TINY_JOB, wait_for, while_working, work
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -33,26 +33,6 @@ def watched(settings: Settings) -> Settings:
 def api(watched: Settings) -> TestClient:
     with TestClient(create_app(watched)) as client:
         yield client
-
-
-def while_working(settings: Settings, engine, client_side) -> dict:
-    """Run ``client_side(results)`` in a thread while a worker works in this thread (RQ's worker
-    installs signal handlers, so it must own the main thread); returns what the client side recorded."""
-    results: dict = {}
-
-    def client() -> None:
-        try:
-            client_side(results)
-        except BaseException as error:  # surfaced in the test's thread below
-            results["error"] = error
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    work(settings, engine)
-    thread.join(timeout=60)
-    if "error" in results:
-        raise results["error"]
-    return results
 
 
 def job_of(api: TestClient, job_id: str) -> dict:
