@@ -163,6 +163,14 @@ def test_redis_is_durable_private_and_password_protected() -> None:
     assert redis.get("restart") in ("always", "unless-stopped")
 
 
+def test_no_variant_publishes_redis_or_shares_the_host_network() -> None:
+    for config in (base(), cpu()):
+        for name, service in config["services"].items():
+            assert 6379 not in [p["target"] for p in service.get("ports", [])], f"{name} publishes Redis' port"
+            assert service.get("network_mode") != "host", f"{name} on the host's network would expose Redis"
+        assert "ports" not in config["services"]["redis"]
+
+
 def test_every_diffq_process_reaches_redis_with_the_password() -> None:
     for config in (base(), cpu()):
         for name in DIFFQ_SERVICES:
