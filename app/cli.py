@@ -1,5 +1,6 @@
 """The ``diffq`` command: ``up`` (everything, one command), ``api``, ``worker`` and ``webhooks`` (the parts);
-``generate``, ``jobs`` and ``cancel`` (a client of a running API: ``app.client_cli``).
+``generate``, ``jobs`` and ``cancel`` (a client of a running API: ``app.client_cli``); ``keys`` (API keys:
+``app.auth.cli``).
 
 Importing this module imports neither torch nor the worker: ``diffq api``
 stays light, and ``diffq worker`` imports the worker only when it runs.
@@ -69,6 +70,12 @@ def run_up(args: argparse.Namespace) -> int:
     return up(settings)
 
 
+def run_keys(args: argparse.Namespace) -> int:
+    from app.auth.cli import main as keys
+
+    return keys(args, load_settings())
+
+
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
     """``generate``, ``jobs``, ``cancel``: ``app.client_cli.<name>`` with the environment's settings."""
 
@@ -120,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.client_cli import add_commands
 
     add_commands(commands, _client_command("generate"), _client_command("list_jobs"), _client_command("cancel"))
+
+    from app.auth import cli as keys_cli
+
+    keys_cli.add_commands(commands, run_keys)
     return parser
 
 

@@ -4,7 +4,7 @@ Needs only httpx (no torch, no diffq server code)::
 
     from app.client import Client
 
-    with Client("http://127.0.0.1:8000") as diffq:
+    with Client("http://127.0.0.1:8000", api_key="dq_...") as diffq:           # or $DIFFQ_URL, $DIFFQ_API_KEY
         result = diffq.generate("a red circle, blue background", seed=42)      # submit, wait, download
         open("circle.png", "wb").write(result.images[0])
 
@@ -150,6 +150,12 @@ def _base_url(url: str | None) -> str:
     return url.removesuffix("/v1")
 
 
+def _headers(headers: Mapping[str, str] | None, api_key: str | None) -> dict[str, str]:
+    """``headers``, with ``Authorization: Bearer`` for ``api_key`` (default: ``$DIFFQ_API_KEY``, if set)."""
+    api_key = api_key or os.environ.get("DIFFQ_API_KEY")
+    return {**({"Authorization": f"Bearer {api_key}"} if api_key else {}), **(headers or {})}
+
+
 def _request_body(params: Mapping[str, Any]) -> dict[str, Any]:
     """httpx keyword arguments for ``POST /v1/jobs``: JSON, or multipart when a file is uploaded."""
     params = {name: value for name, value in params.items() if value is not None}
@@ -233,13 +239,14 @@ class _SSEParser:
 
 
 class Client:
-    """Synchronous client. ``base_url`` defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``."""
+    """Synchronous client. ``base_url`` defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``, ``api_key``
+    (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=dict(headers or {}),
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key),
                                  transport=transport)
 
     def close(self) -> None:
@@ -362,10 +369,10 @@ class AsyncClient:
     """asyncio client: the same methods as ``Client``, awaited (``events`` is an async iterator)."""
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, api_key: str | None = None) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=dict(headers or {}),
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key),
                                       transport=transport)
 
     async def aclose(self) -> None:

@@ -2,6 +2,7 @@
 
 They use ``app.client`` (httpx) and tqdm for the progress bar; nothing of the server.
 The API's URL: ``--url``, else ``DIFFQ_URL``, else ``http://DIFFQ_HOST:DIFFQ_PORT``.
+The API key (when the API has keys on): ``DIFFQ_API_KEY``, sent as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations

@@ -6,14 +6,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from redis import Redis
 from starlette.datastructures import UploadFile
 
+from app.auth.apikeys import KeyStore
+from app.auth.caller import Caller
 from app.contract.registry import Registry
-from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from app.core.errors import FieldProblem, InvalidRequestError, RateLimitedError, UnauthorizedError, UploadTooLargeError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
 from app.core.jobs import JobService
@@ -37,8 +40,37 @@ def get_redis(request: Request) -> Redis:
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
-def get_job_service(redis: RedisDep, settings: SettingsDep) -> JobService:
-    return JobService(redis, settings)
+_bearer = HTTPBearer(auto_error=False, description="An API key made with `diffq keys create`.")
+
+
+def get_caller(
+    request: Request,
+    response: Response,
+    redis: RedisDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The request's API key, checked and counted against its rate; 401 or 429 otherwise.
+    With ``DIFFQ_AUTH=off`` every request is the anonymous caller."""
+    if settings.auth == "off":
+        return Caller(None, settings)
+    key = KeyStore(redis).verify(credentials.credentials if credentials is not None else None)
+    if key is None:
+        raise UnauthorizedError()
+    caller = Caller(key, settings)
+    decision = request.app.state.rate_limiter.hit(key.id, caller.rate_limit)
+    if not decision.allowed:
+        raise RateLimitedError(caller.rate_limit, decision.headers())
+    response.headers.update(decision.headers())
+    request.state.api_key_id = key.id
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_job_service(redis: RedisDep, settings: SettingsDep, caller: CallerDep) -> JobService:
+    return JobService(redis, settings, caller)
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]

@@ -108,7 +108,9 @@ def up(settings: Settings) -> int:
             print(f"diffq: started embedded Redis at {redis.url}", flush=True)
         env.update(DIFFQ_HOST=settings.host, DIFFQ_PORT=str(settings.port), DIFFQ_MODEL_PATH=str(settings.model_path))
         if settings.host in ("127.0.0.1", "localhost", "::1"):
-            env.setdefault("DIFFQ_JOB_LISTING", "true")  # one machine, loopback only: `diffq jobs` works
+            # One machine, loopback only: no API keys unless DIFFQ_AUTH says so, and `diffq jobs` works.
+            env.setdefault("DIFFQ_AUTH", "off")
+            env.setdefault("DIFFQ_JOB_LISTING", "true")
         children.append(_spawn("api", ["api"], env))
         children.append(_spawn("webhook deliverer", ["webhooks"], env))
         children.append(_spawn("worker", ["worker"], env))

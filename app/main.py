@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -17,6 +17,8 @@ from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
 from app.api.routes import health, images, jobs, metrics, models, openai_images, playground
+from app.auth.quotas import RateLimiter
+from app.deps import get_caller
 from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
 
@@ -40,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Event streams and long polls block on Redis: an asyncio client, so they hold no thread.
         # Its socket timeout must outlast the blocking reads (5 s XREAD; redis-py's default is 5 s too).
         app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
+        app.state.rate_limiter = RateLimiter(app.state.redis)
         try:
             yield
         finally:
@@ -50,10 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (jobs, images, models, health):
-        app.include_router(module.router)
+    # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
+    for module in (jobs, images, models):
+        app.include_router(module.router, dependencies=[Depends(get_caller)])
+    app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.
-    app.include_router(openai_images.router)
+    app.include_router(openai_images.router, dependencies=[Depends(get_caller)])
     app.include_router(metrics.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +62,22 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="CPU threads torch may use in a worker; 0 keeps torch's default (all cores)."
     )
+
+    # API keys and what each key may do (a key created with `diffq keys create` may set its own).
+    auth: Literal["keys", "off"] = Field(
+        "keys",
+        description="keys: every /v1 request needs `Authorization: Bearer <key>` (`diffq keys create`) and sees "
+        "only its key's jobs; off: no keys, every client sees every job (`diffq up` on a loopback address sets "
+        "this unless told otherwise).",
+    )
+    rate_limit: str = Field(
+        "50/second", description='Requests a key may make per period, e.g. "50/second", "1000/minute"; over it: 429.'
+    )
+    max_queued_jobs: int = Field(1000, ge=1, description="Jobs a key may have queued at once; over it: 429.")
+    max_job_cost: int = Field(
+        512 * 512 * 50 * 4, ge=1, description="Most width × height × steps × images one job may ask for; over it: 422."
+    )
+    max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
 
     # Request limits (the model adds its own: sizes, schedulers, its max steps).
     max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")
@@ -161,6 +177,14 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="Log level of the API and worker processes.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _a_rate(cls, value: str) -> str:
+        from app.auth.quotas import parse_rate  # ValueError: pydantic reports it against the field
+
+        parse_rate(value)
+        return value
 
 
 @lru_cache(maxsize=1)

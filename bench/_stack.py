@@ -60,6 +60,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+HEADERS: dict[str, str] = {}
+"""What every benchmark request sends: the API key of the running ``Stack``."""
+
+
 class Stack:
     """An embedded Redis plus any number of `diffq api` and `diffq worker` processes on it."""
 
@@ -68,7 +72,15 @@ class Stack:
         self.redis.start()
         self.log_dir = Path(tempfile.mkdtemp(prefix="diffq-bench-"))
         self.env = {name: value for name, value in os.environ.items() if not name.startswith("DIFFQ_")}
-        self.env.update(DIFFQ_REDIS_URL=self.redis.url, DIFFQ_LOG_LEVEL="warning", **env)
+        # API keys on, as deployed: every request sends HEADERS (a key made here), with a rate no benchmark reaches.
+        self.env.update(DIFFQ_REDIS_URL=self.redis.url, DIFFQ_LOG_LEVEL="warning", DIFFQ_AUTH="keys",
+                        DIFFQ_RATE_LIMIT="10000000/second", DIFFQ_MAX_QUEUED_JOBS="10000000", **env)
+        from redis import Redis
+
+        from app.auth.apikeys import KeyStore
+
+        with Redis.from_url(self.redis.url) as redis:
+            HEADERS["Authorization"] = f"Bearer {KeyStore(redis).create('bench')[1]}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
@@ -95,7 +107,7 @@ class Stack:
         def served() -> bool:
             self.check_alive()
             try:
-                models = httpx.get(f"{url}/v1/models", timeout=5).json()["models"]
+                models = httpx.get(f"{url}/v1/models", timeout=5, headers=HEADERS).json()["models"]
             except (httpx.HTTPError, KeyError, ValueError):
                 return False
             return names <= {model["name"] for model in models}

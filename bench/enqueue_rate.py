@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _stack import SHAPES, Stack, percentile
+from _stack import HEADERS, SHAPES, Stack, percentile
 
 BODY = {"prompt": "a small red circle on the left, blue background", "seed": 42}
 
@@ -59,7 +59,8 @@ def run_wrk(url: str, method: str, seconds: int, connections: int, threads: int)
     script = ""
     if method == "POST":
         script = (f"wrk.method = 'POST'\nwrk.body = '{json.dumps(BODY)}'\n"
-                  "wrk.headers['Content-Type'] = 'application/json'\n")
+                  "wrk.headers['Content-Type'] = 'application/json'\n"
+                  f"wrk.headers['Authorization'] = '{HEADERS['Authorization']}'\n")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(script)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua.name, url]
@@ -84,7 +85,7 @@ def run_httpx(url: str, method: str, seconds: int, connections: int) -> dict[str
         bad = 0
         deadline = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        async with httpx.AsyncClient(timeout=30, limits=limits, headers=HEADERS) as http:
 
             async def one_connection() -> None:
                 nonlocal bad
@@ -118,7 +119,7 @@ def main() -> None:
     with Stack() as stack:
         url = stack.api()
         register_model(stack.redis.url)
-        assert httpx.post(f"{url}/v1/jobs", json=BODY, timeout=10).status_code == 202  # the model is served
+        assert httpx.post(f"{url}/v1/jobs", json=BODY, timeout=10, headers=HEADERS).status_code == 202  # the model is served
 
         def measure(method: str, path: str, seconds: int) -> dict[str, float]:
             if args.generator == "wrk":

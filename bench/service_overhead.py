@@ -24,7 +24,7 @@ import time
 from datetime import datetime
 
 import httpx
-from _stack import LONG_POLL, SHAPES, Stack, cpu_seconds, percentile
+from _stack import HEADERS, LONG_POLL, SHAPES, Stack, cpu_seconds, percentile
 
 PROMPT = "a small red circle on the left, blue background"
 
@@ -50,7 +50,7 @@ def main() -> None:
         url = stack.api()
         stack.worker()
         stack.wait_models(url, {"shapes"})
-        client = httpx.Client(base_url=url, timeout=120)
+        client = httpx.Client(base_url=url, timeout=120, headers=HEADERS)
 
         pids = {"worker": stack.processes["worker"].pid, "api": stack.processes["api"].pid,
                 "redis": stack.redis.process.pid}

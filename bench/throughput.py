@@ -24,7 +24,7 @@ import statistics
 import time
 
 import httpx
-from _stack import Stack, wait_for_end
+from _stack import HEADERS, Stack, wait_for_end
 
 PROMPTS = [
     "a small red circle on the left, blue background",
@@ -51,7 +51,7 @@ async def cell(url: str, model: str, clients: int, jobs: int, seed0: int) -> flo
             assert job["status"] == "succeeded", job
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits, headers=HEADERS) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         return jobs / (time.perf_counter() - started)

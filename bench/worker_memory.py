@@ -18,7 +18,7 @@ import asyncio
 import time
 
 import httpx
-from _stack import Stack, rss_bytes, wait_for_end
+from _stack import HEADERS, Stack, rss_bytes, wait_for_end
 
 PROMPTS = [
     "a small red circle on the left, blue background",
@@ -68,7 +68,7 @@ def main() -> None:
                     gate.release()
 
             limits = httpx.Limits(max_connections=args.in_flight + 4)
-            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=HEADERS) as http:
                 tasks = []
                 while next_job < args.jobs:
                     await gate.acquire()

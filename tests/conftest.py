@@ -57,10 +57,12 @@ def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
 
 @pytest.fixture
 def settings(redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path) -> Settings:
-    """Settings for the test Redis with fast heartbeats, independent of the caller's DIFFQ_* variables."""
+    """Settings for the test Redis with fast heartbeats, independent of the caller's DIFFQ_* variables.
+    Auth is off here (tests of API keys and tenants turn it on: tests/test_tenants.py)."""
     return Settings(
         _env_file=None,
         redis_url=redis_server.url,
+        auth="off",
         heartbeat_interval=0.2,
         heartbeat_ttl=2,
         progress_interval=0.0,

@@ -83,10 +83,12 @@ def diffq_command() -> list[str]:
 
 
 def clean_environment(**overrides: str) -> dict[str, str]:
-    """This process' environment without DIFFQ_* variables, plus ``overrides``."""
+    """This process' environment without DIFFQ_* variables, plus ``overrides``. Auth is off
+    unless ``overrides`` turn it on (DIFFQ_AUTH=keys)."""
     import os
 
     env = {name: value for name, value in os.environ.items() if not name.startswith("DIFFQ_")}
+    env["DIFFQ_AUTH"] = "off"
     env.update(overrides)
     return env
 

@@ -27,6 +27,7 @@ class Services:
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.url = ""
+        self.headers: dict[str, str] = {}  # what a client of these processes sends (e.g. an API key)
 
     def logs(self) -> str:
         return "\n".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,19 @@ def _failure(redis: Redis, job_id: str) -> str:
 
 
 def test_a_job_naming_another_function_is_refused_and_nothing_runs(
-    redis: Redis, served: ModelRecord, settings: Settings, engine, tmp_path: Path
+    redis: Redis, served: ModelRecord, settings: Settings, engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     marker = tmp_path / "pwned"
-    job = _queue(redis, served).enqueue_call("os.system", args=[f"touch {marker}"])
+    job = _queue(redis, served).enqueue_call("os.system", args=[f"touch {marker}"])  # by hand, as an intruder would
 
-    work(settings, engine)
+    with caplog.at_level(logging.ERROR, logger="worker.allowlist"):
+        work(settings, engine)
 
     assert not marker.exists()
     assert "RefusedTaskError" in _failure(redis, job.id)
     assert "'os.system'" in _failure(redis, job.id)
+    [logged] = [r for r in caplog.records if r.name == "worker.allowlist"]
+    assert f"refused RQ job {job.id}" in logged.getMessage() and "'os.system'" in logged.getMessage()
 
 
 def test_diffq_task_with_other_arguments_is_refused(

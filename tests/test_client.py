@@ -217,7 +217,7 @@ def test_jobs_lists_the_newest_first_and_skips_deleted_ones(diffq: Client, redis
     diffq.delete(ids[1])
 
     assert [job.id for job in diffq.jobs(limit=5)] == [ids[2], ids[0]]
-    assert redis.zcard(keys.JOBS) == 2  # the deleted job's entry was dropped as the list met it
+    assert redis.zcard(keys.owner_jobs("-")) == 2  # the deleted job's entry was dropped as the list met it
 
 
 def test_async_client(api: Services, redis: Redis, settings: Settings, engine, served: ModelRecord) -> None:
@@ -243,7 +243,7 @@ def test_openai_endpoint_cancels_the_job_of_a_client_that_hangs_up(api: Services
                                                                    served: ModelRecord) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{api.url}/v1/images/generations", json={"prompt": "a red circle", "steps": STEPS}, timeout=1.5)
-    job_id = wait_for(lambda: redis.zrange(keys.JOBS, 0, 0), timeout=5)[0].decode()
+    job_id = wait_for(lambda: redis.zrange(keys.owner_jobs("-"), 0, 0), timeout=5)[0].decode()
 
     wait_for(lambda: httpx.get(f"{api.url}/v1/jobs/{job_id}").json()["status"] == "canceled", timeout=10)
 

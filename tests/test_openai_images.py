@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
+from app.auth.apikeys import KeyStore
 from app.contract import events, keys
 from app.contract.records import ModelRecord
 from app.contract.store import JobStore
@@ -45,7 +46,7 @@ def test_a_job_still_running_after_the_timeout_is_a_504_the_client_does_not_retr
     error = response.json()["error"]
     job_id = response.headers["x-diffq-job-id"]
     assert error["code"] == "timeout" and f"/v1/jobs/{job_id}" in error["message"]
-    assert redis.zcard(keys.JOBS) == 1  # the job goes on, findable by the message's URL
+    assert redis.zcard(keys.owner_jobs("-")) == 1  # the job goes on, findable by the message's URL
 
 
 def test_a_failed_job_is_a_500_server_error_with_its_code(client: TestClient, redis: Redis,
@@ -55,7 +56,7 @@ def test_a_failed_job_is_a_500_server_error_with_its_code(client: TestClient, re
     thread = threading.Thread(target=lambda: answer.update(
         response=test_client.post("/v1/images/generations", json={"prompt": "a red circle"})), daemon=True)
     thread.start()
-    job_id = wait_for(lambda: redis.zrange(keys.JOBS, 0, 0), timeout=10)[0].decode()
+    job_id = wait_for(lambda: redis.zrange(keys.owner_jobs("-"), 0, 0), timeout=10)[0].decode()
     # What a worker does when the model raises (worker/runner.py: claim, then finish as failed).
     store = JobStore(redis)
     token = uuid.uuid4().hex
@@ -94,15 +95,22 @@ def test_the_endpoint_is_documented(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def stack(redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Services]:
-    """`diffq api` and `diffq worker` (tiny model) for the module's last tests: no test after them flushes Redis."""
-    Redis.from_url(redis_server.url).flushall()
-    with services(redis_server.url, tmp_path_factory.mktemp("openai"), worker=tiny_model, ready="/readyz") as started:
+    """`diffq api` (API keys on, as deployed) and `diffq worker` (tiny model) for the module's last tests:
+    no test after them flushes Redis."""
+    redis = Redis.from_url(redis_server.url)
+    redis.flushall()
+    _, token = KeyStore(redis).create("openai-sdk")
+    with services(redis_server.url, tmp_path_factory.mktemp("openai"), worker=tiny_model, ready="/readyz",
+                  DIFFQ_AUTH="keys") as started:
+        started.headers = {"Authorization": f"Bearer {token}"}
         yield started
 
 
 @pytest.fixture
 def oai(stack: Services) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="not-checked", max_retries=0, timeout=120)
+    """The official client, with a diffq API key as its api_key (sent as `Authorization: Bearer`)."""
+    api_key = stack.headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -125,7 +133,7 @@ def test_images_generate_answers_b64_json(oai: openai.OpenAI, stack: Services) -
     assert [png_size(png) for png in pngs] == [(16, 16), (16, 16)]
     assert all(image.url is None for image in result.data)
     job_id = raw.headers["x-diffq-job-id"]
-    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
+    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers).json()
     assert job["status"] == "succeeded" and job["seeds"] == [11, 12] and job["request"]["steps"] == 3
 
     # The worker's log lines about the job are JSON with its id (app.logs via `diffq worker`).
@@ -135,14 +143,14 @@ def test_images_generate_answers_b64_json(oai: openai.OpenAI, stack: Services) -
 
 
 @pytest.mark.slow
-def test_images_generate_answers_urls_of_the_same_pixels(oai: openai.OpenAI) -> None:
+def test_images_generate_answers_urls_of_the_same_pixels(oai: openai.OpenAI, stack: Services) -> None:
     request = {"prompt": "a blue square", "size": "16x16", "extra_body": {"steps": 3, "seed": 5}}
     inline = oai.images.generate(response_format="b64_json", **request)
     linked = oai.images.generate(response_format="url", **request)
 
     [image] = linked.data
     assert image.b64_json is None and image.url.endswith("/images/0.png")
-    download = httpx.get(image.url)
+    download = httpx.get(image.url, headers=stack.headers)
     assert download.headers["content-type"] == "image/png"
     assert download.content == base64.b64decode(inline.data[0].b64_json)  # same request and seed: same bytes
 
@@ -169,3 +177,11 @@ def test_invalid_requests_raise_the_openai_clients_bad_request_error(oai: openai
     with pytest.raises(openai.BadRequestError) as too_many:
         oai.images.generate(prompt="a red circle", n=50)
     assert too_many.value.param == "n"
+
+
+@pytest.mark.slow
+def test_a_wrong_api_key_is_the_openai_clients_authentication_error(stack: Services) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-not-a-diffq-key", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.images.generate(prompt="a red circle", size="16x16")
+    assert refused.value.status_code == 401

@@ -1,5 +1,7 @@
 """The playground page at `/`, driven in a real headless Chromium (Playwright) against real `diffq api` and
-`diffq worker` processes: type a prompt, watch progress and previews arrive, see the image, cancel, edit.
+`diffq worker` processes: type a prompt, watch progress and previews arrive, see the image, cancel, edit;
+and against an API that needs keys: the page asks for one, then sends it with every request (events read
+with fetch, images fetched as blobs), never in a URL.
 
 Needs a Chromium executable: `$DIFFQ_TEST_CHROMIUM`, else `chromium` (Debian: `apt-get install chromium`) or
 Chrome on PATH, else a browser Playwright downloaded itself. Without one the test is skipped (pip cannot
@@ -12,6 +14,7 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,6 +22,7 @@ import pytest
 from PIL import Image
 from redis import Redis
 
+from app.auth.apikeys import KeyStore
 from app.embedded_redis import EmbeddedRedis
 from tests.services import Services, services
 
@@ -53,23 +57,48 @@ if CHROMIUM is None:
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
+@contextmanager
+def started_stack(redis_url: str, tiny_model: Path, log_dir: Path, **environment: str) -> Iterator[Services]:
+    """API and a worker on the bundled shapes model (real pictures; the tiny model if it is not there)."""
+    Redis.from_url(redis_url).flushall()
+    model = SHAPES if (SHAPES / "model_index.json").exists() else tiny_model
+    with services(redis_url, log_dir, worker=model, ready="/readyz", DIFFQ_PREVIEW_INTERVAL="0",
+                  DIFFQ_PROGRESS_INTERVAL="0.05", **environment) as started:
+        yield started
+
+
+@pytest.fixture
 def stack(redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Services]:
-    """API and a worker on the bundled shapes model (real pictures; the tiny model if it is not there)."""
-    Redis.from_url(redis_server.url).flushall()
-    model = SHAPES if (SHAPES / "model_index.json").exists() else tiny_model
-    with services(redis_server.url, tmp_path_factory.mktemp("playground"), worker=model, ready="/readyz",
-                  DIFFQ_PREVIEW_INTERVAL="0", DIFFQ_PROGRESS_INTERVAL="0.05", DIFFQ_JOB_LISTING="true") as started:
+    """Without keys (DIFFQ_AUTH=off), listing on."""
+    with started_stack(redis_server.url, tiny_model, tmp_path_factory.mktemp("playground"),
+                       DIFFQ_JOB_LISTING="true") as started:
+        yield started
+
+
+@pytest.fixture
+def keyed_stack(redis_server: EmbeddedRedis, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Services]:
+    """An API that needs keys (DIFFQ_AUTH=keys)."""
+    with started_stack(redis_server.url, tiny_model, tmp_path_factory.mktemp("playground-keys"),
+                       DIFFQ_AUTH="keys") as started:
         yield started
 
 
 @pytest.fixture(scope="module")
-def browser(stack: Services) -> Iterator[object]:
+def browser() -> Iterator[object]:
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield launched
         launched.close()
+
+
+def console_errors(page) -> list[str]:
+    """The page's console errors and uncaught exceptions, as they happen."""
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
+    return errors
 
 
 # Samples the page every 10 ms, so the test can tell what a person would have seen on the way.
@@ -100,6 +129,7 @@ def newest_job(stack: Services) -> dict:
 
 def test_a_person_generates_watches_it_emerge_cancels_and_edits(browser, stack: Services, tmp_path: Path) -> None:
     page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors = console_errors(page)
     page.goto(f"{stack.url}/")
     page.wait_for_function("() => document.getElementById('model').options.length > 0 && "
                            "document.getElementById('model').value !== ''")
@@ -164,4 +194,102 @@ def test_a_person_generates_watches_it_emerge_cancels_and_edits(browser, stack: 
     inpainted = newest_job(stack)
     assert inpainted["status"] == "succeeded", inpainted
     assert inpainted["request"]["mode"] == "inpaint" and inpainted["request"]["mask"]["source"] == "upload"
+    assert errors == [], errors
+    page.close()
+
+
+# What Chromium logs for every response with status 401 (the key is missing or refused, as the test wants).
+REFUSED = "Failed to load resource: the server responded with a status of 401"
+KEY_STORAGE = "diffq.playground.apiKey"
+
+
+def test_with_keys_the_page_asks_for_one_then_sends_it_everywhere(
+    browser, keyed_stack: Services, redis_server: EmbeddedRedis
+) -> None:
+    stack = keyed_stack
+    _, token = KeyStore(Redis.from_url(redis_server.url)).create("page")
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors = console_errors(page)
+    requests: list[tuple[str, dict[str, str]]] = []
+    page.on("request", lambda request: requests.append((request.url, request.headers)))
+    page.goto(f"{stack.url}/")
+
+    # 1. No key: the model list and a submission are refused, and the page says why, by the key field.
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('needs an API key')",
+                           timeout=60_000)
+    page.fill("#prompt", "a small red circle on the left, blue background")
+    page.fill("#steps", "30")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function(ENDED, timeout=60_000)
+    assert page.evaluate("document.body.dataset.state") == "failed"
+    assert "needs an API key" in page.text_content("#key-message")
+    assert page.is_visible("#key-message")
+
+    # 2. A wrong key: refused.
+    page.fill("#api-key", "dq_000000000000_" + "A" * 43)
+    page.evaluate("document.body.dataset.state = ''")
+    page.click("#generate")
+    page.wait_for_function(ENDED, timeout=60_000)
+    assert page.evaluate("document.body.dataset.state") == "failed"
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('was refused')")
+
+    # 3. The key: models load, the image is made; progress and previews arrive over the fetch-read stream.
+    # The first event stream is cut after one event: the page reconnects with Last-Event-ID, as EventSource would.
+    page.fill("#api-key", token)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('model').value !== ''", timeout=60_000)
+    assert page.is_hidden("#key-message")
+    assert page.evaluate(f"localStorage.getItem('{KEY_STORAGE}')") == token
+    cut: list[str] = []
+
+    def cut_first_stream(route) -> None:
+        if cut:
+            route.continue_()
+            return
+        cut.append(route.request.url)
+        route.fulfill(status=200, headers={"content-type": "text/event-stream", "cache-control": "no-store"},
+                      body=': ping\n\nid: 0-0\nevent: queued\ndata: {"status": "queued"}\n\n')
+
+    page.route("**/v1/jobs/*/events", cut_first_stream)
+    page.evaluate(WATCH)
+    page.click("#generate")
+    page.wait_for_function(ENDED, timeout=180_000)
+    assert page.text_content("#status").startswith("Done: 1 image(s), seed 7"), page.text_content("#error")
+    page.wait_for_function(RESULT_SHOWN, timeout=30_000)
+    seen = page.evaluate(SEEN)
+    assert any(0 < fraction < 1 for fraction in seen["progress"]), "no progress between start and end was shown"
+    assert seen["previews"] and all(src.startswith("blob:") for src in seen["previews"]), seen["previews"]
+    assert page.get_attribute(".result-image", "src").startswith("blob:")
+    assert page.get_attribute(".result a", "href").startswith("blob:")
+    png = page.evaluate("""async () => {
+      const blob = await (await fetch(document.querySelector('.result-image').src)).blob();
+      return [...new Uint8Array(await blob.arrayBuffer()).slice(0, 8)];
+    }""")
+    assert bytes(png) == b"\x89PNG\r\n\x1a\n"
+
+    streams = [headers for url, headers in requests if url.endswith("/events")]
+    assert len(cut) == 1 and len(streams) >= 2, streams
+    assert streams[1].get("last-event-id") == "0-0", streams[1]
+    authorized = [(url, headers) for url, headers in requests if "/v1/" in url and not url.startswith("blob:")]
+    with_key = [url for url, headers in authorized if headers.get("authorization") == f"Bearer {token}"]
+    assert any(url.endswith("/events") for url in with_key) and any("/preview.png" in url for url in with_key)
+    assert any("/images/0.png" in url for url in with_key)
+    assert not any(token in url for url, _ in requests), "the key went into a URL"
+    job = httpx.get(f"{stack.url}/v1/jobs", params={"limit": 1},
+                    headers={"Authorization": f"Bearer {token}"}).json()["jobs"][0]
+    assert job["status"] == "succeeded" and job["request"]["seed"] == 7
+
+    # 4. The browser remembers the key; "forget" removes it.
+    page.reload()
+    assert page.input_value("#api-key") == token
+    page.wait_for_function("() => document.getElementById('model').value !== ''", timeout=60_000)
+    page.click("#forget-key")
+    assert page.input_value("#api-key") == ""
+    assert page.evaluate(f"localStorage.getItem('{KEY_STORAGE}')") is None
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('needs an API key')",
+                           timeout=60_000)
+
+    unexpected = [error for error in errors if not error.startswith(REFUSED)]
+    assert unexpected == [], unexpected
     page.close()

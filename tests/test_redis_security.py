@@ -27,6 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from app.auth.apikeys import KeyStore
 from app.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 from app.main import create_app
 from app.settings import Settings
@@ -164,8 +165,16 @@ def tls_redis(tmp_path: Path, certificates: Path) -> Iterator[int]:
 # --- the service on those servers ------------------------------------------------------------------
 
 
-def api(redis_url: str) -> TestClient:
-    return TestClient(create_app(Settings(_env_file=None, redis_url=redis_url)))
+def api(redis_url: str, api_key: str | None = None) -> TestClient:
+    """The API on ``redis_url`` with keys required (the default), sending ``api_key``."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return TestClient(create_app(Settings(_env_file=None, redis_url=redis_url)), headers=headers)
+
+
+def new_api_key(redis_url: str) -> str:
+    """A key made through the same Redis user, as `diffq keys create` with this URL would."""
+    with Redis.from_url(redis_url) as redis:
+        return KeyStore(redis).create("redis-security")[1]
 
 
 def run_a_job(redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> tuple[dict, Services]:
@@ -174,7 +183,7 @@ def run_a_job(redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     caplog.set_level(logging.DEBUG)
     bodies = []
     with services(redis_url, tmp_path, api=False, worker=SHAPES, webhooks=True, DIFFQ_LOG_LEVEL="debug") as started, \
-            api(redis_url) as client:
+            api(redis_url, new_api_key(redis_url)) as client:
 
         def ready() -> bool:
             started.check_alive()

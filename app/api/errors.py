@@ -19,7 +19,11 @@ from app.core.errors import (
     JobFinishedError,
     JobListingDisabledError,
     JobNotFoundError,
+    RateLimitedError,
     StoreUnavailableError,
+    TooManyQueuedJobsError,
+    TooManyStreamsError,
+    UnauthorizedError,
     UploadTooLargeError,
 )
 from app.schemas.errors import Error, FieldError
@@ -34,14 +38,21 @@ STATUS: dict[type[DiffqError], int] = {
     JobFinishedError: 409,
     UploadTooLargeError: 413,
     JobListingDisabledError: 403,
+    UnauthorizedError: 401,
+    RateLimitedError: 429,
+    TooManyQueuedJobsError: 429,
+    TooManyStreamsError: 429,
 }
 
 RETRY_AFTER_SECONDS = 1
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Error, "description": "No valid API key (`Authorization: Bearer <key>`)."},
     404: {"model": Error, "description": "No such job or image."},
     413: {"model": Error, "description": "An uploaded image is larger than the deployment accepts."},
     422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
+    429: {"model": Error, "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
+           "(`too_many_queued_jobs`) or open event streams (`too_many_streams`); retry after `Retry-After` seconds."},
     503: {"model": Error, "description": "Redis is unreachable; retry after `Retry-After` seconds."},
 }
 
@@ -64,6 +75,8 @@ async def _on_diffq_error(request: Request, exc: DiffqError) -> JSONResponse:
     status = _status_for(exc)
     retry = status == 503 or isinstance(exc, IdempotencyInProgressError)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
+    if exc.headers:
+        headers = {**(headers or {}), **exc.headers}
     return _error_response(status, Error(code=exc.code, message=exc.message, fields=fields), headers)
 
 

@@ -36,15 +36,37 @@ diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by 
                                                   API validates requests against.
 rq:queue:diffq:<model>          list    both      RQ's queue of job ids for one model; workers also
                                                   take batch company off it (worker/batching.py).
-diffq:jobs                      zset    API       none (the newest ``JOBS_INDEX_MAX``). Job id ->
-                                                  creation time (unix s), written at submit, for
-                                                  ``GET /v1/jobs``; readers drop ids whose record
-                                                  is gone.
 diffq:metrics:<model>           hash    both      none. Counters and histogram buckets of ended
                                                   jobs (``app.contract.metrics``), read by
                                                   ``GET /metrics``.
 diffq:metrics:models            set     both      none. Models that have a metrics hash.
+diffq:fair:<queue>              zset    API       ``job_ttl``, renewed at each submit. Queued job
+                                                  id -> its place in the fair order (priority
+                                                  class, then round: ``app.contract.tasks``).
+diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed at each submit. Each
+                                                  owner's latest round per class, and the top.
 ==============================  ======  ========  ==================================================
+
+API keys and tenants (``app.auth``; an owner is an API key id, or ``-`` with auth off):
+
+==================================  ======  ========  ==============================================
+key                                 type    writer    lifetime
+==================================  ======  ========  ==============================================
+diffq:apikey:<key id>               hash    CLI       none. ``ApiKey`` fields, JSON-encoded: name,
+                                                      sha256 of the secret, limits, revoked_at.
+diffq:apikeys                       set     CLI       none. Every key id, for ``diffq keys list``.
+diffq:owner:<owner>:jobs            zset    API       ``job_ttl``, renewed at submit. The owner's
+                                                      job ids -> creation time, for ``GET /v1/jobs``
+                                                      (the newest ``JOBS_INDEX_MAX``); readers drop
+                                                      ids whose record is gone.
+diffq:owner:<owner>:queued          set     API       ``job_ttl``, renewed at submit. Ids of the
+                                                      owner's jobs counted against its queued-job
+                                                      cap; ended ones are dropped when it is full.
+diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open event streams ->
+                                                      unix time their claim lapses.
+diffq:ratelimit:...                 string  API       one rate window. The ``limits`` package's
+                                                      sliding-window counters, per key id.
+==================================  ======  ========  ==============================================
 
 Idempotency-Key and webhooks (their modules own these keys; see each module's docstring):
 
@@ -77,14 +99,48 @@ RUNNING = f"{PREFIX}:running"
 WORKERS = f"{PREFIX}:workers"
 """Set of worker ids; membership alone does not mean alive (see ``worker``)."""
 
-JOBS = f"{PREFIX}:jobs"
-"""Sorted set of job ids scored by creation time (unix seconds): the newest jobs, for listing."""
-
 JOBS_INDEX_MAX = 10_000
-"""Job ids ``JOBS`` keeps; older ones are trimmed at submit."""
+"""Job ids an owner's ``owner_jobs`` index keeps; older ones are trimmed at submit."""
 
 METRICS_MODELS = f"{PREFIX}:metrics:models"
 """Set of model names that have a ``metrics`` hash."""
+
+
+API_KEYS = f"{PREFIX}:apikeys"
+"""Set of every API key id."""
+
+RATE_LIMIT_PREFIX = f"{PREFIX}:ratelimit"
+"""Prefix of the rate limiter's counters."""
+
+
+def api_key(key_id: str) -> str:
+    """Hash of one API key (``app.auth.apikeys.ApiKey``)."""
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def owner_jobs(owner: str) -> str:
+    """Sorted set of an owner's job ids by creation time (unix seconds), for listing."""
+    return f"{PREFIX}:owner:{owner}:jobs"
+
+
+def owner_queued(owner: str) -> str:
+    """Set of an owner's job ids counted against its queued-job cap."""
+    return f"{PREFIX}:owner:{owner}:queued"
+
+
+def owner_streams(owner: str) -> str:
+    """Sorted set of an owner's open event streams, scored by the unix time their claim lapses."""
+    return f"{PREFIX}:owner:{owner}:streams"
+
+
+def fair(queue: str) -> str:
+    """Sorted set of a queue's queued job ids by their place in the fair order."""
+    return f"{PREFIX}:fair:{queue}"
+
+
+def fair_state(queue: str) -> str:
+    """Hash of a queue's fair-order bookkeeping: each owner's latest round per class, and the top."""
+    return f"{PREFIX}:fair:{queue}:state"
 
 
 def metrics(model: str) -> str:

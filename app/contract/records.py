@@ -180,6 +180,7 @@ class JobRecord(BaseModel):
     preview: PreviewInfo | None = None
     journeys: int = 0  # journey animations stored (one per image), when asked for
     lost_attempts: int = 0  # attempts whose worker died (or vanished); max_attempts ends the job
+    owner: str | None = None  # id of the API key that made it; None: made while auth was off
 
     def to_hash(self) -> dict[str, str]:
         """The record as Redis hash fields, each value JSON-encoded."""

@@ -9,6 +9,7 @@ class DiffqError(Exception):
     """Base of every error a client can be told about; ``code`` is stable, the message human."""
 
     code = "error"
+    headers: dict[str, str] | None = None  # HTTP headers the answer carries (e.g. Retry-After)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -114,3 +115,45 @@ class JobListingDisabledError(DiffqError):
     def __init__(self) -> None:
         super().__init__("listing jobs is off on this deployment (job ids are its only access control); "
                          "set DIFFQ_JOB_LISTING=true on the API to turn it on")
+
+
+class UnauthorizedError(DiffqError):
+    """No valid API key. One message for every reason (missing, malformed, unknown, wrong, revoked)."""
+
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="diffq"'}
+
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required: send `Authorization: Bearer <key>` (keys are made with "
+                         "`diffq keys create`)")
+
+
+class RateLimitedError(DiffqError):
+    """The key made more requests than its rate allows; ``headers`` say when to come back."""
+
+    code = "rate_limited"
+
+    def __init__(self, rate: str, headers: dict[str, str]) -> None:
+        super().__init__(f"this API key is limited to {rate} requests; retry after {headers['Retry-After']} s")
+        self.headers = headers
+
+
+class TooManyQueuedJobsError(DiffqError):
+    """The key already has as many queued jobs as it may."""
+
+    code = "too_many_queued_jobs"
+    headers = {"Retry-After": "5"}
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"this API key already has {cap} queued jobs, its limit; submit more once some have started")
+
+
+class TooManyStreamsError(DiffqError):
+    """The key already holds as many event streams open as it may."""
+
+    code = "too_many_streams"
+    headers = {"Retry-After": "5"}
+
+    def __init__(self, most: int) -> None:
+        super().__init__(f"this API key already has {most} event streams open, its limit; close one, or poll "
+                         "GET /v1/jobs/{id}?wait=N instead")

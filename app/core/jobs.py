@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -16,17 +17,21 @@ from rq.serializers import JSONSerializer
 
 from app.contract import events, keys, metrics
 from app.contract import status as job_status
-from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
+from app.auth.caller import Caller
+from app.auth.quotas import Quotas
+from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry
 from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
-from app.contract.tasks import enqueue, model_queue, rq_status
+from app.contract.tasks import Place, enqueue, model_queue, rq_status
 from app.core.errors import (
     FieldProblem,
     IdempotencyInProgressError,
     ImageNotFoundError,
+    InvalidRequestError,
     JobFinishedError,
     JobNotFoundError,
+    TooManyQueuedJobsError,
     UnknownModelError,
 )
 from app.core.idempotency import IdempotencyStore
@@ -66,9 +71,10 @@ class JobView:
 class JobService:
     """The operations behind the job endpoints, against Redis and RQ."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None) -> None:
         self.redis = redis
         self.settings = settings
+        self.caller = caller if caller is not None else Caller(None, settings)
         self.store = JobStore(redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
@@ -81,29 +87,54 @@ class JobService:
         model = self.served_model(body.model)
         inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
         request = resolve_request(body, model, inputs)
+        self._check_cost(request)
         if body.webhook is not None:
             request = request.model_copy(update={"webhook": body.webhook})
-        record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings)
-        queue = model_queue(model.name, self.redis)
-        with self.redis.pipeline() as pipe:
-            # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
-            enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-            self.store.create(record, self.settings.job_ttl, pipeline=pipe, inputs=inputs.pngs)
-            events.publish(pipe, record.id, "queued", {"status": "queued"}, self.settings.job_ttl,
-                           webhook=record.request.webhook)
-            pipe.zadd(keys.JOBS, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
-            pipe.zremrangebyrank(keys.JOBS, 0, -keys.JOBS_INDEX_MAX - 1)
-            pipe.execute()
+        if self.caller.strip_metadata:
+            request = request.model_copy(update={"metadata": False})
+        caller, ttl = self.caller, self.settings.job_ttl
+        record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
+                           owner=caller.owner)
+        quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
+        if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
+            raise TooManyQueuedJobsError(caller.max_queued_jobs)
+        queue = model_queue(model.name, self.redis, Place(caller.scope, caller.priority_rank, ttl))
+        index = keys.owner_jobs(caller.scope)
+        try:
+            with self.redis.pipeline() as pipe:
+                # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
+                enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
+                self.store.create(record, ttl, pipeline=pipe, inputs=inputs.pngs)
+                events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
+                pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
+                pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
+                pipe.expire(index, ttl)
+                pipe.execute()
+        except BaseException:
+            if quotas is not None:
+                quotas.release_queued(record.id)
+            raise
         log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
         return self.view(record)
+
+    def _check_cost(self, request: JobParams) -> None:
+        """Refuse a job bigger than the caller's budget of width × height × steps × images."""
+        cost = request.width * request.height * request.steps * request.num_images
+        budget = self.caller.max_job_cost
+        if cost > budget:
+            message = (f"width × height × steps × num_images = {request.width} × {request.height} × {request.steps} × "
+                       f"{request.num_images} = {cost}, over this deployment's budget of {budget} per job; ask for "
+                       "fewer steps, images or pixels")
+            raise InvalidRequestError([FieldProblem("steps", message)])
 
     def recent(self, limit: int) -> list[JobView]:
         """The newest ``limit`` jobs that still exist, newest first; drops index entries of
         deleted or expired jobs as it meets them."""
         views: list[JobView] = []
         start = 0
+        index = keys.owner_jobs(self.caller.scope)
         while len(views) < limit:
-            ids = [i.decode() for i in self.redis.zrevrange(keys.JOBS, start, start + limit - 1)]
+            ids = [i.decode() for i in self.redis.zrevrange(index, start, start + limit - 1)]
             if not ids:
                 break
             with self.redis.pipeline(transaction=False) as pipe:
@@ -113,7 +144,7 @@ class JobService:
             gone = [job_id for job_id, fields in zip(ids, found, strict=True) if not fields]
             views.extend(self.view(JobRecord.from_hash(fields)) for fields in found if fields)
             if gone:
-                self.redis.zrem(keys.JOBS, *gone)
+                self.redis.zrem(index, *gone)
             start += len(ids) - len(gone)
         return views[:limit]
 
@@ -128,12 +159,12 @@ class JobService:
         this one creates the job instead."""
         store = IdempotencyStore(self.redis, self.settings.idempotency_ttl)
         while True:
-            reservation = store.reserve(key, body_fingerprint, new_job_id())
+            reservation = store.reserve(key, body_fingerprint, new_job_id(), scope=self.caller.owner or "")
             if reservation.created:
                 try:
                     return self.submit(body, files, job_id=reservation.job_id), False
                 except BaseException:
-                    store.release(key, reservation.job_id)  # so the client's retry can succeed
+                    store.release(key, reservation.job_id, scope=self.caller.owner or "")  # so a retry can succeed
                     raise
             deadline = time.monotonic() + IDEMPOTENCY_WAIT
             while True:
@@ -142,7 +173,7 @@ class JobService:
                     return self.view(record), True
                 if (utcnow() - reservation.created_at).total_seconds() > IDEMPOTENCY_CREATING:
                     raise JobNotFoundError(reservation.job_id)  # created long ago, since deleted or expired
-                held = store.get(key)
+                held = store.get(key, scope=self.caller.owner or "")
                 if held is None or held["job_id"] != reservation.job_id:
                     break  # the first request failed and released the key: reserve it again
                 if time.monotonic() >= deadline:
@@ -151,10 +182,22 @@ class JobService:
 
     def get(self, job_id: str) -> JobView:
         """The job as it is now; raises ``JobNotFoundError``."""
+        return self.view(self._record(job_id))
+
+    def _record(self, job_id: str) -> JobRecord:
+        """The caller's job ``job_id``; another key's job is ``JobNotFoundError`` as a missing one is."""
         record = self.store.get(job_id)
-        if record is None:
+        if record is None or not self.caller.can_see(record.owner):
             raise JobNotFoundError(job_id)
-        return self.view(record)
+        return record
+
+    def _require(self, job_id: str) -> None:
+        """Raise ``JobNotFoundError`` unless the caller may act on job ``job_id`` (one field read)."""
+        if self.caller.key is None:
+            return
+        raw = self.redis.hget(keys.job(job_id), "owner")
+        if raw is None or not self.caller.can_see(json.loads(raw)):
+            raise JobNotFoundError(job_id)
 
     def view(self, record: JobRecord) -> JobView:
         """Combine the record with RQ's view: RQ knows of failures the worker could not record."""
@@ -194,6 +237,7 @@ class JobService:
 
         Canceling a canceled job again changes nothing; a finished job raises ``JobFinishedError``.
         """
+        self._require(job_id)
         result, status = self.store.cancel(job_id, utcnow().isoformat())
         if result is CancelResult.MISSING:
             raise JobNotFoundError(job_id)
@@ -215,9 +259,7 @@ class JobService:
 
     def preview(self, job_id: str) -> bytes:
         """The latest preview PNG of a job; raises if the job has none (yet)."""
-        record = self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(job_id)
+        record = self._record(job_id)
         png = self.store.preview(job_id)
         if png is None:
             raise ImageNotFoundError(f"job {job_id!r} has no preview yet (status {record.status.value})")
@@ -225,9 +267,7 @@ class JobService:
 
     def journey(self, job_id: str, index: int) -> bytes:
         """Image ``index``'s journey animation; raises unless the job asked for one and finished."""
-        record = self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(job_id)
+        record = self._record(job_id)
         data = self.store.journey(job_id, index) if index < record.journeys else None
         if data is None:
             reason = "did not ask for a journey" if not record.request.journey else "has no such journey (yet)"
@@ -236,6 +276,7 @@ class JobService:
 
     def delete(self, job_id: str) -> None:
         """Remove the job and its images; a queued job will never run, a running one stops."""
+        self._require(job_id)
         if not self.store.delete(job_id):
             raise JobNotFoundError(job_id)
         self.redis.delete(attempts_key(job_id))  # its webhook delivery attempts
@@ -249,9 +290,7 @@ class JobService:
 
     def image(self, job_id: str, index: int) -> ImageRecord:
         """An image's record (sha256, size); raises if the job or the image does not exist."""
-        record = self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(job_id)
+        record = self._record(job_id)
         for image in record.images:
             if image.index == index:
                 return image

@@ -1,12 +1,233 @@
 // diffq playground: submits a job to the public API, follows its server-sent events
 // (progress, previews), shows the finished images. Plain JavaScript, no build step.
+//
+// When the API needs keys, every /v1 request carries `Authorization: Bearer <key>` (the key the page
+// remembers in localStorage). EventSource and <img src> cannot send headers, so events are read with
+// fetch (a small text/event-stream reader) and images, when a key is set, are fetched as blobs.
+// The key never goes into a URL.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = ["succeeded", "failed", "canceled", "deleted"];
+const KEY_STORAGE = "diffq.playground.apiKey";
 let models = [];
-let current = null;      // {id, source: EventSource}
+let current = null;      // {id, stream: {close()}}
 let chainedImage = null; // "job:<id>/<n>" picked from a result
+let resultUrls = [];     // object URLs of the shown results, revoked when they are replaced
+
+// ---- API key ---------------------------------------------------------------------------------
+
+function apiKey() { return $("api-key").value.trim(); }
+
+function authHeaders(headers) {
+  const key = apiKey();
+  return key ? {...(headers || {}), "Authorization": `Bearer ${key}`} : {...(headers || {})};
+}
+
+function rememberKey() {
+  try {
+    if (apiKey()) localStorage.setItem(KEY_STORAGE, apiKey());
+    else localStorage.removeItem(KEY_STORAGE);
+  } catch (e) { /* storage disabled: the key lasts as long as the page */ }
+  $("forget-key").disabled = !apiKey();
+}
+
+function forgetKey() {
+  $("api-key").value = "";
+  rememberKey();
+  showKeyMessage("");
+  loadModels();
+}
+
+function showKeyMessage(message, kind) {
+  const box = $("key-message");
+  box.textContent = message || "";
+  box.hidden = !message;
+  box.className = kind === "ok" ? "key-ok" : "error";
+}
+
+// The message for a 401, next to the key field: no key, or a key the API refused.
+function unauthorized() {
+  const message = apiKey()
+    ? "The key was refused (unknown, revoked or mistyped); check it, or make one with `diffq keys create`."
+    : "This API needs an API key: paste one made with `diffq keys create --name NAME`.";
+  showKeyMessage(message);
+  return message;
+}
+
+// fetch for /v1: adds the key, and says so next to the key field when it is missing or refused.
+async function api(path, options) {
+  options = options || {};
+  const response = await fetch(path, {...options, headers: authHeaders(options.headers)});
+  if (response.status === 401) unauthorized();
+  else if (response.ok && apiKey()) showKeyMessage("");
+  return response;
+}
+
+// The JSON error body of a response, as text ("code: message", field problems below).
+async function responseError(response) {
+  if (response.status === 401) return unauthorized();
+  const body = await response.json().catch(() => null);
+  return errorText(body, response.status);
+}
+
+// ---- server-sent events over fetch -------------------------------------------------------------
+
+// Parses text/event-stream: fed chunks of text, calls onEvent({type, data, id}) for each event.
+// Follows the HTML spec's rules: `id:`, `event:`, `data:` (lines joined by \n), `retry:`, comments (`:`).
+function sseParser(onEvent, onRetry) {
+  let buffer = "", data = [], type = "", lastId = "", endedWithCR = false;
+  const parser = {
+    get lastId() { return lastId; },
+    set lastId(value) { lastId = value; },
+    feed(text) {
+      if (endedWithCR && text.startsWith("\n")) text = text.slice(1);  // a \r\n split between chunks
+      endedWithCR = text.endsWith("\r");
+      buffer += text;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop();  // a partial line waits for the rest
+      for (const line of lines) parser.line(line);
+    },
+    line(line) {
+      if (line === "") {
+        if (data.length) onEvent({type: type || "message", data: data.join("\n"), id: lastId});
+        data = [];
+        type = "";
+        return;
+      }
+      if (line.startsWith(":")) return;  // a comment (keep-alive ping)
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "data") data.push(value);
+      else if (field === "event") type = value;
+      else if (field === "id" && !value.includes("\0")) lastId = value;
+      else if (field === "retry" && /^\d+$/.test(value) && onRetry) onRetry(parseInt(value, 10));
+    },
+    reset() { buffer = ""; data = []; type = ""; endedWithCR = false; },  // a dropped connection discards a half-read event
+  };
+  return parser;
+}
+
+// Like EventSource, with the key: `on(type, handler)`; reconnects after a dropped connection with
+// Last-Event-ID, so no event is lost or repeated. `onFail(message)` when the API refuses the stream.
+function openEvents(url, onFail) {
+  const handlers = {};
+  const controller = new AbortController();
+  let closed = false, delay = 1000, failures = 0;
+  const parser = sseParser((event) => {
+    failures = 0;
+    for (const handler of handlers[event.type] || []) handler(event);
+  }, (ms) => { delay = ms; });
+
+  async function connect() {
+    while (!closed) {
+      const headers = {"Accept": "text/event-stream"};
+      if (parser.lastId) headers["Last-Event-ID"] = parser.lastId;
+      let retryAfter = null;
+      try {
+        const response = await fetch(url, {headers: authHeaders(headers), signal: controller.signal,
+                                           cache: "no-store"});
+        if (response.status === 401) { fail(unauthorized()); return; }
+        if (response.status === 429 || response.status >= 500) {
+          retryAfter = parseFloat(response.headers.get("Retry-After"));
+          if (response.status === 429 && ++failures > 5) { fail(await responseError(response)); return; }
+          await response.body?.cancel();
+        } else if (!response.ok || !response.body) {
+          fail(await responseError(response));
+          return;
+        } else {
+          const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+          for (;;) {
+            const {value, done} = await reader.read();
+            if (done) break;
+            parser.feed(value);
+          }
+        }
+      } catch (e) {
+        if (closed) return;
+        if (++failures > 30) { fail(`Lost the event stream: ${e}`); return; }
+      }
+      parser.reset();
+      if (closed) return;
+      const wait = Number.isFinite(retryAfter) ? retryAfter * 1000 : delay;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
+
+  function fail(message) {
+    if (closed) return;
+    close();
+    onFail(message);
+  }
+
+  function close() {
+    closed = true;
+    controller.abort();
+  }
+
+  connect();
+  return {
+    on(type, handler) { (handlers[type] = handlers[type] || []).push(handler); },
+    close,
+  };
+}
+
+// ---- images ------------------------------------------------------------------------------------
+
+// Shows `url` in `img`: a plain src without a key; with one, fetched with the key into an object URL
+// (the previous object URL of this image is revoked). Resolves to the URL shown, or null.
+async function showImage(img, url) {
+  if (!apiKey()) {
+    revokeImage(img);
+    img.src = url;
+    return url;
+  }
+  const response = await api(url, {cache: "no-store"});
+  if (!response.ok) return null;
+  const objectUrl = URL.createObjectURL(await response.blob());
+  revokeImage(img);
+  img.dataset.objectUrl = objectUrl;
+  img.src = objectUrl;
+  return objectUrl;
+}
+
+function revokeImage(img) {
+  if (img.dataset.objectUrl) URL.revokeObjectURL(img.dataset.objectUrl);
+  delete img.dataset.objectUrl;
+}
+
+// The preview: one fetch at a time; previews that arrive meanwhile collapse into the newest.
+const preview = {job: null, wanted: null, loading: false};
+
+function showPreview(jobId, data) {
+  preview.job = jobId;
+  preview.wanted = data;
+  if (!preview.loading) loadPreview();
+}
+
+async function loadPreview() {
+  preview.loading = true;
+  try {
+    while (preview.wanted) {
+      const data = preview.wanted, jobId = preview.job;
+      preview.wanted = null;
+      let shown = null;
+      try {
+        shown = await showImage($("preview"), `/v1/jobs/${jobId}/preview.png?step=${data.step}`);
+      } catch (e) { /* a missed preview is not an error: the next one replaces it */ }
+      if (shown && current && current.id === jobId) {
+        $("preview-caption").textContent = `preview at step ${data.step} of ${data.total}`;
+        $("preview-box").hidden = false;
+      }
+    }
+  } finally {
+    preview.loading = false;
+  }
+}
+
+// ---- the page ----------------------------------------------------------------------------------
 
 function setStatus(text) { $("status").textContent = text; }
 
@@ -22,14 +243,24 @@ function errorText(body, status) {
 }
 
 async function loadModels() {
+  let problem = null;
   try {
-    const response = await fetch("/v1/models");
-    models = (await response.json()).models || [];
+    const response = await api("/v1/models");
+    if (response.ok) models = (await response.json()).models || [];
+    else {
+      models = [];
+      problem = response.status === 401 ? "API key needed" : await responseError(response);
+    }
   } catch (e) {
     models = [];
   }
   const select = $("model");
   select.innerHTML = "";
+  if (problem) {
+    select.add(new Option(`(${problem === "API key needed" ? problem : "models unavailable"})`, ""));
+    setStatus(problem === "API key needed" ? "Enter an API key to list the models." : problem);
+    return;
+  }
   if (!models.length) {
     select.add(new Option("(no live worker)", ""));
     setStatus("No live worker serves a model yet; start one with `diffq worker`.");
@@ -110,27 +341,30 @@ async function submit(event) {
   setStatus("Submitting…");
   let response, body;
   try {
-    response = await fetch("/v1/jobs", {method: "POST", headers: request.headers, body: request.body});
+    response = await api("/v1/jobs", {method: "POST", headers: request.headers, body: request.body});
     body = await response.json().catch(() => null);
   } catch (e) {
     finish(`Cannot reach the API: ${e}`);
     return;
   }
   if (response.status !== 202) {
-    finish(errorText(body, response.status));
+    finish(response.status === 401 ? unauthorized() : errorText(body, response.status));
     return;
   }
   follow(body);
 }
 
 function follow(job) {
-  const source = new EventSource(`/v1/jobs/${job.id}/events`); // reconnects with Last-Event-ID by itself
+  // Reconnects with Last-Event-ID by itself, as EventSource would (which cannot send the key).
+  const source = openEvents(`/v1/jobs/${job.id}/events`, (message) => {
+    if (current && current.id === job.id) finish(message);
+  });
   current = {id: job.id, source};
   document.body.dataset.job = job.id;
   $("cancel").disabled = false;
   setStatus(`Queued (job ${job.id.slice(0, 8)}, seed ${job.request.seed})`);
   if (job.queue_position) $("progress-text").textContent = `${job.queue_position} job(s) ahead`;
-  const on = (type, handler) => source.addEventListener(type, (e) => handler(JSON.parse(e.data || "{}")));
+  const on = (type, handler) => source.on(type, (e) => handler(JSON.parse(e.data || "{}")));
   on("queued", () => setStatus(`Queued (job ${job.id.slice(0, 8)})`));
   on("running", (data) => setStatus(`Running${data.attempt > 1 ? ` (attempt ${data.attempt})` : ""}…`));
   on("progress", (data) => {
@@ -140,11 +374,7 @@ function follow(job) {
     const eta = data.eta_seconds != null ? `, about ${data.eta_seconds.toFixed(1)} s left` : "";
     $("progress-text").textContent = `step ${data.step} of ${data.total}${eta}`;
   });
-  on("preview", (data) => {
-    $("preview").src = `/v1/jobs/${job.id}/preview.png?step=${data.step}`;
-    $("preview-caption").textContent = `preview at step ${data.step} of ${data.total}`;
-    $("preview-box").hidden = false;
-  });
+  on("preview", (data) => showPreview(job.id, data));
   for (const type of TERMINAL) on(type, () => ended(job.id));
 }
 
@@ -153,7 +383,12 @@ async function ended(jobId) {
   current.source.close();
   let job = null;
   try {
-    job = await (await fetch(`/v1/jobs/${jobId}`)).json();
+    const response = await api(`/v1/jobs/${jobId}`);
+    if (!response.ok && response.status !== 404) {
+      finish(await responseError(response));
+      return;
+    }
+    job = await response.json();
   } catch (e) { /* shown below */ }
   if (!job || !job.status) {
     finish("The job is gone (deleted or expired).");
@@ -173,12 +408,13 @@ async function ended(jobId) {
 
 function showResults(job) {
   const results = $("results");
+  for (const url of resultUrls) URL.revokeObjectURL(url);
+  resultUrls = [];
   results.innerHTML = "";
   for (const image of job.images) {
     const box = document.createElement("div");
     box.className = "result";
     const img = document.createElement("img");
-    img.src = image.url;
     img.alt = `image ${image.index}, seed ${image.seed}`;
     img.className = "result-image";
     const link = document.createElement("a");
@@ -191,6 +427,19 @@ function showResults(job) {
     reuse.addEventListener("click", () => chain(`job:${job.id}/${image.index}`));
     box.append(img, link, reuse);
     results.append(box);
+    if (!apiKey()) {
+      img.src = image.url;
+      continue;
+    }
+    // With a key: fetched once into an object URL, which the download link shares.
+    api(image.url).then(async (response) => {
+      if (!response.ok) throw new Error(await responseError(response));
+      const url = URL.createObjectURL(await response.blob());
+      if (!box.isConnected) { URL.revokeObjectURL(url); return; }
+      resultUrls.push(url);
+      img.src = url;
+      link.href = url;
+    }).catch((e) => { img.alt = `image ${image.index} could not be loaded: ${e.message || e}`; });
   }
 }
 
@@ -217,15 +466,20 @@ async function cancel() {
   if (!current) return;
   $("cancel").disabled = true;
   setStatus("Canceling…");
-  const response = await fetch(`/v1/jobs/${current.id}/cancel`, {method: "POST"});
-  if (response.status === 409) {
-    const body = await response.json().catch(() => null);
-    showError(errorText(body, 409));
+  const response = await api(`/v1/jobs/${current.id}/cancel`, {method: "POST"});
+  if (!response.ok) {
+    showError(await responseError(response));
+    if (current && response.status !== 409) $("cancel").disabled = false;
   }
   // The `canceled` event ends it; a running job stops within one denoising step.
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  try { $("api-key").value = localStorage.getItem(KEY_STORAGE) || ""; } catch (e) { /* storage disabled */ }
+  $("forget-key").disabled = !apiKey();
+  $("api-key").addEventListener("input", () => { rememberKey(); showKeyMessage(""); });
+  $("api-key").addEventListener("change", loadModels);
+  $("forget-key").addEventListener("click", forgetKey);
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("model").addEventListener("change", applyModel);

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -14,10 +15,11 @@ from redis.asyncio import Redis as AsyncRedis
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.contract import events, keys
-from app.core.errors import JobListingDisabledError, JobNotFoundError
+from app.auth.quotas import Quotas
+from app.core.errors import JobListingDisabledError, JobNotFoundError, TooManyStreamsError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, SettingsDep, SubmissionBody
+from app.deps import CallerDep, JobServiceDep, RedisDep, SettingsDep, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -84,19 +86,20 @@ def create_job(
 @router.get(
     "",
     response_model=JobList,
-    summary="List the newest jobs (when DIFFQ_JOB_LISTING is on)",
-    response_description="The newest jobs that still exist, newest first.",
-    responses={403: ERROR_RESPONSES[404] | {"description": "Listing is off (`DIFFQ_JOB_LISTING`)."}},
+    summary="List the API key's newest jobs",
+    response_description="The key's newest jobs that still exist, newest first.",
+    responses={403: ERROR_RESPONSES[404] | {"description": "Auth is off and so is listing (`DIFFQ_JOB_LISTING`)."}},
 )
 def list_jobs(
     jobs: JobServiceDep,
     settings: SettingsDep,
+    caller: CallerDep,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST, description="How many jobs.")] = 20,
 ) -> JobList:
-    if not settings.job_listing:
-        # Job ids are unguessable and knowing one is the right to read the job: a list would hand
-        # every client every job, so a deployment turns it on knowingly.
+    if caller.key is None and not settings.job_listing:
+        # Without keys, job ids are unguessable and knowing one is the right to read the job: a
+        # list would hand every client every job, so a deployment turns it on knowingly.
         raise JobListingDisabledError()
     return JobList(jobs=[job_public(view, request) for view in jobs.recent(limit)])
 
@@ -127,6 +130,33 @@ def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
     return jobs.get(job_id)
 
 
+@dataclass
+class StreamSlot:
+    """An open stream's claim, renewed while the stream lasts (a crashed API's claims lapse)."""
+
+    quotas: Quotas
+    claim: str
+
+    async def renew(self) -> None:
+        await run_in_threadpool(self.quotas.renew_stream, self.claim)
+
+
+def stream_slot(caller: CallerDep, redis: RedisDep) -> Iterator[StreamSlot | None]:
+    """One of the API key's open event streams, held until the stream ends; 429 if all are taken.
+    (None while auth is off: no per-key count.)"""
+    if caller.key is None:
+        yield None
+        return
+    quotas = Quotas(redis, caller.scope)
+    claim = quotas.open_stream(caller.max_event_streams)
+    if claim is None:
+        raise TooManyStreamsError(caller.max_event_streams)
+    try:
+        yield StreamSlot(quotas, claim)
+    finally:
+        quotas.close_stream(claim)
+
+
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,
@@ -140,10 +170,13 @@ async def job_events(
     jobs: JobServiceDep,
     redis: AsyncRedisDep,
     _: Annotated[JobView, Depends(existing_job)],
+    slot: Annotated[StreamSlot | None, Depends(stream_slot)],
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> AsyncIterable[ServerSentEvent]:
     last = last_event_id if last_event_id and events.is_event_id(last_event_id) else "0"
     while not await request.is_disconnected():
+        if slot is not None:
+            await slot.renew()
         reply = await redis.xread({keys.events(job_id): last}, block=RECHECK_SECONDS * 1000, count=100)
         if reply:
             for event in events.parse(reply[0][1]):

@@ -1,0 +1,232 @@
+"""API keys and tenants: auth, isolation, per-key rate, queued-job cap, priority, fair share,
+job budget and metadata, against the real API app and a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from app.auth.apikeys import KeyLimits, KeyStore
+from app.contract.records import ModelRecord
+from app.contract.tasks import model_queue
+from app.main import create_app
+from app.settings import Settings
+from tests.helpers import TINY_JOB
+
+pytestmark = pytest.mark.usefixtures("served")
+
+
+@pytest.fixture
+def keyed(settings: Settings) -> Iterator[TestClient]:
+    """The API with API keys required (the deployment default)."""
+    with TestClient(create_app(settings.model_copy(update={"auth": "keys"}))) as client:
+        yield client
+
+
+def new_key(redis: Redis, name: str = "shop-a", **limits: object) -> dict[str, str]:
+    """Headers with a fresh key's bearer token (a rate no test reaches unless it sets one)."""
+    _, token = KeyStore(redis).create(name, KeyLimits(**{"rate_limit": "10000/second", **limits}))
+    return {"Authorization": f"Bearer {token}"}
+
+
+def submit(client: TestClient, headers: dict[str, str], **fields: object) -> dict:
+    response = client.post("/v1/jobs", json={**TINY_JOB, **fields}, headers=headers)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+
+def test_every_kind_of_bad_key_gets_the_same_401(keyed: TestClient, redis: Redis) -> None:
+    good = new_key(redis)
+    revoked_headers = new_key(redis, "gone")
+    KeyStore(redis).revoke(KeyStore(redis).find("gone")[0].id)
+    token = good["Authorization"].removeprefix("Bearer ")
+    wrong_secret = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    unknown_id = "dq_000000000000_" + token.split("_", 2)[2]
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": f"Basic {token}"},
+        "malformed": {"Authorization": "Bearer hunter2"},
+        "unknown id": {"Authorization": f"Bearer {unknown_id}"},
+        "wrong secret": {"Authorization": f"Bearer {wrong_secret}"},
+        "revoked": revoked_headers,
+    }
+    bodies = set()
+    for name, headers in cases.items():
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/abc")):
+            response = keyed.request(method, path, headers=headers, json=TINY_JOB if method == "POST" else None)
+            assert response.status_code == 401, (name, path, response.text)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            bodies.add(response.text)
+    assert len(bodies) == 1, bodies  # nothing tells which part was wrong
+    assert keyed.get("/v1/models", headers=good).status_code == 200
+
+
+def test_every_bad_key_costs_the_same_redis_work(keyed: TestClient, redis: Redis) -> None:
+    """Same timing by construction: one HGETALL and one SHA-256 compare whatever is wrong."""
+    good = new_key(redis)
+    token = good["Authorization"].removeprefix("Bearer ")
+    cases = [{}, {"Authorization": "Bearer hunter2"}, {"Authorization": f"Bearer {token[:-1]}x"},
+             {"Authorization": "Bearer dq_000000000000_" + token.split("_", 2)[2]}]
+    for headers in cases:
+        redis.config_resetstat()
+        assert keyed.get("/v1/models", headers=headers).status_code == 401
+        connection = ("cmdstat_config", "cmdstat_info", "cmdstat_client", "cmdstat_hello")  # not the key check's
+        stats = {name: info["calls"] for name, info in redis.info("commandstats").items() if name not in connection}
+        assert stats == {"cmdstat_hgetall": 1}, (headers, stats)
+
+
+def test_health_and_metrics_need_no_key(keyed: TestClient) -> None:
+    assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/metrics").status_code == 200
+    assert keyed.get("/openapi.json").json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_keys_are_stored_hashed(redis: Redis) -> None:
+    key, token = KeyStore(redis).create("shop-a")
+    secret = token.split("_", 2)[2]
+    stored = b"".join(k + v for k, v in redis.hgetall(f"diffq:apikey:{key.id}").items())
+    assert secret.encode() not in stored
+    assert KeyStore(redis).verify(token) == key
+
+
+# --- isolation -------------------------------------------------------------------------------
+
+
+def test_a_key_sees_only_its_own_jobs(keyed: TestClient, redis: Redis) -> None:
+    a, b = new_key(redis, "shop-a"), new_key(redis, "shop-b")
+    job = submit(keyed, a)
+    job_id = job["id"]
+    for method, path in [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+        ("GET", f"/v1/jobs/{job_id}/preview.png"),
+        ("GET", f"/v1/jobs/{job_id}/images/0.png"),
+        ("GET", f"/v1/jobs/{job_id}/journey/0.webp"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("DELETE", f"/v1/jobs/{job_id}"),
+    ]:
+        theirs = keyed.request(method, path, headers=b)
+        missing = keyed.request(method, path.replace(job_id, "0" * 32), headers=b)
+        assert theirs.status_code == 404, (path, theirs.text)
+        assert theirs.json()["code"] == missing.json()["code"] == "job_not_found"
+    assert keyed.get(f"/v1/jobs/{job_id}", headers=a).json()["status"] == "queued"  # B changed nothing
+    assert [j["id"] for j in keyed.get("/v1/jobs", headers=a).json()["jobs"]] == [job_id]
+    assert keyed.get("/v1/jobs", headers=b).json()["jobs"] == []
+    assert len(job_id) == 32 and int(job_id, 16)  # 128 random bits
+
+
+def test_idempotency_keys_belong_to_their_api_key(keyed: TestClient, redis: Redis) -> None:
+    a, b = new_key(redis, "shop-a"), new_key(redis, "shop-b")
+    first = keyed.post("/v1/jobs", json=TINY_JOB, headers={**a, "Idempotency-Key": "order-1"})
+    other = keyed.post("/v1/jobs", json={**TINY_JOB, "prompt": "a blue square"}, headers={**b, "Idempotency-Key": "order-1"})
+    assert first.status_code == other.status_code == 202
+    assert first.json()["id"] != other.json()["id"]
+
+
+# --- per-key limits --------------------------------------------------------------------------
+
+
+def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(keyed: TestClient, redis: Redis) -> None:
+    limited, other = new_key(redis, "busy", rate_limit="3/minute"), new_key(redis, "calm")
+    answers = [keyed.get("/v1/models", headers=limited) for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["ratelimit-limit"] == "3"
+    assert [r.headers["ratelimit-remaining"] for r in answers[:3]] == ["2", "1", "0"]
+    refused = answers[3]
+    assert refused.json()["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["ratelimit-policy"] == "3;w=60"
+    assert keyed.get("/v1/models", headers=other).status_code == 200  # another key has its own count
+
+
+def test_queued_job_cap(keyed: TestClient, redis: Redis) -> None:
+    capped = new_key(redis, max_queued_jobs=2)
+    first, _ = submit(keyed, capped), submit(keyed, capped)
+    refused = keyed.post("/v1/jobs", json=TINY_JOB, headers=capped)
+    assert refused.status_code == 429 and refused.json()["code"] == "too_many_queued_jobs"
+    assert "Retry-After" in refused.headers
+    keyed.post(f"/v1/jobs/{first['id']}/cancel", headers=capped)
+    submit(keyed, capped)  # a canceled job no longer counts
+
+
+def test_job_budget_names_the_fields(keyed: TestClient, redis: Redis) -> None:
+    small = new_key(redis, max_job_cost=16 * 16 * 4)
+    refused = keyed.post("/v1/jobs", json={**TINY_JOB, "steps": 5}, headers=small)
+    assert refused.status_code == 422, refused.text
+    [field] = refused.json()["fields"]
+    assert field["field"] == "steps" and "width × height × steps × num_images" in field["message"]
+    submit(keyed, small, steps=4)
+
+
+def test_a_key_can_strip_png_metadata(keyed: TestClient, redis: Redis) -> None:
+    stripping, keeping = new_key(redis, "private", strip_metadata=True), new_key(redis, "open")
+    assert submit(keyed, stripping, metadata=True)["request"]["metadata"] is False
+    assert submit(keyed, keeping)["request"]["metadata"] is True
+    assert submit(keyed, keeping, metadata=False)["request"]["metadata"] is False  # per request too
+
+
+# --- queue order: priority classes and fair share --------------------------------------------
+
+
+def _queue(redis: Redis, model: ModelRecord) -> Queue:
+    return Queue(model_queue(model.name, redis).name, connection=redis, serializer=JSONSerializer)
+
+
+def _take(queue: Queue, redis: Redis, n: int) -> list[str]:
+    """Dequeue ``n`` jobs the way an RQ worker does (BLPOP off the front), marking each started."""
+    taken = []
+    for _ in range(n):
+        job, _ = Queue.dequeue_any([queue], timeout=None, connection=redis, serializer=JSONSerializer)
+        redis.hset(f"diffq:job:{job.id}", "status", '"running"')  # as the worker's claim does
+        taken.append(job.id)
+    return taken
+
+
+def test_fair_share_b_starts_after_at_most_two_more_of_a(keyed: TestClient, redis: Redis, served: ModelRecord) -> None:
+    a, b = new_key(redis, "shop-a"), new_key(redis, "shop-b")
+    queue = _queue(redis, served)
+    a_jobs = [submit(keyed, a)["id"] for _ in range(100)]
+    assert queue.get_job_ids() == a_jobs  # alone, A's jobs keep their order
+    started = _take(queue, redis, 7)  # a worker has started some of them
+    b_job = submit(keyed, b)["id"]
+    order = _take(queue, redis, 3)
+    assert b_job in order, order
+    assert order.index(b_job) <= 2  # at most 2 more of A's first
+    assert started + [i for i in order if i != b_job] == a_jobs[: 7 + len(order) - 1]  # A's own order kept
+
+
+def test_fair_share_interleaves_two_busy_keys(keyed: TestClient, redis: Redis, served: ModelRecord) -> None:
+    a, b = new_key(redis, "shop-a"), new_key(redis, "shop-b")
+    a_jobs = [submit(keyed, a)["id"] for _ in range(6)]
+    b_jobs = [submit(keyed, b)["id"] for _ in range(3)]
+    order = _queue(redis, served).get_job_ids()
+    owners = "".join("a" if job in a_jobs else "b" for job in order)
+    assert owners == "abababaaa", owners
+
+
+def test_a_high_priority_key_goes_first_and_low_goes_last(keyed: TestClient, redis: Redis, served: ModelRecord) -> None:
+    low, normal, high = (new_key(redis, name, priority=name) for name in ("low", "normal", "high"))
+    low_jobs = [submit(keyed, low)["id"] for _ in range(2)]
+    normal_jobs = [submit(keyed, normal)["id"] for _ in range(2)]
+    high_job = submit(keyed, high)["id"]
+    assert _queue(redis, served).get_job_ids() == [high_job, *normal_jobs, *low_jobs]
+    assert keyed.get(f"/v1/jobs/{high_job}", headers=high).json()["queue_position"] == 0
+
+
+def test_canceled_and_taken_jobs_do_not_disturb_the_order(keyed: TestClient, redis: Redis, served: ModelRecord) -> None:
+    a, b = new_key(redis, "shop-a"), new_key(redis, "shop-b")
+    a_jobs = [submit(keyed, a)["id"] for _ in range(4)]
+    keyed.post(f"/v1/jobs/{a_jobs[1]}/cancel", headers=a)
+    keyed.delete(f"/v1/jobs/{a_jobs[2]}", headers=a)
+    queue = _queue(redis, served)
+    _take(queue, redis, 1)
+    b_job = submit(keyed, b)["id"]
+    assert queue.get_job_ids() == [a_jobs[3], b_job] or queue.get_job_ids() == [b_job, a_jobs[3]]
