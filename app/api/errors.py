@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.core.errors import (
     DiffqError,
@@ -45,6 +46,9 @@ STATUS: dict[type[DiffqError], int] = {
 }
 
 RETRY_AFTER_SECONDS = 1
+
+#: Methods a 405's `Allow` header may list.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "No valid API key (`Authorization: Bearer <key>`)."},
@@ -93,7 +97,21 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, Error(code=code, message=str(exc.detail)), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        # Starlette's `Allow` names only the first route on the path (GET of `/v1/jobs/{id}`, not its DELETE).
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+    return _error_response(exc.status_code, Error(code=code, message=str(exc.detail)), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on the request's path (RFC 9110: `Allow` lists them all)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:

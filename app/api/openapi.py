@@ -32,8 +32,19 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
             schemas.setdefault(name, definition)
         schemas["JobCreate"] = job_create
         schemas["JobCreateMultipart"] = _multipart_schema(schemas["JobCreate"])
+        _errors_as_json(schema)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _errors_as_json(schema: dict[str, Any]) -> None:
+    """Error bodies are JSON whatever the route streams: FastAPI files a route's error ``responses``
+    under its own media type (``text/event-stream`` for ``/events``), so move them to JSON."""
+    for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+        for status, response in operation.get("responses", {}).items():
+            content = response.get("content")
+            if status[:1] in ("4", "5") and content and len(content) == 1 and "application/json" not in content:
+                response["content"] = {"application/json": content.popitem()[1]}
 
 
 def _multipart_schema(job_create: dict[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    prompt: StrictStr = Field(description="What to draw.")
+    prompt: StrictStr = Field(min_length=1, description="What to draw.")
     model: StrictStr | None = Field(
         None, description="A served diffq model; OpenAI's names (dall-e-*, gpt-image-*) mean the default one."
     )
