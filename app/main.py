@@ -12,7 +12,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from app import __version__
-from app.api.errors import install_error_handlers
+from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
@@ -54,11 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
+    keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
     for module in (jobs, images, models):
-        app.include_router(module.router, dependencies=[Depends(get_caller)])
+        app.include_router(module.router, **keyed)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.
-    app.include_router(openai_images.router, dependencies=[Depends(get_caller)])
+    app.include_router(openai_images.router, **keyed)
     app.include_router(metrics.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")

@@ -12,8 +12,10 @@ document clients get, with this deployment's limits in ``JobCreate``.
 
 Behind it: the test suite's real ``redis-server`` and the tiny model registered
 as if a worker served it (``served``), so ``POST /v1/jobs`` is validated
-against a model and valid jobs are queued. Job listing is on, so
-``GET /v1/jobs`` answers those jobs and their bodies are checked too.
+against a model and valid jobs are queued. API keys are on, as deployed: every
+request carries one key (``auth_headers()``; its rate and queue cap set beyond
+what the run reaches), so ``GET /v1/jobs`` answers that key's jobs and their
+bodies are checked too.
 
 Checks: schemathesis' standard set (``case.call_and_validate``): a documented
 status code, content type and headers, a body matching the response schema,
@@ -37,7 +39,9 @@ prints the count and fails under ``MIN_REQUESTS``. No operation is excluded:
 ids that schemathesis makes up never name a job, so the long poll (``?wait=``)
 and the event stream answer 404 at once instead of blocking.
 
-Every request carries ``auth_headers()``: the one place to add credentials.
+Every request carries ``auth_headers(case)``: the key made for the run, except
+negative cases whose broken part is the headers (a dropped or mangled
+``Authorization``), which go as generated and must get 401.
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ import schemathesis
 import uvicorn
 from hypothesis import HealthCheck
 from schemathesis import checks
+from schemathesis.core.parameters import ParameterLocation
 
+from redis import Redis
+
+from app.auth.apikeys import KeyLimits, KeyStore
 from app.contract.records import ModelRecord
 from app.embedded_redis import free_port
 from app.main import create_app
@@ -71,17 +79,25 @@ OPENAI_GENERATIONS = "POST /v1/images/generations"
 SENT: dict[str, int] = {}
 #: Answers that were the OpenAI endpoint's 504 timeout (the only 5xx accepted).
 TIMEOUTS: list[str] = []
+#: The run's API key, as a header (set by ``api_url``).
+AUTH: dict[str, str] = {}
 
 
-def auth_headers() -> dict[str, str]:
-    """Headers sent with every generated request (credentials, once the API asks for them)."""
-    return {}
+def auth_headers(case: Any) -> dict[str, str]:
+    """The run's API key for a generated request, unless the case's headers are the broken part
+    (a negative case that drops or mangles ``Authorization``): those go as generated, to get 401."""
+    header = case.meta.components.get(ParameterLocation.HEADER) if case.meta is not None else None
+    if header is not None and header.mode.is_negative:
+        return {}
+    return dict(AUTH)
 
 
 @pytest.fixture
-def api_url(settings: Settings, served: ModelRecord) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, with a served model; its base URL."""
-    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "job_listing": True})
+def api_url(settings: Settings, served: ModelRecord, redis: Redis) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, with API keys on and a served model; its base URL."""
+    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "auth": "keys"})
+    _, token = KeyStore(redis).create("fuzz", KeyLimits(rate_limit="100000/second", max_queued_jobs=100000))
+    AUTH["Authorization"] = f"Bearer {token}"
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -139,7 +155,7 @@ def test_api_answers_every_generated_request_as_documented(case: Any, request_co
     label = f"{case.method.upper()} {case.path}"
     request_count[label] = request_count.get(label, 0) + 1
     case.call_and_validate(
-        headers=auth_headers(),
+        headers=auth_headers(case),
         timeout=30,
         excluded_checks=[checks.not_a_server_error, checks.positive_data_acceptance],
         additional_checks=[not_a_server_error_but_the_openai_timeout],

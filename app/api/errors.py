@@ -61,6 +61,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: What every route behind an API key may answer besides its own (``app.main`` adds these to its routers).
+KEYED_RESPONSES: dict[int | str, dict[str, Any]] = {code: ERROR_RESPONSES[code] for code in (401, 429, 503)}
+
+
 def _status_for(exc: DiffqError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
