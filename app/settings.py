@@ -63,6 +63,30 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads torch may use in a worker; 0 keeps torch's default (all cores)."
     )
 
+    # The GPU fast path (README, "GPU fast path").
+    fast_path: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Worker speed-ups: SDPA attention and channels_last in UNet and VAE, VAE tiling/slicing above "
+        "vae_tiling_pixels, torch.compile if `compile`, a warm-up run at start; auto: on CUDA only (the CPU path "
+        "stays as it was), on: on any device, off: never.",
+    )
+    compile: bool = Field(
+        False,
+        description="With the fast path, torch.compile the UNet (compile_mode) and compile it at worker start with "
+        "warm-up runs of the model's default size (minutes) before the worker takes jobs.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "max-autotune-no-cudagraphs",
+        description="torch.compile mode of `compile`; the default avoids CUDA graphs, which would record (and keep "
+        "memory for) one graph per batch shape.",
+    )
+    vae_tiling_pixels: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="With the fast path, the VAE decodes in tiles an image of more pixels (width × height) than "
+        "this, and one image at a time a call whose images together have more; 0: never.",
+    )
+
     # API keys and what each key may do (a key created with `diffq keys create` may set its own).
     auth: Literal["keys", "off"] = Field(
         "keys",

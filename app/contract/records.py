@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     WORKER_LOST = "worker_lost"  # the worker died or RQ gave up on the job
     REFUSED = "refused"  # the queued RQ job was not diffq's task
     DEADLINE_EXCEEDED = "deadline_exceeded"  # still queued when the request's deadline passed
+    OUT_OF_MEMORY = "out_of_memory"  # did not fit in the worker's device memory, even run alone
     INTERNAL_ERROR = "internal_error"  # a bug in diffq; the message says what
 
 

@@ -20,7 +20,7 @@ from app.contract import status as job_status
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract.registry import Registry
+from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
 from app.contract.tasks import Place, enqueue, model_queue, rq_status
@@ -84,7 +84,8 @@ class JobService:
         ``job_id`` is the id to create (one reserved for an Idempotency-Key), else a new one."""
         if body.webhook is not None:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
-        model = self.served_model(body.model)
+        served = self._served(body.model)
+        model = served.model
         inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
         request = resolve_request(body, model, inputs)
         self._check_cost(request)
@@ -115,7 +116,19 @@ class JobService:
                 quotas.release_queued(record.id)
             raise
         log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
-        return self.view(record)
+        return self._queued_view(record, queue.key, len(served.workers))
+
+    def _queued_view(self, record: JobRecord, queue_key: str, workers: int) -> JobView:
+        """``view`` of a job this request has just queued, in one round trip: its status is known
+        (nothing to reconcile with RQ yet), and so are the model's workers."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpos(queue_key, record.id)
+            pipe.lrange(keys.model_durations(record.model), 0, -1)
+            found, durations = pipe.execute()
+        position = found if isinstance(found, int) else 0  # None: a worker is already taking it
+        deliveries = [] if record.request.webhook is not None else None
+        return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
+                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries)
 
     def _check_cost(self, request: JobParams) -> None:
         """Refuse a job bigger than the caller's budget of width × height × steps × images."""
@@ -223,14 +236,11 @@ class JobService:
                        webhook_deliveries=deliveries)
 
     def _queued_eta(self, model: str, position: int) -> float | None:
-        """Seconds until a queued job ends: the jobs ahead shared among the model's live workers,
-        then its own run, at the model's recent mean job time. None before any job has run."""
-        durations = [float(d) for d in self.redis.lrange(keys.model_durations(model), 0, -1)]
+        durations = self.redis.lrange(keys.model_durations(model), 0, -1)
         if not durations:
             return None
         workers = sum(len(entry.workers) for entry in self.registry.served_models() if entry.model.name == model)
-        mean = sum(durations) / len(durations)
-        return round((position / max(1, workers) + 1) * mean, 2)
+        return _eta(position, workers, durations)
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising step.
@@ -305,7 +315,10 @@ class JobService:
 
     def served_model(self, name: str | None) -> ModelRecord:
         """The model a request runs on; raises ``UnknownModelError`` naming the served ones."""
-        served = {entry.model.name: entry.model for entry in self.registry.served_models()}
+        return self._served(name).model
+
+    def _served(self, name: str | None) -> ServedModel:
+        served = {entry.model.name: entry for entry in self.registry.served_models()}
         if name is None:
             name = self.settings.default_model
         if name is None and len(served) == 1:
@@ -347,6 +360,15 @@ class JobService:
 
     def _rq_job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+
+
+def _eta(position: int, workers: int, durations: list[bytes]) -> float | None:
+    """Seconds until a queued job ends: the jobs ahead shared among the model's live workers,
+    then its own run, at the model's recent mean job time. None before any job has run."""
+    if not durations:
+        return None
+    mean = sum(float(d) for d in durations) / len(durations)
+    return round((position / max(1, workers) + 1) * mean, 2)
 
 
 def _missing_image_message(record: JobRecord, index: int) -> str:

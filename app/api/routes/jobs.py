@@ -32,7 +32,7 @@ RECHECK_SECONDS = 5
 MAX_LIST = 100
 
 
-def async_redis(request: Request) -> AsyncRedis:
+async def async_redis(request: Request) -> AsyncRedis:
     """The API's asyncio Redis client, for blocking reads that must not hold a thread."""
     return request.app.state.aredis
 
