@@ -132,13 +132,17 @@ class KeyStore:
         return key
 
     def verify(self, token: str | None) -> ApiKey | None:
-        """The active key ``token`` is, else None; the same work whatever is wrong (see the module)."""
+        """The active key ``token`` is, else None; the same work whatever is wrong (see the module):
+        the stored record is parsed only once the key has matched and is not revoked."""
         parsed = parse_token(token or "")
         key_id, secret = parsed if parsed is not None else ("-", token or "")
-        key = _from_hash(self.redis.hgetall(keys.api_key(key_id)))
-        expected = key.digest if key is not None else _DUMMY_DIGEST
+        fields = self.redis.hgetall(keys.api_key(key_id))
+        expected = json.loads(fields.get(b"digest", b'"%s"' % _DUMMY_DIGEST.encode()))
+        revoked = json.loads(fields.get(b"revoked_at", b"null")) is not None
         matches = hmac.compare_digest(digest(secret), expected)
-        return key if matches and parsed is not None and key is not None and key.active else None
+        if not matches or parsed is None or revoked or not fields:
+            return None
+        return _from_hash(fields)
 
 
 def _from_hash(fields: dict[bytes, bytes]) -> ApiKey | None:
