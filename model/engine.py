@@ -34,6 +34,17 @@ What it adds to a bare diffusers pipeline:
   beside the model (`inpaint_path`) and then serves inpaint and outpaint.
   The kept region is pasted back after decoding (see `model.editing`).
 
+GPU fast path (`Engine.load(fast_path=...)`, on by default on CUDA, off elsewhere so
+the CPU path stays exactly as it was): PyTorch's fused scaled-dot-product
+attention set explicitly in the UNet and VAE (diffusers' `AttnProcessor2_0`),
+channels_last weights for their convolutions, optionally the UNet compiled
+with `torch.compile` (`warm_up` then compiles it before the first job), and
+VAE tiling/slicing for calls with more pixels than `vae_tiling_pixels`.
+Half precision is the dtype's business ("auto": float16 on CUDA). A CUDA
+out-of-memory error reaches the caller as `torch.OutOfMemoryError`
+(`is_out_of_memory`); `free_memory` then returns the cached blocks, and the
+caller may retry with fewer images (the worker splits a batch in halves).
+
 Importing this module does not import torch or diffusers (they load in
 `Engine.load`), so request/result types can be used without the model stack.
 
@@ -74,6 +85,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "InvalidRequestError",
+    "is_out_of_memory",
     "Mode",
     "ModelInfo",
     "ModelLoadError",
@@ -107,6 +119,13 @@ SETTINGS_KEYS = {
 #: Files that count as weights for `ModelInfo.weights_hash`.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".gguf")
 DTYPES = ("float16", "bfloat16", "float32")
+#: `torch.compile` modes `Engine.load(compile_mode=...)` accepts.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Autotuned kernels and inductor's fusions, without CUDA graphs: diffq's batches change shape
+#: from call to call, and CUDA graphs would record (and keep memory for) one graph per shape.
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+#: Fast path: VAE tiling for images with more pixels than this, slicing for batches with more.
+DEFAULT_VAE_TILING_PIXELS = 1024 * 1024
 #: diffusers' SD/SDXL/LCM pipelines reject sizes that are not multiples of 8.
 _PIPELINE_SIZE_MULTIPLE = 8
 
@@ -217,8 +236,14 @@ class Engine:
         info: ModelInfo,
         schedulers: Mapping[str, SchedulerMixin],
         inpaint_pipe: DiffusionPipeline | None = None,
+        *,
+        vae_tiling_pixels: int = 0,
+        fast_path: Sequence[str] = (),
     ):
         self.pipe = pipe
+        #: What `load` applied for speed, for the worker's start-up log (empty: the plain path).
+        self.fast_path = list(fast_path)
+        self._vae_tiling_pixels = vae_tiling_pixels  # 0: never tile or slice
         self.info = info
         self._schedulers = dict(schedulers)
         self._inpaint_pipe = inpaint_pipe  # a 9-channel checkpoint, if one is configured
@@ -245,6 +270,10 @@ class Engine:
         max_steps: int = DEFAULT_MAX_STEPS,
         max_images: int = DEFAULT_MAX_IMAGES,
         inpaint_path: str | Path | None = None,
+        fast_path: bool | None = None,
+        compile: bool = False,
+        compile_mode: str = DEFAULT_COMPILE_MODE,
+        vae_tiling_pixels: int = DEFAULT_VAE_TILING_PIXELS,
     ) -> Engine:
         """Load a diffusers pipeline folder once, offline, onto `device` in `dtype`.
 
@@ -253,6 +282,11 @@ class Engine:
         name: the model's name in `ModelInfo`; default: diffq.json's "name", else the folder's name.
         inpaint_path: a 9-channel inpainting checkpoint of the same family (e.g. SD 1.5
             inpainting beside SD 1.5) that then serves inpaint and outpaint requests.
+        fast_path: None (on for CUDA devices only), True or False: SDPA attention and
+            channels_last in UNet and VAE, VAE tiling/slicing above `vae_tiling_pixels`
+            (0: never), and `compile`. Off, the pipeline runs exactly as diffusers loads it.
+        compile: with the fast path, `torch.compile` the main UNet in `compile_mode` (one of
+            COMPILE_MODES); it compiles at its first calls: call `warm_up` before serving.
 
         Raises FileNotFoundError (no pipeline folder), ValueError (bad device or
         dtype) or ModelLoadError (a pipeline the engine cannot serve).
@@ -260,6 +294,11 @@ class Engine:
         folder = Path(path)
         torch_device = _resolve_device(device)
         dtype_name = _resolve_dtype(dtype, torch_device)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: {compile_mode!r} is not one of: {', '.join(COMPILE_MODES)}")
+        if isinstance(vae_tiling_pixels, bool) or not isinstance(vae_tiling_pixels, int) or vae_tiling_pixels < 0:
+            raise ValueError(f"vae_tiling_pixels: {vae_tiling_pixels!r} is not an integer >= 0")
+        fast = torch_device.type == "cuda" if fast_path is None else bool(fast_path)
         settings = _read_settings(folder) if (folder / "model_index.json").is_file() else {}
         pipe = _load_pipeline(folder, torch_device, dtype_name)
         _check_supported(pipe, inpainting=False)
@@ -282,8 +321,19 @@ class Engine:
             **_model_defaults(pipe, settings, schedulers),
         )
         _check_info(info)
+        applied: list[str] = []
+        if fast:
+            applied = _apply_fast_path(pipe, compile_mode=compile_mode if compile else None)
+            if inpaint_pipe is not None:
+                applied += [f"inpaint model: {item}" for item in _apply_fast_path(inpaint_pipe, compile_mode=None)]
+            if vae_tiling_pixels:
+                applied.append(f"VAE tiling above {vae_tiling_pixels} pixels per image, slicing above "
+                               f"{vae_tiling_pixels} pixels per call")
         base_config = pipe.scheduler.config
-        return cls(pipe, info, {name: build_scheduler(name, base_config) for name in schedulers}, inpaint_pipe)
+        return cls(
+            pipe, info, {name: build_scheduler(name, base_config) for name in schedulers}, inpaint_pipe,
+            vae_tiling_pixels=vae_tiling_pixels if fast else 0, fast_path=applied,
+        )
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -538,7 +588,7 @@ class Engine:
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}  # img2img takes no size
-        with self._scheduler_in_place(pipe, first.scheduler, tap):
+        with self._scheduler_in_place(pipe, first.scheduler, tap), self._vae_memory(pipe, first, len(prompts)):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
             images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
@@ -591,6 +641,49 @@ class Engine:
             tap.detach(scheduler)
             pipe.scheduler = original
 
+    @contextmanager
+    def _vae_memory(self, pipe: DiffusionPipeline, request: GenerationRequest, images: int) -> Iterator[None]:
+        """Fast path: tiled VAE decoding (and encoding) for an image with more than
+        `vae_tiling_pixels` pixels, one image at a time for a call with more; restored after.
+
+        Tiling bounds the VAE's memory whatever the size, at the cost of blended tile
+        seams; slicing gives the same images as a batched decode (up to float rounding).
+        """
+        vae, limit = pipe.vae, self._vae_tiling_pixels
+        if not limit or not (hasattr(vae, "use_tiling") and hasattr(vae, "use_slicing")):
+            yield
+            return
+        pixels = request.width * request.height
+        saved = vae.use_tiling, vae.use_slicing
+        vae.use_tiling, vae.use_slicing = pixels > limit, pixels * images > limit
+        try:
+            yield
+        finally:
+            vae.use_tiling, vae.use_slicing = saved
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
+        """Run the default request (two steps) once per batch size, before the first job:
+        a compiled UNet compiles here (a second batch size makes its batch dimension
+        dynamic, so later batches do not compile again), and CUDA sets up its kernels.
+        Returns the seconds it took."""
+        import time
+
+        started = time.monotonic()
+        steps = min(2, self._max_steps(self.info.default_scheduler))
+        for size in batch_sizes:
+            self.generate([GenerationRequest(prompt="warm up", steps=steps, seed=k) for k in range(size)])
+        return time.monotonic() - started
+
+    def free_memory(self) -> None:
+        """Give the device's cached, unused memory back (after an out-of-memory error)."""
+        import gc
+
+        import torch
+
+        gc.collect()  # an exception's traceback holds the failed run's tensors in a reference cycle
+        if torch.device(self.info.device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def prepare_previews(self) -> None:
         """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
         self._projector.prepare()
@@ -615,6 +708,15 @@ class Engine:
                 value = None if value is None else dataclasses.asdict(value)
             parameters[field.name] = value
         return parameters
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error (`torch.OutOfMemoryError`, which
+    `torch.cuda.OutOfMemoryError` names too): the run asked the device for more memory than it has."""
+    import torch
+
+    out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(error, out_of_memory)
 
 
 def _edit_input(request: GenerationRequest, mode: Mode) -> tuple[Image.Image, Image.Image | None]:
@@ -808,6 +910,38 @@ def _load_pipeline(folder: Path, device: torch.device, dtype_name: str) -> Diffu
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _apply_fast_path(pipe: DiffusionPipeline, *, compile_mode: str | None) -> list[str]:
+    """SDPA attention and channels_last in the UNet and VAE, and `torch.compile` of the UNet
+    (in place: `pipe.unet` stays the same module, so `from_pipe` and `config` work as before).
+    Returns what was applied, for the log."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    sdpa, kept, channels_last = [], [], []
+    for part in ("unet", "vae"):
+        module = getattr(pipe, part)
+        processors = getattr(module, "attn_processors", None) or {}
+        # diffusers' default on torch 2 is AttnProcessor2_0 already: set it explicitly, but
+        # leave custom processors (IP-Adapter, LoRA variants, xformers) as the pipeline has them.
+        if processors and all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in processors.values()):
+            module.set_attn_processor(AttnProcessor2_0())
+            sdpa.append(part)
+        elif processors:
+            kept.append(part)
+        module.to(memory_format=torch.channels_last)
+        channels_last.append(part)
+    applied = []
+    if sdpa:
+        applied.append(f"SDPA attention (AttnProcessor2_0): {', '.join(sdpa)}")
+    if kept:
+        applied.append(f"custom attention processors kept: {', '.join(kept)}")
+    applied.append(f"channels_last: {', '.join(channels_last)}")
+    if compile_mode is not None:
+        pipe.unet.compile(mode=compile_mode)
+        applied.append(f"torch.compile(unet, mode={compile_mode!r})")
+    return applied
 
 
 def _check_supported(pipe: DiffusionPipeline, *, inpainting: bool) -> None:

@@ -100,7 +100,8 @@ def api_url(settings: Settings, served: ModelRecord, redis: Redis) -> Iterator[s
     AUTH["Authorization"] = f"Bearer {token}"
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, lifespan="on",
+                       log_config=None, log_level=None)  # leaves the process's loggers as they are, for later tests
     )
     thread = threading.Thread(target=server.run, name="fuzz-api", daemon=True)
     thread.start()

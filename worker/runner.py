@@ -4,7 +4,10 @@ of compatible queued jobs in one pipeline call (see ``worker.batching``).
 Every write goes through the store's guarded scripts with this run's attempt
 token, so a job deleted meanwhile is never recreated and a stale run never
 overwrites a newer one. Failures of the request or the model end the job
-``failed`` with a code and message; the worker itself keeps running.
+``failed`` with a code and message; the worker itself keeps running. A batch
+that runs out of device memory is run again in halves, after the engine has
+given the cached memory back; a job that does not fit even alone fails with
+``out_of_memory``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from rq.timeouts import JobTimeoutException
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract import events, keys, metrics
 from app.contract.store import StoredImage, WriteResult
-from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration
+from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
 from worker.context import WorkerContext
 from worker.png import encode_journey, encode_png, png_text
 from worker.progress import (
@@ -176,12 +179,14 @@ class JobRunner:
         A job canceled mid-run ends ``canceled`` at once and the others go on (its rows are
         computed to the end and dropped); a deleted or re-attempted one is dropped. If every job
         is dropped, the run stops. A shutdown past its grace hands every job back to the queue.
-        If a batch of several jobs fails in the model (say, out of memory), each job is run
-        again alone, so that a failure only ever fails the job it belongs to.
+        If a batch of several jobs fails in the model, each job is run again alone, so that a
+        failure only ever fails the job it belongs to; out of device memory, it is run again in
+        halves (see ``_out_of_memory``).
         """
         for job in jobs:
             job.reporter = self._reporter(job)
         started = time.monotonic()
+        out_of_memory = None
         try:
             results = self.context.engine.generate([job.request for job in jobs], on_step=self._on_step(jobs))
         except _AllStopped:
@@ -200,25 +205,56 @@ class JobRunner:
             return
         except Exception as error:  # a model failure ends these jobs, never the worker
             live = [job for job in jobs if job.live]
-            if len(live) > 1:
+            if is_out_of_memory(error):
+                # Handled below, once this block has let go of the error: its traceback holds
+                # the failed run's tensors, which must be freed before anything runs again.
+                out_of_memory = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+            elif len(live) > 1:
                 log.warning("batch of %d jobs failed (%s: %s); running each alone", len(live),
                             type(error).__name__, error)
                 for job in live:
                     self._run([job])
                 return
-            for job in live:
-                job.live = False
-                if isinstance(error, ValueError):
-                    self._fail(job.record, job.token, ErrorCode.INVALID_REQUEST, str(error))
-                else:
-                    log.exception("job %s: generation failed", job.record.id)
-                    self._fail(job.record, job.token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}")
+            else:
+                for job in live:
+                    job.live = False
+                    if isinstance(error, ValueError):
+                        self._fail(job.record, job.token, ErrorCode.INVALID_REQUEST, str(error))
+                    else:
+                        log.exception("job %s: generation failed", job.record.id)
+                        self._fail(job.record, job.token, ErrorCode.GENERATION_ERROR,
+                                   f"{type(error).__name__}: {error}")
+                return
+        if out_of_memory is not None:
+            self._out_of_memory([job for job in jobs if job.live], out_of_memory)
             return
         for job, result in zip(jobs, results, strict=True):
             if job.live:
                 job.live = False
                 self._succeed(job.record, job.token, result)
         self._record_duration(time.monotonic() - started, len(jobs))
+
+    def _out_of_memory(self, live: list[_Job], detail: str) -> None:
+        """The device ran out of memory for ``live`` jobs: free the cache, then run a batch again
+        in two halves (each may split again); a job alone that still does not fit fails with
+        ``out_of_memory``, and the worker goes on with its next job."""
+        self.context.engine.free_memory()
+        if len(live) > 1:
+            half = (len(live) + 1) // 2
+            images = sum(job.request.num_images for job in live)
+            log.warning("batch of %d jobs (%d images) ran out of device memory (%s); running it again in halves "
+                        "of %d and %d jobs", len(live), images, detail, half, len(live) - half)
+            self._run(live[:half])
+            self._run(live[half:])
+            return
+        for job in live:
+            job.live = False
+            request = job.request
+            self._fail(
+                job.record, job.token, ErrorCode.OUT_OF_MEMORY,
+                f"{request.num_images} image(s) of {request.width}×{request.height} do not fit in this worker's "
+                f"{self.model.device} memory, even run alone ({detail}); ask for fewer images or a smaller size",
+            )
 
     def _on_step(self, jobs: list[_Job]) -> Callable[..., None]:
         """The engine's ``on_step`` for a batch: each job's own reporter sees its own latents."""

@@ -47,7 +47,21 @@ def load_engine(settings: Settings) -> Engine:
         max_steps=settings.max_steps,
         max_images=settings.max_images_per_job,
         inpaint_path=settings.inpaint_model_path,
+        fast_path={"auto": None, "on": True, "off": False}[settings.fast_path],
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        vae_tiling_pixels=settings.vae_tiling_pixels,
     )
+    if engine.fast_path:
+        log.info("fast path on %s (%s): %s", engine.info.device, engine.info.dtype, "; ".join(engine.fast_path))
+        # A compiled UNet compiles now, not in the first job; a second batch size makes its batch
+        # dimension dynamic, so batches of any size run without compiling again.
+        batch_sizes = (1, 2) if settings.compile and settings.batch_max * settings.max_images_per_job > 1 else (1,)
+        seconds = engine.warm_up(batch_sizes)
+        log.info("warm-up at %dx%d, batch sizes %s: %.1f s", engine.info.default_width, engine.info.default_height,
+                 list(batch_sizes), seconds)
+    else:
+        log.info("fast path off on %s (%s)", engine.info.device, engine.info.dtype)
     if settings.preview_decoder == "latent":
         engine.prepare_previews()
     return engine
