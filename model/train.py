@@ -348,8 +348,9 @@ def export(args: argparse.Namespace) -> None:
         "preset": args.preset, "architecture": dataclasses.asdict(arch), "seed": args.seed,
         "vae_steps": vae_state["step"] if vae_state else previous["vae_steps"],
         "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
-        "decoder_steps": decoder_state["step"] if decoder_state else previous.get("decoder_steps", 0),
-        "decoder_seconds": decoder_state.get("seconds", 0.0) if decoder_state else previous.get("decoder_seconds", 0.0),
+        # A decoder fine-tuned in a later sitting started from the shipped one, with its own step count.
+        "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
+        "decoder_seconds": previous.get("decoder_seconds", 0.0) + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
         "history": previous.get("history", []) + [{
             "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
