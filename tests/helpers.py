@@ -12,6 +12,8 @@ from PIL import Image
 from app.settings import Settings
 
 if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
     from model.engine import Engine
 
 T = TypeVar("T")
@@ -44,6 +46,18 @@ def while_working(settings: Settings, engine: Engine, client_side: Callable[[dic
     if "error" in results:
         raise results["error"]
     return results
+
+
+def post(client: TestClient, body: dict) -> str:
+    """``POST /v1/jobs``; the new job's id (asserting the 202)."""
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def job_of(client: TestClient, job_id: str) -> dict:
+    """The job resource, as ``GET /v1/jobs/{id}`` answers it."""
+    return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:

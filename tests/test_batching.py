@@ -22,7 +22,7 @@ from app.contract import events, keys
 from app.contract.store import JobStore
 from app.contract.tasks import model_queue, queue_name
 from app.settings import Settings
-from tests.helpers import TINY_JOB, png_text, wait_for, while_working, work
+from tests.helpers import TINY_JOB, job_of, png_text, post, wait_for, while_working, work
 from worker.batching import Company, engine_batch_key
 from worker.rq_worker import DiffqWorker
 from worker.sweeper import Sweeper
@@ -45,16 +45,6 @@ def calls(engine, monkeypatch: pytest.MonkeyPatch) -> list[list]:
 
     monkeypatch.setattr(engine, "generate", generate)
     return seen
-
-
-def post(client: TestClient, body: dict) -> str:
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def job_of(client: TestClient, job_id: str) -> dict:
-    return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def pixels(client: TestClient, job_id: str, index: int = 0) -> np.ndarray:

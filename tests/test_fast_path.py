@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.engine import Engine, GenerationRequest, _resolve_dtype, is_out_of_memory
-from tests.helpers import TINY_JOB, work
+from tests.helpers import TINY_JOB, job_of, post, work
 
 REQUEST = GenerationRequest(prompt="a red circle", steps=2, seed=7, num_images=2)
 
@@ -196,16 +196,6 @@ def calls(engine, monkeypatch) -> list[list[int]]:
         seen.append([r.seed for r in requests]), generate(requests, on_step))[1])
     monkeypatch.setattr(engine, "free_memory", lambda: (seen.append([-1]), free())[1])
     return seen
-
-
-def post(client: TestClient, body: dict) -> str:
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def job_of(client: TestClient, job_id: str) -> dict:
-    return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def image(client: TestClient, job_id: str, index: int = 0) -> np.ndarray:
