@@ -65,7 +65,6 @@ def get_caller(
     if not decision.allowed:
         raise RateLimitedError(caller.rate_limit, decision.headers())
     response.headers.update(decision.headers())
-    request.state.api_key_id = key.id
     return caller
 
 

@@ -35,7 +35,7 @@ from app.contract.records import encode_fields, utcnow
 PREFIX = "dq"
 _TOKEN = re.compile(r"dq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 #: Compared against when a key has no stored digest, so every check does the same work.
-_DUMMY_DIGEST = hashlib.sha256(b"diffq: no such key").hexdigest()
+_DUMMY_DIGEST = json.dumps(hashlib.sha256(b"diffq: no such key").hexdigest()).encode()  # as stored: JSON
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -137,7 +137,7 @@ class KeyStore:
         parsed = parse_token(token or "")
         key_id, secret = parsed if parsed is not None else ("-", token or "")
         fields = self.redis.hgetall(keys.api_key(key_id))
-        expected = json.loads(fields.get(b"digest", b'"%s"' % _DUMMY_DIGEST.encode()))
+        expected = json.loads(fields.get(b"digest", _DUMMY_DIGEST))
         revoked = json.loads(fields.get(b"revoked_at", b"null")) is not None
         matches = hmac.compare_digest(digest(secret), expected)
         if not matches or parsed is None or revoked or not fields:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -15,7 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.contract import events, keys
-from app.auth.quotas import Quotas
+from app.auth.quotas import STREAM_CLAIM_SECONDS, Quotas
 from app.core.errors import JobListingDisabledError, JobNotFoundError, TooManyStreamsError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
@@ -136,9 +136,13 @@ class StreamSlot:
 
     quotas: Quotas
     claim: str
+    renewed_at: float = field(default_factory=time.monotonic)
 
     async def renew(self) -> None:
-        await run_in_threadpool(self.quotas.renew_stream, self.claim)
+        """Renew the claim once a third of its life has passed (not at every event)."""
+        if time.monotonic() - self.renewed_at >= STREAM_CLAIM_SECONDS / 3:
+            await run_in_threadpool(self.quotas.renew_stream, self.claim)
+            self.renewed_at = time.monotonic()
 
 
 def stream_slot(caller: CallerDep, redis: RedisDep) -> Iterator[StreamSlot | None]:
