@@ -284,7 +284,12 @@ def init_from_folder(folder: Path, unet, text_encoder) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+    shipped = UNet2DConditionModel.from_pretrained(folder / "unet")
+    before, after = shipped.config.attention_head_dim, unet.config.attention_head_dim
+    if (list(before) if isinstance(before, (list, tuple)) else before) != list(after):
+        # Same weight shapes, split into other heads: attention starts over, the rest carries on.
+        print(f"attention heads {before} -> {list(after)}")
+    unet.load_state_dict(shipped.state_dict())
     text_encoder.load_state_dict(
         CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).state_dict()
     )
