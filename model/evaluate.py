@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,9 @@ def prompt_kind(scene: shapes_data.Scene) -> str:
     return "one shape, full" if {"position", "size"} <= scene.mentions else "one shape, short"
 
 
-def score(image: Image.Image, scene: shapes_data.Scene) -> dict[str, bool]:
-    """Which of the caption's statements the image satisfies."""
-    found = shapes_data.analyse(image, scene)
+def score(image: Image.Image, scene: shapes_data.Scene, found: shapes_data.Analysis | None = None) -> dict[str, bool]:
+    """Which of the caption's statements the image satisfies (`found`: its analysis, if already made)."""
+    found = found or shapes_data.analyse(image, scene)
     checks: dict[str, bool] = {}
     if "background" in scene.mentions:
         checks["background"] = found.background == scene.background
@@ -134,22 +134,32 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - started
 
     by_kind: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    # one-shape prompts: (kind asked, size asked) -> kinds the scorer found
+    shapes_found: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for image, scene in zip(images, scenes):
-        for check, ok in score(image, scene).items():
+        found = shapes_data.analyse(image, scene)
+        for check, ok in score(image, scene, found).items():
             by_kind[prompt_kind(scene)][check].append(ok)
             by_kind["all"][check].append(ok)
+        if len(scene.shapes) == 1:
+            shapes_found[scene.shapes[0].kind, scene.shapes[0].size][found.shapes[0]["kind"]] += 1
 
     checks = list(TARGETS)
     print(f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
           f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)")
     print(f"{'prompt kind':<18}{'n':>5}" + "".join(f"{c:>14}" for c in checks))
-    report: dict[str, dict[str, float]] = {}
+    report: dict[str, dict] = {}
     for kind in sorted(by_kind, key=lambda k: (k == "all", k)):
         results = by_kind[kind]
         n = sum(1 for s in scenes if kind == "all" or prompt_kind(s) == kind)
         report[kind] = {c: float(np.mean(v)) for c, v in results.items()}
         cells = "".join(f"{report[kind][c]:>14.2f}" if c in report[kind] else f"{'-':>14}" for c in checks)
         print(f"{kind:<18}{n:>5}{cells}")
+    print("shape by kind and size asked (one-shape prompts): right/asked, and what came out instead")
+    for (kind, size), found_kinds in sorted(shapes_found.items()):
+        wrong = ", ".join(f"{k or 'nothing'} {n}" for k, n in found_kinds.most_common() if k != kind)
+        print(f"  {size:>5} {kind:<9}{found_kinds[kind]:>4}/{sum(found_kinds.values()):<4}{wrong}")
+    report["shapes_found"] = {f"{size} {kind}": dict(c) for (kind, size), c in sorted(shapes_found.items())}
     met = {c: report["all"].get(c, 0.0) >= t for c, t in TARGETS.items()}
     print("targets: " + ", ".join(f"{c} ≥ {t:.2f} {'met' if met[c] else 'NOT met'}" for c, t in TARGETS.items()))
     if args.grid:
