@@ -45,6 +45,34 @@ def test_scorer_catches_a_wrong_image():
     assert not all(score(wrong, scene).values())
 
 
+def test_both_colours_holds_a_caption_to_the_places_it_names_and_no_others():
+    from PIL import Image
+
+    def first(positioned: bool) -> tuple:
+        """The first two-shape scene side by side, in two colours, with or without places named."""
+        for seed in range(1000):
+            image, caption, scene = shapes_data.sample(seed)
+            if (len(scene.shapes) == 2 and ("position" in scene.mentions) == positioned
+                    and scene.shapes[0].position in ("left", "right")
+                    and scene.shapes[0].colour != scene.shapes[1].colour):
+                return image, caption, scene
+        raise AssertionError("no such scene")
+
+    for positioned in (True, False):
+        image, caption, scene = first(positioned)
+        assert score(image, scene)["both_colours"]
+        mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # the two shapes swap places
+        rotated = image.transpose(Image.Transpose.ROTATE_90)  # side by side -> one above the other
+        # "… on the left and … on the right" is wrong mirrored; "a red circle and a blue star" is not
+        assert score(mirrored, scene)["both_colours"] is not positioned, caption
+        assert score(rotated, scene)["both_colours"] is not positioned, caption
+        # one colour twice is wrong however the caption reads
+        pixels = np.asarray(image).copy()
+        first_colour, second_colour = (shapes_data.COLOURS[s.colour] for s in scene.shapes)
+        pixels[(pixels == second_colour).all(-1)] = first_colour
+        assert not score(Image.fromarray(pixels), scene)["both_colours"], caption
+
+
 def test_classify_kind_tells_the_four_shapes_apart():
     for kind in shapes_data.SHAPES:
         for size in shapes_data.SIZES:
