@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import ValidationError
 from redis import Redis
 from starlette.datastructures import UploadFile
@@ -44,6 +44,29 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made with `diffq keys create`.")
+_http_basic = HTTPBasic(
+    auto_error=False,
+    description="What AUTOMATIC1111 clients send: any user name, the API key as the password (or the key as "
+    "the user name and an empty password).",
+)
+
+
+async def _basic(request: Request) -> HTTPBasicCredentials | None:
+    """HTTP Basic credentials, or None; malformed ones (SillyTavern sends ``Basic `` with no credentials
+    when none are set) count as none, so they are refused like a missing key only while auth is on."""
+    try:
+        return await _http_basic(request)
+    except HTTPException:
+        return None
+
+
+def _token(bearer: HTTPAuthorizationCredentials | None, basic: HTTPBasicCredentials | None) -> str | None:
+    """The API key a request presents, as a Bearer token or inside HTTP Basic credentials."""
+    if bearer is not None:
+        return bearer.credentials
+    if basic is not None:
+        return basic.password or basic.username
+    return None
 
 
 def get_caller(
@@ -52,12 +75,14 @@ def get_caller(
     redis: RedisDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
 ) -> Caller:
-    """The request's API key, checked and counted against its rate; 401 or 429 otherwise.
-    With ``DIFFQ_AUTH=off`` every request is the anonymous caller."""
+    """The request's API key (Bearer, or HTTP Basic as AUTOMATIC1111 clients send it), checked and
+    counted against its rate; 401 or 429 otherwise. With ``DIFFQ_AUTH=off`` every request is the
+    anonymous caller."""
     if settings.auth == "off":
         return Caller(None, settings)
-    key = KeyStore(redis).verify(credentials.credentials if credentials is not None else None)
+    key = KeyStore(redis).verify(_token(credentials, basic))
     if key is None:
         raise UnauthorizedError()
     caller = Caller(key, settings)

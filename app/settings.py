@@ -186,7 +186,12 @@ class Settings(BaseSettings):
 
     # Where users already are: the OpenAI-compatible endpoint, job listing, client commands, logs.
     openai_timeout: float = Field(
-        300.0, gt=0, description="Seconds POST /v1/images/generations waits for its job, then 504 (the job goes on)."
+        300.0, gt=0, description="Seconds POST /v1/images/generations (and edits, variations) waits for its job, "
+        "then 504 (the job goes on)."
+    )
+    sdapi_timeout: float = Field(
+        600.0, gt=0, description="Seconds POST /sdapi/v1/txt2img and img2img wait for their job, then 504 (the job "
+        "goes on)."
     )
     job_listing: bool = Field(
         False,

@@ -66,6 +66,14 @@ diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open ev
                                                       unix time their claim lapses.
 diffq:ratelimit:...                 string  API       one rate window. The ``limits`` package's
                                                       sliding-window counters, per key id.
+diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
+                                                      (``app.core.a1111_session``): field -> JSON
+                                                      value; ``sd_model_checkpoint`` is its default
+                                                      model on ``/sdapi/v1``.
+diffq:owner:<owner>:sdapi:jobs      zset    API       ``job_ttl``, renewed at submit. Ids of the
+                                                      owner's jobs made through ``/sdapi/v1`` ->
+                                                      creation time: what its ``progress``,
+                                                      ``interrupt`` and ``skip`` see and touch.
 ==================================  ======  ========  ==============================================
 
 Idempotency-Key and webhooks (their modules own these keys; see each module's docstring):
@@ -126,6 +134,16 @@ def owner_jobs(owner: str) -> str:
 def owner_queued(owner: str) -> str:
     """Set of an owner's job ids counted against its queued-job cap."""
     return f"{PREFIX}:owner:{owner}:queued"
+
+
+def sdapi_options(owner: str) -> str:
+    """Hash of an owner's AUTOMATIC1111 options (``/sdapi/v1/options``)."""
+    return f"{PREFIX}:owner:{owner}:sdapi:options"
+
+
+def sdapi_jobs(owner: str) -> str:
+    """Sorted set of an owner's ``/sdapi/v1`` job ids by creation time."""
+    return f"{PREFIX}:owner:{owner}:sdapi:jobs"
 
 
 def owner_streams(owner: str) -> str:
