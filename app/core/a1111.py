@@ -71,7 +71,7 @@ OVERRIDES = {
 class A1111Request(BaseModel):
     """The fields of A1111's ``StableDiffusionTxt2ImgProcessingAPI`` / ``Img2ImgProcessingAPI`` diffq reads."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())  # JSON types, as sent
 
     prompt: str = ""
     negative_prompt: str = ""

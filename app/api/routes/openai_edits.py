@@ -105,6 +105,7 @@ class ImageVariationForm(_Common):
 def _form_schema(model: type[BaseModel], files: dict[str, Any]) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema["properties"] = {**files, **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 

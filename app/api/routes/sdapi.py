@@ -39,6 +39,16 @@ from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
 from app.core.uploads import UploadLimits
 from app.deps import JobServiceDep, RedisDep
+from app.schemas.a1111 import (
+    A1111Error,
+    GenerationAnswer,
+    ProgressAnswer,
+    SamplerItem,
+    ScheduleItem,
+    ScriptsList,
+    SdModel,
+    UpscalerItem,
+)
 from app.schemas.jobs import job_create_model
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,15 @@ router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 #: diffq field names as A1111 calls them, for naming the field in errors.
 A1111_NAMES = {"num_images": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
                "strength": "denoising_strength", "image": "init_images"}
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": A1111Error, "description": "A field cannot map onto diffq (`detail` names it and what is "
+          "accepted)."},
+    500: {"model": A1111Error, "description": "The job failed (`detail` says why)."},
+    503: {"model": A1111Error, "description": "No live worker, or Redis is unreachable: retry."},
+    504: {"model": A1111Error, "description": "The job did not end within `DIFFQ_SDAPI_TIMEOUT`; it goes on."},
+}
+OPTIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"sd_model_checkpoint": {"type": "string"}}}}}}}
 REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": a1111.A1111Request.model_json_schema()}}}}
 
@@ -71,13 +90,14 @@ def _session(redis: Any, jobs: JobService) -> A1111Session:
     return A1111Session(redis, jobs.caller.scope, jobs.settings.job_ttl)
 
 
-@router.post("/txt2img", openapi_extra=REQUEST_BODY, summary="A1111 txt2img: queue a job, wait, answer base64 PNGs")
+@router.post("/txt2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=GENERATION_ERRORS,
+             summary="A1111 txt2img: queue a job, wait, answer base64 PNGs")
 async def txt2img(request: Request, jobs: JobServiceDep, redis: RedisDep,
                   idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
     return await _guarded(_generate(request, jobs, _session(redis, jobs), False, idempotency_key))
 
 
-@router.post("/img2img", openapi_extra=REQUEST_BODY,
+@router.post("/img2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=GENERATION_ERRORS,
              summary="A1111 img2img (inpainting with `mask`): queue a job, wait, answer base64 PNGs")
 async def img2img(request: Request, jobs: JobServiceDep, redis: RedisDep,
                   idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
@@ -128,13 +148,18 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
     return await _answer(jobs, ended, params)
 
 
-def _parse(raw: bytes) -> a1111.A1111Request:
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise A1111Failure(422, "the body must be a JSON object", "RequestValidationError") from None
     if not isinstance(payload, dict):
         raise A1111Failure(422, "the body must be a JSON object", "RequestValidationError")
+    return payload
+
+
+def _parse(raw: bytes) -> a1111.A1111Request:
+    payload = _json_object(raw)
     try:
         return a1111.A1111Request.model_validate(payload)
     except ValidationError as error:
@@ -199,12 +224,23 @@ def get_options(jobs: JobServiceDep, redis: RedisDep) -> dict[str, Any]:
             "sd_checkpoints_keep_in_cpu": False, "eta_noise_seed_delta": 0}
 
 
-@router.post("/options", summary="Set the API key's A1111 options (never another key's)")
-def set_options(body: dict[str, Any], jobs: JobServiceDep, redis: RedisDep) -> Any:
+@router.post("/options", responses={422: GENERATION_ERRORS[422]}, openapi_extra=OPTIONS_BODY,
+             summary="Set the API key's A1111 options (never another key's)")
+async def set_options(request: Request, jobs: JobServiceDep, redis: RedisDep) -> Any:
     """``sd_model_checkpoint`` must be a served model; ``sd_vae`` and ``CLIP_stop_at_last_layers`` only at
     the values diffq runs; every other option is accepted and has no effect (Open WebUI posts back all of
     ``GET options``)."""
+    try:
+        body = _json_object(await request.body())
+    except A1111Failure as failure:
+        return failure.response()
+    return await run_in_threadpool(_set_options, body, jobs, redis)
+
+
+def _set_options(body: dict[str, Any], jobs: JobService, redis: Any) -> Any:
     problems = a1111.override_problems({k: v for k, v in body.items() if k in a1111.OVERRIDES})
+    if "sd_model_checkpoint" in body and not isinstance(body["sd_model_checkpoint"], str):
+        problems.append(FieldProblem("sd_model_checkpoint", "must be a model title (GET /sdapi/v1/sd-models)"))
     if problems:
         return _invalid(problems).response()
     title = body.get("sd_model_checkpoint")
@@ -225,25 +261,26 @@ def _deployment_model(jobs: JobService) -> str | None:
         return None
 
 
-@router.get("/sd-models", summary="Served models as A1111 checkpoints")
+@router.get("/sd-models", response_model=list[SdModel], summary="Served models as A1111 checkpoints")
 def sd_models(jobs: JobServiceDep) -> list[dict[str, Any]]:
     names = sorted({entry.model.name for entry in jobs.registry.served_models()})
     return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
             for name in names]
 
 
-@router.get("/samplers", summary="A1111 sampler names diffq runs (each one of its schedulers)")
+@router.get("/samplers", response_model=list[SamplerItem],
+            summary="A1111 sampler names diffq runs (each one of its schedulers)")
 def samplers() -> list[dict[str, Any]]:
     return [{"name": s.name, "aliases": [s.scheduler, *s.aliases], "options": {}} for s in a1111.SAMPLERS]
 
 
-@router.get("/schedulers", summary="A1111 noise schedules diffq runs")
+@router.get("/schedulers", response_model=list[ScheduleItem], summary="A1111 noise schedules diffq runs")
 def schedulers() -> list[dict[str, Any]]:
     return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
             for name, label in a1111.SCHEDULES]
 
 
-@router.get("/upscalers", summary="Upscalers: only None (diffq has none)")
+@router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers: only None (diffq has none)")
 def upscalers() -> list[dict[str, Any]]:
     return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
 
@@ -263,7 +300,7 @@ def loras() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/scripts", summary="Scripts: none")
+@router.get("/scripts", response_model=ScriptsList, summary="Scripts: none")
 def scripts() -> dict[str, list[str]]:
     return {"txt2img": [], "img2img": []}
 
@@ -271,7 +308,8 @@ def scripts() -> dict[str, list[str]]:
 # -- progress, interrupt, skip ----------------------------------------------------------------------------
 
 
-@router.get("/progress", summary="The API key's running /sdapi/v1 job: progress, ETA, a preview")
+@router.get("/progress", response_model=ProgressAnswer,
+            summary="The API key's running /sdapi/v1 job: progress, ETA, a preview")
 def progress(jobs: JobServiceDep, redis: RedisDep, skip_current_image: bool = False) -> dict[str, Any]:
     views = _unended(jobs, _session(redis, jobs))
     running = next((v for v in views if v.status is JobStatus.RUNNING), None)
