@@ -60,22 +60,30 @@ def decode(b64: str) -> Image.Image:
     return image
 
 
+#: The two API keys' tokens by name, made by the `stack` fixture.
+TOKENS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """`diffq api` (API keys on) and `diffq worker` on the shapes model; two keys, alice and bob."""
     redis = Redis.from_url(redis_server.url)
     redis.flushall()
     store = KeyStore(redis)
-    tokens = {name: store.create(name)[1] for name in ("alice", "bob")}
+    TOKENS.update({name: store.create(name)[1] for name in ("alice", "bob")})
     with services(redis_server.url, tmp_path_factory.mktemp("clients"), worker=SHAPES, ready="/readyz",
                   DIFFQ_AUTH="keys") as started:
-        started.headers = tokens  # type: ignore[assignment]  # here: key name -> token
         yield started
     redis.close()
 
 
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
 def a1111(stack: Services, name: str) -> webuiapi.WebUIApi:
     """webuiapi as its README configures it behind auth: user name and password (the diffq key)."""
-    return webuiapi.WebUIApi(baseurl=f"{stack.url}/sdapi/v1", username=name, password=stack.headers[name],
+    return webuiapi.WebUIApi(baseurl=f"{stack.url}/sdapi/v1", username=name, password=TOKENS[name],
                              sampler="DPM++ 2M", steps=STEPS)
 
 
@@ -130,10 +138,11 @@ def test_interrupt_from_one_key_never_touches_another_keys_job(stack: Services) 
 
     def running() -> dict | None:
         progress = alice.get_progress()
-        return progress if progress["state"]["sampling_step"] > 0 else None
+        return progress if progress["state"]["sampling_step"] > 0 and progress["current_image"] else None
 
     progress = wait_for(running, timeout=60, interval=0.2)
     assert progress["state"]["job_count"] == 1 and 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    assert decode(progress["current_image"]).size == (64, 64)  # the running job's latest preview
     assert bob.get_progress()["state"]["job_count"] == 0  # bob sees none of alice's jobs
 
     assert bob.interrupt() is None and bob.skip() is None
@@ -145,13 +154,13 @@ def test_interrupt_from_one_key_never_touches_another_keys_job(stack: Services) 
     answer = result["answer"]
     assert answer.images == []  # A1111 answers an interrupted job normally, without finished images
     job_id = answer.info["diffq_job_id"]
-    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", auth=("alice", stack.headers["alice"])).json()
+    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", auth=("alice", TOKENS["alice"])).json()
     assert job["status"] == "canceled"
     assert alice.get_progress()["state"]["job_count"] == 0
 
 
 def test_openai_images_generate_edit_and_variation(stack: Services) -> None:
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.headers["bob"], max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=TOKENS["bob"], max_retries=0, timeout=120)
     extra = {"steps": STEPS, "seed": 2, "guidance_scale": 5}
 
     made = client.images.generate(prompt="a large yellow square in the center, blue background", size="64x64",
@@ -160,7 +169,7 @@ def test_openai_images_generate_edit_and_variation(stack: Services) -> None:
     assert share(decode(made.data[0].b64_json), "blue") >= 0.5
     linked = client.images.generate(prompt="a large yellow square in the center, blue background", size="64x64",
                                     response_format="url", extra_body=extra)
-    assert httpx.get(linked.data[0].url, headers={"Authorization": f"Bearer {stack.headers['bob']}"}).content \
+    assert httpx.get(linked.data[0].url, headers=bearer("bob")).content \
         == generated  # the same request and seed: the same bytes
 
     # OpenAI's mask: the fully transparent pixels are the ones to edit.
@@ -172,7 +181,7 @@ def test_openai_images_generate_edit_and_variation(stack: Services) -> None:
                                                extra_body=extra)
     edited = raw.parse()
     job = httpx.get(f"{stack.url}/v1/jobs/{raw.headers['x-diffq-job-id']}",
-                    headers={"Authorization": f"Bearer {stack.headers['bob']}"}).json()
+                    headers=bearer("bob")).json()
     assert job["request"]["mode"] == "inpaint" and job["request"]["steps"] == STEPS  # extras arrive as form fields
     out = decode(edited.data[0].b64_json)
     assert out.size == (64, 64) and share(out, "blue", CENTRE) >= 0.3 and share(out, "yellow") >= 0.5
@@ -181,7 +190,7 @@ def test_openai_images_generate_edit_and_variation(stack: Services) -> None:
     whole = client.images.edit(image=[("in.png", png(flat("yellow")), "image/png")], n=1, response_format="url",
                                prompt="a large white circle in the center, green background",
                                extra_body={**extra, "strength": 1.0})
-    download = httpx.get(whole.data[0].url, headers={"Authorization": f"Bearer {stack.headers['bob']}"})
+    download = httpx.get(whole.data[0].url, headers=bearer("bob"))
     assert share(Image.open(io.BytesIO(download.content)), "green") >= 0.5  # no mask: image-to-image
 
     # A variation of an image diffq made: image-to-image under the prompt its PNG carries.
@@ -199,7 +208,7 @@ def test_openai_images_generate_edit_and_variation(stack: Services) -> None:
 
 
 def test_sillytavern_and_open_webui_requests_get_every_field_they_read(stack: Services) -> None:
-    auth = f"sillytavern:{stack.headers['alice']}"
+    auth = f"sillytavern:{TOKENS['alice']}"
     header = {"Authorization": client_requests.basic_header(auth)}
     for path, field in client_requests.SILLYTAVERN_READS.items():
         answer = httpx.get(f"{stack.url}{path}", headers=header)
@@ -218,7 +227,7 @@ def test_sillytavern_and_open_webui_requests_get_every_field_they_read(stack: Se
     assert answer.status_code == 200, answer.text
     assert share(decode(answer.json()["images"][0]), "red") >= 0.5  # sampler DDIM, schedule "normal"
 
-    owui = f"admin:{stack.headers['bob']}"
+    owui = f"admin:{TOKENS['bob']}"
     owui_header = {"authorization": client_requests.basic_header(owui)}
     options = httpx.get(f"{stack.url}/sdapi/v1/options", headers=owui_header).json()
     assert all({"title", "model_name"} <= set(m) for m in httpx.get(f"{stack.url}/sdapi/v1/sd-models",
@@ -237,6 +246,6 @@ def test_sillytavern_and_open_webui_requests_get_every_field_they_read(stack: Se
                                                     "background", 1, "64x64")
     edit = httpx.post(f"{stack.url}/v1/images/edits", data={**fields, "strength": "1.0", "steps": str(STEPS)},
                       files=[("image[]", ("a.png", png(flat("yellow")), "image/png"))],
-                      headers={"Authorization": f"Bearer {stack.headers['bob']}"}, timeout=120)
+                      headers=bearer("bob"), timeout=120)
     assert edit.status_code == 200, edit.text
     assert share(decode(edit.json()["data"][0]["b64_json"]), "green") >= 0.5

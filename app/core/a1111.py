@@ -4,7 +4,9 @@ A1111 clients (``webuiapi``, Open WebUI, SillyTavern, bots) send the whole
 ``StableDiffusionProcessing`` parameter set, most of it defaults. The rules:
 
 - Fields this module does not know are ignored, as A1111 ignores them
-  (SillyTavern forwards its own ``url`` and ``auth`` in the body).
+  (SillyTavern forwards its own ``url`` and ``auth`` in the body), and so
+  are the ones with no diffq equivalent whose effect is small (``mask_blur``,
+  ``inpainting_fill``, ``inpaint_full_res``, ``eta``, ``s_churn`` …).
 - Fields diffq cannot honour are refused when they ask for something
   (``enable_hr: true``, ``restore_faces: true``, ``styles``, a script …) and
   accepted at their do-nothing value: nothing is quietly dropped.
@@ -56,10 +58,6 @@ SAMPLERS = (
 #: A1111 ``scheduler`` (noise schedule) values diffq runs: both mean the model's own schedule, which is
 #: what every diffq scheduler uses. (name, label)
 SCHEDULES = (("automatic", "Automatic"), ("normal", "Normal"))
-#: Accepted and not applied: diffq has no equivalent and the result does not depend on them much.
-IGNORED = ("mask_blur", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "eta", "s_churn",
-           "s_tmax", "s_tmin", "s_noise", "save_images", "do_not_save_samples", "do_not_save_grid",
-           "override_settings_restore_afterwards", "initial_noise_multiplier", "image_cfg_scale")
 #: ``override_settings`` keys diffq accepts; the other keys are refused.
 OVERRIDES = {
     "sd_model_checkpoint": "picks the model",
