@@ -16,7 +16,18 @@ from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
-from app.api.routes import health, images, jobs, metrics, models, openai_edits, openai_images, playground, sdapi
+from app.api.routes import (
+    health,
+    images,
+    jobs,
+    metrics,
+    models,
+    openai_edits,
+    openai_images,
+    playground,
+    sdapi,
+    sdapi_session,
+)
 from app.auth.quotas import RateLimiter
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
@@ -62,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_images.router, **keyed)
     app.include_router(openai_edits.router, **keyed)
     app.include_router(sdapi.router, **keyed)  # AUTOMATIC1111's API: its clients send HTTP Basic
+    app.include_router(sdapi_session.router, **keyed)
     app.include_router(metrics.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")
