@@ -21,7 +21,6 @@ default, or ``url``: the job's image URLs). Errors have OpenAI's body (``app.api
 from __future__ import annotations
 
 import base64
-import io
 import logging
 from typing import Annotated, Any, Literal
 
@@ -29,7 +28,6 @@ import redis.exceptions
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -49,6 +47,7 @@ from app.core.errors import DiffqError, JobNotFoundError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint_multipart, validate_key
 from app.core.inputs import ALPHA_MASK
+from app.core.openai_inputs import openai_mask, png_prompt
 from app.core.jobs import JobService, JobView
 from app.core.uploads import UploadLimits, decode_image
 from app.deps import JobServiceDep
@@ -218,14 +217,14 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
     if isinstance(params, ImageEditForm):
         fields["prompt"] = params.prompt
         if "mask" in files:
-            uploads["mask"] = _openai_mask(files["mask"], limits)
+            uploads["mask"] = openai_mask(files["mask"], limits)
             fields["mode"] = "inpaint"
         elif image.has_alpha:
             fields["mode"], fields["mask"] = "inpaint", ALPHA_MASK
         else:
             fields["mode"] = "img2img"
     else:
-        fields["prompt"] = params.prompt or _png_prompt(files["image"])
+        fields["prompt"] = params.prompt or png_prompt(files["image"])
         fields["mode"] = "img2img"
     model = params.model
     if model is not None and not model.lower().startswith(OPENAI_MODEL_PREFIXES):
@@ -243,35 +242,6 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
         if value is not None:
             fields[name] = value
     return fields, uploads
-
-
-def _openai_mask(data: bytes, limits: UploadLimits) -> bytes:
-    """OpenAI's mask (transparent = edit) as diffq's (white = repaint), a greyscale PNG."""
-    mask = decode_image(data, "mask", limits)
-    if not mask.has_alpha:
-        raise OpenAIFailure(400, "Invalid value for 'mask': it has no transparent pixels. The mask is a PNG the "
-                            "image's size whose fully transparent pixels mark where to edit.", param="mask",
-                            code="invalid_value")
-    with Image.open(io.BytesIO(mask.png)) as image:
-        alpha = image.getchannel("A")
-    repaint = alpha.point(lambda value: 255 if value == 0 else 0)
-    buffer = io.BytesIO()
-    repaint.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _png_prompt(data: bytes) -> str:
-    """The prompt diffq wrote into a PNG it made; a 400 naming ``prompt`` if there is none."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            prompt = image.info.get("prompt") if image.format == "PNG" else None
-    except OSError:
-        prompt = None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise OpenAIFailure(400, "diffq makes variations by image-to-image, which needs a prompt: send 'prompt' as "
-                            "an extra field, or an image diffq made (its PNG carries its prompt).", param="prompt",
-                            code="missing_required_parameter")
-    return prompt
 
 
 async def _answer(request: Request, jobs: JobService, view: JobView, response_format: str) -> JSONResponse:
