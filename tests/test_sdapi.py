@@ -230,3 +230,32 @@ def test_listings_answer_the_shapes_clients_read(client: TestClient, served: Mod
     for empty in ("latent-upscale-modes", "sd-vae", "loras"):
         assert client.get(f"/sdapi/v1/{empty}").json() == []
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+
+
+def test_each_keys_checkpoint_option_picks_the_model_its_own_requests_run_on(
+    settings: Settings, two_keys: tuple[str, str], served: ModelRecord, redis: Redis
+) -> None:
+    """Two models served; alice picks the other one; bob's requests stay on the deployment's default.
+    No worker runs, so each request answers its 504 after a short wait, naming its queued job."""
+    from app.contract.records import WorkerRecord, utcnow
+    from app.contract.registry import Registry
+    from app.contract.tasks import queue_name
+
+    other = served.model_copy(update={"name": "other"})
+    now = utcnow()
+    Registry(redis, ttl=60).announce(WorkerRecord(id="w2", model="other", device="cpu", dtype="float32",
+                                                  host="localhost", pid=2, queue=queue_name("other"),
+                                                  started_at=now, heartbeat_at=now), other)
+    alice, bob = two_keys
+    quick = settings.model_copy(update={"auth": "keys", "sdapi_timeout": 0.3, "default_model": served.name})
+    with TestClient(create_app(quick)) as test_client:
+        assert test_client.post("/sdapi/v1/options", headers=basic(alice),
+                                json={"sd_model_checkpoint": "other"}).status_code == 200
+        models = {}
+        for name, token in (("alice", alice), ("bob", bob)):
+            answer = test_client.post("/sdapi/v1/txt2img", headers=basic(token), json={"prompt": "a red circle"})
+            assert answer.status_code == 504 and answer.json()["error"] == "TimeoutError"
+            models[name] = JobStore(redis).get(answer.headers["x-diffq-job-id"]).model
+            options = test_client.get("/sdapi/v1/options", headers=basic(token)).json()
+            assert options["sd_model_checkpoint"] == models[name]
+    assert models == {"alice": "other", "bob": served.name}
