@@ -9,12 +9,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Response
+from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import ValidationError
 from redis import Redis
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.apikeys import KeyStore
 from app.auth.caller import Caller
@@ -56,7 +57,7 @@ async def _basic(request: Request) -> HTTPBasicCredentials | None:
     when none are set) count as none, so they are refused like a missing key only while auth is on."""
     try:
         return await _http_basic(request)
-    except HTTPException:
+    except StarletteHTTPException:
         return None
 
 
@@ -139,11 +140,22 @@ async def read_submission(request: Request, settings: SettingsDep) -> Submission
     return Submission(body, fingerprint=fingerprint(raw) if keyed else None)
 
 
+async def read_form(request: Request, *, max_files: int, max_fields: int, max_part_size: int) -> FormData:
+    """The multipart form; a malformed one (or one over the counts) is a 422 naming the body, where Starlette
+    would answer a bare 400."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+    except StarletteHTTPException as error:
+        if error.status_code != 400:
+            raise
+        raise InvalidRequestError([FieldProblem("body", f"is not valid multipart/form-data: {error.detail}")]) \
+            from None
+
+
 async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict[str, Any], dict[str, bytes]]:
     # A text field may carry a base64 image, so it may be as large as an upload in base64.
-    form = await request.form(
-        max_files=len(FILE_FIELDS), max_fields=64, max_part_size=settings.max_upload_bytes * 4 // 3 + 4096
-    )
+    form = await read_form(request, max_files=len(FILE_FIELDS), max_fields=64,
+                           max_part_size=settings.max_upload_bytes * 4 // 3 + 4096)
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     problems = []

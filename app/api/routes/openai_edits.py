@@ -43,14 +43,14 @@ from app.api.routes.openai_images import (
 )
 from app.api.waiting import WaitTimedOut, until_ended
 from app.contract.status import JobStatus
-from app.core.errors import DiffqError, JobNotFoundError
+from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint_multipart, validate_key
 from app.core.inputs import ALPHA_MASK
 from app.core.openai_inputs import openai_mask, png_prompt
 from app.core.jobs import JobService, JobView
 from app.core.uploads import UploadLimits, decode_image
-from app.deps import JobServiceDep
+from app.deps import JobServiceDep, read_form
 from app.schemas.jobs import job_create_model
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,11 @@ async def _read_form(request: Request, jobs: JobService, edit: bool) -> tuple[di
         raise OpenAIFailure(400, "The request must be multipart/form-data with an 'image' file.", param="image",
                             code="invalid_request")
     limit = jobs.settings.max_upload_bytes
-    form = await request.form(max_files=8, max_fields=64, max_part_size=limit * 4 // 3 + 4096)
+    try:
+        form = await read_form(request, max_files=8, max_fields=64, max_part_size=limit * 4 // 3 + 4096)
+    except InvalidRequestError as error:
+        raise OpenAIFailure(400, f"We could not parse the multipart body of your request: "
+                            f"{error.problems[0].message}.", param="image", code="invalid_request") from None
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     try:
