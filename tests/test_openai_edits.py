@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
@@ -19,7 +20,8 @@ def png(colour: str = "yellow", mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-def error_of(response) -> dict:  # type: ignore[no-untyped-def]
+def error_of(response: httpx.Response) -> dict:
+    """The OpenAI error body of a 400."""
     assert response.status_code == 400, response.text
     return response.json()["error"]
 
