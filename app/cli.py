@@ -43,15 +43,22 @@ def run_api(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, model="model_path", name="model_name", device="device", dtype="dtype")
     _configure_logging(settings)
+    from app.provenance.credentials import CredentialsError
+    from worker.marking import Marker
     from worker.service import load_engine  # imports the model stack only now
     from worker.service import run_worker as serve
 
+    try:
+        marker = Marker.from_settings(settings)  # before the model: a bad certificate fails in a second
+    except CredentialsError as error:
+        print(f"diffq worker: {error}", file=sys.stderr)
+        return 2
     try:
         engine = load_engine(settings)
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
         print(f"diffq worker: cannot serve {settings.model_path}: {error}", file=sys.stderr)
         return 2
-    serve(settings, engine=engine, burst=args.burst)
+    serve(settings, engine=engine, burst=args.burst, marker=marker)
     return 0
 
 
@@ -123,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "webhooks", help="run a webhook deliverer: sends, signs and retries job webhooks (no torch needed)"
     )
     webhooks.set_defaults(run=run_webhooks)
+
+    from app.provenance.cli import add_command as add_verify
+
+    add_verify(commands)
 
     from app.client_cli import add_commands
 

@@ -27,6 +27,7 @@ from app.api.routes import (
     playground,
     sdapi,
     sdapi_session,
+    verify,
 )
 from app.auth.quotas import RateLimiter
 from app.deps import get_caller
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
     keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
-    for module in (jobs, images, models):
+    for module in (jobs, images, models, verify):
         app.include_router(module.router, **keyed)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.

@@ -151,6 +151,34 @@ class Settings(BaseSettings):
     )
     preview_interval: float = Field(0.5, ge=0, description="Least seconds between two previews of one job.")
 
+    # Marking outputs as generated (README, "Every image says it was generated").
+    ai_label: bool = Field(
+        True,
+        description="Write the IPTC digital source type (trainedAlgorithmicMedia; composite… for edits) as XMP into "
+        "every output, also when a request sets metadata: false.",
+    )
+    c2pa_cert: Path | None = Field(
+        None, description="PEM certificate chain (signer first) that signs C2PA content credentials; unset: no signing."
+    )
+    c2pa_key: Path | None = Field(None, description="PEM private key of c2pa_cert.")
+    c2pa_alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        "es256", description="Signature algorithm of c2pa_key."
+    )
+    c2pa_timestamp_url: str | None = Field(
+        None, description="RFC 3161 time-stamp authority for C2PA signatures (unset: none; the signature then "
+        "validates only while the certificate does)."
+    )
+    content_credentials: Literal["required", "optional", "off"] = Field(
+        "optional",
+        description="C2PA signing for keys that set no policy of their own: required (a job fails rather than go "
+        "unsigned; refused at submit without c2pa_cert), optional (signed when c2pa_cert is set), off.",
+    )
+    watermark_payload: str | None = Field(
+        None, max_length=32,
+        description="Text (≤ 32 bytes) hidden as an invisible watermark in every output of at least 256×256; "
+        "unset: no watermark. Needs the worker extra (invisible-watermark).",
+    )
+
     # Cross-request batching in the worker.
     batch_max: int = Field(
         4, ge=1, description="Most jobs a worker runs as one pipeline call (the one it took plus compatible "

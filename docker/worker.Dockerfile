@@ -42,10 +42,11 @@ RUN /opt/diffq/bin/pip install --no-cache-dir --disable-pip-version-check ".[wor
  && /opt/diffq/bin/python -c "from app.settings import default_model_path as p; assert (p() / 'model_index.json').is_file(), p()"
 
 FROM ${BASE_IMAGE}
-# Unpinned apt versions, as above; python3 only (the venv comes from the build stage).
+# Unpinned apt versions, as above; python3 (the venv comes from the build stage), and the two libraries
+# OpenCV loads (the invisible watermark, DIFFQ_WATERMARK_PAYLOAD).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 diffq \
  && useradd --system --uid 10001 --gid diffq --create-home --home-dir /home/diffq --shell /usr/sbin/nologin diffq \

@@ -75,7 +75,8 @@ def test_png_metadata_is_left_out_on_request(client: TestClient, settings: Setti
     job_id = client.post("/v1/jobs", json={**TINY_JOB, "metadata": False}).json()["id"]
     work(settings, engine)
 
-    assert png_text(client.get(f"/v1/jobs/{job_id}/images/0.png").content) == {}
+    # No generation parameters; the "generated" label (XMP) stays: tests/test_provenance.py
+    assert set(png_text(client.get(f"/v1/jobs/{job_id}/images/0.png").content)) == {"XML:com.adobe.xmp"}
 
 
 def test_same_request_and_seed_give_byte_identical_pngs(client: TestClient, settings: Settings, engine) -> None:

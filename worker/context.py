@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from model.engine import Engine
     from worker.batching import Company
     from worker.heartbeat import Heartbeat
+    from worker.marking import Marker
 
 
 @dataclass
@@ -56,6 +57,14 @@ class WorkerContext:
     heartbeat: Heartbeat
     shutdown: Shutdown = field(default_factory=Shutdown)
     batching: Batching = field(default_factory=Batching)
+    marker: Marker = field(default_factory=lambda: _default_marker())
+
+
+def _default_marker() -> Marker:
+    """The IPTC label only: what a context built without settings' marks gets (tests, embedding)."""
+    from worker.marking import Marker
+
+    return Marker()
 
 
 _current: WorkerContext | None = None

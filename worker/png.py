@@ -14,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from app import __version__
 from app.contract.records import JobParams, ModelRecord
+from app.provenance.labels import PNG_XMP_KEY
 
 
 def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]:
@@ -45,13 +46,16 @@ def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]
     return text
 
 
-def encode_png(image: Image.Image, text: dict[str, str] | None) -> bytes:
-    """PNG bytes of ``image``; ``text`` becomes tEXt chunks (iTXt where not Latin-1)."""
+def encode_png(image: Image.Image, text: dict[str, str] | None, xmp: str | None = None) -> bytes:
+    """PNG bytes of ``image``; ``text`` becomes tEXt chunks (iTXt where not Latin-1), ``xmp`` an
+    uncompressed iTXt chunk under the XMP key, where XMP readers look for it."""
     info = None
-    if text:
+    if text or xmp:
         info = PngInfo()
-        for key, value in text.items():
+        for key, value in (text or {}).items():
             info.add_text(key, value)  # falls back to iTXt for non-Latin-1 values
+        if xmp:
+            info.add_itxt(PNG_XMP_KEY, xmp)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -30,7 +30,8 @@ from app.contract import events, keys, metrics
 from app.contract.store import StoredImage, WriteResult
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
 from worker.context import WorkerContext
-from worker.png import encode_journey, encode_png, png_text
+from worker.marking import SigningFailedError
+from worker.png import encode_journey
 from worker.progress import (
     JobAbandonedError,
     JobCanceledError,
@@ -79,6 +80,7 @@ class _Job:
     record: JobRecord
     token: str
     request: GenerationRequest
+    inputs: Mapping[str, bytes]  # the stored input PNGs by name (editing jobs): a signed edit's ingredient
     reporter: ProgressReporter | None = None
     live: bool = True  # still wants its images; False once canceled, abandoned or ended
 
@@ -144,7 +146,7 @@ class JobRunner:
         except ValueError as error:  # the engine names the field and what it accepts
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
             return None
-        return _Job(record=record, token=token, request=request)
+        return _Job(record=record, token=token, request=request, inputs=inputs)
 
     def _company(self, lead: _Job) -> list[_Job]:
         """Queued jobs that can share the lead's pipeline call, claimed and started (up to
@@ -231,7 +233,7 @@ class JobRunner:
         for job, result in zip(jobs, results, strict=True):
             if job.live:
                 job.live = False
-                self._succeed(job.record, job.token, result)
+                self._succeed(job, result)
         self._record_duration(time.monotonic() - started, len(jobs))
 
     def _out_of_memory(self, live: list[_Job], detail: str) -> None:
@@ -329,13 +331,19 @@ class JobRunner:
                 time.sleep(wait)
                 wait = min(wait * 2, 5.0)
 
-    def _succeed(self, record: JobRecord, token: str, result: GenerationResult) -> None:
-        params = record.request
+    def _succeed(self, job: _Job, result: GenerationResult) -> None:
+        record, token, params = job.record, job.token, job.record.request
         images: list[StoredImage] = []
         image_records: list[ImageRecord] = []
+        warnings: list[str] = []
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            text = png_text(params, seed, self.model) if params.metadata else None
-            png = encode_png(image, text)
+            try:
+                marked = self.context.marker.finish(image, params, seed, self.model, job.inputs)
+            except SigningFailedError as error:
+                self._fail(record, token, ErrorCode.SIGNING_FAILED, str(error))
+                return
+            png = marked.data
+            warnings += [warning for warning in marked.warnings if warning not in warnings]
             images.append(StoredImage(index=index, png=png))
             image_records.append(
                 ImageRecord(
@@ -351,7 +359,7 @@ class JobRunner:
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
-            "warnings": [*record.warnings, *result.warnings],  # the API's (about inputs), then the model's
+            "warnings": [*record.warnings, *result.warnings, *warnings],  # the API's (inputs), the model's, the marks' (watermark)
             "parameters": _jsonable(result.parameters),
             "images": [image.model_dump(mode="json") for image in image_records],
             "journeys": len(result.journeys),

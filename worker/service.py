@@ -21,6 +21,7 @@ from app.settings import Settings
 from worker import context
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
+from worker.marking import Marker
 from worker.rq_worker import DiffqWorker
 from worker.sweeper import Sweeper, SweeperThread
 
@@ -72,12 +73,14 @@ def model_record(engine: Engine) -> ModelRecord:
     return ModelRecord.model_validate(dataclasses.asdict(engine.info))
 
 
-def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False) -> bool:
+def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
+               marker: Marker | None = None) -> bool:
     """Serve jobs of one model until stopped (SIGTERM/SIGINT) or, with ``burst``, until its queue is empty.
 
     ``engine`` lets tests share one loaded model between workers. Returns
     whether any job was taken.
     """
+    marker = marker if marker is not None else Marker.from_settings(settings)
     engine = engine if engine is not None else load_engine(settings)
     model = model_record(engine)
     redis = Redis.from_url(settings.redis_url)
@@ -104,6 +107,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
             redis=redis,
             store=JobStore(redis),
             heartbeat=heartbeat,
+            marker=marker,
         )
     )
     rq_worker = DiffqWorker(

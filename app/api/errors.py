@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.core.errors import (
+    ContentCredentialsUnavailableError,
     DiffqError,
     IdempotencyConflictError,
     IdempotencyInProgressError,
@@ -43,6 +44,7 @@ STATUS: dict[type[DiffqError], int] = {
     RateLimitedError: 429,
     TooManyQueuedJobsError: 429,
     TooManyStreamsError: 429,
+    ContentCredentialsUnavailableError: 503,
 }
 
 RETRY_AFTER_SECONDS = 1

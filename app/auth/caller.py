@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from app.auth.apikeys import PRIORITIES, ApiKey, Priority
 from app.settings import Settings
@@ -56,6 +57,12 @@ class Caller:
     @property
     def strip_metadata(self) -> bool:
         return self.key is not None and self.key.strip_metadata
+
+    @property
+    def content_credentials(self) -> Literal["required", "optional", "off"]:
+        """The C2PA policy of this caller's jobs: its key's own, else the deployment's."""
+        own = self.key.content_credentials if self.key is not None else None
+        return own or self.settings.content_credentials
 
     def can_see(self, owner: str | None) -> bool:
         """Whether a job owned by ``owner`` exists for this caller: with auth on, only its own."""

@@ -34,6 +34,8 @@ def add_commands(commands: argparse._SubParsersAction, run: object) -> None:
                         help="its jobs' class: every queued high job runs before any normal one (default: normal)")
     create.add_argument("--strip-metadata", action="store_true",
                         help="never write generation parameters into its PNGs")
+    create.add_argument("--content-credentials", choices=("required", "optional", "off"),
+                        help="C2PA signing of its images (default: DIFFQ_CONTENT_CREDENTIALS)")
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
 
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never the secrets)")
@@ -64,7 +66,7 @@ def _create(args: argparse.Namespace, store: KeyStore) -> int:
             parse_rate(args.rate)
         limits = KeyLimits(rate_limit=args.rate, max_queued_jobs=args.max_queued, max_job_cost=args.max_cost,
                            max_event_streams=args.max_streams, priority=args.priority,
-                           strip_metadata=args.strip_metadata)
+                           strip_metadata=args.strip_metadata, content_credentials=args.content_credentials)
         key, token = store.create(args.name, limits)
     except ValueError as error:  # pydantic's ValidationError too
         print(f"diffq keys create: {error}", file=sys.stderr)
@@ -108,7 +110,8 @@ def _revoke(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 def _limits(key: ApiKey) -> dict[str, object]:
-    chosen = key.model_dump(include={"rate_limit", "max_queued_jobs", "max_job_cost", "max_event_streams"})
+    chosen = key.model_dump(include={"rate_limit", "max_queued_jobs", "max_job_cost", "max_event_streams",
+                                     "content_credentials"})
     if key.strip_metadata:
         chosen["strip_metadata"] = True
     return {name: value for name, value in chosen.items() if value is not None}

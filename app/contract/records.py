@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # still queued when the request's deadline passed
     OUT_OF_MEMORY = "out_of_memory"  # did not fit in the worker's device memory, even run alone
     INTERNAL_ERROR = "internal_error"  # a bug in diffq; the message says what
+    SIGNING_FAILED = "signing_failed"  # content credentials were required and could not be signed
 
 
 class ErrorInfo(BaseModel):
@@ -126,6 +127,7 @@ class JobParams(BaseModel):
     journey: bool = False  # also make an animated image of each picture emerging from noise
     deadline_at: datetime | None = None  # still queued then: the job fails with deadline_exceeded
     webhook: Webhook | None = None  # status events to POST (events.publish schedules them)
+    content_credentials: Literal["required", "optional", "off"] = "optional"  # the API key's C2PA policy
 
 
 class Progress(BaseModel):

@@ -148,6 +148,16 @@ class TooManyQueuedJobsError(DiffqError):
         super().__init__(f"this API key already has {cap} queued jobs, its limit; submit more once some have started")
 
 
+class ContentCredentialsUnavailableError(DiffqError):
+    """The caller's key requires C2PA content credentials and this deployment has no signing certificate."""
+
+    code = "content_credentials_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("this API key requires C2PA content credentials, and the deployment sets no signing "
+                         "certificate (DIFFQ_C2PA_CERT and DIFFQ_C2PA_KEY); ask its operator")
+
+
 class TooManyStreamsError(DiffqError):
     """The key already holds as many event streams open as it may."""
 

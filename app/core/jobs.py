@@ -25,6 +25,7 @@ from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
 from app.contract.tasks import Place, enqueue, model_queue, rq_status
 from app.core.errors import (
+    ContentCredentialsUnavailableError,
     FieldProblem,
     IdempotencyInProgressError,
     ImageNotFoundError,
@@ -93,6 +94,11 @@ class JobService:
             request = request.model_copy(update={"webhook": body.webhook})
         if self.caller.strip_metadata:
             request = request.model_copy(update={"metadata": False})
+        policy = self.caller.content_credentials
+        if policy == "required" and self.settings.c2pa_cert is None:
+            raise ContentCredentialsUnavailableError()
+        if policy != "optional":
+            request = request.model_copy(update={"content_credentials": policy})
         caller, ttl = self.caller, self.settings.job_ttl
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
