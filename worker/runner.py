@@ -131,9 +131,9 @@ class JobRunner:
                 # and the record (never RQ) says how each ended.
                 code = ErrorCode.TIMEOUT if isinstance(error, JobTimeoutException) else ErrorCode.INTERNAL_ERROR
                 for job in jobs or [_Job(record=record, token=token, request=None)]:  # type: ignore[arg-type]
-                    if job.live:
-                        job.live = False
-                        self._fail(job.record, job.token, code, f"{type(error).__name__}: {error}")
+                    # Guarded by the attempt token: a job that ended (or was taken over) stays as it is.
+                    job.live = False
+                    self._fail(job.record, job.token, code, f"{type(error).__name__}: {error}")
                 raise
 
     def _start(self, record: JobRecord, token: str) -> _Job | None:
