@@ -102,7 +102,7 @@ class DiffqWorker(SimpleWorker):
     def _hand_back_after_error(self, job_id: str, queue: Queue) -> None:
         current = context.current()
         if current.store.rescue(job_id, intermediate_key(queue), queue.key):
-            log.warning("job %s: never claimed before the error; back on the queue", job_id)
+            log.warning("job %s: never claimed before the error; back at the front of the queue", job_id)
         else:
             record = current.store.get(job_id)
             if record is None or record.status is not JobStatus.RUNNING or record.worker != current.worker_id:
@@ -132,6 +132,10 @@ class DiffqWorker(SimpleWorker):
         finally:
             current.batching.company = None
         taken = company.taken if company is not None else []
+        if not succeeded:
+            # The task raised without ending its job (Redis failed under the claim, or under the
+            # hand-back): the job must not stay queued in no queue, or running on no one.
+            self._hand_back_after_error(job.id, queue)
         failure = None if succeeded else self._failure_of(job)
         for extra in taken:
             self._end_taken(extra, queue, failure)

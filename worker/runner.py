@@ -107,10 +107,10 @@ class JobRunner:
         if record is None:
             log.info("job %s: deleted or ended before it started; skipping", job_id)
             return
-        faults.at("claimed")
         with self.context.heartbeat.busy(job_id):
             jobs: list[_Job] = []
             try:
+                faults.at("claimed")
                 lead = self._start(record, token)
                 if lead is None:
                     return
