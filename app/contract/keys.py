@@ -86,7 +86,8 @@ diffq:webhooks:outbox               stream  both      none (emptied by the deliv
                                                       of jobs with a webhook, written by the job's
                                                       guarded scripts (``app.webhooks.outbox``).
 diffq:webhooks:due                  zset    both      none. Delivery id -> unix time it is next due;
-                                                      written by ``events.publish`` with the event.
+                                                      written by ``events.publish`` with the event, or
+                                                      by the deliverer relaying the outbox.
 diffq:webhook:delivery:<id>         string  both      7 days, extended while retried. JSON delivery.
 diffq:webhooks:inflight             zset    deliverer none. Claimed delivery id -> lease end.
 diffq:webhooks:owners               hash    deliverer none. Claimed delivery id -> claim token.

@@ -137,19 +137,6 @@ def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | 
     )
 
 
-def enqueue_again(queue: Queue, job_id: str) -> bool:
-    """Put an RQ job that was started (and maybe finished) back on its queue as ``queued``:
-    for a job diffq hands back (lost worker, shutdown). False if RQ no longer has the job."""
-    try:
-        job = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
-    except NoSuchJobError:
-        return False
-    StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job)  # RQ 2: per execution
-    FinishedJobRegistry(queue.name, connection=queue.connection).remove(job)
-    queue.enqueue_job(job)
-    return True
-
-
 def mark_requeued(queue: Queue, job_id: str) -> bool:
     """RQ's side of a job that diffq has put back on the queue list itself (``JobStore.requeue``,
     ``JobStore.rescue``): forget its started executions and call it ``queued`` again. Only
