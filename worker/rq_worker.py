@@ -7,10 +7,10 @@ import logging
 import time
 
 import redis.exceptions
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
-from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker, WorkerStatus
 
 from app.contract import keys
@@ -107,10 +107,10 @@ class DiffqWorker(SimpleWorker):
             record = current.store.get(job_id)
             if record is None or record.status is not JobStatus.RUNNING or record.worker != current.worker_id:
                 return
-            message = f"its worker was lost {current.settings.max_attempts} times (last: {current.worker_id})"
-            result, lost, failed = current.store.requeue(job_id, record.attempt_token, queue.key, lost=True,
-                                                         reason="worker_error", max_attempts=current.settings.max_attempts,
-                                                         lost_message=message)
+            limit = current.settings.max_attempts
+            message = f"its run was lost {limit} times (last on {current.worker_id}, to an error); giving up"
+            result, _, failed = current.store.requeue(job_id, record.attempt_token, queue.key, lost=True,
+                                                      reason="worker_error", max_attempts=limit, lost_message=message)
             if result is not WriteResult.WRITTEN:
                 return
             log.warning("job %s: its run ended by an error; %s", job_id, "failed" if failed else "queued again")

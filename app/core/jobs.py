@@ -177,7 +177,8 @@ class JobService:
                     raise JobNotFoundError(existing.job_id)  # created long ago, since deleted or expired
                 return self.view(record), True
             try:
-                return self.submit(body, files, idempotency=store.entry(key, body_fingerprint, new_job_id(), scope)), False
+                entry = store.entry(key, body_fingerprint, new_job_id(), scope)
+                return self.submit(body, files, idempotency=entry), False
             except (KeyTakenError, WatchError):
                 continue  # a concurrent request with the same key created its job first: answer with it
 
