@@ -27,9 +27,9 @@ from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from app.contract import events, keys
-from app.webhooks.outbox import OUTBOX
 from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
 from app.contract.status import TERMINAL, JobStatus
+from app.webhooks.outbox import OUTBOX
 
 _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(TERMINAL))
 
