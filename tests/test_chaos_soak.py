@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 WORKER_KILLS = 5
 REDIS_KILLS = 3
-JOB = {"prompt": "a small red circle on the left, blue background", "steps": 6}
+JOB = {"prompt": "a small red circle on the left, blue background", "steps": 20}  # busy workers: kills hit runs
 SETTINGS = {
     "DIFFQ_HEARTBEAT_TTL": "3", "DIFFQ_HEARTBEAT_INTERVAL": "0.5", "DIFFQ_SWEEP_INTERVAL": "0.5",
     "DIFFQ_WEBHOOK_ALLOW_LOOPBACK": "true", "DIFFQ_WEBHOOK_TIMEOUT": "2", "DIFFQ_WEBHOOK_LEASE": "10",
