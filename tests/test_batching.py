@@ -321,7 +321,7 @@ def test_a_bug_in_the_run_fails_the_batch_and_leaves_no_job_running(client, redi
     work(settings, engine)
 
     lead, *others = (job_of(client, job_id) for job_id in ids)
-    assert lead["status"] == "failed" and "a bug while storing" in lead["error"]["message"]  # RQ's record
+    assert lead["status"] == "failed" and "a bug while storing" in lead["error"]["message"]  # diffq's record
     for job in others:
         assert job["status"] == "failed" and job["error"]["code"] == "internal_error", job
         assert "a bug while storing" in job["error"]["message"]
@@ -365,6 +365,6 @@ def test_store_step_checks_every_job_of_a_batch_and_writes_due_progress(redis) -
     assert store.step(runs, event_ttl=100) == [RunCheck.GO_ON, RunCheck.CANCEL, RunCheck.MISSING, RunCheck.STALE,
                                                RunCheck.GO_ON]
     assert store.get("a").progress.step == 3 and store.get("b").progress is None  # canceled: nothing written
-    assert [(e.type, e.data) for e in events.read(redis, "a")] == [("progress", progress)]
-    assert events.read(redis, "b") == [] and not redis.exists(keys.job("c"))  # nothing recreated
+    assert [(e.type, e.data) for e in events.read(redis, "a")] == [("running", {"attempt": 1}), ("progress", progress)]
+    assert [e.type for e in events.read(redis, "b")] == ["running"] and not redis.exists(keys.job("c"))  # nothing recreated
     assert 0 < redis.ttl(keys.events("a")) <= 100

@@ -5,6 +5,7 @@ through `report`), which the README's reliability section quotes.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -15,9 +16,11 @@ import httpx
 import pytest
 from redis import Redis
 
+from app.contract import events, keys
 from app.embedded_redis import find_redis_server, free_port
 from tests.conftest import SHAPES
 from tests.helpers import clean_environment, diffq_command, wait_for
+from tests.test_webhooks import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -69,16 +72,27 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers: list[subprocess.Popen] = []
+        self.others: list[subprocess.Popen] = []
         self.api = self._spawn("api", ["api", "--port", str(self.port)])
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
         log = (self.logs / f"{name}-{time.monotonic_ns()}.log").open("wb")
-        return subprocess.Popen([*diffq_command(), *args], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return subprocess.Popen([*diffq_command(), *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**self.env, **env})
 
-    def add_worker(self) -> subprocess.Popen:
-        worker = self._spawn("worker", ["worker", "--model", str(SHAPES)])
+    def add_worker(self, **env: str) -> subprocess.Popen:
+        """A `diffq worker`; ``env`` on top of the service's (``DIFFQ_FAULT``: worker/faults.py)."""
+        worker = self._spawn("worker", ["worker", "--model", str(SHAPES)], **env)
         self.workers.append(worker)
         return worker
+
+    def add_deliverer(self) -> subprocess.Popen:
+        deliverer = self._spawn("webhooks", ["webhooks"])
+        self.others.append(deliverer)
+        return deliverer
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted(self.logs.glob("*.log")))
 
     def wait_ready(self, workers: int) -> None:
         def ready() -> bool:
@@ -99,10 +113,10 @@ class Service:
         return httpx.get(f"{self.url}/v1/jobs/{job_id}", timeout=10).json()
 
     def stop(self) -> None:
-        for process in [self.api, *self.workers]:
+        for process in [self.api, *self.workers, *self.others]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in [self.api, *self.workers]:
+        for process in [self.api, *self.workers, *self.others]:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -218,3 +232,83 @@ def test_sigterm_lets_a_short_job_finish_within_the_grace_period(service_on) -> 
     assert worker.wait(timeout=60) == 0
     job = service.job(job_id)
     assert job["status"] == "succeeded" and job["attempt"] == 1
+
+
+# Four paths by which a job could be lost (issue 20), each forced at its exact step with a fault
+# armed in a real worker process (worker/faults.py), on a real Redis.
+FAST = {"DIFFQ_HEARTBEAT_TTL": "3", "DIFFQ_HEARTBEAT_INTERVAL": "0.5", "DIFFQ_SWEEP_INTERVAL": "0.5"}
+
+
+def event_types(redis: Redis, job_id: str) -> list[str]:
+    return [e.type for e in events.read(redis, job_id, count=1000) if e.type in events.STATUS_EVENTS]
+
+
+def test_a_job_its_dead_worker_left_in_rqs_intermediate_list_runs_on_another(service_on, redis_aof, capsys) -> None:
+    service = service_on(**FAST)
+    doomed = service.add_worker(DIFFQ_FAULT="kill:taken")  # dies right after RQ's BLMOVE
+    service.wait_ready(workers=1)
+    job_id = service.post(JOB)
+    assert doomed.wait(timeout=60) == -signal.SIGKILL
+    redis = Redis.from_url(redis_aof.url)
+    intermediate = f"rq:queue:diffq:{service.job(job_id)['model']}:intermediate"
+    assert redis.lrange(intermediate, 0, -1) == [job_id.encode()]
+    assert service.job(job_id)["status"] == "queued"  # diffq's record, whatever RQ thinks
+
+    service.add_worker()
+    died_at = time.monotonic()
+    job = wait_for(lambda: (j := service.job(job_id))["status"] in ("succeeded", "failed") and j, timeout=120)
+    ran_after = time.monotonic() - died_at
+
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job
+    assert event_types(redis, job_id) == ["queued", "running", "succeeded"]
+    assert redis.llen(intermediate) == 0
+    report(capsys, f"worker SIGKILLed between RQ's dequeue and diffq's claim: the job ran and succeeded "
+                   f"{ran_after:.1f} s after a new worker started (heartbeat TTL 3 s), attempt 1")
+
+
+def test_a_worker_survives_redis_failing_at_every_step_and_each_job_ends_once(service_on, redis_aof, capsys) -> None:
+    service = service_on(**FAST)
+    steps = ("taken", "dequeued", "claimed", "store", "stored")
+    worker = service.add_worker(DIFFQ_FAULT=",".join(f"redis:{step}" for step in steps))
+    service.wait_ready(workers=1)
+    first = service.post(JOB)
+    job = wait_for(lambda: (j := service.job(first))["status"] in ("succeeded", "failed") and j, timeout=120)
+    second = service.post({**JOB, "seed": 7})  # the same worker takes jobs again
+    after = wait_for(lambda: (j := service.job(second))["status"] in ("succeeded", "failed") and j, timeout=120)
+
+    redis = Redis.from_url(redis_aof.url)
+    logs = service.log_text()
+    assert worker.poll() is None, logs[-3000:]
+    for step in steps:
+        assert f"Redis failure injected at step {step!r}" in logs, step
+    assert job["status"] == "succeeded" and len(job["images"]) == 1, job
+    assert after["status"] == "succeeded" and after["attempt"] == 1
+    assert event_types(redis, first).count("succeeded") == 1 and event_types(redis, first)[-1] == "succeeded"
+    assert redis.zcard(keys.RUNNING) == 0
+    report(capsys, f"Redis failing at each of {len(steps)} steps of one job (take, dequeue, claim, store, after "
+                   f"store): the worker stayed up, the job succeeded once (attempt {job['attempt']}), and the "
+                   f"next job ran on the same worker")
+
+
+def test_a_worker_killed_between_storing_and_publishing_sends_one_terminal_webhook(
+    service_on, redis_aof, capsys
+) -> None:
+    receiver = Receiver(free_port())
+    service = service_on(**FAST, DIFFQ_WEBHOOK_ALLOW_LOOPBACK="true")
+    service.add_deliverer()
+    doomed = service.add_worker(DIFFQ_FAULT="kill:stored")  # dies right after the guarded result write
+    service.wait_ready(workers=1)
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/hook", "events": ["running", "succeeded", "failed"]}
+    try:
+        job_id = service.post({**JOB, "webhook": hook})
+        assert doomed.wait(timeout=120) == -signal.SIGKILL
+        job = service.job(job_id)
+        wait_for(lambda: len(receiver.requests) >= 2, timeout=30)
+        time.sleep(2)  # a duplicate would arrive now
+        types = [json.loads(body)["type"] for _, _, body in list(receiver.requests)]
+    finally:
+        receiver.close()
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job
+    assert types == ["job.running", "job.succeeded"], types
+    report(capsys, "worker SIGKILLed right after storing a result: job.running and job.succeeded each "
+                   "delivered exactly once (the events were written by the same script as the changes)")

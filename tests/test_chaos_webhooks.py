@@ -32,6 +32,7 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks.deliver import INFLIGHT, Deliverer, attempts
+from app.webhooks.outbox import relay
 from app.webhooks.queue import DUE
 from app.webhooks.signing import generate_secret
 from tests.helpers import TINY_JOB, wait_for, work
@@ -124,6 +125,7 @@ def test_hours_of_receiver_outage_lose_no_event(
     down_until = clock[0] + outage
     deliverer = Deliverer(redis, hook_settings, clock=lambda: clock[0], jitter=random.Random(1).random)
     receiver: Receiver | None = None
+    relay(redis, clock[0])  # the workers wrote the events to the outbox; now they are deliveries, due now
     try:
         while redis.zcard(DUE):
             [(_, due)] = redis.zrange(DUE, 0, 0, withscores=True)

@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
 
-from app.contract import keys
+from app.contract import events, keys
 from app.contract.records import utcnow
 from app.contract.store import JobStore, WriteResult
 from app.contract.tasks import model_queue
@@ -138,3 +139,50 @@ def test_a_run_longer_than_the_deployments_timeout_fails_with_timeout(settings, 
         job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
     assert time.monotonic() - started < 10 and job["images"] == []
+
+
+def test_a_job_its_dead_worker_took_off_the_queue_but_never_claimed_runs_again(client, redis, settings, served,
+                                                                                 engine) -> None:
+    job_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
+    queue = model_queue(served.name, redis)
+    # RQ's BLMOVE, by a worker that then died: in the intermediate list, on no queue, not claimed.
+    assert redis.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()
+    sweeper = Sweeper(redis, settings, served.name, "s", clock=time.time)
+    assert sweeper.sweep().rescued == []  # a live worker would claim it within milliseconds
+
+    redis.delete(keys.sweeper_lock(served.name))
+    later_sweep = Sweeper(redis, settings, served.name, "s", clock=later(settings.heartbeat_ttl + 1)).sweep()
+
+    assert later_sweep.rescued == [job_id] and queue.get_job_ids() == [job_id]
+    assert redis.llen(queue.intermediate_queue_key) == 0
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    work(settings, engine)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["attempt"] == 1  # it had never run
+
+
+def test_a_job_rq_marked_started_but_diffq_never_claimed_runs_again(client, redis, settings, served, engine) -> None:
+    job_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
+    queue = model_queue(served.name, redis)
+    job = queue.dequeue_any([queue], timeout=None, connection=redis, serializer=JSONSerializer)[0]
+    worker = SimpleWorker([queue], connection=redis, name="dead-before-claim")
+    worker.prepare_execution(job)  # RQ's steps before it calls the task, then death
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    for clock in (time.time, later(settings.heartbeat_ttl + 1)):
+        redis.delete(keys.sweeper_lock(served.name))
+        report = Sweeper(redis, settings, served.name, "s", clock=clock).sweep()
+
+    assert report.rescued == [job_id] and queue.get_job_ids() == [job_id]
+    work(settings, engine)
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def test_a_job_failed_worker_lost_leaves_an_expiring_failed_rq_record(client, redis, settings, served) -> None:
+    job_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
+    sweeper = Sweeper(redis, settings.model_copy(update={"max_attempts": 1}), served.name, "s", clock=later(60))
+    claim_by_dead_worker(redis, job_id)
+    assert sweeper.sweep().failed == [job_id]
+
+    assert Job.fetch(job_id, connection=redis).get_status() == "failed"
+    assert 0 < redis.ttl(f"rq:job:{job_id}") <= settings.job_ttl
+    assert [e.type for e in events.read(redis, job_id)] == ["queued", "running", "failed"]

@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-import app.core.jobs
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis import client as redis_client
 from app.contract import keys
 from app.contract.records import ModelRecord
 from app.contract.tasks import queue_name
@@ -133,62 +134,54 @@ def test_multipart_bodies_match_on_fields_and_file_bytes(
     assert len(job_records(redis)) == 1
 
 
-def test_a_replay_while_the_first_request_still_creates_the_job_waits_then_409s(
+def test_a_post_cut_off_before_its_job_was_written_leaves_the_key_free_for_the_retry(
     client: TestClient, served: ModelRecord, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app.core.jobs, "IDEMPOTENCY_WAIT", 0.3)
-    # A first request that reserved the key and has not written its job yet.
-    IdempotencyStore(redis, settings.idempotency_ttl).reserve("slow", fingerprint(TINY_JOB), "f" * 32)
+    # The API dies (or Redis does) with the key's reservation and the job not yet written: the
+    # transaction that holds both never reaches Redis, so neither exists and the retry creates it.
+    real_execute = redis_client.Pipeline.execute
 
-    started = time.monotonic()
-    response = client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "slow"})
+    def cut(pipe: redis_client.Pipeline, *args, **kwargs):
+        if any(b"idempotency" in str(command[0]).encode() for command in pipe.command_stack):
+            monkeypatch.setattr(redis_client.Pipeline, "execute", real_execute)
+            pipe.reset()
+            raise RedisConnectionError("connection cut before EXEC")
+        return real_execute(pipe, *args, **kwargs)
 
-    assert time.monotonic() - started >= 0.3
-    assert response.status_code == 409 and response.headers["retry-after"] == "1"
-    assert response.json()["code"] == "idempotency_key_in_progress" and "f" * 32 in response.json()["message"]
-    assert job_records(redis) == []
+    monkeypatch.setattr(redis_client.Pipeline, "execute", cut)
+    first = client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "cut"})
+    assert first.status_code == 503 and job_records(redis) == []
+    assert IdempotencyStore(redis, settings.idempotency_ttl).get("cut") is None
 
-
-def test_a_replay_gets_the_job_the_first_request_finishes_creating(
-    client: TestClient, served: ModelRecord, settings: Settings, redis: Redis
-) -> None:
-    IdempotencyStore(redis, settings.idempotency_ttl).reserve("slow", fingerprint(TINY_JOB), "f" * 32)
-    answers: list[httpx.Response] = []
-    replay = threading.Thread(target=lambda: answers.append(
-        client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "slow"})))
-    replay.start()
-    time.sleep(0.3)
-    JobService(redis, settings).submit(JobCreate(**TINY_JOB), job_id="f" * 32)  # the first request's write
-    replay.join(10)
-
-    [response] = answers
-    assert response.status_code == 202 and response.headers["idempotent-replayed"] == "true"
-    assert response.json()["id"] == "f" * 32 and job_records(redis) == ["f" * 32]
+    retry = client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "cut"})
+    again = client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "cut"})
+    assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert job_records(redis) == [retry.json()["id"]] == [again.json()["id"]]
 
 
-def test_a_replay_creates_the_job_itself_when_the_first_request_fails(
-    client: TestClient, served: ModelRecord, settings: Settings, redis: Redis
-) -> None:
-    store = IdempotencyStore(redis, settings.idempotency_ttl)
-    store.reserve("slow", fingerprint(TINY_JOB), "f" * 32)
-    answers: list[httpx.Response] = []
-    replay = threading.Thread(target=lambda: answers.append(
-        client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "slow"})))
-    replay.start()
-    time.sleep(0.3)
-    # The first request fails and releases its key: the waiting replay creates the job itself.
-    store.release("slow", "f" * 32)
-    replay.join(10)
+def test_the_key_and_its_job_are_written_in_one_transaction(client: TestClient, served: ModelRecord,
+                                                             redis: Redis) -> None:
+    seen: list[str] = []
+    with redis.monitor() as monitor:
+        poster = threading.Thread(target=lambda: client.post("/v1/jobs", json=TINY_JOB,
+                                                             headers={"Idempotency-Key": "one-step"}))
+        poster.start()
+        in_multi = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            command = monitor.next_command()["command"]
+            in_multi = in_multi or command == "MULTI"
+            if in_multi:
+                seen.append(command.split(" ")[0] + " " + (command.split(" ") + [""])[1])
+            if command == "EXEC":
+                break
+        poster.join(10)
+    assert any(c.startswith("SET diffq:idempotency:") for c in seen), seen
+    assert any(c.startswith("HSET diffq:job:") for c in seen), seen
 
-    [response] = answers
-    assert response.status_code == 202 and "idempotent-replayed" not in response.headers
-    assert job_records(redis) == [response.json()["id"]] != ["f" * 32]
 
-
-def test_a_key_whose_job_was_deleted_long_ago_is_404(
-    client: TestClient, served: ModelRecord, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(app.core.jobs, "IDEMPOTENCY_CREATING", 0.0)
+def test_a_key_whose_job_was_deleted_is_404(client: TestClient, served: ModelRecord) -> None:
     job = client.post("/v1/jobs", json=TINY_JOB, headers={"Idempotency-Key": "gone"}).json()
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import JobParams, JobRecord
+from app.contract import events, keys
+from app.contract.records import JobParams, JobRecord, Webhook
 from app.contract.status import JobStatus
 from app.contract.store import JobStore, StoredImage, WriteResult
+from app.webhooks.outbox import OUTBOX
 
 PARAMS = JobParams(prompt="p", width=16, height=16, steps=2, guidance_scale=7.5, scheduler="ddim", seed=1, num_images=2)
 
@@ -94,3 +95,69 @@ def test_delete_removes_every_image(store: JobStore, record: JobRecord, redis: R
     assert store.delete("j1")
     assert redis.keys("*") == []
     assert not store.delete("j1")
+
+
+def hooked(store: JobStore, events_wanted: list[str]) -> JobRecord:
+    request = PARAMS.model_copy(update={"webhook": Webhook(url="https://example.com/hook", events=events_wanted)})
+    record = JobRecord(id="h1", model="tiny", request=request)
+    store.create(record, ttl=100)
+    return record
+
+
+def outbox_types(redis: Redis) -> list[str]:
+    return [fields[b"type"].decode() for _, fields in redis.xrange(OUTBOX)]
+
+
+def test_each_status_change_writes_its_event_in_the_same_script(store: JobStore, redis: Redis) -> None:
+    hooked(store, ["running", "succeeded", "queued"])
+    store.claim("h1", "w", "t1")
+    store.requeue("h1", "t1", "rq:queue:test", lost=True, reason="worker_lost")
+    store.claim("h1", "w", "t2")
+    assert store.finish("h1", "t2", {"status": "succeeded", "seeds": [7]}, [StoredImage(0, b"png")], 100, 100) is (
+        WriteResult.WRITTEN
+    )
+    assert store.finish("h1", "t2", {"status": "failed"}, [], 100, 100) is WriteResult.ENDED  # no second event
+
+    stream = [(e.type, e.data) for e in events.read(redis, "h1")]
+    assert stream == [
+        ("running", {"attempt": 1}),
+        ("queued", {"status": "queued", "reason": "worker_lost", "attempt": 1, "lost_attempts": 1}),
+        ("running", {"attempt": 2}),
+        ("succeeded", {"status": "succeeded", "seeds": [7], "images": 1}),
+    ]
+    assert outbox_types(redis) == ["running", "queued", "running", "succeeded"]  # the webhook's events only
+    assert redis.lrange("rq:queue:test", 0, -1) == [b"h1"]  # requeued onto RQ's list in that step
+    assert 0 < redis.ttl(keys.events("h1")) <= 100
+
+
+def test_a_job_without_a_webhook_writes_nothing_to_the_outbox(store: JobStore, record: JobRecord,
+                                                               redis: Redis) -> None:
+    store.claim("j1", "w", "t")
+    store.finish("j1", "t", {"status": "succeeded"}, [], 100, 100)
+    assert [e.type for e in events.read(redis, "j1")] == ["running", "succeeded"] and outbox_types(redis) == []
+
+
+def test_the_attempt_that_reaches_max_attempts_fails_worker_lost_with_its_event(store: JobStore,
+                                                                                 redis: Redis) -> None:
+    hooked(store, ["failed"])
+    for attempt in (1, 2):
+        store.claim("h1", "w", f"t{attempt}")
+        result, lost, failed = store.requeue("h1", f"t{attempt}", "rq:queue:test", lost=True, reason="worker_lost",
+                                             max_attempts=2, lost_message="lost twice")
+    assert (result, lost, failed) == (WriteResult.WRITTEN, 2, True)
+    record = store.get("h1")
+    assert record.status is JobStatus.FAILED and record.error.code == "worker_lost" and record.error.message == (
+        "lost twice")
+    assert redis.lrange("rq:queue:test", 0, -1) == [b"h1"]  # only the first loss queued it again
+    assert outbox_types(redis) == ["failed"] and redis.zscore(keys.RUNNING, "h1") is None
+
+
+def test_a_queued_cancel_and_a_passed_deadline_write_their_events(store: JobStore, redis: Redis) -> None:
+    hooked(store, ["canceled", "failed"])
+    store.cancel("h1", "2030-01-01T00:00:00+00:00")
+    record = JobRecord(id="h2", model="tiny", request=store.get("h1").request)
+    store.create(record, ttl=100)
+    assert store.expire_if_queued("h2")
+    assert [e.type for e in events.read(redis, "h1")] + [e.type for e in events.read(redis, "h2")] == [
+        "canceled", "failed"]
+    assert outbox_types(redis) == ["canceled", "failed"]

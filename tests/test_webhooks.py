@@ -29,6 +29,7 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.settings import Settings
 from app.webhooks import signing
 from app.webhooks.deliver import INFLIGHT, OWNERS, Deliverer, attempts, attempts_key, backoff
+from app.webhooks.outbox import OUTBOX, relay
 from app.webhooks.queue import DUE, delivery_key, schedule
 from app.webhooks.signing import get_secret
 from app.webhooks.urls import AllowList, check_url, resolve_checked
@@ -524,3 +525,30 @@ def test_ip_literals_are_checked_without_dns(monkeypatch: pytest.MonkeyPatch) ->
     for url in ["http://10.0.0.1/", "http://[::1]/", "http://metadata.google.internal/"]:
         with pytest.raises(InvalidRequestError):
             check_url(url, AllowList())
+
+
+def test_outbox_entries_become_one_delivery_each_however_many_relay_at_once(redis: Redis) -> None:
+    hook = json.dumps({"url": "https://example.com/hook", "events": ["succeeded"]})
+    for n in range(50):
+        redis.xadd(OUTBOX, {"job_id": f"job{n}", "type": "succeeded", "data": '{"status":"succeeded","images":1}',
+                            "webhook": hook})
+    redis.xadd(OUTBOX, {"job_id": "bad", "type": "succeeded", "data": "{}", "webhook": "not json"})
+    barrier = threading.Barrier(4)
+    written: list[int] = []
+
+    def relay_all() -> None:
+        barrier.wait()
+        while (n := relay(redis, time.time(), batch=7)) or redis.xlen(OUTBOX):
+            written.append(n)
+
+    threads = [threading.Thread(target=relay_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sum(written) == 50 and redis.zcard(DUE) == 50 and redis.xlen(OUTBOX) == 0
+    bodies = [json.loads(redis.get(delivery_key(member.decode()))) for member in redis.zrange(DUE, 0, -1)]
+    assert sorted(body["event_id"] for body in bodies) == sorted(f"msg_job{n}_succeeded" for n in range(50))
+    assert {body["payload"]["data"]["images"][0] for body in bodies if body["job_id"] == "job3"} == {
+        "/v1/jobs/job3/images/0.png"}

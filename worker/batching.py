@@ -9,7 +9,7 @@ the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at
 - taken off RQ's queue list and claimed in diffq in one atomic step
   (``JobStore.claim_queued``) with its own attempt token: two workers never take the same job,
   and if this worker dies the sweeper finds it in ``diffq:running`` and queues it again like any
-  claimed job (``enqueue_again`` clears the RQ execution made below);
+  claimed job (``tasks.mark_requeued`` clears the RQ execution made below);
 - marked started in RQ the way RQ marks the job it dequeued itself (an execution in the
   queue's started registry, status ``started``, this worker's name), so the API never sees a
   queued job that is in no queue, and a client's DELETE leaves the RQ job to its worker.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import redis.exceptions
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
@@ -13,12 +15,18 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from app.contract import keys
 from app.contract.status import JobStatus
-from app.contract.tasks import enqueue_again
-from worker import context
+from app.contract.store import WriteResult
+from app.contract.tasks import intermediate_key, mark_requeued
+from worker import context, faults
 from worker.allowlist import AllowListedJob
 from worker.batching import Company, Taken, engine_batch_key
 
 log = logging.getLogger(__name__)
+
+RESUME_MAX_PAUSE = 5.0
+"""Longest pause between two tries to reach Redis before the work loop resumes."""
+RESUME_RESET = 60.0
+"""A work loop that ran this long before it ended starts its backoff afresh."""
 
 
 class DiffqWorker(SimpleWorker):
@@ -35,6 +43,7 @@ class DiffqWorker(SimpleWorker):
     """
 
     job_class = AllowListedJob
+    _running: tuple[str, Queue] | None = None  # the job being executed, and its queue
 
     def request_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
         """SIGTERM/SIGINT: RQ's warm shutdown (finish the job, then exit), with a grace period:
@@ -43,8 +52,74 @@ class DiffqWorker(SimpleWorker):
         current.shutdown.begin(current.settings.shutdown_grace)
         super().request_stop(signum, frame)
 
+    def serve(self, *, burst: bool = False, logging_level: str = "INFO") -> bool:
+        """RQ's work loop, resumed after whatever ended it other than a stop: RQ quits its loop on
+        errors raised outside the task (a Redis restart during a dequeue, a registry write, the
+        bookkeeping after a job), and this process must ride out any Redis outage however timed.
+        Before resuming, once Redis answers, jobs this worker holds are handed back (``_recover``).
+        Returns whether any job was taken."""
+        current = context.current()
+        worked, failures = False, 0
+        while True:
+            started = time.monotonic()
+            try:
+                worked = self.work(burst=burst, logging_level=logging_level) or worked
+            except StopRequested:
+                return worked
+            except (redis.exceptions.RedisError, ValueError) as error:  # ValueError: a stale RQ registration
+                log.warning("worker %s: work loop ended by %s: %s", self.name, type(error).__name__, error)
+            if burst or current.shutdown.deadline is not None:
+                return worked
+            failures = 1 if time.monotonic() - started > RESUME_RESET else failures + 1
+            try:
+                self._recover(min(RESUME_MAX_PAUSE, 0.25 * 2**failures))
+            except StopRequested:
+                return worked
+            if current.shutdown.deadline is not None:
+                return worked
+            log.info("worker %s: resuming its work loop", self.name)
+
+    def _recover(self, pause: float) -> None:
+        """Wait ``pause``, then until Redis answers; then register this worker's death in RQ (so it
+        can register again), and hand back the job it was running, if any: put back on the
+        queue if it was never claimed, or (a lost attempt) if it was."""
+        current = context.current()
+        while True:
+            time.sleep(pause)
+            if current.shutdown.deadline is not None:
+                return
+            try:
+                self.connection.ping()
+                self.register_death()
+                if self._running is not None:
+                    self._hand_back_after_error(*self._running)
+                    self._running = None
+                return
+            except redis.exceptions.RedisError as error:
+                log.warning("worker %s: Redis still unreachable (%s)", self.name, error)
+                pause = RESUME_MAX_PAUSE
+
+    def _hand_back_after_error(self, job_id: str, queue: Queue) -> None:
+        current = context.current()
+        if current.store.rescue(job_id, intermediate_key(queue), queue.key):
+            log.warning("job %s: never claimed before the error; back at the front of the queue", job_id)
+        else:
+            record = current.store.get(job_id)
+            if record is None or record.status is not JobStatus.RUNNING or record.worker != current.worker_id:
+                return
+            limit = current.settings.max_attempts
+            message = f"its run was lost {limit} times (last on {current.worker_id}, to an error); giving up"
+            result, _, failed = current.store.requeue(job_id, record.attempt_token, queue.key, lost=True,
+                                                      reason="worker_error", max_attempts=limit, lost_message=message)
+            if result is not WriteResult.WRITTEN:
+                return
+            log.warning("job %s: its run ended by an error; %s", job_id, "failed" if failed else "queued again")
+        mark_requeued(queue, job_id)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         current = context.current()
+        self._running = (job.id, queue)
+        faults.at("taken")
         company = None
         if current.settings.batch_max > 1:
             company = Company(self, queue, current.store, current.worker_id, engine_batch_key(current.engine))
@@ -57,15 +132,23 @@ class DiffqWorker(SimpleWorker):
         finally:
             current.batching.company = None
         taken = company.taken if company is not None else []
+        if not succeeded:
+            # The task raised without ending its job (Redis failed under the claim, or under the
+            # hand-back): the job must not stay queued in no queue, or running on no one.
+            self._hand_back_after_error(job.id, queue)
         failure = None if succeeded else self._failure_of(job)
         for extra in taken:
             self._end_taken(extra, queue, failure)
         handed_back = current.shutdown.handed_back
         for job_id in [job.id, *(extra.record.id for extra in taken)]:
             if job_id in handed_back:
-                # RQ has just recorded the run as finished; make it queued again for another worker.
+                # Back on the list already (JobStore.requeue); RQ has just recorded the run as
+                # finished: call it queued again, unless another worker has taken it since.
                 handed_back.discard(job_id)
-                enqueue_again(queue, job_id)
+                record = current.store.get(job_id)
+                if record is not None and record.status is JobStatus.QUEUED:
+                    mark_requeued(queue, job_id)
+        self._running = None
 
     def _end_taken(self, taken: Taken, queue: Queue, failure: str | None) -> None:
         """End a job taken along in RQ: perform_job's success path (or its failure path, when the

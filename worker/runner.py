@@ -26,9 +26,11 @@ from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract import events, keys, metrics
+from app.contract import keys, metrics
 from app.contract.store import StoredImage, WriteResult
+from app.contract.tasks import model_queue
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
+from worker import faults
 from worker.context import WorkerContext
 from worker.marking import SigningFailedError
 from worker.png import encode_journey
@@ -102,33 +104,44 @@ class JobRunner:
 
     def run(self, job_id: str) -> None:
         token = uuid.uuid4().hex
-        record = self.store.claim(job_id, self.context.worker_id, token)
+        faults.at("dequeued")
+        record = self.store.claim(job_id, self.context.worker_id, token)  # with its `running` event
         if record is None:
             log.info("job %s: deleted or ended before it started; skipping", job_id)
             return
         with self.context.heartbeat.busy(job_id):
-            lead = self._start(record, token)
-            if lead is None:
-                return
-            jobs = [lead]
+            jobs: list[_Job] = []
             try:
+                faults.at("claimed")
+                lead = self._start(record, token)
+                if lead is None:
+                    return
+                jobs = [lead]
                 jobs += self._company(lead)
                 self._run(jobs)
+            except redis.exceptions.RedisError as error:
+                # Redis failed outside the parts that ride it out: no fault of the jobs. Hand each
+                # back (once Redis answers); if even that fails, the worker hands back what it
+                # holds when its work loop resumes (DiffqWorker.serve).
+                log.warning("job %s: Redis failed mid-run (%s); handing its job(s) back", job_id, error)
+                for job in jobs or [_Job(record=record, token=token, request=None)]:  # type: ignore[arg-type]
+                    # Guarded by the attempt token: one that ended or was taken over is left as it is.
+                    self._while_redis_recovers(lambda job=job: self._hand_back(job, "redis_error"))
+                raise
             except Exception as error:
-                # A bug, or the job timeout striking outside generation: jobs taken along must
-                # not stay `running`; the lead's failure is RQ's to record, as before batching.
+                # A bug, or the job timeout striking outside generation: no job may stay `running`,
+                # and the record (never RQ) says how each ended.
                 code = ErrorCode.TIMEOUT if isinstance(error, JobTimeoutException) else ErrorCode.INTERNAL_ERROR
-                for job in jobs[1:]:
-                    if job.live:
-                        job.live = False
-                        self._fail(job.record, job.token, code, f"{type(error).__name__}: {error}")
+                for job in jobs or [_Job(record=record, token=token, request=None)]:  # type: ignore[arg-type]
+                    # Guarded by the attempt token: a job that ended (or was taken over) stays as it is.
+                    job.live = False
+                    self._fail(job.record, job.token, code, f"{type(error).__name__}: {error}")
                 raise
 
     def _start(self, record: JobRecord, token: str) -> _Job | None:
         """A claimed job's start: announce it, then check its deadline, inputs and request.
         ``None`` if it ended here (failed)."""
         log.info("job %s: attempt %d started", record.id, record.attempt)
-        self._publish(record.id, "running", {"attempt": record.attempt})
         deadline = record.request.deadline_at
         if deadline is not None and deadline < utcnow() and record.attempt == 1:
             self._fail(record, token, ErrorCode.DEADLINE_EXCEEDED, "still queued when its deadline passed")
@@ -197,7 +210,7 @@ class JobRunner:
             log.info("%s; handing back %d job(s) to the queue", stop, sum(job.live for job in jobs))
             for job in jobs:
                 if job.live:
-                    self._hand_back(job)
+                    self._hand_back(job, "worker_shutdown")
             return
         except JobTimeoutException:
             for job in jobs:
@@ -282,13 +295,15 @@ class JobRunner:
 
         return on_step
 
-    def _hand_back(self, job: _Job) -> None:
+    def _hand_back(self, job: _Job, reason: str) -> WriteResult:
+        """Put a job back at the front of its queue (with its ``queued`` event), not counting the
+        attempt as lost: this worker is stopping, or Redis failed under it."""
         job.live = False
-        result, _ = self.store.requeue(job.record.id, job.token, lost=False)
+        queue_key = model_queue(self.model.name, self.store.redis).key
+        result, _, _ = self.store.requeue(job.record.id, job.token, queue_key, lost=False, reason=reason)
         if result is WriteResult.WRITTEN:
-            self.context.shutdown.handed_back.add(job.record.id)  # DiffqWorker re-enqueues it in RQ
-            self._publish(job.record.id, "queued", {"status": "queued", "reason": "worker_shutdown",
-                                                    "attempt": job.record.attempt})
+            self.context.shutdown.handed_back.add(job.record.id)  # DiffqWorker tidies RQ's side of it
+        return result
 
     def _record_duration(self, seconds: float, jobs: int = 1) -> None:
         """Recent job durations of this model, for the ETAs of queued jobs: a batch of n jobs
@@ -299,22 +314,19 @@ class JobRunner:
             pipe.ltrim(key, 0, 19)
             pipe.execute()
 
-    def _publish(self, job_id: str, type: str, data: dict[str, Any]) -> None:
-        try:
-            events.publish(self.store.redis, job_id, type, data, self.settings.job_ttl)
-        except redis.exceptions.RedisError as error:  # the record holds the truth; streams re-read it
-            log.warning("job %s: could not publish %s event: %s", job_id, type, error)
-
     def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
              images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
-        """Store the job's final fields (and results) and, if that stuck, publish its terminal event."""
-        outcome = self._while_redis_recovers(
-            lambda: self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
-                                      result_ttl=self.settings.result_ttl, blobs=blobs)
-        )
+        """Store the job's final fields, results and terminal event (``event``: the status it ends
+        in) in one guarded step, retried while Redis restarts."""
+        assert values["status"] == event
+        def finish() -> WriteResult:
+            faults.at("store")
+            return self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
+                                     result_ttl=self.settings.result_ttl, blobs=blobs)
+
+        outcome = self._while_redis_recovers(finish)
+        faults.at("stored")
         if outcome is WriteResult.WRITTEN:
-            data = {key: values[key] for key in ("error", "seeds") if key in values}
-            self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
             metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
         return outcome
 

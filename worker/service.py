@@ -123,7 +123,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     log.info("worker %s serving model %r on %s (%s) from queue %r", worker_id, model.name, model.device,
              model.dtype, queue_name(model.name))
     try:
-        return rq_worker.work(burst=burst, logging_level=settings.log_level.upper())
+        return rq_worker.serve(burst=burst, logging_level=settings.log_level.upper())
     finally:
         sweeper.stop()
         heartbeat.stop()

@@ -11,7 +11,15 @@ short Redis lock):
   token is void, so the lost run can never store anything if it wakes up.
   After ``max_attempts`` lost attempts it fails with ``worker_lost`` instead:
   a job that kills its worker every time does not loop;
+- a job a worker took off the queue list but never claimed (it died between RQ's ``BLMOVE``
+  into ``<queue>:intermediate`` and diffq's claim: in that list, or marked started in RQ only)
+  goes back to the front of the queue list once it has been seen so, still unclaimed, for
+  ``heartbeat_ttl`` seconds (a live worker claims within milliseconds). It never ran: no
+  attempt is counted;
 - a queued job past its ``deadline_at`` ends ``failed`` with ``deadline_exceeded``.
+
+Each of these changes is one guarded script (``app.contract.store``) that writes the job's
+event with it; RQ's own records are tidied afterwards, and are never what a client reads.
 """
 
 from __future__ import annotations
@@ -25,17 +33,12 @@ from datetime import UTC, datetime
 
 import redis.exceptions
 from redis import Redis
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from rq.registry import StartedJobRegistry
-from rq.serializers import JSONSerializer
-
-from app.contract import events, keys, metrics
-from app.contract.records import ErrorCode, utcnow
+from app.contract import keys, metrics
+from app.contract.records import ErrorCode
 from app.contract.registry import Registry
 from app.contract.status import JobStatus
 from app.contract.store import JobStore, WriteResult
-from app.contract.tasks import enqueue_again, model_queue
+from app.contract.tasks import end_lost, intermediate_key, mark_requeued, model_queue, started_ids
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class SweepReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    rescued: list[str] = field(default_factory=list)  # taken off the queue, never claimed
 
 
 class Sweeper:
@@ -70,6 +74,7 @@ class Sweeper:
         if not self.redis.set(keys.sweeper_lock(self.model), self.owner, nx=True, px=lock):
             return report  # another worker of this model swept a moment ago
         self._lost_jobs(report)
+        self._unclaimed_jobs(report)
         self._passed_deadlines(report)
         return report
 
@@ -88,30 +93,53 @@ class Sweeper:
             self._recover(record.id, record.attempt_token, record.worker, record.attempt, report)
 
     def _recover(self, job_id: str, token: str | None, worker: str | None, attempt: int, report: SweepReport) -> None:
-        result, lost = self.store.requeue(job_id, token, lost=True)
+        message = (f"its worker was lost {self.settings.max_attempts} times (last: {worker}); giving up after "
+                   f"{self.settings.max_attempts} lost attempts")
+        result, lost, failed = self.store.requeue(job_id, token, self.queue.key, lost=True, reason="worker_lost",
+                                                  max_attempts=self.settings.max_attempts, lost_message=message)
         if result is not WriteResult.WRITTEN:
             return
-        if lost >= self.settings.max_attempts:
-            message = (f"its worker was lost {lost} times (last: {worker}); giving up after "
-                       f"{self.settings.max_attempts} lost attempts")
-            values = {"status": "failed", "finished_at": utcnow().isoformat(),
-                      "error": {"code": ErrorCode.WORKER_LOST.value, "message": message}}
-            self.store.finish(job_id, None, values, [], job_ttl=self.settings.job_ttl,
-                              result_ttl=self.settings.result_ttl)
-            self._forget_rq_job(job_id)
+        if failed:
+            end_lost(self.queue, job_id, self.settings.job_ttl, f"diffq: {message}")
             metrics.record_finished(self.redis, self.model, "failed", ErrorCode.WORKER_LOST.value)
-            events.publish(self.redis, job_id, "failed", {"status": "failed", "error": values["error"], "images": 0},
-                           self.settings.job_ttl)
             report.failed.append(job_id)
             log.warning("job %s: %s", job_id, message)
             return
-        if not enqueue_again(self.queue, job_id):
-            log.error("job %s: RQ no longer has it; it cannot be queued again", job_id)
-        # `attempt` (the one lost) keeps this event's webhook-id apart from the first `queued`.
-        events.publish(self.redis, job_id, "queued", {"status": "queued", "reason": "worker_lost", "attempt": attempt,
-                                                      "lost_attempts": lost}, self.settings.job_ttl)
+        mark_requeued(self.queue, job_id)
         report.requeued.append(job_id)
         log.warning("job %s: worker %s was lost; queued again (lost attempts: %d)", job_id, worker, lost)
+
+    def _unclaimed_jobs(self, report: SweepReport) -> None:
+        """Jobs taken off the queue list (RQ's intermediate list, or started in RQ) whose record is
+        still queued and unclaimed: seen so for ``heartbeat_ttl`` s, their worker is gone."""
+        seen_key = keys.sweeper_unclaimed(self.model)
+        intermediate = intermediate_key(self.queue)
+        taken = list(dict.fromkeys([*(i.decode() for i in self.redis.lrange(intermediate, 0, -1)),
+                                    *started_ids(self.queue)]))
+        waiting = set(self.queue.get_job_ids())
+        candidates = [job_id for job_id in taken if job_id not in waiting and self._unclaimed(job_id)]
+        seen = {k.decode(): float(v) for k, v in self.redis.hgetall(seen_key).items()}
+        now = self.clock()
+        with self.redis.pipeline(transaction=False) as pipe:
+            gone = [job_id for job_id in seen if job_id not in candidates]
+            if gone:
+                pipe.hdel(seen_key, *gone)
+            new = {job_id: now for job_id in candidates if job_id not in seen}
+            if new:
+                pipe.hset(seen_key, mapping=new)
+            pipe.expire(seen_key, max(60, self.settings.heartbeat_ttl * 3))
+            pipe.execute()
+        for job_id in candidates:
+            if job_id in seen and now - seen[job_id] >= self.settings.heartbeat_ttl:
+                if self.store.rescue(job_id, intermediate, self.queue.key):
+                    mark_requeued(self.queue, job_id)
+                    report.rescued.append(job_id)
+                    log.warning("job %s: taken off the queue by a worker that never claimed it; queued again", job_id)
+                self.redis.hdel(seen_key, job_id)
+
+    def _unclaimed(self, job_id: str) -> bool:
+        record = self.store.get(job_id)
+        return record is not None and record.status is JobStatus.QUEUED and record.attempt_token is None
 
     def _passed_deadlines(self, report: SweepReport) -> None:
         now = datetime.fromtimestamp(self.clock(), UTC)
@@ -123,14 +151,6 @@ class Sweeper:
                 metrics.record_finished(self.redis, self.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
                 self.queue.remove(job_id)
                 report.expired.append(job_id)
-
-    def _forget_rq_job(self, job_id: str) -> None:
-        try:
-            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return
-        StartedJobRegistry(self.queue.name, connection=self.redis).remove_executions(job)
-
 
 class SweeperThread:
     """Runs ``Sweeper.sweep`` every ``sweep_interval`` seconds in the background; survives Redis outages."""

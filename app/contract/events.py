@@ -12,7 +12,12 @@ An event's id is its stream entry id (``<ms>-<n>``): increasing, and what an
 SSE client sends back as ``Last-Event-ID`` to resume after it. The stream
 lives as long as the job record and is trimmed to its latest entries.
 
-Webhooks: a status event (``STATUS_EVENTS``: not progress or previews) of a job
+Status changes made by the guarded scripts of ``app.contract.store`` (claim, finish,
+requeue, cancel, deadline) write their event inside the script itself, with the change;
+a job whose webhook subscribes to it gets an entry in the webhook outbox in the same
+script (``app.webhooks.outbox``), which the deliverer turns into a delivery.
+
+Webhooks through ``publish`` (the API's ``queued``): a status event of a job
 whose request has a ``webhook`` whose ``events`` name it is also scheduled for
 delivery (``app.webhooks.queue.schedule``) in the same ``MULTI`` as the stream
 entry, so the event exists exactly when its delivery does. ``publish`` finds the

@@ -27,6 +27,9 @@ diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of 
 diffq:running                   zset    worker    none. Ids of claimed, unended jobs (score: claim
                                                   time); the sweeper looks there for lost jobs.
 diffq:sweeper:<model>           string  worker    a sweep interval. Lock: one sweep per model at once.
+diffq:sweeper:<model>:unclaimed hash    worker    3 heartbeat TTLs, renewed by each sweep. Job id ->
+                                                  unix time a sweep first saw it taken off the queue
+                                                  list but unclaimed (``worker.sweeper``).
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -87,8 +90,12 @@ diffq:idempotency:<sha256>          string  API       ``idempotency_ttl`` from f
 diffq:job:<id>:webhooks             list    deliverer the job record's remaining TTL. JSON of each
                                                       delivery attempt (``app.webhooks.deliver``);
                                                       deleted with the job by the API.
+diffq:webhooks:outbox               stream  both      none (emptied by the deliverer). Status events
+                                                      of jobs with a webhook, written by the job's
+                                                      guarded scripts (``app.webhooks.outbox``).
 diffq:webhooks:due                  zset    both      none. Delivery id -> unix time it is next due;
-                                                      written by ``events.publish`` with the event.
+                                                      written by ``events.publish`` with the event, or
+                                                      by the deliverer relaying the outbox.
 diffq:webhook:delivery:<id>         string  both      7 days, extended while retried. JSON delivery.
 diffq:webhooks:inflight             zset    deliverer none. Claimed delivery id -> lease end.
 diffq:webhooks:owners               hash    deliverer none. Claimed delivery id -> claim token.
@@ -202,6 +209,11 @@ def journey(job_id: str, index: int) -> str:
 def sweeper_lock(model: str) -> str:
     """Held by the worker sweeping a model's jobs, for one sweep interval."""
     return f"{PREFIX}:sweeper:{model}"
+
+
+def sweeper_unclaimed(model: str) -> str:
+    """Job ids a sweep found taken off the queue but unclaimed -> when first seen so."""
+    return f"{PREFIX}:sweeper:{model}:unclaimed"
 
 
 def model_durations(name: str) -> str:

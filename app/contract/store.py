@@ -6,6 +6,11 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 - a job deleted by a client is never brought back by a worker still running it;
 - a stale run (an older attempt) can never overwrite the run that replaced it;
 - a job that ended (for example canceled) never changes status again.
+
+A script that changes a job's status also appends the event that reports it, to the job's
+event stream and (when the job's webhook asks for it) to the webhook outbox
+(``app.webhooks.outbox``), inside the same script: the change and its event exist together or
+not at all, whatever dies in between.
 """
 
 from __future__ import annotations
@@ -22,10 +27,34 @@ from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from app.contract import events, keys
-from app.contract.records import JobRecord, encode_fields, utcnow
+from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
 from app.contract.status import TERMINAL, JobStatus
+from app.webhooks.outbox import OUTBOX
 
 _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(TERMINAL))
+
+# emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
+# the job's stream (which lives as long as the record) and, if the job's webhook subscribes to
+# it, to the webhook outbox (``app.webhooks.outbox``), which the deliverer turns into deliveries.
+_EMIT = f"""
+local function emit(job_key, stream, outbox, job_id, kind, data)
+  redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
+  local ttl = redis.call('TTL', job_key)
+  if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  local raw = redis.call('HGET', job_key, 'request')
+  if not raw then return end
+  local ok, request = pcall(cjson.decode, raw)
+  if not ok or type(request) ~= 'table' or type(request['webhook']) ~= 'table' then return end
+  local hook = request['webhook']
+  for _, wanted in ipairs(hook['events'] or {{}}) do
+    if wanted == kind then
+      redis.call('XADD', outbox, '*', 'job_id', job_id, 'type', kind, 'data', data,
+                 'webhook', cjson.encode(hook))
+      return
+    end
+  end
+end
+"""
 
 # Shared preamble. KEYS[1]: job hash; ARGV[1]: JSON attempt token the record must
 # hold ('' to skip the check). Sets `status` for callers to use.
@@ -47,69 +76,97 @@ return {1}
 """
 )
 
-# KEYS[2]: the running index; KEYS[3..]: result keys (images, journeys). ARGV[2]: record
-# TTL; ARGV[3]: result TTL; ARGV[4]: number of field/value strings that follow; then those
-# strings; then one value per result key.
+# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox; KEYS[5..]:
+# result keys (images, journeys). ARGV[2]: record TTL (also the stream's); ARGV[3]: result TTL;
+# ARGV[4]: job id; ARGV[5]: terminal event type; ARGV[6]: its data JSON; ARGV[7]: number of
+# field/value strings that follow; then those strings; then one value per result key.
 _FINISH = (
-    _GUARD
+    _EMIT
+    + _GUARD
     + """
-local nfields = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + nfields))
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[2 + nfields + i], 'EX', ARGV[3])
+local nfields = tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + nfields))
+for i = 5, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[7 + nfields + i - 4], 'EX', ARGV[3])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[5 + nfields + #KEYS - 2])
+redis.call('ZREM', KEYS[2], ARGV[4])
+emit(KEYS[1], KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6])
 return {1}
 """
 )
 
-# Hand a running job back to the queue (its worker died, or is shutting down). KEYS[2]: the
-# running index. ARGV[2]: job id; ARGV[3]: 1 to count the attempt as lost; ARGV[4]: status JSON.
+# Hand a running job back to its RQ queue list (its worker died, or is shutting down), or, once
+# it has lost ``max_attempts`` workers, fail it with ``worker_lost``: one step, so a job is never
+# left queued in diffq but in no queue. KEYS[2]: the running index; KEYS[3]: the job's event
+# stream; KEYS[4]: the outbox; KEYS[5]: RQ's queue list. ARGV[2]: job id; ARGV[3]: 1 to count the
+# attempt as lost; ARGV[4]: reason; ARGV[5]: most lost attempts (0: no limit); ARGV[6]: unused;
+# ARGV[7]: finished_at JSON; ARGV[8]: error message if it fails.
+# Returns {1, lost attempts, 1 if it failed else 0}.
 _REQUEUE = (
-    _GUARD
-    + """
+    _EMIT
+    + _GUARD
+    + f"""
 local lost = tonumber(redis.call('HGET', KEYS[1], 'lost_attempts') or '0') + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'status', ARGV[4], 'attempt_token', 'null', 'worker', 'null', 'progress', 'null',
-           'lost_attempts', tostring(lost))
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 redis.call('ZREM', KEYS[2], ARGV[2])
-return {1, lost}
+local limit = tonumber(ARGV[5])
+if limit > 0 and lost >= limit then
+  local error = {{code = '{ErrorCode.WORKER_LOST.value}', message = ARGV[8]}}
+  redis.call('HSET', KEYS[1], 'status', '{json.dumps(JobStatus.FAILED.value)}', 'lost_attempts', tostring(lost),
+             'progress', 'null', 'finished_at', ARGV[7], 'error', cjson.encode(error))
+  emit(KEYS[1], KEYS[3], KEYS[4], ARGV[2], 'failed',
+       cjson.encode({{status = 'failed', error = error, images = 0}}))
+  return {{1, lost, 1}}
+end
+redis.call('HSET', KEYS[1], 'status', '{json.dumps(JobStatus.QUEUED.value)}', 'attempt_token', 'null',
+           'worker', 'null', 'progress', 'null', 'lost_attempts', tostring(lost))
+redis.call('LPUSH', KEYS[5], ARGV[2])
+-- `attempt` (the one that ended) keeps this event's webhook-id apart from the first `queued`.
+emit(KEYS[1], KEYS[3], KEYS[4], ARGV[2], 'queued',
+     cjson.encode({{status = 'queued', reason = ARGV[4], attempt = attempt, lost_attempts = lost}}))
+return {{1, lost, 0}}
 """
 )
 
-# KEYS[2]: the running index. ARGV[2]: claim time; ARGV[3]: job id; ARGV[4..]: field, value
-# pairs to set; the attempt counter is incremented here.
+# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox. ARGV[2]: claim
+# time; ARGV[3]: job id; ARGV[4]: unused; ARGV[5..]: field, value pairs to set; the attempt
+# counter is incremented here, and the ``running`` event carries it.
 # Returns {1, HGETALL...} so the caller gets the claimed record in one round trip.
 _CLAIM_BODY = """
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+emit(KEYS[1], KEYS[3], KEYS[4], ARGV[3], 'running', cjson.encode({attempt = attempt}))
 local result = {1}
 for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
 return result
 """
-_CLAIM = "local token = ARGV[1]\nARGV[1] = ''\n" + _GUARD + _CLAIM_BODY
+_CLAIM = _EMIT + "local token = ARGV[1]\nARGV[1] = ''\n" + _GUARD + _CLAIM_BODY
 
-# Claim a job still waiting in RQ's queue list (KEYS[3]) and take it off that list, in one step:
+# Claim a job still waiting in RQ's queue list (KEYS[5]) and take it off that list, in one step:
 # how a worker adds queued jobs to a batch. {-3}: no longer on the list (another worker has it);
 # a missing or ended record is left on the list for RQ's own path.
 _CLAIM_QUEUED = (
-    "local token = ARGV[1]\nARGV[1] = ''\n"
+    _EMIT
+    + "local token = ARGV[1]\nARGV[1] = ''\n"
     + _GUARD
-    + "if redis.call('LREM', KEYS[3], 1, ARGV[3]) == 0 then return {-3} end\n"
+    + "if redis.call('LREM', KEYS[5], 1, ARGV[3]) == 0 then return {-3} end\n"
     + _CLAIM_BODY
 )
 
 
-# Cancel. Queued: canceled at once. Running: flagged, the worker stops at its next step.
+# Cancel. Queued: canceled at once, with its event. Running: flagged, the worker stops at its next
+# step. KEYS[2]: the job's event stream; KEYS[3]: the outbox. ARGV[3]: job id.
 # Returns {code, status JSON}: 1 canceled now, 2 flagged, -2 already ended, 0 missing.
-_CANCEL = f"""
+_CANCEL = _EMIT + f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, ''}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 local terminal = {{{_TERMINAL_JSON}}}
 if terminal[status] then return {{-2, status}} end
 if status == '{json.dumps(JobStatus.QUEUED.value)}' then
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+  emit(KEYS[1], KEYS[2], KEYS[3], ARGV[3], 'canceled', '{{"status":"canceled","images":0}}')
   return {{1, status}}
 end
 redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
@@ -143,10 +200,30 @@ return {1}
 """
 )
 
-# Fail a job only while it is still queued (deadlines). ARGV[1..]: field, value pairs.
-_FAIL_QUEUED = f"""
+# Fail a job only while it is still queued (deadlines), with its event. KEYS[2]: the job's event
+# stream; KEYS[3]: the outbox. ARGV[1]: job id; ARGV[2]: event data; ARGV[3]: unused;
+# ARGV[4..]: field, value pairs.
+_FAIL_QUEUED = _EMIT + f"""
 if redis.call('HGET', KEYS[1], 'status') ~= '{json.dumps(JobStatus.QUEUED.value)}' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'failed', ARGV[2])
+return 1
+"""
+
+# Set a job going again that a worker took off its queue list but never claimed (it died in
+# between): still queued, no attempt token, in RQ's intermediate list (KEYS[2]) or only in RQ's
+# started registry, and not on the queue list (KEYS[3]). It goes back to the front of the list.
+# ARGV[1]: job id. Returns 1 if re-queued, 0 if it no longer needs it.
+_RESCUE = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= '{json.dumps(JobStatus.QUEUED.value)}' then
+  redis.call('LREM', KEYS[2], 0, ARGV[1])
+  return 0
+end
+local token = redis.call('HGET', KEYS[1], 'attempt_token')
+if token and token ~= 'null' then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if redis.call('LPOS', KEYS[3], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -199,6 +276,7 @@ class JobStore:
         self._cancel = redis.register_script(_CANCEL)
         self._requeue = redis.register_script(_REQUEUE)
         self._fail_queued = redis.register_script(_FAIL_QUEUED)
+        self._rescue = redis.register_script(_RESCUE)
         self._preview = redis.register_script(_PREVIEW)
         self._progress = redis.register_script(_PROGRESS)
 
@@ -246,14 +324,18 @@ class JobStore:
         return bool(self.redis.delete(*names))
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:
-        """Mark a job running under a new attempt; ``None`` if it is gone or already ended."""
-        return self._claimed(self._claim, [keys.job(job_id), keys.RUNNING], job_id, worker_id, token)
+        """Mark a job running under a new attempt, with its ``running`` event; ``None`` if it is
+        gone or already ended."""
+        job_key, stream, outbox = self._event_keys(job_id)
+        return self._claimed(self._claim, [job_key, keys.RUNNING, stream, outbox], job_id, worker_id, token)
 
     def claim_queued(self, job_id: str, queue_key: str, worker_id: str, token: str) -> JobRecord | None:
         """``claim`` a job that waits in RQ's queue list ``queue_key`` and take it off the list, atomically
         (a worker batching it with the job it runs). ``None``, leaving the list as it was, if another
         worker took it first or its record is gone or ended."""
-        return self._claimed(self._claim_queued, [keys.job(job_id), keys.RUNNING, queue_key], job_id, worker_id, token)
+        job_key, stream, outbox = self._event_keys(job_id)
+        return self._claimed(self._claim_queued, [job_key, keys.RUNNING, stream, outbox, queue_key], job_id, worker_id,
+                             token)
 
     def _claimed(self, script: Any, script_keys: list[str], job_id: str, worker_id: str,
                  token: str) -> JobRecord | None:
@@ -267,11 +349,17 @@ class JobStore:
                 "error": None,
             }
         )
-        reply = script(keys=script_keys, args=[json.dumps(token), str(time.time()), job_id, *_flatten(fields)])
+        reply = script(keys=script_keys,
+                       args=[json.dumps(token), str(time.time()), job_id, "", *_flatten(fields)])
         if int(reply[0]) != WriteResult.WRITTEN:
             return None
         pairs = reply[1:]
         return JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+
+    @staticmethod
+    def _event_keys(job_id: str) -> tuple[str, str, str]:
+        """The record, the event stream and the outbox: what a script that emits an event writes."""
+        return keys.job(job_id), keys.events(job_id), OUTBOX
 
     def update(self, job_id: str, token: str | None, values: dict[str, Any], ttl: int = 0) -> WriteResult:
         """Set some fields of a live record, if ``token`` (when given) still owns it."""
@@ -288,44 +376,61 @@ class JobStore:
         result_ttl: int,
         blobs: Mapping[str, bytes] | None = None,
     ) -> WriteResult:
-        """End a job: store its images (and other results, ``blobs`` by key) and final fields
-        together, or nothing at all."""
+        """End a job: store its images (and other results, ``blobs`` by key), its final fields
+        and its terminal event (``values["status"]``) together, or nothing at all."""
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
+        data = {"status": values["status"], **{key: values[key] for key in ("error", "seeds") if key in values},
+                "images": len(images)}
+        job_key, stream, outbox = self._event_keys(job_id)
         reply = self._finish(
-            keys=[keys.job(job_id), keys.RUNNING, *stored],
-            args=[_token_arg(token), str(job_ttl), str(result_ttl), str(len(fields)), *fields, *stored.values(),
-                  job_id],
+            keys=[job_key, keys.RUNNING, stream, outbox, *stored],
+            args=[_token_arg(token), str(job_ttl), str(result_ttl), job_id, values["status"], _compact(data),
+                  str(len(fields)), *fields, *stored.values()],
         )
         return WriteResult(int(reply[0]))
 
-    def requeue(self, job_id: str, token: str | None, *, lost: bool) -> tuple[WriteResult, int]:
-        """Put a running job back to ``queued`` (the caller re-enqueues it in RQ); ``lost`` counts
-        the attempt towards ``max_attempts``. Returns what happened and the lost attempts so far."""
+    def requeue(self, job_id: str, token: str | None, queue_key: str, *, lost: bool, reason: str,
+                max_attempts: int = 0, lost_message: str = "") -> tuple[WriteResult, int, bool]:
+        """Put a running job back to ``queued`` and onto the front of RQ's queue list ``queue_key``,
+        with its ``queued`` event, in one step. ``lost`` counts the attempt towards ``max_attempts``
+        (0: no limit); the attempt that reaches it fails the job ``worker_lost`` (``lost_message``)
+        instead. Returns what happened, the lost attempts so far, and whether it failed."""
+        job_key, stream, outbox = self._event_keys(job_id)
         reply = self._requeue(
-            keys=[keys.job(job_id), keys.RUNNING],
-            args=[_token_arg(token), job_id, "1" if lost else "0", json.dumps(JobStatus.QUEUED.value)],
+            keys=[job_key, keys.RUNNING, stream, outbox, queue_key],
+            args=[_token_arg(token), job_id, "1" if lost else "0", reason, str(max_attempts), "",
+                  json.dumps(utcnow().isoformat()), lost_message],
         )
-        return WriteResult(int(reply[0])), int(reply[1]) if len(reply) > 1 else 0
+        result = WriteResult(int(reply[0]))
+        return result, int(reply[1]) if len(reply) > 1 else 0, len(reply) > 2 and int(reply[2]) == 1
 
-    def expire_if_queued(self, job_id: str, event_ttl: int) -> bool:
+    def expire_if_queued(self, job_id: str, event_ttl: int = 0) -> bool:
         """Fail a job still queued past its deadline (it never ran), with its event; False if it
         is no longer queued. The caller takes it off RQ's queue."""
         error = {"code": "deadline_exceeded", "message": "still queued when its deadline passed"}
         values = {"status": "failed", "finished_at": utcnow().isoformat(), "error": error}
-        if not self._fail_queued(keys=[keys.job(job_id)], args=_flatten(encode_fields(values))):
-            return False
-        events.publish(self.redis, job_id, "failed", {"status": "failed", "error": error, "images": 0}, event_ttl)
-        return True
+        job_key, stream, outbox = self._event_keys(job_id)
+        data = _compact({"status": "failed", "error": error, "images": 0})
+        return bool(self._fail_queued(keys=[job_key, stream, outbox],
+                                      args=[job_id, data, "", *_flatten(encode_fields(values))]))
+
+    def rescue(self, job_id: str, intermediate_key: str, queue_key: str) -> bool:
+        """Put a job that a dead worker took off its queue list but never claimed back on the list
+        (``_RESCUE``); False if it does not need it (claimed, ended, gone, or queued already)."""
+        return bool(self._rescue(keys=[keys.job(job_id), intermediate_key, queue_key], args=[job_id]))
 
     def running(self) -> list[tuple[str, float]]:
         """(job id, claimed at unix time) of every job a worker has claimed and not ended."""
         return [(member.decode(), score) for member, score in self.redis.zrange(keys.RUNNING, 0, -1, withscores=True)]
 
     def cancel(self, job_id: str, finished_at: str) -> tuple[CancelResult, JobStatus | None]:
-        """Cancel a queued job, or flag a running one; returns what happened and the status it had."""
+        """Cancel a queued job (with its ``canceled`` event), or flag a running one; returns what
+        happened and the status it had."""
+        job_key, stream, outbox = self._event_keys(job_id)
         code, status = self._cancel(
-            keys=[keys.job(job_id)], args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at)]
+            keys=[job_key, stream, outbox],
+            args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at), job_id],
         )
         return CancelResult(int(code)), JobStatus(json.loads(status)) if status else None
 
@@ -391,6 +496,10 @@ def _run_check(token: str, status: bytes | None, owner: bytes | None, cancel: by
     if JobStatus(json.loads(status)).is_terminal:
         return RunCheck.ENDED
     return RunCheck.CANCEL if cancel is not None and json.loads(cancel) else RunCheck.GO_ON
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _token_arg(token: str | None) -> str:

@@ -16,7 +16,7 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
-from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from app.contract import keys
@@ -137,17 +137,46 @@ def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | 
     )
 
 
-def enqueue_again(queue: Queue, job_id: str) -> bool:
-    """Put an RQ job that was started (and maybe finished) back on its queue as ``queued``:
-    for a job diffq hands back (lost worker, shutdown). False if RQ no longer has the job."""
+def mark_requeued(queue: Queue, job_id: str) -> bool:
+    """RQ's side of a job that diffq has put back on the queue list itself (``JobStore.requeue``,
+    ``JobStore.rescue``): forget its started executions and call it ``queued`` again. Only
+    bookkeeping: the list already holds the id. False if RQ no longer has the job."""
     try:
         job = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
     except NoSuchJobError:
         return False
-    StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job)  # RQ 2: per execution
-    FinishedJobRegistry(queue.name, connection=queue.connection).remove(job)
-    queue.enqueue_job(job)
+    with queue.connection.pipeline() as pipe:
+        StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job, pipeline=pipe)
+        FinishedJobRegistry(queue.name, connection=queue.connection).remove(job, pipeline=pipe)
+        job.set_status(RQStatus.QUEUED, pipeline=pipe)
+        pipe.execute()
     return True
+
+
+def end_lost(queue: Queue, job_id: str, ttl: int, reason: str) -> None:
+    """RQ's side of a job diffq failed ``worker_lost``: no started executions left, status
+    ``failed`` in the failed registry, and the RQ job expiring after ``ttl`` like any failure."""
+    try:
+        job = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return
+    with queue.connection.pipeline() as pipe:
+        StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job, pipeline=pipe)
+        job.set_status(RQStatus.FAILED, pipeline=pipe)
+        FailedJobRegistry(queue.name, connection=queue.connection).add(job, ttl=ttl, exc_string=reason, pipeline=pipe)
+        pipe.expire(job.key, ttl)
+        pipe.execute()
+
+
+def intermediate_key(queue: Queue) -> str:
+    """RQ's list of job ids a worker has taken off ``queue`` (BLMOVE) and not yet started."""
+    return queue.intermediate_queue_key
+
+
+def started_ids(queue: Queue) -> list[str]:
+    """Ids of the jobs RQ has marked started on ``queue`` (without RQ's own cleanup)."""
+    registry = StartedJobRegistry(queue.name, connection=queue.connection)
+    return list(dict.fromkeys(job_id for job_id, _ in registry.get_job_and_execution_ids(cleanup=False)))
 
 
 def rq_status(job_id: str, redis: Redis) -> RQStatus | None:

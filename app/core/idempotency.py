@@ -9,21 +9,24 @@ job. The same key with a different body is a client bug, refused with
 ``IdempotencyConflictError`` (409) rather than silently answered with the
 wrong job.
 
-Interface (what the API calls, in this order)::
+Reserving the key and creating the job are one atomic step: the reservation
+is written in the same ``MULTI`` as the job (``JobService.submit``), under a
+``WATCH`` of the key, so a key never stands for a job that was not created
+(an API killed, or Redis dying, between the two would otherwise leave a key
+that answers ``409`` and then ``404`` for a day). Interface::
 
     store = IdempotencyStore(redis, settings.idempotency_ttl)
     key = validate_key(request.headers.get("Idempotency-Key"))  # None: no header
     body = fingerprint(json_body)              # or fingerprint_multipart(fields, files)
-    reservation = store.reserve(key, body, new_job_id())         # may raise 409 error
-    if reservation.created:
-        try:
-            create the job with id reservation.job_id
-        except Exception:
-            store.release(key, reservation.job_id)  # so the client's retry can succeed
-            raise
+    existing = store.lookup(key, body)         # may raise 409 (another body)
+    if existing is not None:
+        answer with job existing.job_id (404 if it was deleted or has expired)
     else:
-        answer with the job reservation.job_id (it may be created a moment later
-        by the first request, which still runs: see ``Reservation``)
+        entry = store.entry(key, body, new_job_id())
+        with redis.pipeline() as pipe:
+            entry.write(pipe)                  # WATCH, check, MULTI, SET
+            ... create the job in pipe ...
+            pipe.execute()                     # WatchError / KeyTakenError: look up again
 
 Redis: ``diffq:idempotency:<sha256 hex of scope and key>`` is a string holding
 JSON ``{"body_sha256", "job_id", "created_at"}`` with a TTL of
@@ -41,6 +44,7 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from app.contract import keys
 from app.contract.records import utcnow
@@ -140,6 +144,31 @@ def redis_key(key: str, scope: str = "") -> str:
     return f"{keys.PREFIX}:idempotency:{digest}"
 
 
+class KeyTakenError(Exception):
+    """Another request wrote the key first (``Entry.write`` found it, or ``WATCH`` saw it change)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A reservation to write in the same transaction as its job."""
+
+    redis_key: str
+    value: str
+    ttl: int
+    job_id: str
+
+    def write(self, pipe: Pipeline) -> None:
+        """``WATCH`` the key, refuse if it is taken, then open the ``MULTI`` with its ``SET``: the
+        caller queues the job's writes after it and executes. ``KeyTakenError`` (here), or
+        ``WatchError`` (at execute), means another request got there first."""
+        pipe.watch(self.redis_key)
+        if pipe.get(self.redis_key) is not None:
+            pipe.reset()
+            raise KeyTakenError(self.redis_key)
+        pipe.multi()
+        pipe.set(self.redis_key, self.value, ex=self.ttl)
+
+
 class IdempotencyStore:
     """Reservations of Idempotency-Keys in Redis, each kept ``ttl_seconds`` from first use."""
 
@@ -167,6 +196,26 @@ class IdempotencyStore:
         return Reservation(
             job_id=existing["job_id"], created=False, created_at=datetime.fromisoformat(existing["created_at"])
         )
+
+    def lookup(self, key: str, body_fingerprint: str, scope: str = "") -> Reservation | None:
+        """The job ``key`` stands for, or ``None`` if it is free. Raises
+        ``IdempotencyConflictError`` when the key was used with another body."""
+        validate_key(key)
+        stored = self.redis.get(redis_key(key, scope))
+        if stored is None:
+            return None
+        existing = json.loads(stored)
+        if existing["body_sha256"] != body_fingerprint:
+            raise IdempotencyConflictError(key, existing["created_at"])
+        return Reservation(
+            job_id=existing["job_id"], created=False, created_at=datetime.fromisoformat(existing["created_at"])
+        )
+
+    def entry(self, key: str, body_fingerprint: str, job_id: str, scope: str = "") -> Entry:
+        """The reservation of ``key`` for ``job_id``, to write with the job (``Entry.write``)."""
+        validate_key(key)
+        value = {"body_sha256": body_fingerprint, "job_id": job_id, "created_at": utcnow().isoformat()}
+        return Entry(redis_key(key, scope), json.dumps(value), self.ttl_seconds, job_id)
 
     def release(self, key: str, job_id: str | None = None, scope: str = "") -> bool:
         """Forget a reservation whose job could not be created, so a retry can create it.

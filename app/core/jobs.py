@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -27,7 +27,6 @@ from app.contract.tasks import Place, enqueue, model_queue, rq_status
 from app.core.errors import (
     ContentCredentialsUnavailableError,
     FieldProblem,
-    IdempotencyInProgressError,
     ImageNotFoundError,
     InvalidRequestError,
     JobFinishedError,
@@ -35,19 +34,13 @@ from app.core.errors import (
     TooManyQueuedJobsError,
     UnknownModelError,
 )
-from app.core.idempotency import IdempotencyStore
+from app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
 from app.core.inputs import prepare_inputs
 from app.core.validation import resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
 from app.webhooks.deliver import attempts, attempts_key
 from app.webhooks.urls import AllowList, check_url
-
-#: Seconds a replayed Idempotency-Key waits for the job its first request is still creating.
-IDEMPOTENCY_WAIT = 2.0
-IDEMPOTENCY_POLL = 0.02
-#: A reservation older than this whose job record is missing stands for a deleted or expired job.
-IDEMPOTENCY_CREATING = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +72,12 @@ class JobService:
         self.store = JobStore(redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
-    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None) -> JobView:
+    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None,
+               idempotency: Entry | None = None) -> JobView:
         """Validate against the served model, then write the record (and input images) and
         enqueue it atomically. ``files`` holds multipart uploads by field name ("image", "mask");
-        ``job_id`` is the id to create (one reserved for an Idempotency-Key), else a new one."""
+        ``job_id`` is the id to create, else a new one; ``idempotency`` an Idempotency-Key's
+        reservation, written in the same transaction (its job id is the job's)."""
         if body.webhook is not None:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         served = self._served(body.model)
@@ -100,6 +95,7 @@ class JobService:
         if policy != "optional":
             request = request.model_copy(update={"content_credentials": policy})
         caller, ttl = self.caller, self.settings.job_ttl
+        job_id = idempotency.job_id if idempotency is not None else job_id
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
         quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
@@ -109,6 +105,8 @@ class JobService:
         index = keys.owner_jobs(caller.scope)
         try:
             with self.redis.pipeline() as pipe:
+                if idempotency is not None:
+                    idempotency.write(pipe)  # WATCH the key, then the MULTI begins with its SET
                 # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
                 enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
                 self.store.create(record, ttl, pipeline=pipe, inputs=inputs.pngs)
@@ -172,32 +170,23 @@ class JobService:
     ) -> tuple[JobView, bool]:
         """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
         later one with the same body gets that job (``True``: a replay); another body raises
-        ``IdempotencyConflictError``. A replay that arrives while the first request is still
-        creating the job waits up to ``IDEMPOTENCY_WAIT`` seconds for it, then raises
-        ``IdempotencyInProgressError``; if the first request failed (its reservation is released),
-        this one creates the job instead."""
+        ``IdempotencyConflictError``. The key is written in the same transaction as the job
+        (``app.core.idempotency``), so it never stands for a job that does not exist; a key whose
+        job was deleted or has expired raises ``JobNotFoundError``."""
         store = IdempotencyStore(self.redis, self.settings.idempotency_ttl)
+        scope = self.caller.owner or ""
         while True:
-            reservation = store.reserve(key, body_fingerprint, new_job_id(), scope=self.caller.owner or "")
-            if reservation.created:
-                try:
-                    return self.submit(body, files, job_id=reservation.job_id), False
-                except BaseException:
-                    store.release(key, reservation.job_id, scope=self.caller.owner or "")  # so a retry can succeed
-                    raise
-            deadline = time.monotonic() + IDEMPOTENCY_WAIT
-            while True:
-                record = self.store.get(reservation.job_id)
-                if record is not None:
-                    return self.view(record), True
-                if (utcnow() - reservation.created_at).total_seconds() > IDEMPOTENCY_CREATING:
-                    raise JobNotFoundError(reservation.job_id)  # created long ago, since deleted or expired
-                held = store.get(key, scope=self.caller.owner or "")
-                if held is None or held["job_id"] != reservation.job_id:
-                    break  # the first request failed and released the key: reserve it again
-                if time.monotonic() >= deadline:
-                    raise IdempotencyInProgressError(key, reservation.job_id)
-                time.sleep(IDEMPOTENCY_POLL)
+            existing = store.lookup(key, body_fingerprint, scope=scope)
+            if existing is not None:
+                record = self.store.get(existing.job_id)
+                if record is None:
+                    raise JobNotFoundError(existing.job_id)  # created long ago, since deleted or expired
+                return self.view(record), True
+            try:
+                entry = store.entry(key, body_fingerprint, new_job_id(), scope)
+                return self.submit(body, files, idempotency=entry), False
+            except (KeyTakenError, WatchError):
+                continue  # a concurrent request with the same key created its job first: answer with it
 
     def get(self, job_id: str) -> JobView:
         """The job as it is now; raises ``JobNotFoundError``."""
@@ -219,7 +208,7 @@ class JobService:
             raise JobNotFoundError(job_id)
 
     def view(self, record: JobRecord) -> JobView:
-        """Combine the record with RQ's view: RQ knows of failures the worker could not record."""
+        """The record as a client sees it: its status, and where it waits or how far it has run."""
         deadline = record.request.deadline_at
         if record.status is JobStatus.QUEUED and deadline is not None and deadline < utcnow():
             # Ended here too, so a client sees deadline_exceeded even while no worker sweeps.
@@ -227,9 +216,7 @@ class JobService:
                 model_queue(record.model, self.redis).remove(record.id)
                 metrics.record_finished(self.redis, record.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
             record = self.store.get(record.id) or record
-        status, error = record.status, record.error
-        if not status.is_terminal:
-            status, error = self._reconcile(record)
+        status, error = record.status, record.error  # diffq's record alone: RQ's view never overrides it
         position, eta = None, None
         if status is JobStatus.QUEUED:
             found = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
@@ -264,7 +251,6 @@ class JobService:
                 self._rq_job(job_id).cancel()  # off the queue; RQ's own status says canceled too
             except (NoSuchJobError, InvalidJobOperation):
                 pass
-            events.publish(self.redis, job_id, "canceled", {"status": "canceled", "images": 0}, self.settings.job_ttl)
             view = self.get(job_id)
             metrics.record_finished(self.redis, view.record.model, "canceled")  # queued: it never ran
             log.info("job %s canceled while queued", job_id, extra={"job_id": job_id})
@@ -334,35 +320,6 @@ class JobService:
         listing = ", ".join(sorted(served)) or "none (no live workers)"
         problem = "is required when several models are served" if name is None else f"{name!r} is not served"
         raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])
-
-    def _reconcile(self, record: JobRecord) -> tuple[JobStatus, ErrorInfo | None]:
-        if record.status is JobStatus.QUEUED and record.attempt > 0:
-            return record.status, None  # handed back (lost worker, shutdown): RQ's status is the old run's
-        seen = job_status.from_rq(rq_status(record.id, self.redis))
-        if seen is None or not seen.is_terminal:
-            if record.status is JobStatus.QUEUED and seen is JobStatus.RUNNING:
-                return JobStatus.RUNNING, None  # dequeued, not yet claimed by the task
-            return record.status, None
-        if seen is JobStatus.FAILED:
-            return JobStatus.FAILED, self._rq_failure(record.id)
-        if seen is JobStatus.CANCELED:
-            return JobStatus.CANCELED, None
-        message = "the worker ended the job without storing its result"
-        return JobStatus.FAILED, ErrorInfo(code=ErrorCode.INTERNAL_ERROR.value, message=message)
-
-    def _rq_failure(self, job_id: str) -> ErrorInfo:
-        """Classify a failure that only RQ recorded (the task never got to write it)."""
-        try:
-            result = self._rq_job(job_id).latest_result()
-            detail = (result.exc_string or "") if result is not None else ""
-        except Exception:  # a malformed RQ job must not break reading the diffq record
-            detail = ""
-        last_line = detail.strip().splitlines()[-1] if detail.strip() else "unknown failure"
-        if "RefusedTaskError" in detail:
-            return ErrorInfo(code=ErrorCode.REFUSED.value, message=last_line)
-        if "JobTimeoutException" in detail:
-            return ErrorInfo(code=ErrorCode.TIMEOUT.value, message=f"ran longer than {self.settings.job_timeout} s")
-        return ErrorInfo(code=ErrorCode.WORKER_LOST.value, message=f"the worker lost the job: {last_line}")
 
     def _rq_job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)

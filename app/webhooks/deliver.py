@@ -13,6 +13,9 @@ It stops cleanly on SIGTERM/SIGINT. In tests or embedded use::
 
 How no delivery is lost or sent twice at once:
 
+- Each pass first relays the outbox (``app.webhooks.outbox``): status events that
+  the job scripts wrote with their change become deliveries, each exactly once.
+
 - Claiming is one Lua script: it moves due deliveries from ``diffq:webhooks:due``
   to ``diffq:webhooks:inflight`` (scored by the lease's end, ``webhook_lease``
   seconds on) and records the claiming pass's token in
@@ -61,6 +64,7 @@ from redis import Redis
 from app.contract import keys
 from app.core.errors import InvalidRequestError
 from app.settings import Settings, load_settings
+from app.webhooks.outbox import relay
 from app.webhooks.queue import DELIVERY_PREFIX, DUE, delivery_key
 from app.webhooks.signing import get_secret, sign
 from app.webhooks.urls import AllowList, resolve_checked
@@ -197,6 +201,7 @@ class Deliverer:
     def run_once(self, now: float | None = None) -> int:
         """Claim what is due at ``now`` (default: the clock), send it, record it; returns how many."""
         now = self.clock() if now is None else now
+        relay(self.redis, now)  # events the job scripts wrote become deliveries, due now
         claimed = self.claim(now)
         if not claimed:
             return 0

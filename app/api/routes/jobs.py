@@ -51,8 +51,7 @@ AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
     responses={
         409: ERROR_RESPONSES[422]
         | {
-            "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`), or its "
-            "first request is still creating the job (`idempotency_key_in_progress`, with `Retry-After`)."
+            "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`)."
         }
     },
 )
