@@ -166,22 +166,27 @@ class JobService:
         return views[:limit]
 
     def submit_once(
-        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None
+        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None,
+        endpoint: str = "",
     ) -> tuple[JobView, bool]:
         """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
         later one with the same body gets that job (``True``: a replay); another body raises
         ``IdempotencyConflictError``. A replay that arrives while the first request is still
         creating the job waits up to ``IDEMPOTENCY_WAIT`` seconds for it, then raises
         ``IdempotencyInProgressError``; if the first request failed (its reservation is released),
-        this one creates the job instead."""
+        this one creates the job instead. Keys are the caller's own, and ``endpoint``'s own: the
+        same key sent to another endpoint (``""`` is ``POST /v1/jobs``) is another key."""
         store = IdempotencyStore(self.redis, self.settings.idempotency_ttl)
+        scope = self.caller.owner or ""
+        if endpoint:
+            scope = f"{scope}\n{endpoint}"  # no key id holds a newline: no scope spells another
         while True:
-            reservation = store.reserve(key, body_fingerprint, new_job_id(), scope=self.caller.owner or "")
+            reservation = store.reserve(key, body_fingerprint, new_job_id(), scope=scope)
             if reservation.created:
                 try:
                     return self.submit(body, files, job_id=reservation.job_id), False
                 except BaseException:
-                    store.release(key, reservation.job_id, scope=self.caller.owner or "")  # so a retry can succeed
+                    store.release(key, reservation.job_id, scope=scope)  # so a retry can succeed
                     raise
             deadline = time.monotonic() + IDEMPOTENCY_WAIT
             while True:
@@ -190,7 +195,7 @@ class JobService:
                     return self.view(record), True
                 if (utcnow() - reservation.created_at).total_seconds() > IDEMPOTENCY_CREATING:
                     raise JobNotFoundError(reservation.job_id)  # created long ago, since deleted or expired
-                held = store.get(key, scope=self.caller.owner or "")
+                held = store.get(key, scope=scope)
                 if held is None or held["job_id"] != reservation.job_id:
                     break  # the first request failed and released the key: reserve it again
                 if time.monotonic() >= deadline:
