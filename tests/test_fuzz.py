@@ -61,6 +61,7 @@ from schemathesis.core.parameters import ParameterLocation
 
 from redis import Redis
 
+from app.api.slow_clients import uvicorn_options
 from app.auth.apikeys import KeyLimits, KeyStore
 from app.contract.records import ModelRecord
 from app.embedded_redis import free_port
@@ -95,13 +96,18 @@ def auth_headers(case: Any) -> dict[str, str]:
 @pytest.fixture
 def api_url(settings: Settings, served: ModelRecord, redis: Redis) -> Iterator[str]:
     """The app under uvicorn on a free loopback port, with API keys on and a served model; its base URL."""
-    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "auth": "keys"})
+    # The per-key and per-process limits of issue 19 set low, so the run crosses them as deployed.
+    limits = {"max_waits": 2, "redis_wait_connections": 4, "redis_max_connections": 16, "decode_concurrency": 1,
+              "decode_concurrency_per_key": 1, "http_header_timeout": 5.0, "http_body_timeout": 10.0,
+              "http_max_connections": 50, "max_upload_pixels": 64 * 64, "max_resize_pixels": 256 * 256}
+    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "auth": "keys", **limits})
     _, token = KeyStore(redis).create("fuzz", KeyLimits(rate_limit="100000/second", max_queued_jobs=100000))
     AUTH["Authorization"] = f"Bearer {token}"
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, lifespan="on",
-                       log_config=None, log_level=None)  # leaves the process's loggers as they are, for later tests
+                       log_config=None, log_level=None,  # leaves the process's loggers as they are, for later tests
+                       **uvicorn_options(fuzz_settings))  # the header deadline and connection cap of `diffq api`
     )
     thread = threading.Thread(target=server.run, name="fuzz-api", daemon=True)
     thread.start()

@@ -55,7 +55,9 @@ AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
         | {
             "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`), or its "
             "first request is still creating the job (`idempotency_key_in_progress`, with `Retry-After`)."
-        }
+        },
+        408: ERROR_RESPONSES[422] | {"description": "The body did not arrive within `DIFFQ_HTTP_BODY_TIMEOUT`."},
+        415: ERROR_RESPONSES[415],
     },
 )
 async def create_job(

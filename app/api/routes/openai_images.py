@@ -48,6 +48,7 @@ from app.core.errors import (
     IdempotencyInProgressError,
     InvalidRequestError,
     JobNotFoundError,
+    RequestTimeoutError,
     ServerBusyError,
     StoreBusyError,
     StoreUnavailableError,
@@ -152,6 +153,8 @@ class OpenAIFailure(Exception):
             headers["x-should-retry"] = "true" if self.retry else "false"
         if self.status in (429, 503):
             headers["Retry-After"] = "1"
+        if self.status == 408:
+            headers["Connection"] = "close"  # the rest of a late body is not waited for
         if self.job_id is not None:
             headers["x-diffq-job-id"] = self.job_id
         body = OpenAIError(error=OpenAIErrorDetail(message=self.message, type=self.type, param=self.param,
@@ -161,6 +164,9 @@ class OpenAIFailure(Exception):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIError, "description": "A parameter is invalid (`param` names it), or the job found it so."},
+    408: {"model": OpenAIError, "description": "The body did not arrive within `DIFFQ_HTTP_BODY_TIMEOUT`."},
+    415: {"model": OpenAIError, "description": "The body is not `application/json`."},
+    429: {"model": OpenAIError, "description": "The key holds as many waits as it may (`too_many_waits`): retry."},
     500: {"model": OpenAIError, "description": "The job failed or was canceled (`code` says why)."},
     503: {"model": OpenAIError, "description": "No live worker, or Redis is unreachable: retry."},
     504: {"model": OpenAIError, "description": "The job did not end within `DIFFQ_OPENAI_TIMEOUT`; it goes on."},
@@ -297,6 +303,8 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
         param = PARAM_NAMES.get(problem.field, problem.field) if problem else None
         message = f"Invalid value for '{param}': {problem.message}" if problem else error.message
         return OpenAIFailure(400, message, param=param, code="invalid_value")
+    if isinstance(error, RequestTimeoutError):
+        return OpenAIFailure(408, error.message, code=error.code, retry=False)
     if isinstance(error, TooManyWaitsError | TooManyUploadsError):
         return OpenAIFailure(429, error.message, type="rate_limit_error", code=error.code, retry=True)
     if isinstance(error, ServerBusyError):
