@@ -20,13 +20,20 @@ pytestmark = pytest.mark.usefixtures("served")
 BODY = json.dumps(TINY_JOB).encode()
 
 
+@pytest.fixture
+def impatient(settings: Settings) -> Iterator[TestClient]:
+    """The app with a short OpenAI-endpoint wait (no worker runs here)."""
+    with TestClient(create_app(settings.model_copy(update={"openai_timeout": 0.2}))) as client:
+        yield client
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml",
                                           None, "TEXT/PLAIN;charset=utf-8", "multipart/mixed; boundary=x"])
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/images/generations"])
-def test_bodies_that_are_neither_json_nor_multipart_get_415(client: TestClient, redis, path: str,
+def test_bodies_that_are_neither_json_nor_multipart_get_415(impatient: TestClient, redis, path: str,
                                                              content_type: str | None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
-    response = client.post(path, content=BODY, headers=headers)
+    response = impatient.post(path, content=BODY, headers=headers)
     assert response.status_code == 415, response.text
     text = response.text
     assert "application/json" in text
@@ -79,8 +86,9 @@ def test_public_urls_come_from_the_configured_base_not_the_host_header(public: T
     assert "evil" not in public.get(f"/v1/jobs/{job_id}", headers={"Host": "evil.example"}).text
 
 
-def test_idempotency_keys_of_different_endpoints_are_kept_apart(settings: Settings) -> None:
-    with TestClient(create_app(settings.model_copy(update={"openai_timeout": 0.2}))) as client:
+def test_idempotency_keys_of_different_endpoints_are_kept_apart(impatient: TestClient) -> None:
+    client = impatient
+    if True:
         key = {"Idempotency-Key": "same-key-1"}
         job = client.post("/v1/jobs", json=TINY_JOB, headers=key)
         images = client.post("/v1/images/generations", json={"prompt": "a blue square", "size": "16x16"}, headers=key)
