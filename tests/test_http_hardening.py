@@ -87,16 +87,14 @@ def test_public_urls_come_from_the_configured_base_not_the_host_header(public: T
 
 
 def test_idempotency_keys_of_different_endpoints_are_kept_apart(impatient: TestClient) -> None:
-    client = impatient
-    if True:
-        key = {"Idempotency-Key": "same-key-1"}
-        job = client.post("/v1/jobs", json=TINY_JOB, headers=key)
-        images = client.post("/v1/images/generations", json={"prompt": "a blue square", "size": "16x16"}, headers=key)
-        assert job.status_code == 202
-        assert images.status_code == 504, images.text  # its own job, still queued (no worker): not a 409
-        assert images.headers["x-diffq-job-id"] != job.json()["id"]
-        again = client.post("/v1/jobs", json=TINY_JOB, headers=key)
-        assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == job.json()["id"]
+    key = {"Idempotency-Key": "same-key-1"}
+    job = impatient.post("/v1/jobs", json=TINY_JOB, headers=key)
+    images = impatient.post("/v1/images/generations", json={"prompt": "a blue square", "size": "16x16"}, headers=key)
+    assert job.status_code == 202
+    assert images.status_code == 504, images.text  # its own job, still queued (no worker): not a 409
+    assert images.headers["x-diffq-job-id"] != job.json()["id"]
+    again = impatient.post("/v1/jobs", json=TINY_JOB, headers=key)
+    assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == job.json()["id"]
 
 
 def test_an_exhausted_pool_is_store_busy_not_redis_unreachable(settings: Settings) -> None:
