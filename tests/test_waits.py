@@ -1,0 +1,82 @@
+"""Waits (long polls, OpenAI-endpoint waits, event streams) against a real `diffq api` process with
+API keys on: one key's flood of waits is capped per key with `429 too_many_waits`, and never costs
+another key's reads their answers (issue 19, finding 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+
+from app.auth.apikeys import KeyLimits, KeyStore
+from app.embedded_redis import EmbeddedRedis
+from tests.helpers import TINY_JOB
+from tests.services import services
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("served")]
+
+FLOOD = 120  # as in the report: 120 long polls from one key
+OPENAI_FLOOD = 10
+MAX_WAITS = 20
+
+
+def key(redis: Redis, name: str) -> dict[str, str]:
+    _, token = KeyStore(redis).create(name, KeyLimits(rate_limit="100000/second"))
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def first_event(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> str:
+    async with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                return line.removeprefix("event:").strip()
+    return ""
+
+
+async def flood_and_read(url: str, flooder: dict[str, str], other: dict[str, str]) -> dict[str, list]:
+    limits = httpx.Limits(max_connections=FLOOD + OPENAI_FLOOD + 20, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        a_job = (await client.post("/v1/jobs", json=TINY_JOB, headers=flooder)).json()["id"]
+        b_job = (await client.post("/v1/jobs", json=TINY_JOB, headers=other)).json()["id"]
+        flood = [asyncio.create_task(client.get(f"/v1/jobs/{a_job}", params={"wait": 6}, headers=flooder))
+                 for _ in range(FLOOD)]
+        flood += [asyncio.create_task(client.post("/v1/images/generations", headers=flooder,
+                                                  json={"prompt": "a red circle", "size": "16x16", "steps": 2}))
+                  for _ in range(OPENAI_FLOOD)]
+        await asyncio.sleep(1.5)  # the flood is in, its admitted waits are blocking
+        reads = []
+        for _ in range(10):
+            started = time.monotonic()
+            response = await client.get(f"/v1/jobs/{b_job}", headers=other)
+            reads.append((response.status_code, time.monotonic() - started, response.text))
+        started = time.monotonic()
+        poll = await client.get(f"/v1/jobs/{b_job}", params={"wait": 1}, headers=other)
+        reads.append((poll.status_code, time.monotonic() - started - 1, poll.text))
+        event = await first_event(client, f"/v1/jobs/{b_job}/events", other)
+        flooded = await asyncio.gather(*flood)
+    return {"reads": reads, "event": [event], "flood": [(r.status_code, r.text) for r in flooded]}
+
+
+def test_a_flood_of_waits_from_one_key_gets_429_and_leaves_other_keys_answering(
+    redis_server: EmbeddedRedis, redis: Redis, tmp_path: Path
+) -> None:
+    flooder, other = key(redis, "flooder"), key(redis, "bystander")
+    with services(redis_server.url, tmp_path, DIFFQ_AUTH="keys", DIFFQ_MAX_WAITS=str(MAX_WAITS),
+                  DIFFQ_OPENAI_TIMEOUT="6") as api:
+        result = asyncio.run(flood_and_read(api.url, flooder, other))
+
+    for status, seconds, text in result["reads"]:
+        assert status == 200, text  # never 503 "Redis is unreachable"
+        assert seconds < 2.0, (seconds, text)
+    assert result["event"] == ["queued"]  # the bystander's stream is served
+    statuses = [status for status, _ in result["flood"]]
+    refused = [text for status, text in result["flood"] if status == 429]
+    assert set(statuses) <= {200, 429, 504}, statuses
+    assert len(refused) >= FLOOD + OPENAI_FLOOD - MAX_WAITS, statuses
+    assert all("too_many_waits" in text and "DIFFQ_MAX_WAITS" in text for text in refused)
+    assert not redis.zcard(f"diffq:owner:{flooder['Authorization'].split('_')[1]}:waits")  # all released
