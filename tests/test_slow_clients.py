@@ -112,3 +112,28 @@ def test_a_complete_slow_request_within_the_deadlines_is_served(redis_server: Em
             assert again.startswith(b"HTTP/1.1 200"), again
         finally:
             sock.close()
+
+
+def test_connections_beyond_the_cap_get_503_at_once(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    with services(redis_server.url, tmp_path, DIFFQ_HTTP_MAX_CONNECTIONS="5", DIFFQ_HTTP_HEADER_TIMEOUT="3") as api:
+        held = [connect(api.url) for _ in range(5)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # half-sent: each holds a connection
+            time.sleep(0.3)
+            started = time.monotonic()
+            refused = httpx.get(f"{api.url}/healthz", timeout=5)
+            assert refused.status_code == 503 and time.monotonic() - started < 1.0
+        finally:
+            for sock in held:
+                sock.close()
+        assert wait_until_served(api.url)
+
+
+def wait_until_served(url: str) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            return True
+        time.sleep(0.1)
+    return False
