@@ -80,3 +80,20 @@ def test_a_flood_of_waits_from_one_key_gets_429_and_leaves_other_keys_answering(
     assert len(refused) >= FLOOD + OPENAI_FLOOD - MAX_WAITS, statuses
     assert all("too_many_waits" in text and "DIFFQ_MAX_WAITS" in text for text in refused)
     assert not redis.zcard(f"diffq:owner:{flooder['Authorization'].split('_')[1]}:waits")  # all released
+
+
+async def concurrent_polls(url: str, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        job = (await client.post("/v1/jobs", json=TINY_JOB)).json()["id"]
+        return list(await asyncio.gather(*[client.get(f"/v1/jobs/{job}", params={"wait": 3}) for _ in range(count)]))
+
+
+def test_waits_beyond_the_process_blocking_pool_get_503_server_busy(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    """With auth off there is no key to cap; the process still serves no more waits than its pool holds."""
+    with services(redis_server.url, tmp_path, DIFFQ_REDIS_WAIT_CONNECTIONS="3") as api:
+        answers = asyncio.run(concurrent_polls(api.url, 8))
+        assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
+    statuses = sorted(response.status_code for response in answers)
+    assert statuses == [200] * 3 + [503] * 5, statuses
+    busy = [response.json() for response in answers if response.status_code == 503]
+    assert all(body["code"] == "server_busy" and "DIFFQ_REDIS_WAIT_CONNECTIONS" in body["message"] for body in busy)
