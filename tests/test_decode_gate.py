@@ -118,8 +118,10 @@ def test_one_keys_big_uploads_do_not_hold_another_keys_small_one(
         result = asyncio.run(attack_and_upload(api.url, attacker, other))
 
     status, waited, text = result["small"][0]
+    statuses = [status for status, _ in result["attack"]]
+    print(f"\ndecode gate: {ATTACK} 4096×3072 uploads from one key -> "
+          f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }; another key's 16×16 upload: {status} in {waited:.2f} s")
     assert status == 202, text
     assert waited < 3.0, f"the small upload waited {waited:.1f} s behind another key's"
-    statuses = [status for status, _ in result["attack"]]
     assert statuses.count(202) <= 9 and statuses.count(429) >= ATTACK - 9, statuses  # 1 decoding + 8 waiting
     assert all("too_many_uploads" in text for status, text in result["attack"] if status == 429)

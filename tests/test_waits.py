@@ -70,11 +70,14 @@ def test_a_flood_of_waits_from_one_key_gets_429_and_leaves_other_keys_answering(
                   DIFFQ_OPENAI_TIMEOUT="6") as api:
         result = asyncio.run(flood_and_read(api.url, flooder, other))
 
+    statuses = [status for status, _ in result["flood"]]
+    print(f"\nwaits flood: {FLOOD} long polls + {OPENAI_FLOOD} OpenAI waits from one key -> "
+          f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }; the other key's reads: "
+          f"{[status for status, _, _ in result['reads']]}, slowest {max(t for _, t, _ in result['reads']):.2f} s")
     for status, seconds, text in result["reads"]:
         assert status == 200, text  # never 503 "Redis is unreachable"
         assert seconds < 2.0, (seconds, text)
     assert result["event"] == ["queued"]  # the bystander's stream is served
-    statuses = [status for status, _ in result["flood"]]
     refused = [text for status, text in result["flood"] if status == 429]
     assert set(statuses) <= {200, 429, 504}, statuses
     assert len(refused) >= FLOOD + OPENAI_FLOOD - MAX_WAITS, statuses
