@@ -31,12 +31,14 @@ def _configure_logging(settings: Settings) -> None:
 def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.api.slow_clients import uvicorn_options
     from app.main import create_app
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
+    # Header and body deadlines, keep-alive and a cap on concurrent connections (app.api.slow_clients).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                log_config=None)  # uvicorn's lines go through app.logs too
+                log_config=None, **uvicorn_options(settings))  # uvicorn's lines go through app.logs too
     return 0
 
 

@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.auth.apikeys import KeyStore
 from app.auth.caller import Caller
 from app.contract.registry import Registry
-from app.core.errors import FieldProblem, InvalidRequestError, RateLimitedError, UnauthorizedError, UploadTooLargeError
+from app.core.errors import (
+    FieldProblem,
+    InvalidRequestError,
+    RateLimitedError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    UploadTooLargeError,
+)
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
 from app.core.jobs import JobService
@@ -124,17 +131,30 @@ class Submission:
 FILE_FIELDS = ("image", "mask")
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, lower-case, without parameters ("" if none)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 async def read_submission(request: Request, settings: SettingsDep) -> Submission:
-    """Parse the POST body, JSON or multipart, with the limits of the current settings."""
-    content_type = request.headers.get("content-type", "")
+    """Parse the POST body, JSON or multipart, with the limits of the current settings; any other
+    media type is a 415 (a browser form posting ``text/plain`` across sites is not a job).
+
+    JSON is validated strictly (``"steps": true`` or ``"metadata": "no"`` are refused, as the
+    OpenAI-compatible route refuses them); multipart form fields are text by nature and are
+    read as such."""
+    content_type = request.headers.get("content-type")
+    kind = media_type(content_type)
+    if kind not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMediaTypeError(content_type)
     keyed = validate_key(request.headers.get(IDEMPOTENCY_HEADER)) is not None
-    if content_type.startswith("multipart/form-data"):
+    if kind == "multipart/form-data":
         values, files = await _read_multipart(request, settings)
         digest = fingerprint_multipart(values, files) if keyed else None
         return Submission(_validate(settings, values), files, digest)
     raw = await request.body()
     try:
-        body = job_create_model(settings).model_validate_json(raw)
+        body = job_create_model(settings).model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise _as_request_error(exc) from None
     return Submission(body, fingerprint=fingerprint(raw) if keyed else None)

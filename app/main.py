@@ -8,12 +8,15 @@ from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 
 from app import __version__
 from app.api.errors import KEYED_RESPONSES, install_error_handlers
+from app.api.decode_gate import DecodeGate
+from app.api.headers import SecurityHeaders
 from app.api.limits import BodySizeLimit
+from app.api.redis_clients import open_api_redis
+from app.api.slow_clients import BodyDeadline
+from app.api.waits import WaitCount
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
 from app.api.routes import (
@@ -48,18 +51,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Connections are opened lazily by the pool, so the API starts even while
+        # Connections are opened lazily by the pools, so the API starts even while
         # Redis is down; /readyz says so and requests get 503 until it is back.
-        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
-        # Event streams and long polls block on Redis: an asyncio client, so they hold no thread.
-        # Its socket timeout must outlast the blocking reads (5 s XREAD; redis-py's default is 5 s too).
-        app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
+        clients = open_api_redis(settings)
+        app.state.redis = clients.sync  # thread-pool routes and dependencies
+        # Event streams and long polls block on Redis: asyncio clients, so they hold no thread;
+        # blocking reads have their own pool (app.api.redis_clients), admitted by app.api.waits.
+        app.state.aredis = clients.quick
+        app.state.wait_redis = clients.waits
+        app.state.wait_count = WaitCount(settings.redis_wait_connections)
+        app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
         try:
             yield
         finally:
-            app.state.redis.close()
-            await app.state.aredis.aclose()
+            await clients.aclose()
 
     app = FastAPI(title="diffq", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -80,5 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")
     app.state.metrics_registry = metrics.metrics_registry(DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl))
     app.add_middleware(JobContextMiddleware)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyDeadline, timeout=settings.http_body_timeout)  # outermost: the first to receive
     app.openapi = partial(build_openapi, app, settings)  # type: ignore[method-assign]
     return app

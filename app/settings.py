@@ -39,6 +39,29 @@ class Settings(BaseSettings):
         description="Redis shared by the API and the workers (redis:// or rediss://).",
     )
     host: str = Field("127.0.0.1", description="Address the API listens on.")
+    public_url: str | None = Field(
+        None, description="Base of the URLs the API hands out (Location, image URLs), e.g. https://api.example.com; "
+        "unset: built from the request's Host.",
+    )
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connections of each of an API process's two pools for short Redis commands (one for "
+        "its threads, one for its event loop); when all are busy: 503 store_busy.",
+    )
+    redis_wait_connections: int = Field(
+        200, ge=1, description="Connections an API process keeps for blocking reads (long polls, event streams, "
+        "OpenAI waits): the most waits it serves at once; over it: 503 too_many_waits.",
+    )
+    http_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    http_header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers; then the connection is closed."
+    )
+    http_body_timeout: float = Field(
+        60.0, gt=0, description="Seconds a client has to send a request's whole body; then 408 and the connection "
+        "is closed.",
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="Connections and requests an API process serves at once; beyond: 503 at once."
+    )
     port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
     embedded_redis_port: int = Field(
         0, ge=0, le=65535, description="Port of the Redis that `diffq up` embeds; 0 picks a free one."
@@ -102,6 +125,10 @@ class Settings(BaseSettings):
         512 * 512 * 50 * 4, ge=1, description="Most width × height × steps × images one job may ask for; over it: 422."
     )
     max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
+    max_waits: int = Field(
+        20, ge=1, description="Waits a key may hold open at once: long polls (`?wait=`), event streams and "
+        "OpenAI-endpoint requests together; over it: 429 too_many_waits.",
+    )
 
     # Request limits (the model adds its own: sizes, schedulers, its max steps).
     max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")
@@ -111,7 +138,20 @@ class Settings(BaseSettings):
         10 * 2**20, ge=1, description="Largest input image (or mask) file, in bytes; larger ones get 413."
     )
     max_upload_pixels: int = Field(
-        4096 * 4096, ge=1, description="Most pixels (width × height) of an input image, read from its header."
+        2048 * 2048,
+        ge=1,
+        description="Most pixels (width × height) of an input image used as it is, read from its header before "
+        "decoding; the model's largest size caps it too (send resize: true for bigger inputs).",
+    )
+    max_resize_pixels: int = Field(
+        4096 * 3072, ge=1, description="Most pixels of an input image sent with resize: true (a 12 MP photo fits)."
+    )
+    decode_concurrency: int = Field(
+        4, ge=1, description="Input images one API process decodes at once; more wait their turn without a thread."
+    )
+    decode_concurrency_per_key: int = Field(
+        2, ge=1, description="Input images one key may have decoding at once per API process; 8 times as many may "
+        "wait, more get 429 too_many_uploads.",
     )
     max_upload_side: int = Field(8192, ge=1, description="Longest width or height of an input image, in pixels.")
     max_request_bytes: int = Field(

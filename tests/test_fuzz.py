@@ -62,8 +62,11 @@ from schemathesis.core.parameters import ParameterLocation
 
 from redis import Redis
 
+from app.api.slow_clients import uvicorn_options
 from app.auth.apikeys import KeyLimits, KeyStore
-from app.contract.records import ModelRecord
+from app.contract.records import ModelRecord, WorkerRecord, utcnow
+from app.contract.registry import Registry
+from app.contract.tasks import queue_name
 from app.embedded_redis import free_port
 from app.main import create_app
 from app.settings import Settings
@@ -97,13 +100,21 @@ def auth_headers(case: Any) -> dict[str, str]:
 @pytest.fixture
 def api_url(settings: Settings, served: ModelRecord, redis: Redis) -> Iterator[str]:
     """The app under uvicorn on a free loopback port, with API keys on and a served model; its base URL."""
-    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "sdapi_timeout": 0.2, "auth": "keys"})
+    # The per-key and per-process limits of issue 19 set low, so the run crosses them as deployed.
+    limits = {"max_waits": 2, "redis_wait_connections": 4, "redis_max_connections": 16, "decode_concurrency": 1,
+              "decode_concurrency_per_key": 1, "http_header_timeout": 5.0, "http_body_timeout": 10.0,
+              "http_max_connections": 50, "max_upload_pixels": 64 * 64, "max_resize_pixels": 256 * 256}
+    fuzz_settings = settings.model_copy(update={"openai_timeout": 0.2, "sdapi_timeout": 0.2, "auth": "keys", **limits})
+    # The run takes about a minute on a loaded 2-core machine: the served model must outlive it
+    # (``served`` announces it for 60 s), or late requests rightly get 503 no_workers.
+    Registry(redis, ttl=600).announce(_worker_of(served), served)
     _, token = KeyStore(redis).create("fuzz", KeyLimits(rate_limit="100000/second", max_queued_jobs=100000))
     AUTH["Authorization"] = f"Bearer {token}"
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, lifespan="on",
-                       log_config=None, log_level=None)  # leaves the process's loggers as they are, for later tests
+                       log_config=None, log_level=None,  # leaves the process's loggers as they are, for later tests
+                       **uvicorn_options(fuzz_settings))  # the header deadline and connection cap of `diffq api`
     )
     thread = threading.Thread(target=server.run, name="fuzz-api", daemon=True)
     thread.start()
@@ -115,6 +126,12 @@ def api_url(settings: Settings, served: ModelRecord, redis: Redis) -> Iterator[s
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def _worker_of(model: ModelRecord) -> WorkerRecord:
+    now = utcnow()
+    return WorkerRecord(id="test-worker", model=model.name, device=model.device, dtype=model.dtype, host="localhost",
+                        pid=1, queue=queue_name(model.name), started_at=now, heartbeat_at=now)
 
 
 @pytest.fixture

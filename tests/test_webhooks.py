@@ -170,6 +170,32 @@ def test_urls_refused_by_default(url: str) -> None:
     assert [p.field for p in raised.value.problems] == ["webhook.url"]
 
 
+# Blocks of the IANA special-purpose registries (and site-local) that Python 3.11's is_global lets through,
+# and some it does not: every one refused, even with loopback and private addresses allowed.
+SPECIAL = [
+    "fec0::1", "fec0:1:2:3::4", "feff::1",  # fec0::/10 site-local
+    "3fff::1", "3fff:fff:ffff::1",  # 3fff::/20 documentation (RFC 9637)
+    "192.88.99.1",  # deprecated 6to4 relay anycast
+    "192.0.0.9", "192.0.0.10", "192.31.196.1", "192.52.193.1", "192.175.48.1",  # anycast services
+    "2001:4:112::1", "2001:1::1", "2001:20::1", "2620:4f:8000::1", "2002:5db8:d822::1",  # AS112, ORCHIDv2, 6to4
+    "5f00::1", "100::1", "100:0:0:1::1", "64:ff9b:1::1", "2001:db8::1", "198.18.0.1", "203.0.113.5",
+]
+
+
+@pytest.mark.parametrize("address", SPECIAL)
+def test_every_special_purpose_range_is_refused(address: str) -> None:
+    literal = f"[{address}]" if ":" in address else address
+    with pytest.raises(InvalidRequestError, match="special-purpose|reserved|not a public") as raised:
+        check_url(f"http://{literal}/hook", AllowList(loopback=True, private=True))
+    assert address in raised.value.problems[0].message
+
+
+def test_nat64_addresses_are_judged_as_the_ipv4_address_they_carry() -> None:
+    check_url("http://[64:ff9b::5db8:d822]/hook", AllowList())  # 93.184.216.34 through DNS64/NAT64
+    with pytest.raises(InvalidRequestError, match="loopback"):
+        check_url("http://[64:ff9b::7f00:1]/hook", AllowList())
+
+
 PUBLIC = ["http://93.184.216.34/hook", "https://93.184.216.34:8443/x?y=1", "http://[2606:2800:220:1:248:1893:25c8:1946]/"]
 
 

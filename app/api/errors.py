@@ -22,10 +22,16 @@ from app.core.errors import (
     JobListingDisabledError,
     JobNotFoundError,
     RateLimitedError,
+    RequestTimeoutError,
+    ServerBusyError,
+    StoreBusyError,
     StoreUnavailableError,
     TooManyQueuedJobsError,
     TooManyStreamsError,
+    TooManyUploadsError,
+    TooManyWaitsError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
     UploadTooLargeError,
 )
 from app.schemas.errors import Error, FieldError
@@ -45,6 +51,11 @@ STATUS: dict[type[DiffqError], int] = {
     TooManyQueuedJobsError: 429,
     TooManyStreamsError: 429,
     ContentCredentialsUnavailableError: 503,
+    TooManyWaitsError: 429,
+    TooManyUploadsError: 429,
+    ServerBusyError: 503,
+    RequestTimeoutError: 408,
+    UnsupportedMediaTypeError: 415,
 }
 
 RETRY_AFTER_SECONDS = 1
@@ -57,9 +68,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Error, "description": "No such job or image."},
     413: {"model": Error, "description": "An uploaded image is larger than the deployment accepts."},
     422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
+    415: {"model": Error, "description": "The body is neither `application/json` nor `multipart/form-data`."},
     429: {"model": Error, "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
-           "(`too_many_queued_jobs`) or open event streams (`too_many_streams`); retry after `Retry-After` seconds."},
-    503: {"model": Error, "description": "Redis is unreachable; retry after `Retry-After` seconds."},
+           "(`too_many_queued_jobs`), open event streams (`too_many_streams`), open waits (`too_many_waits`) or "
+           "uploads being decoded (`too_many_uploads`); retry after `Retry-After` seconds."},
+    503: {"model": Error, "description": "Redis is unreachable (`store_unavailable`), or this API process is at "
+           "its own limit (`store_busy`, `server_busy`); retry after `Retry-After` seconds."},
 }
 
 
@@ -124,10 +138,16 @@ async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
     return await _on_diffq_error(request, StoreUnavailableError(f"Redis is unreachable: {exc}"))
 
 
+async def _on_pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    """Every pooled connection is in use: Redis is fine, this process is at its limit; said as such."""
+    return await _on_diffq_error(request, StoreBusyError())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so no route has to know about status codes of domain errors."""
     app.add_exception_handler(DiffqError, _on_diffq_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _on_redis_down)
+    app.add_exception_handler(redis.exceptions.MaxConnectionsError, _on_pool_exhausted)
     app.add_exception_handler(redis.exceptions.TimeoutError, _on_redis_down)

@@ -42,6 +42,11 @@ class Caller:
         return _or(self.key and self.key.max_event_streams, self.settings.max_event_streams)
 
     @property
+    def max_waits(self) -> int:
+        """Long polls, event streams and OpenAI-endpoint requests the key may hold open together."""
+        return self.settings.max_waits
+
+    @property
     def rate_limit(self) -> str:
         return (self.key.rate_limit if self.key is not None else None) or self.settings.rate_limit
 

@@ -3,8 +3,10 @@
 - Request rate: the ``limits`` package's sliding-window counter (two Redis counters a key),
   answered with ``RateLimit-*`` headers on every response and ``429`` + ``Retry-After`` past it.
 - Queued jobs: a set of the key's queued job ids, checked and added to in one script.
-- Open event streams: a sorted set of stream claims that lapse unless renewed, so a crashed
-  API process cannot hold a key's streams for ever.
+- Open waits: claims that lapse unless renewed, so a crashed API process cannot hold a key's
+  waits for ever. A claim is counted in one or more sorted sets at once, each with its cap, and
+  taken only if every one has room: every wait (long poll, event stream, OpenAI-endpoint
+  request) counts in the key's waits, and an event stream in its streams as well.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from redis import Redis
 
 from app.contract import keys
 
-#: Seconds an event stream's claim lasts unless its stream renews it.
+#: Seconds a wait's claim lasts unless its wait renews it.
 STREAM_CLAIM_SECONDS = 60
 
 
@@ -90,24 +92,37 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# KEYS[1]: the owner's streams. ARGV: claim id, now, lapse time, most streams, key TTL.
-_OPEN_STREAM = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
+# KEYS: the owner's claim sets. ARGV: claim id, now, lapse time, key TTL, then each set's cap.
+# Returns 0 once the claim is in every set, else the (1-based) index of the first full set.
+_OPEN_CLAIM = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
+  if redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[3], ARGV[1])
+  redis.call('EXPIRE', key, ARGV[4])
+end
+return 0
 """
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claim on one of several capped sets (e.g. the key's waits and its streams)."""
+
+    id: str
+    sets: tuple[str, ...]
+
+
 class Quotas:
-    """Queued-job and open-stream counts of one owner."""
+    """Queued-job and open-wait counts of one owner."""
 
     def __init__(self, redis: Redis, owner: str) -> None:
         self.redis = redis
         self.owner = owner
         self._reserve = redis.register_script(_RESERVE_QUEUED)
-        self._open = redis.register_script(_OPEN_STREAM)
+        self._open = redis.register_script(_OPEN_CLAIM)
 
     def reserve_queued(self, job_id: str, cap: int, ttl: int) -> bool:
         """Count ``job_id`` as queued unless the owner already has ``cap`` queued jobs."""
@@ -117,16 +132,25 @@ class Quotas:
     def release_queued(self, job_id: str) -> None:
         self.redis.srem(keys.owner_queued(self.owner), job_id)
 
-    def open_stream(self, most: int) -> str | None:
-        """Claim one of the owner's ``most`` event streams: a claim id, or None if all are open."""
+    def open_claim(self, caps: dict[str, int]) -> Claim | str:
+        """Claim a place in each of ``caps``' sets (Redis key -> most members): the claim, or the
+        key of the first set that is full (nothing is claimed then)."""
         claim = uuid.uuid4().hex
         now = time.time()
-        opened = self._open(keys=[keys.owner_streams(self.owner)],
-                            args=[claim, now, now + STREAM_CLAIM_SECONDS, most, STREAM_CLAIM_SECONDS])
-        return claim if opened else None
+        sets = list(caps)
+        full = self._open(keys=sets, args=[claim, now, now + STREAM_CLAIM_SECONDS, STREAM_CLAIM_SECONDS,
+                                           *caps.values()])
+        return Claim(claim, tuple(sets)) if not full else sets[int(full) - 1]
 
-    def renew_stream(self, claim: str) -> None:
-        self.redis.zadd(keys.owner_streams(self.owner), {claim: time.time() + STREAM_CLAIM_SECONDS}, xx=True)
+    def renew_claim(self, claim: Claim) -> None:
+        lapse = time.time() + STREAM_CLAIM_SECONDS
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in claim.sets:
+                pipe.zadd(key, {claim.id: lapse}, xx=True)
+            pipe.execute()
 
-    def close_stream(self, claim: str) -> None:
-        self.redis.zrem(keys.owner_streams(self.owner), claim)
+    def close_claim(self, claim: Claim) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in claim.sets:
+                pipe.zrem(key, claim.id)
+            pipe.execute()

@@ -67,6 +67,9 @@ diffq:owner:<owner>:queued          set     API       ``job_ttl``, renewed at su
                                                       cap; ended ones are dropped when it is full.
 diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open event streams ->
                                                       unix time their claim lapses.
+diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open waits of every kind
+                                                      (long polls, event streams, OpenAI-endpoint
+                                                      requests) -> unix time their claim lapses.
 diffq:ratelimit:...                 string  API       one rate window. The ``limits`` package's
                                                       sliding-window counters, per key id.
 diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
@@ -156,6 +159,11 @@ def sdapi_jobs(owner: str) -> str:
 def owner_streams(owner: str) -> str:
     """Sorted set of an owner's open event streams, scored by the unix time their claim lapses."""
     return f"{PREFIX}:owner:{owner}:streams"
+
+
+def owner_waits(owner: str) -> str:
+    """Sorted set of an owner's open waits of every kind, scored by the unix time their claim lapses."""
+    return f"{PREFIX}:owner:{owner}:waits"
 
 
 def fair(queue: str) -> str:

@@ -167,3 +167,64 @@ class TooManyStreamsError(DiffqError):
     def __init__(self, most: int) -> None:
         super().__init__(f"this API key already has {most} event streams open, its limit; close one, or poll "
                          "GET /v1/jobs/{id}?wait=N instead")
+
+
+class TooManyWaitsError(DiffqError):
+    """The key already holds as many waits (long polls, event streams, OpenAI-endpoint requests) as it may."""
+
+    code = "too_many_waits"
+    headers = {"Retry-After": "5"}
+
+    def __init__(self, most: int) -> None:
+        super().__init__(f"this API key already has {most} waits open (long polls, event streams and "
+                         "/v1/images/generations requests together), its limit (DIFFQ_MAX_WAITS); let one end, or "
+                         "poll without wait")
+
+
+class TooManyUploadsError(DiffqError):
+    """The key already has as many input images decoding and waiting to decode as it may."""
+
+    code = "too_many_uploads"
+    headers = {"Retry-After": "2"}
+
+    def __init__(self, most: int) -> None:
+        super().__init__(f"this API key already has {most} requests with input images being decoded or waiting "
+                         "to be, its limit on this API process (8 × DIFFQ_DECODE_CONCURRENCY_PER_KEY); retry once "
+                         "some have been answered")
+
+
+class ServerBusyError(DiffqError):
+    """This API process is at one of its own limits (not a key's); another process, or a retry, may serve it."""
+
+    code = "server_busy"
+    headers = {"Retry-After": "1"}
+
+
+class RequestTimeoutError(DiffqError):
+    """The client did not send the request's body in time; the connection is closed."""
+
+    code = "request_timeout"
+    headers = {"Connection": "close"}
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s (DIFFQ_HTTP_BODY_TIMEOUT)")
+
+
+class UnsupportedMediaTypeError(DiffqError):
+    """The request body is neither JSON nor multipart/form-data."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, content_type: str | None) -> None:
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        super().__init__(f"{sent} is not accepted; send application/json, or multipart/form-data with image files")
+
+
+class StoreBusyError(ServerBusyError):
+    """Every pooled Redis connection of this API process is in use; Redis itself is reachable."""
+
+    code = "store_busy"
+
+    def __init__(self) -> None:
+        super().__init__("all of this API process's Redis connections for short commands are in use "
+                         "(DIFFQ_REDIS_MAX_CONNECTIONS); Redis itself is reachable; retry in a moment")

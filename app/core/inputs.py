@@ -3,7 +3,10 @@
 An input arrives as a multipart file part, as base64 (or a data: URL) in the
 JSON body, or as ``job:<id>/<n>``, image n of an earlier job (so edits chain
 without a re-upload; the bytes are copied, so the new job does not depend on
-the old one's lifetime). Every input goes through ``app.core.uploads``'s
+the old one's lifetime). A reference obeys the same visibility rule as
+``GET /v1/jobs/{id}``: another API key's job answers exactly as a job that does
+not exist, so a reference is neither a way to read another tenant's images nor
+an oracle of which job ids exist. Every input goes through ``app.core.uploads``'s
 checks and is stored re-encoded: the worker only ever sees a plain RGB PNG
 and a greyscale mask of the exact output geometry.
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -38,9 +41,12 @@ from PIL import Image
 from app.contract.records import InputImage, JobMode, ModelRecord, Outpaint
 from app.contract.store import JobStore
 from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.uploads import UploadLimits, decode_base64, decode_image
+from app.core.uploads import UploadLimits, check_header, decode_base64, decode_image
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
+
+#: Whether the caller may see a job with this owner (``Caller.can_see``).
+CanSee = Callable[[str | None], bool]
 
 JOB_REFERENCE = re.compile(r"^job:([0-9a-f]{32})/(\d{1,4})$")
 ALPHA_MASK = "alpha"
@@ -79,24 +85,39 @@ def infer_mode(body: JobCreate, files: Mapping[str, bytes]) -> JobMode:
 
 
 def prepare_inputs(
-    body: JobCreate, files: Mapping[str, bytes], model: ModelRecord, settings: Settings, store: JobStore
+    body: JobCreate,
+    files: Mapping[str, bytes],
+    model: ModelRecord,
+    settings: Settings,
+    store: JobStore,
+    can_see: CanSee = lambda owner: True,
 ) -> PreparedInputs:
-    """Check the request's mode and inputs against the model; decode, normalise and size them."""
+    """Check the request's mode and inputs against the model; decode, normalise and size them.
+
+    Cheap checks come first for every input (fields, references, encoded sizes, the sizes the
+    files' headers declare), and only then is anything decoded."""
     mode = infer_mode(body, files)
     _check_fields(body, files, mode, model)
     if mode is JobMode.TXT2IMG:
         return PreparedInputs(mode=mode)
 
-    limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_pixels, settings.max_upload_side)
-    image, image_source = _load("image", body.image, files, limits, store)
+    limits = upload_limits(body, model, settings)
+    alpha_mask = mode is JobMode.INPAINT and body.mask == ALPHA_MASK and "mask" not in files
+    raw = {"image": _raw("image", body.image, files, limits, store, can_see)}
+    if mode is JobMode.INPAINT and not alpha_mask:
+        raw["mask"] = _raw("mask", body.mask, files, limits, store, can_see)
+    for name, (data, _) in raw.items():
+        check_header(data, name, limits)
+
+    image, image_source = _decoded("image", raw["image"], limits)
     warnings: list[str] = []
     mask, mask_source = None, None
-    if mode is JobMode.INPAINT and body.mask == ALPHA_MASK and "mask" not in files:
+    if alpha_mask:
         if "A" not in image.getbands():
             raise _problem("mask", '"alpha" needs an image with transparency; this image has none')
         mask, mask_source = _mask_from_alpha(image), ALPHA_MASK
     elif mode is JobMode.INPAINT:
-        loaded, mask_source = _load("mask", body.mask, files, limits, store)
+        loaded, mask_source = _decoded("mask", raw["mask"], limits)
         mask = _as_mask(loaded)
     if "A" in image.getbands():
         if mask_source != ALPHA_MASK:
@@ -114,6 +135,22 @@ def prepare_inputs(
         pngs["mask"] = _png(mask)
         mask_info = InputImage(source=mask_source, width=mask.width, height=mask.height, sha256=_sha(pngs["mask"]))
     return PreparedInputs(mode=mode, size=size, image=image_info, mask=mask_info, pngs=pngs, warnings=warnings)
+
+
+def has_inputs(body: JobCreate, files: Mapping[str, bytes]) -> bool:
+    """Whether the request carries an image or mask that would be decoded."""
+    return bool(files) or body.image is not None or (body.mask is not None and body.mask != ALPHA_MASK)
+
+
+def upload_limits(body: JobCreate, model: ModelRecord, settings: Settings) -> UploadLimits:
+    """What an input may be. Used as it is (no ``resize``), an image can be no larger than the
+    model makes; one to be scaled has its own pixel cap (``max_resize_pixels``)."""
+    if body.resize:
+        return UploadLimits(settings.max_upload_bytes, settings.max_resize_pixels, settings.max_upload_side)
+    side = max(1, min(settings.max_upload_side, model.max_size))
+    hint = (f"model {model.name!r} makes images of at most {model.max_size}×{model.max_size}; send resize: true "
+            f"(with width and height) to scale a larger image, up to {settings.max_resize_pixels} pixels")
+    return UploadLimits(settings.max_upload_bytes, min(settings.max_upload_pixels, side * side), side, hint)
 
 
 def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, model: ModelRecord) -> None:
@@ -136,30 +173,38 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
         raise InvalidRequestError(problems)
 
 
-def _load(
-    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: JobStore
-) -> tuple[Image.Image, str]:
-    """Decode one input (file part, base64 or job reference) into an RGB or RGBA image."""
+def _raw(
+    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: JobStore, can_see: CanSee
+) -> tuple[bytes, str]:
+    """One input's encoded bytes (file part, base64 or job reference) and where they came from."""
     if name in files:
-        data, source = files[name], "upload"
-    elif value is not None and value.startswith("job:"):
-        data, source = _referenced(name, value, store), value
-    else:
-        data, source = decode_base64(value, name, limits), "upload"
+        return files[name], "upload"
+    if value is not None and value.startswith("job:"):
+        return _referenced(name, value, store, can_see), value
+    return decode_base64(value, name, limits), "upload"
+
+
+def _decoded(name: str, raw: tuple[bytes, str], limits: UploadLimits) -> tuple[Image.Image, str]:
+    """Decode one input (already through ``check_header``) into an RGB or RGBA image."""
+    data, source = raw
     decoded = decode_image(data, name, limits)
     image = Image.open(io.BytesIO(decoded.png))
     image.load()
     return image, source
 
 
-def _referenced(name: str, value: str, store: JobStore) -> bytes:
+def _referenced(name: str, value: str, store: JobStore, can_see: CanSee) -> bytes:
+    """Image n of a job the caller may see. Another key's job gets the very answer a missing job
+    gets (one message, one status), so references tell nothing of other tenants' jobs."""
     match = JOB_REFERENCE.match(value)
     if match is None:
         raise _problem(name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0")
     job_id, index = match.group(1), int(match.group(2))
-    png = store.image(job_id, index)
+    record = store.get(job_id)
+    png = store.image(job_id, index) if record is not None and can_see(record.owner) else None
     if png is None:
-        raise _problem(name, f"job {job_id!r} has no image {index} (not finished, out of range, expired or deleted)")
+        raise _problem(name, f"job {job_id!r} has no image {index} (never created, not finished, out of range, "
+                       "expired or deleted)")
     return png
 
 

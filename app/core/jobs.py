@@ -19,7 +19,7 @@ from app.contract import events, keys, metrics
 from app.contract import status as job_status
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
-from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
+from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
@@ -35,8 +35,8 @@ from app.core.errors import (
     UnknownModelError,
 )
 from app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
-from app.core.inputs import prepare_inputs
-from app.core.validation import resolve_request
+from app.core.inputs import infer_mode, prepare_inputs
+from app.core.validation import check_before_decode, resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
 from app.webhooks.deliver import attempts, attempts_key
@@ -82,9 +82,13 @@ class JobService:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         served = self._served(body.model)
         model = served.model
-        inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
+        files = files or {}
+        early = check_before_decode(body, model, infer_mode(body, files))  # nothing decoded yet
+        if early is not None:
+            self._check_cost(early[0], early[1], body.steps or model.default_steps, body.num_images)
+        inputs = prepare_inputs(body, files, model, self.settings, self.store, self.caller.can_see)
         request = resolve_request(body, model, inputs)
-        self._check_cost(request)
+        self._check_cost(request.width, request.height, request.steps, request.num_images)
         if body.webhook is not None:
             request = request.model_copy(update={"webhook": body.webhook})
         if self.caller.strip_metadata:
@@ -134,13 +138,13 @@ class JobService:
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
                        eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries)
 
-    def _check_cost(self, request: JobParams) -> None:
+    def _check_cost(self, width: int, height: int, steps: int, num_images: int) -> None:
         """Refuse a job bigger than the caller's budget of width × height × steps × images."""
-        cost = request.width * request.height * request.steps * request.num_images
+        cost = width * height * steps * num_images
         budget = self.caller.max_job_cost
         if cost > budget:
-            message = (f"width × height × steps × num_images = {request.width} × {request.height} × {request.steps} × "
-                       f"{request.num_images} = {cost}, over this deployment's budget of {budget} per job; ask for "
+            message = (f"width × height × steps × num_images = {width} × {height} × {steps} × "
+                       f"{num_images} = {cost}, over this deployment's budget of {budget} per job; ask for "
                        "fewer steps, images or pixels")
             raise InvalidRequestError([FieldProblem("steps", message)])
 
@@ -166,15 +170,20 @@ class JobService:
         return views[:limit]
 
     def submit_once(
-        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None
+        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None,
+        endpoint: str = "",
     ) -> tuple[JobView, bool]:
         """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
         later one with the same body gets that job (``True``: a replay); another body raises
         ``IdempotencyConflictError``. The key is written in the same transaction as the job
         (``app.core.idempotency``), so it never stands for a job that does not exist; a key whose
-        job was deleted or has expired raises ``JobNotFoundError``."""
+        job was deleted or has expired raises ``JobNotFoundError``. Keys are the caller's own, and
+        ``endpoint``'s own: the same key sent to another endpoint (``""`` is ``POST /v1/jobs``) is
+        another key."""
         store = IdempotencyStore(self.redis, self.settings.idempotency_ttl)
         scope = self.caller.owner or ""
+        if endpoint:
+            scope = f"{scope}\n{endpoint}"  # no key id holds a newline: no scope spells another
         while True:
             existing = store.lookup(key, body_fingerprint, scope=scope)
             if existing is not None:

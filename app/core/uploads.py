@@ -14,7 +14,7 @@ can refuse:
    allocates or decodes a single pixel;
 5. Pillow opens the file (only as the sniffed format) and must agree on the
    format and size; animations are refused;
-6. the full decode (a Pillow warning is a refusal), EXIF orientation, and
+6. the full decode, EXIF orientation, and
    a conversion to RGB or RGBA;
 7. a fresh PNG with no metadata: what the workers get, whatever came in.
 
@@ -31,8 +31,6 @@ import hashlib
 import io
 import re
 import struct
-import threading
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +55,7 @@ class UploadLimits:
     max_bytes: int  # encoded file size cap
     max_pixels: int  # width*height cap, checked from the header before any pixel decoding
     max_side: int  # cap on width and on height
+    hint: str = ""  # what to do about a refused size (e.g. send resize: true), appended to its message
 
 
 @dataclass(frozen=True)
@@ -88,12 +87,29 @@ def decode_image(data: bytes, field: str, limits: UploadLimits) -> DecodedImage:
         raise InvalidRequestError([FieldProblem(field, str(refused))]) from None
 
 
-def _decode(data: bytes, limits: UploadLimits) -> DecodedImage:
+def check_header(data: bytes, field: str, limits: UploadLimits) -> tuple[int, int]:
+    """Steps 1 to 4 alone (no pixel is decoded): the size the header declares, or a refusal.
+    Lets a request check all its inputs cheaply before decoding any of them."""
+    if len(data) > limits.max_bytes:
+        raise UploadTooLargeError(field, len(data), limits.max_bytes)
+    try:
+        _fmt, width, height, _images = _header(data, limits)
+    except _Refused as refused:
+        raise InvalidRequestError([FieldProblem(field, str(refused))]) from None
+    return width, height
+
+
+def _header(data: bytes, limits: UploadLimits) -> tuple[str, int, int, int]:
     if not data:
         raise _Refused(f"is empty; {_ACCEPTED}")
     fmt = _sniff(data)
     width, height, images = _HEADER_WALKS[fmt](data)
     _check_size(width, height, limits)
+    return fmt, width, height, images
+
+
+def _decode(data: bytes, limits: UploadLimits) -> DecodedImage:
+    fmt, width, height, images = _header(data, limits)
     image = _pillow_decode(data, fmt, (width, height), images)
     try:
         png = _encode_png(image)
@@ -399,17 +415,21 @@ _HEADER_WALKS: dict[str, Callable[[bytes], _Header]] = {
 def _check_size(width: int, height: int, limits: UploadLimits) -> None:
     if width <= 0 or height <= 0:
         raise _Refused(f"declares a size of {width}×{height}; accepted: at least 1 pixel wide and high")
+    hint = f"; {limits.hint}" if limits.hint else ""
     if width > limits.max_side or height > limits.max_side:
-        raise _Refused(f"is {width}×{height}; each side at most {limits.max_side} pixels accepted")
+        raise _Refused(f"is {width}×{height}; each side at most {limits.max_side} pixels accepted{hint}")
     if width * height > limits.max_pixels:
-        raise _Refused(f"is {width}×{height} = {width * height} pixels; at most {limits.max_pixels} accepted")
+        raise _Refused(f"is {width}×{height} = {width * height} pixels; at most {limits.max_pixels} accepted{hint}")
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and width * height > bomb:  # Pillow's own guard, applied here, before Pillow opens it
+        raise _Refused(f"is {width}×{height} = {width * height} pixels; at most {bomb} accepted")
 
 
 # --- Pillow -----------------------------------------------------------------------------------------------------
 
-# ``warnings.catch_warnings`` swaps process-wide state: two threads that enter and leave it interleaved can leave
-# "error" installed for the whole process. Decodes run in the API's thread pool, so they take turns here.
-_PILLOW_LOCK = threading.Lock()
+# No lock and no ``warnings.catch_warnings`` here: decodes run in parallel in the API's thread pool (bounded per
+# key and per process by ``app.api.decode_gate``). Pillow's decompression-bomb guard is applied by ``_check_size``
+# from the header, before Pillow sees the file, so it needs no process-wide warning filter.
 
 # What ``Image.format`` may say for each sniffed format: Pillow reads a JPEG carrying an MPO index as "MPO".
 _PILLOW_FORMATS = {"PNG": ("PNG",), "JPEG": ("JPEG", "MPO"), "WEBP": ("WEBP",)}
@@ -417,21 +437,18 @@ _PILLOW_FORMATS = {"PNG": ("PNG",), "JPEG": ("JPEG", "MPO"), "WEBP": ("WEBP",)}
 
 def _pillow_decode(data: bytes, fmt: str, declared: tuple[int, int], images: int) -> Image.Image:
     """Open, check, fully decode, orient and convert; every Pillow failure becomes a refusal."""
-    with _PILLOW_LOCK, warnings.catch_warnings():
-        # Bomb-sized images are refused (our own header check comes first; this is the backstop).
-        # Other Pillow warnings (e.g. slightly corrupt EXIF, common in real phone photos) are not
-        # reasons to refuse an image whose pixels decode.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as opened:
-                _check_opened(opened, fmt, declared, images)
-                opened.load()  # the full decode; a truncated or damaged file fails here
-                oriented = ImageOps.exif_transpose(opened)
-            return _to_rgb_or_rgba(oriented)
-        except _Refused:
-            raise
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError, ...
-            raise _Refused(f"could not be decoded as {_display(fmt)} ({_describe(exc)}); {_COMPLETE}") from None
+    # Pillow warnings (e.g. slightly corrupt EXIF, common in real phone photos) are not reasons to refuse an
+    # image whose pixels decode.
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as opened:
+            _check_opened(opened, fmt, declared, images)
+            opened.load()  # the full decode; a truncated or damaged file fails here
+            oriented = ImageOps.exif_transpose(opened)
+        return _to_rgb_or_rgba(oriented)
+    except _Refused:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError, ...
+        raise _Refused(f"could not be decoded as {_display(fmt)} ({_describe(exc)}); {_COMPLETE}") from None
 
 
 def _check_opened(image: Image.Image, fmt: str, declared: tuple[int, int], images: int) -> None:

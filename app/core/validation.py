@@ -17,6 +17,21 @@ from app.core.inputs import PreparedInputs
 from app.schemas.jobs import MAX_SEED, JobCreate
 
 
+def check_before_decode(body: JobCreate, model: ModelRecord, mode: JobMode) -> tuple[int, int] | None:
+    """Every check that needs no input pixels (steps, images, scheduler, strength × steps, and the
+    size where it is known before decoding: text-to-image or ``resize``), so a request that would be
+    refused anyway never costs a decode. Returns that size, or None (it comes from the image)."""
+    size = None
+    if mode is JobMode.TXT2IMG or body.resize:
+        size = (body.width or model.default_width, body.height or model.default_height)
+    problems = _parameter_problems(body, model, mode)
+    if size is not None:
+        problems = [*_size_problems("width", size[0], model), *_size_problems("height", size[1], model), *problems]
+    if problems:
+        raise InvalidRequestError(problems)
+    return size
+
+
 def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None) -> JobParams:
     """The request as it will run: model defaults filled in, a seed chosen if none was given.
 
@@ -35,18 +50,9 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
     problems = [
         *_size_problems("width", width, model),
         *_size_problems("height", height, model),
+        *_parameter_problems(body, model, inputs.mode),
     ]
-    if steps > model.max_steps:
-        problems.append(_range_problem("steps", steps, model.max_steps, model))
-    if body.num_images > model.max_images:
-        problems.append(_range_problem("num_images", body.num_images, model.max_images, model))
-    if scheduler not in model.schedulers:
-        accepted = ", ".join(model.schedulers)
-        problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
     strength = _strength(body, inputs.mode)
-    if strength is not None and int(steps * strength) < 1:
-        # The pipeline runs int(steps × strength) steps: at least one must remain.
-        problems.append(FieldProblem("strength", f"{strength} × {steps} steps leaves no denoising step; raise either"))
     if problems:
         raise InvalidRequestError(problems)
 
@@ -69,6 +75,25 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         journey=body.journey,
         deadline_at=utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None,
     )
+
+
+def _parameter_problems(body: JobCreate, model: ModelRecord, mode: JobMode) -> list[FieldProblem]:
+    """Problems of the fields that do not depend on the input image."""
+    steps = body.steps if body.steps is not None else model.default_steps
+    scheduler = body.scheduler if body.scheduler is not None else model.default_scheduler
+    problems = []
+    if steps > model.max_steps:
+        problems.append(_range_problem("steps", steps, model.max_steps, model))
+    if body.num_images > model.max_images:
+        problems.append(_range_problem("num_images", body.num_images, model.max_images, model))
+    if scheduler not in model.schedulers:
+        accepted = ", ".join(model.schedulers)
+        problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
+    strength = _strength(body, mode)
+    if strength is not None and int(steps * strength) < 1:
+        # The pipeline runs int(steps × strength) steps: at least one must remain.
+        problems.append(FieldProblem("strength", f"{strength} × {steps} steps leaves no denoising step; raise either"))
+    return problems
 
 
 #: Strength an editing mode uses when the request gives none (the engine's defaults).

@@ -7,8 +7,15 @@ metadata endpoint (which hands out credentials). So a URL is accepted only if
 it is plain http(s) without credentials and *every* address its host resolves
 to is a public unicast address, unless the deployment allows loopback or
 private addresses (``webhook_allow_loopback``, ``webhook_allow_private``).
-Link-local, metadata, multicast, unspecified and reserved addresses are never
-allowed.
+Link-local, metadata, multicast, unspecified and reserved addresses, and every
+block of the IANA IPv4 and IPv6 Special-Purpose Address Registries (plus the
+deprecated IPv6 site-local ``fec0::/10``), are never allowed: Python's
+``ipaddress`` flags (``is_global`` above all) are used where they suffice, and
+``SPECIAL_PURPOSE`` lists the blocks explicitly, because which of them Python
+knows depends on its version (3.11's ``is_global`` lets ``fec0::/10``,
+``3fff::/20`` and ``192.88.99.0/24`` through). The one exception is an address
+that stands for an IPv4 address (IPv4-mapped, NAT64 ``64:ff9b::/96``, as
+DNS64 hands out on IPv6-only networks): it is judged as that IPv4 address.
 
 Interface:
 
@@ -48,6 +55,38 @@ PRIVATE_NETWORKS = tuple(
 )
 CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: a provider's private space
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that embed an IPv4 address
+
+#: The IANA special-purpose registries (iana-ipv4-special-registry, iana-ipv6-special-registry, as of
+#: 2025), each block with its name; loopback, private, CGNAT and link-local are decided above them.
+SPECIAL_PURPOSE = tuple(
+    (ipaddress.ip_network(block), name)
+    for block, name in (
+        ("0.0.0.0/8", "this network (RFC 791)"),
+        ("192.0.0.0/24", "IETF protocol assignments (RFC 6890)"),
+        ("192.0.2.0/24", "documentation TEST-NET-1 (RFC 5737)"),
+        ("192.31.196.0/24", "AS112-v4 (RFC 7535)"),
+        ("192.52.193.0/24", "AMT (RFC 7450)"),
+        ("192.88.99.0/24", "deprecated 6to4 relay anycast (RFC 7526)"),
+        ("192.175.48.0/24", "direct delegation AS112 service (RFC 7534)"),
+        ("198.18.0.0/15", "benchmarking (RFC 2544)"),
+        ("198.51.100.0/24", "documentation TEST-NET-2 (RFC 5737)"),
+        ("203.0.113.0/24", "documentation TEST-NET-3 (RFC 5737)"),
+        ("240.0.0.0/4", "reserved (RFC 1112)"),
+        ("255.255.255.255/32", "limited broadcast (RFC 919)"),
+        ("::/128", "unspecified (RFC 4291)"),
+        ("::ffff:0:0/96", "IPv4-mapped (RFC 4291)"),
+        ("64:ff9b:1::/48", "IPv4-IPv6 translation, local use (RFC 8215)"),
+        ("100::/64", "discard-only (RFC 6666)"),
+        ("100:0:0:1::/64", "dummy IPv6 prefix (RFC 9780)"),
+        ("2001::/23", "IETF protocol assignments: Teredo, ORCHIDv2, AS112, AMT, benchmarking, ... (RFC 2928)"),
+        ("2001:db8::/32", "documentation (RFC 3849)"),
+        ("2002::/16", "6to4 (RFC 3056)"),
+        ("2620:4f:8000::/48", "direct delegation AS112 service (RFC 7534)"),
+        ("3fff::/20", "documentation (RFC 9637)"),
+        ("5f00::/16", "segment routing (SRv6) SIDs (RFC 9602)"),
+        ("fec0::/10", "deprecated site-local (RFC 3879)"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +183,9 @@ def address_problem(address: IPAddress, allow: AllowList) -> str | None:
         return "a multicast address"
     if address in CGNAT or any(address in network for network in PRIVATE_NETWORKS):
         return None if allow.private else "a private address"
+    for network, name in SPECIAL_PURPOSE:
+        if address.version == network.version and address in network:
+            return f"a special-purpose address: {network} {name}"
     if address.is_reserved:
         return "a reserved address"
     if not address.is_global:
@@ -152,14 +194,12 @@ def address_problem(address: IPAddress, allow: AllowList) -> str | None:
 
 
 def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), which is where
-    packets to it would really go."""
+    """The IPv4 address an IPv6 address stands for (mapped, NAT64), which is where packets to it
+    would really go. (6to4, ``2002::/16``, is refused as a whole: its relays are deprecated.)"""
     if not isinstance(address, ipaddress.IPv6Address):
         return None
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
     if address in NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -14,12 +14,14 @@ from redis.asyncio import Redis as AsyncRedis
 
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
+from app.api.public_urls import public_url
+from app.api.waits import WaitSlot, hold_wait
 from app.contract import events, keys
-from app.auth.quotas import STREAM_CLAIM_SECONDS, Quotas
-from app.core.errors import JobListingDisabledError, JobNotFoundError, TooManyStreamsError
+from app.core.errors import JobListingDisabledError, JobNotFoundError
+from app.core.inputs import has_inputs
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
-from app.deps import CallerDep, JobServiceDep, RedisDep, SettingsDep, SubmissionBody
+from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -52,12 +54,15 @@ AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
         409: ERROR_RESPONSES[422]
         | {
             "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`)."
-        }
+        },
+        408: ERROR_RESPONSES[422] | {"description": "The body did not arrive within `DIFFQ_HTTP_BODY_TIMEOUT`."},
+        415: ERROR_RESPONSES[415],
     },
 )
-def create_job(
+async def create_job(
     body: SubmissionBody,
     jobs: JobServiceDep,
+    caller: CallerDep,
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -70,16 +75,25 @@ def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    # A plain `def`: FastAPI runs it in a worker thread, so decoding input images (and checking a
-    # webhook URL's DNS) never blocks the event loop.
-    if idempotency_key is not None and body.fingerprint is not None:
-        view, replayed = jobs.submit_once(idempotency_key, body.fingerprint, body.body, body.files)
-        if replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-    else:
-        view = jobs.submit(body.body, body.files)
-    response.headers["Location"] = str(request.url_for("get_job", job_id=view.record.id))
+    # Submitting runs in a worker thread, so decoding input images (and checking a webhook URL's
+    # DNS) never blocks the event loop; a request with images first waits for a decode slot of its
+    # key (app.api.decode_gate) on the event loop, holding no thread meanwhile.
+    gate: AbstractAsyncContextManager[object] = nullcontext()
+    if has_inputs(body.body, body.files):
+        client = request.client.host if request.client is not None else "unknown"
+        gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
+    async with gate:
+        view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = public_url(request, "get_job", job_id=view.record.id)
     return job_public(view, request)
+
+
+def _submit(jobs: JobService, body: Submission, idempotency_key: str | None) -> tuple[JobView, bool]:
+    if idempotency_key is not None and body.fingerprint is not None:
+        return jobs.submit_once(idempotency_key, body.fingerprint, body.body, body.files)
+    return jobs.submit(body.body, body.files), False
 
 
 @router.get(
@@ -107,20 +121,30 @@ def list_jobs(
 async def get_job(
     job_id: str,
     jobs: JobServiceDep,
+    caller: CallerDep,
     redis: AsyncRedisDep,
     request: Request,
     wait: Annotated[
-        float, Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds.")
+        float,
+        Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds. "
+              "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts."),
     ] = 0,
 ) -> JobPublic:
+    view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
+    if wait == 0 or view.status.is_terminal:
+        return job_public(view, request)
     deadline = time.monotonic() + wait
-    last = events.last_id_text(await redis.xrevrange(keys.events(job_id), count=1))
-    view = await run_in_threadpool(jobs.get, job_id)
-    while not view.status.is_terminal and (remaining := deadline - time.monotonic()) > 0:
-        reply = await redis.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, RECHECK_SECONDS) * 1000)))
-        if reply:
-            last = events.parse(reply[0][1])[-1].id
-        view = await run_in_threadpool(jobs.get, job_id)
+    async with hold_wait(request, caller) as slot:  # 429/503 before any blocking read
+        last = events.last_id_text(await redis.xrevrange(keys.events(job_id), count=1))
+        view = await run_in_threadpool(jobs.get, job_id)  # nothing ended unseen before `last`
+        blocking: AsyncRedis = request.app.state.wait_redis
+        while not view.status.is_terminal and (remaining := deadline - time.monotonic()) > 0:
+            await slot.renew()
+            reply = await blocking.xread({keys.events(job_id): last},
+                                         block=max(1, int(min(remaining, RECHECK_SECONDS) * 1000)))
+            if reply:
+                last = events.parse(reply[0][1])[-1].id
+            view = await run_in_threadpool(jobs.get, job_id)
     return job_public(view, request)
 
 
@@ -129,35 +153,11 @@ def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
     return jobs.get(job_id)
 
 
-@dataclass
-class StreamSlot:
-    """An open stream's claim, renewed while the stream lasts (a crashed API's claims lapse)."""
-
-    quotas: Quotas
-    claim: str
-    renewed_at: float = field(default_factory=time.monotonic)
-
-    async def renew(self) -> None:
-        """Renew the claim once a third of its life has passed (not at every event)."""
-        if time.monotonic() - self.renewed_at >= STREAM_CLAIM_SECONDS / 3:
-            await run_in_threadpool(self.quotas.renew_stream, self.claim)
-            self.renewed_at = time.monotonic()
-
-
-def stream_slot(caller: CallerDep, redis: RedisDep) -> Iterator[StreamSlot | None]:
-    """One of the API key's open event streams, held until the stream ends; 429 if all are taken.
-    (None while auth is off: no per-key count.)"""
-    if caller.key is None:
-        yield None
-        return
-    quotas = Quotas(redis, caller.scope)
-    claim = quotas.open_stream(caller.max_event_streams)
-    if claim is None:
-        raise TooManyStreamsError(caller.max_event_streams)
-    try:
-        yield StreamSlot(quotas, claim)
-    finally:
-        quotas.close_stream(claim)
+async def stream_slot(request: Request, caller: CallerDep) -> AsyncIterator[WaitSlot]:
+    """One of the key's open waits and event streams, held until the stream ends; 429 if either
+    is at its limit, 503 if this process is at its own."""
+    async with hold_wait(request, caller, stream=True) as slot:
+        yield slot
 
 
 @router.get(
@@ -171,16 +171,15 @@ async def job_events(
     job_id: str,
     request: Request,
     jobs: JobServiceDep,
-    redis: AsyncRedisDep,
     _: Annotated[JobView, Depends(existing_job)],
-    slot: Annotated[StreamSlot | None, Depends(stream_slot)],
+    slot: Annotated[WaitSlot, Depends(stream_slot)],
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> AsyncIterable[ServerSentEvent]:
     last = last_event_id if last_event_id and events.is_event_id(last_event_id) else "0"
+    blocking: AsyncRedis = request.app.state.wait_redis
     while not await request.is_disconnected():
-        if slot is not None:
-            await slot.renew()
-        reply = await redis.xread({keys.events(job_id): last}, block=RECHECK_SECONDS * 1000, count=100)
+        await slot.renew()
+        reply = await blocking.xread({keys.events(job_id): last}, block=RECHECK_SECONDS * 1000, count=100)
         if reply:
             for event in events.parse(reply[0][1]):
                 last = event.id
@@ -232,11 +231,11 @@ def job_public(view: JobView, request: Request) -> JobPublic:
     images = [
         ImagePublic(
             index=image.index,
-            url=str(request.url_for("get_image", job_id=record.id, index=str(image.index))),
+            url=public_url(request, "get_image", job_id=record.id, index=str(image.index)),
             seed=image.seed,
             width=image.width,
             height=image.height,
-            journey_url=str(request.url_for("get_journey", job_id=record.id, index=str(image.index)))
+            journey_url=public_url(request, "get_journey", job_id=record.id, index=str(image.index))
             if image.index < record.journeys
             else None,
         )
@@ -250,7 +249,7 @@ def job_public(view: JobView, request: Request) -> JobPublic:
         queue_position=view.queue_position,
         eta_seconds=view.eta_seconds,
         progress=record.progress,
-        preview_url=str(request.url_for("get_preview", job_id=record.id)) if record.preview else None,
+        preview_url=public_url(request, "get_preview", job_id=record.id) if record.preview else None,
         cancel_requested=record.cancel_requested,
         timings=Timings(created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at),
         attempt=record.attempt,

@@ -151,7 +151,7 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
         key = validate_key(idempotency_key)
         if key is not None:
             digest = fingerprint_multipart(values, files)
-            view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads)
+            view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
         else:
             view = await run_in_threadpool(jobs.submit, body, uploads)
     except ValidationError as error:

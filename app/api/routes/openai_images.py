@@ -38,6 +38,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from redis.asyncio import Redis as AsyncRedis
 
+from app.api.public_urls import public_url
+from app.api.waits import WaitSlot, hold_wait
 from app.contract import events, keys
 from app.contract.status import JobStatus
 from app.core.errors import (
@@ -46,20 +48,27 @@ from app.core.errors import (
     IdempotencyInProgressError,
     InvalidRequestError,
     JobNotFoundError,
+    RequestTimeoutError,
+    ServerBusyError,
+    StoreBusyError,
     StoreUnavailableError,
+    TooManyUploadsError,
+    TooManyWaitsError,
     UnknownModelError,
     UploadTooLargeError,
 )
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, SettingsDep
+from app.deps import JobServiceDep, SettingsDep, media_type
 from app.schemas.jobs import job_create_model
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
+#: Idempotency-Keys of this endpoint are kept apart from those of POST /v1/jobs.
+ENDPOINT = "POST /v1/images/generations"
 #: OpenAI model names that mean "the deployment's default model" here.
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
 #: How often the wait re-reads the job even without events, and checks that the client is still there.
@@ -142,8 +151,10 @@ class OpenAIFailure(Exception):
         headers = {}
         if self.retry is not None:
             headers["x-should-retry"] = "true" if self.retry else "false"
-        if self.status == 503:
+        if self.status in (429, 503):
             headers["Retry-After"] = "1"
+        if self.status == 408:
+            headers["Connection"] = "close"  # the rest of a late body is not waited for
         if self.job_id is not None:
             headers["x-diffq-job-id"] = self.job_id
         body = OpenAIError(error=OpenAIErrorDetail(message=self.message, type=self.type, param=self.param,
@@ -153,6 +164,9 @@ class OpenAIFailure(Exception):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIError, "description": "A parameter is invalid (`param` names it), or the job found it so."},
+    408: {"model": OpenAIError, "description": "The body did not arrive within `DIFFQ_HTTP_BODY_TIMEOUT`."},
+    415: {"model": OpenAIError, "description": "The body is not `application/json`."},
+    429: {"model": OpenAIError, "description": "The key holds as many waits as it may (`too_many_waits`): retry."},
     500: {"model": OpenAIError, "description": "The job failed or was canceled (`code` says why)."},
     503: {"model": OpenAIError, "description": "No live worker, or Redis is unreachable: retry."},
     504: {"model": OpenAIError, "description": "The job did not end within `DIFFQ_OPENAI_TIMEOUT`; it goes on."},
@@ -181,12 +195,20 @@ async def create_images(
         return await _create_images(request, jobs, settings.openai_timeout, idempotency_key)
     except OpenAIFailure as failure:
         return failure.response()
+    except DiffqError as error:  # a wait the key or the process cannot take now
+        return _submit_failure(error).response()
+    except redis.exceptions.MaxConnectionsError:
+        return _submit_failure(StoreBusyError()).response()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         return OpenAIFailure(503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable",
                              retry=True).response()
 
 
 async def _create_images(request: Request, jobs: JobService, timeout: float, idempotency_key: str | None) -> Any:
+    content_type = request.headers.get("content-type")
+    if media_type(content_type) != "application/json":
+        raise OpenAIFailure(415, f"Unsupported content type: {content_type or 'none'}; send application/json.",
+                            code="unsupported_media_type")
     raw = await request.body()
     try:
         payload = json.loads(raw)
@@ -199,17 +221,19 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
     except ValidationError as error:
         raise _parameter_failure(error) from None
     body = _job_create(params, jobs)
-    try:
-        key = validate_key(idempotency_key)
-        if key is not None:
-            view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None)
-        else:
-            view = await run_in_threadpool(jobs.submit, body, None)
-    except DiffqError as error:
-        raise _submit_failure(error) from None
-    job_id = view.record.id
-    log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
-    view = await _wait(request, jobs, view, timeout)
+    # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
+    async with hold_wait(request, jobs.caller) as slot:
+        try:
+            key = validate_key(idempotency_key)
+            if key is not None:
+                view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None, ENDPOINT)
+            else:
+                view = await run_in_threadpool(jobs.submit, body, None)
+        except DiffqError as error:
+            raise _submit_failure(error) from None
+        job_id = view.record.id
+        log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
+        view = await _wait(request, jobs, view, timeout, slot)
     if view is None:  # the client hung up: nobody will read the result
         return JSONResponse({"error": None}, status_code=499)
     return await _answer(request, jobs, view, params.response_format or "b64_json")
@@ -279,6 +303,12 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
         param = PARAM_NAMES.get(problem.field, problem.field) if problem else None
         message = f"Invalid value for '{param}': {problem.message}" if problem else error.message
         return OpenAIFailure(400, message, param=param, code="invalid_value")
+    if isinstance(error, RequestTimeoutError):
+        return OpenAIFailure(408, error.message, code=error.code, retry=False)
+    if isinstance(error, TooManyWaitsError | TooManyUploadsError):
+        return OpenAIFailure(429, error.message, type="rate_limit_error", code=error.code, retry=True)
+    if isinstance(error, ServerBusyError):
+        return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
     if isinstance(error, StoreUnavailableError):
         return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
     if isinstance(error, UploadTooLargeError):
@@ -290,17 +320,19 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
     return OpenAIFailure(500, error.message, type="server_error", code=error.code, retry=False)
 
 
-async def _wait(request: Request, jobs: JobService, view: JobView, timeout: float) -> JobView | None:
+async def _wait(request: Request, jobs: JobService, view: JobView, timeout: float, slot: WaitSlot) -> JobView | None:
     """The job once it has ended; ``None`` if the client hung up first (the job is then canceled)."""
     job_id = view.record.id
     aredis: AsyncRedis = request.app.state.aredis
+    blocking: AsyncRedis = request.app.state.wait_redis
     deadline = time.monotonic() + timeout
     last = events.last_id_text(await aredis.xrevrange(keys.events(job_id), count=1))
     checked = time.monotonic()
     while not view.status.is_terminal:
+        await slot.renew()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            url = request.url_for("get_job", job_id=job_id)
+            url = public_url(request, "get_job", job_id=job_id)
             raise OpenAIFailure(
                 504, f"The image job is still {view.status.value} after {timeout:g} s; it goes on: {url}",
                 type="server_error", code="timeout", retry=False, job_id=job_id,
@@ -312,7 +344,7 @@ async def _wait(request: Request, jobs: JobService, view: JobView, timeout: floa
             except DiffqError:
                 pass  # it ended meanwhile, or was deleted
             return None
-        reply = await aredis.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
+        reply = await blocking.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
         ended = False
         if reply:
             parsed = events.parse(reply[0][1])
@@ -342,7 +374,7 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
     data = []
     for image in record.images:
         if response_format == "url":
-            data.append(ImageData(url=str(request.url_for("get_image", job_id=record.id, index=str(image.index)))))
+            data.append(ImageData(url=public_url(request, "get_image", job_id=record.id, index=str(image.index))))
         else:
             png = await run_in_threadpool(jobs.image_bytes, record.id, image.index)
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))

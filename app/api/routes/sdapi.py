@@ -91,7 +91,8 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
         body = job_create_model(settings).model_validate(fields)
         key = validate_key(idempotency_key)
         if key is not None:
-            view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None)
+            view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None,
+                                                  f"POST /sdapi/v1/{'img2img' if img2img else 'txt2img'}")
         else:
             view = await run_in_threadpool(jobs.submit, body, None)
     except ValidationError as error:

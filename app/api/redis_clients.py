@@ -1,0 +1,62 @@
+"""Every Redis client of an API process, built in one place with pools sized on purpose.
+
+Three pools, so that one kind of work cannot take the connections another needs:
+
+- ``sync``: routes and dependencies that run in the thread pool (most reads and every write).
+  Its threads are few (anyio's 40), so ``redis_max_connections`` is enough for all of them.
+- ``quick``: short commands from the event loop (e.g. the last event id before a wait).
+- ``waits``: blocking reads only (``XREAD BLOCK`` of long polls, event streams and OpenAI-endpoint
+  waits), ``redis_wait_connections`` of them; ``app.api.waits`` admits no more waits than that,
+  so a plain read never waits behind a blocking one and the pool is never exhausted by waits.
+
+A pool that is nevertheless out of connections raises redis-py's ``MaxConnectionsError`` at
+once, answered ``503 store_busy`` (never "Redis is unreachable": Redis is fine). This module is
+the only place the API constructs Redis clients: a different way of reaching Redis (Sentinel,
+TLS options) changes this one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from app.settings import Settings
+
+#: Seconds to connect; short, so a Redis outage is a prompt 503 rather than a hung request.
+CONNECT_TIMEOUT = 2
+#: Seconds a short command may take.
+COMMAND_TIMEOUT = 10
+#: Seconds a blocking read's socket waits: longer than the longest block (5 s XREAD).
+BLOCKING_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class ApiRedis:
+    """The API process's Redis clients, one pool each."""
+
+    sync: Redis
+    quick: AsyncRedis
+    waits: AsyncRedis
+
+    def close(self) -> None:
+        self.sync.close()
+
+    async def aclose(self) -> None:
+        self.sync.close()
+        await self.quick.aclose()
+        await self.waits.aclose()
+
+
+def open_api_redis(settings: Settings) -> ApiRedis:
+    """The clients; connections are opened lazily, so the API starts even while Redis is down."""
+    url = settings.redis_url
+    short = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
+             "max_connections": settings.redis_max_connections}
+    return ApiRedis(
+        sync=Redis.from_url(url, **short),
+        quick=AsyncRedis.from_url(url, **short),
+        waits=AsyncRedis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=BLOCKING_TIMEOUT,
+                                  max_connections=settings.redis_wait_connections),
+    )
