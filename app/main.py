@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import logging
 from functools import partial
 
 from fastapi import Depends, FastAPI
-from fastapi.staticfiles import StaticFiles
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
+from redis import exceptions as redis_errors
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api.errors import KEYED_RESPONSES, install_error_handlers
@@ -18,9 +19,12 @@ from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
 from app.api.routes import health, images, jobs, metrics, models, openai_images, playground
 from app.auth.quotas import RateLimiter
+from app.contract import connection, memory
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
@@ -28,6 +32,15 @@ diffusion models. `POST /v1/jobs` (JSON, or multipart/form-data with image files
 queues a job and answers `202` with its URL; poll `GET /v1/jobs/{id}` until
 `status` is `succeeded`, then download `images[n].url`.
 """
+
+
+def _check_memory_policy(redis: Redis, settings: Settings) -> None:
+    """Refuse to start on a Redis that may evict jobs (``EvictionPolicyError``); one that is
+    down now is checked by the workers, which cannot start without it."""
+    try:
+        memory.check_policy(redis, settings.redis_allow_eviction)
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
+        log.warning("could not read Redis's maxmemory-policy at start (%s); the workers check it", error)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,11 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Connections are opened lazily by the pool, so the API starts even while
         # Redis is down; /readyz says so and requests get 503 until it is back.
-        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        app.state.redis = connection.sync_client(settings, socket_connect_timeout=2, socket_timeout=10)
         # Event streams and long polls block on Redis: an asyncio client, so they hold no thread.
         # Its socket timeout must outlast the blocking reads (5 s XREAD; redis-py's default is 5 s too).
-        app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
+        app.state.aredis = connection.async_client(settings, socket_connect_timeout=2, socket_timeout=30)
         app.state.rate_limiter = RateLimiter(app.state.redis)
+        _check_memory_policy(app.state.redis, settings)
         try:
             yield
         finally:

@@ -20,7 +20,9 @@ from app.core.errors import (
     JobFinishedError,
     JobListingDisabledError,
     JobNotFoundError,
+    QueueFullError,
     RateLimitedError,
+    StoreFullError,
     StoreUnavailableError,
     TooManyQueuedJobsError,
     TooManyStreamsError,
@@ -42,6 +44,7 @@ STATUS: dict[type[DiffqError], int] = {
     UnauthorizedError: 401,
     RateLimitedError: 429,
     TooManyQueuedJobsError: 429,
+    QueueFullError: 429,  # not 503: the service is up, other models take jobs, and proxies do not retry 429s
     TooManyStreamsError: 429,
 }
 
@@ -56,8 +59,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": Error, "description": "An uploaded image is larger than the deployment accepts."},
     422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
     429: {"model": Error, "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
-           "(`too_many_queued_jobs`) or open event streams (`too_many_streams`); retry after `Retry-After` seconds."},
-    503: {"model": Error, "description": "Redis is unreachable; retry after `Retry-After` seconds."},
+           "(`too_many_queued_jobs`) or open event streams (`too_many_streams`), or the model's queue is full "
+           "(`queue_full`); retry after `Retry-After` seconds."},
+    503: {"model": Error, "description": "Redis is unreachable or failing over (`store_unavailable`), full "
+           "(`redis_full`), or too few replicas confirmed the job (`not_replicated`); retry after `Retry-After` "
+           "seconds (with the same `Idempotency-Key`: never a second job)."},
 }
 
 
@@ -122,6 +128,16 @@ async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
     return await _on_diffq_error(request, StoreUnavailableError(f"Redis is unreachable: {exc}"))
 
 
+async def _on_redis_full(request: Request, exc: Exception) -> JSONResponse:
+    message = f"Redis is full and refuses writes ({exc}); nothing was stored, retry later"
+    return await _on_diffq_error(request, StoreFullError(message))
+
+
+async def _on_redis_read_only(request: Request, exc: Exception) -> JSONResponse:
+    """A primary demoted to replica mid-failover (Sentinel clients reconnect on their own)."""
+    return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so no route has to know about status codes of domain errors."""
     app.add_exception_handler(DiffqError, _on_diffq_error)
@@ -129,3 +145,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _on_redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _on_redis_down)
+    app.add_exception_handler(redis.exceptions.OutOfMemoryError, _on_redis_full)
+    app.add_exception_handler(redis.exceptions.ReadOnlyError, _on_redis_read_only)

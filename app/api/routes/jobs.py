@@ -79,6 +79,7 @@ def create_job(
             response.headers["Idempotent-Replayed"] = "true"
     else:
         view = jobs.submit(body.body, body.files)
+    jobs.confirm_replicated()  # a separate step: a retry with the key finds the job and waits again
     response.headers["Location"] = str(request.url_for("get_job", job_id=view.record.id))
     return job_public(view, request)
 
