@@ -26,7 +26,7 @@ from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract import events, keys, metrics
+from app.contract import events, keys, metrics, replication
 from app.contract.store import StoredImage, WriteResult
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
 from worker.context import WorkerContext
@@ -306,7 +306,7 @@ class JobRunner:
     def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
              images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
         """Store the job's final fields (and results) and, if that stuck, publish its terminal event."""
-        outcome = self._while_redis_recovers(
+        outcome = self._replicated(
             lambda: self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
                                       result_ttl=self.settings.result_ttl, blobs=blobs)
         )
@@ -315,6 +315,32 @@ class JobRunner:
             self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
             metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
         return outcome
+
+    def _replicated(self, write: Callable[[], WriteResult]) -> WriteResult:
+        """``write``, then wait until ``redis_wait_replicas`` replicas hold it, so a failover cannot
+        lose a result a client may have read. Unconfirmed (the primary died before replicating),
+        the write is made again on the promoted replica; finding the job already ended there
+        means the first write survived, which counts as written."""
+        deadline, written = time.monotonic() + self.settings.redis_retry, False
+        while True:
+            outcome = self._while_redis_recovers(write)
+            if outcome is WriteResult.ENDED and written:
+                outcome = WriteResult.WRITTEN
+            if outcome is not WriteResult.WRITTEN:
+                return outcome
+            written = True
+            try:
+                replication.confirm(self.store.redis, self.settings.redis_wait_replicas,
+                                    self.settings.redis_wait_timeout)
+                return outcome
+            except (replication.ReplicationTimeout, redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError) as error:
+                if time.monotonic() > deadline:
+                    log.warning("result stored but not confirmed by replicas within %s s: %s",
+                                self.settings.redis_retry, error)
+                    return outcome
+                log.warning("result not yet on a replica (%s); storing it again", error)
+                time.sleep(0.2)
 
     def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:
         """Retry a final write while Redis is unreachable (a restart), for up to ``redis_retry`` s."""
