@@ -138,6 +138,14 @@ async def _on_redis_read_only(request: Request, exc: Exception) -> JSONResponse:
     return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
 
 
+async def _on_redis_refusal(request: Request, exc: Exception) -> JSONResponse:
+    """A primary without enough replicas (``min-replicas-to-write``), or a replica cut off from
+    its primary, refuses writes: a failover is under way. Any other error is a bug: a 500."""
+    if str(exc).startswith(("NOREPLICAS", "MASTERDOWN")):
+        return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so no route has to know about status codes of domain errors."""
     app.add_exception_handler(DiffqError, _on_diffq_error)
@@ -147,3 +155,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.TimeoutError, _on_redis_down)
     app.add_exception_handler(redis.exceptions.OutOfMemoryError, _on_redis_full)
     app.add_exception_handler(redis.exceptions.ReadOnlyError, _on_redis_read_only)
+    app.add_exception_handler(redis.exceptions.ResponseError, _on_redis_refusal)
