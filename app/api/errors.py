@@ -140,7 +140,10 @@ async def _on_redis_read_only(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_redis_refusal(request: Request, exc: Exception) -> JSONResponse:
     """A primary without enough replicas (``min-replicas-to-write``), or a replica cut off from
-    its primary, refuses writes: a failover is under way. Any other error is a bug: a 500."""
+    its primary, refuses writes: a failover is under way. A full Redis refusing a write inside
+    a script says OOM only in the message. Any other error is a bug: a 500."""
+    if "OOM command not allowed" in str(exc):
+        return await _on_redis_full(request, exc)
     if str(exc).startswith(("NOREPLICAS", "MASTERDOWN")):
         return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
     raise exc
