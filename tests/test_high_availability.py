@@ -288,6 +288,19 @@ def test_a_full_redis_answers_503_redis_full_leaves_nothing_half_written_and_rec
     redis.close()
 
 
+def test_a_primary_without_its_replicas_answers_503_not_500(
+    small_redis: EmbeddedRedis, served_on_small: ModelRecord, tmp_path: Path
+) -> None:
+    with Redis.from_url(small_redis.url) as redis:
+        redis.config_set("min-replicas-to-write", 1)  # no replica is connected: writes get NOREPLICAS
+        settings = Settings(_env_file=None, redis_url=small_redis.url, auth="off", model_path=tmp_path / "none")
+        with TestClient(create_app(settings)) as client:
+            response = client.post("/v1/jobs", json={"prompt": "a red circle"}, headers={"Idempotency-Key": "k"})
+            assert response.status_code == 503 and response.json()["code"] == "store_unavailable", response.text
+            assert response.headers["Retry-After"] == "1" and "NOREPLICAS" in response.json()["message"]
+        redis.config_set("min-replicas-to-write", 0)
+
+
 @pytest.fixture
 def served_on_small(small_redis: EmbeddedRedis, engine) -> ModelRecord:  # type: ignore[no-untyped-def]
     from app.contract.records import WorkerRecord, utcnow

@@ -348,8 +348,9 @@ class JobRunner:
         while True:
             try:
                 return write()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                if time.monotonic() + wait > deadline:
+            except redis.exceptions.RedisError as error:
+                unavailable = isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+                if not (unavailable or replication.is_failover_refusal(error)) or time.monotonic() + wait > deadline:
                     raise
                 log.warning("Redis unreachable while storing a result (%s); retrying in %.1f s", error, wait)
                 time.sleep(wait)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.contract import replication
 from app.core.errors import (
     DiffqError,
     IdempotencyConflictError,
@@ -144,7 +145,7 @@ async def _on_redis_refusal(request: Request, exc: Exception) -> JSONResponse:
     a script says OOM only in the message. Any other error is a bug: a 500."""
     if "OOM command not allowed" in str(exc):
         return await _on_redis_full(request, exc)
-    if str(exc).startswith(("NOREPLICAS", "MASTERDOWN")):
+    if replication.is_failover_refusal(exc):
         return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
     raise exc
 

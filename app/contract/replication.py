@@ -12,11 +12,24 @@ from __future__ import annotations
 import time
 
 from redis import Redis
+from redis.exceptions import ReadOnlyError
 
 from app.contract import keys
 
 #: How long the mark lives; it is only there to move the connection's replication offset.
 MARK_TTL_MS = 60_000
+
+
+#: Error prefixes of a Redis that refuses writes only for as long as a failover lasts.
+FAILOVER_REFUSALS = ("NOREPLICAS", "MASTERDOWN", "READONLY")
+
+
+def is_failover_refusal(error: Exception) -> bool:
+    """Whether ``error`` is a primary without its replicas (``min-replicas-to-write``), a replica
+    cut off from its primary, or a demoted primary: worth retrying like an unreachable Redis."""
+    text = str(error)  # inside a Lua script the refusal comes wrapped: "Error running script ...: -NOREPLICAS ..."
+    return isinstance(error, ReadOnlyError) or any(text.startswith(code) or f"-{code} " in text
+                                                   for code in FAILOVER_REFUSALS)
 
 
 class ReplicationTimeout(Exception):
