@@ -60,7 +60,13 @@ def run_worker(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
         print(f"diffq worker: cannot serve {settings.model_path}: {error}", file=sys.stderr)
         return 2
-    serve(settings, engine=engine, burst=args.burst, marker=marker)
+    from app.contract.memory import EvictionPolicyError
+
+    try:
+        serve(settings, engine=engine, burst=args.burst, marker=marker)
+    except EvictionPolicyError as error:
+        print(f"diffq worker: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from app.contract import connection
 from app.embedded_redis import EmbeddedRedis
 from app.settings import Settings
 
@@ -99,7 +100,9 @@ def up(settings: Settings) -> int:
     children: list[Child] = []
     try:
         env = dict(os.environ)
-        if "redis_url" in settings.model_fields_set:
+        if connection.uses_sentinel(settings):
+            print(f"diffq: using the {connection.describe(settings)}", flush=True)
+        elif "redis_url" in settings.model_fields_set:
             print(f"diffq: using Redis at {_without_password(settings.redis_url)}", flush=True)
         else:
             redis = EmbeddedRedis(settings.embedded_redis_port)

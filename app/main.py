@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+import logging
 from functools import partial
 
 from fastapi import Depends, FastAPI
+from redis import Redis
+from redis import exceptions as redis_errors
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
@@ -33,9 +36,12 @@ from app.api.routes import (
     verify,
 )
 from app.auth.quotas import RateLimiter
+from app.contract import memory
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
@@ -43,6 +49,15 @@ diffusion models. `POST /v1/jobs` (JSON, or multipart/form-data with image files
 queues a job and answers `202` with its URL; poll `GET /v1/jobs/{id}` until
 `status` is `succeeded`, then download `images[n].url`.
 """
+
+
+def _check_memory_policy(redis: Redis, settings: Settings) -> None:
+    """Refuse to start on a Redis that may evict jobs (``EvictionPolicyError``); one that is
+    down now is checked by the workers, which cannot start without it."""
+    try:
+        memory.check_policy(redis, settings.redis_allow_eviction)
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
+        log.warning("could not read Redis's maxmemory-policy at start (%s); the workers check it", error)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.wait_count = WaitCount(settings.redis_wait_connections)
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
+        _check_memory_policy(app.state.redis, settings)
         try:
             yield
         finally:

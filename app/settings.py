@@ -38,6 +38,25 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="Redis shared by the API and the workers (redis:// or rediss://).",
     )
+    redis_sentinels: str = Field(
+        "",
+        description="Sentinels as host:port,host:port; set: the primary is found through them (service "
+        "redis_sentinel_service) and DIFFQ_REDIS_URL gives only its password, database and TLS (rediss://).",
+    )
+    redis_sentinel_service: str = Field("diffq", description="The master's name the sentinels monitor.")
+    redis_sentinel_password: str | None = Field(None, description="Password of the sentinels themselves.")
+    redis_sentinel_tls: bool = Field(False, description="Speak TLS to the sentinels (CA as DIFFQ_REDIS_URL's).")
+    redis_wait_replicas: int = Field(
+        0, ge=0, description="Replicas that must hold a new job (and a job's result) before it is acknowledged "
+        "(Redis WAIT); 0: no wait.",
+    )
+    redis_wait_timeout: float = Field(
+        1.0, gt=0, description="Seconds to wait for redis_wait_replicas; past it POST /v1/jobs answers 503 "
+        "(retry with the same Idempotency-Key).",
+    )
+    redis_allow_eviction: bool = Field(
+        False, description="Start even if Redis's maxmemory-policy may evict keys (it could drop queued jobs).",
+    )
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     public_url: str | None = Field(
         None, description="Base of the URLs the API hands out (Location, image URLs), e.g. https://api.example.com; "
@@ -123,6 +142,11 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(1000, ge=1, description="Jobs a key may have queued at once; over it: 429.")
     max_job_cost: int = Field(
         512 * 512 * 50 * 4, ge=1, description="Most width × height × steps × images one job may ask for; over it: 422."
+    )
+    max_queue_depth: str = Field(
+        "",
+        description='Most jobs a model may have queued (not yet running), "100" for every model or '
+        '"shapes=100,sdxl=20"; over it POST gets 429 with Retry-After; empty: no limit.',
     )
     max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
     max_waits: int = Field(
@@ -274,6 +298,22 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="Log level of the API and worker processes.")
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str) -> str:
+        from app.contract.connection import parse_sentinels
+
+        parse_sentinels(value)
+        return value
+
+    @field_validator("max_queue_depth")
+    @classmethod
+    def _depths(cls, value: str) -> str:
+        from app.core.backpressure import parse_depths
+
+        parse_depths(value)
+        return value
 
     @field_validator("rate_limit")
     @classmethod

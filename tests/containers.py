@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
 COMPOSE_REDIS_TLS = REPO / "docker-compose.redis-tls.yml"
+COMPOSE_HA = REPO / "docker-compose.ha.yml"
 API_DOCKERFILE = REPO / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = REPO / "docker" / "worker.Dockerfile"
 DIFFQ_SERVICES = ("api", "worker", "webhooks")

@@ -27,6 +27,7 @@ from tests.containers import (
     API_DOCKERFILE,
     COMPOSE,
     COMPOSE_CPU,
+    COMPOSE_HA,
     COMPOSE_REDIS_TLS,
     DIFFQ_SERVICES,
     PASSWORD,
@@ -259,6 +260,57 @@ def test_the_redis_tls_override_publishes_only_tls_on_one_address() -> None:
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
     for name in ("api", "worker", "webhooks"):
         assert config["services"][name] == base()["services"][name], name
+
+
+# --- the high-availability override: primary, replica, three sentinels ------------------------
+
+
+def ha() -> dict:
+    return resolved(COMPOSE, COMPOSE_HA)
+
+
+def test_the_ha_override_validates(tmp_path: Path) -> None:
+    assert run_compose(tmp_path, COMPOSE, COMPOSE_HA).returncode == 0
+
+
+def test_the_ha_primary_and_replica_are_durable_noeviction_and_mutually_authenticated() -> None:
+    services = ha()["services"]
+    plain = base()["services"]["redis"]["command"]
+    primary, replica = services["redis"]["command"], services["redis-replica"]["command"]
+    assert primary[: len(plain)] == plain, "the primary keeps the base file's durability, memory and password"
+    for command in (primary, replica):
+        assert _flag(command, "--appendfsync") == "everysec" and _flag(command, "--maxmemory-policy") == "noeviction"
+        assert _flag(command, "--requirepass") == PASSWORD and _flag(command, "--masterauth") == PASSWORD
+        assert _flag(command, "--min-replicas-to-write") == "1"
+    assert _flag(replica, "--replicaof") == "redis" and replica[replica.index("--replicaof") + 2] == "6379"
+    assert any(v["target"] == "/data" and v["type"] == "volume" for v in services["redis-replica"]["volumes"])
+    for name, service in services.items():
+        assert "ports" not in service or name == "api", f"{name} publishes a port"
+
+
+def test_three_sentinels_watch_the_primary_with_a_quorum_of_two() -> None:
+    services = ha()["services"]
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in sentinels:
+        script = services[name]["command"][-1]
+        assert "sentinel monitor diffq redis 6379 2" in script
+        assert "sentinel down-after-milliseconds diffq 3000" in script and "failover-timeout diffq 10000" in script
+        assert "auth-pass diffq" in script and services[name]["environment"]["REDIS_PASSWORD"] == PASSWORD
+        assert "--sentinel" in script and not services[name]["healthcheck"].get("disable")
+
+
+def test_every_diffq_process_finds_the_primary_through_the_sentinels_and_waits_for_a_replica() -> None:
+    services = ha()["services"]
+    for name in DIFFQ_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["DIFFQ_REDIS_SENTINELS"] == "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379", name
+        assert environment["DIFFQ_REDIS_SENTINEL_SERVICE"] == "diffq" and int(environment["DIFFQ_REDIS_WAIT_REPLICAS"]) >= 1
+        assert environment["DIFFQ_REDIS_URL"] == f"redis://:{PASSWORD}@redis:6379/0", name  # the password
+        Settings(_env_file=None, **{key.removeprefix("DIFFQ_").lower(): value for key, value in environment.items()
+                                    if key.startswith("DIFFQ_") and value is not None})  # valid settings
+        for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
+            assert services[name]["depends_on"][sentinel]["condition"] == "service_healthy", name
 
 
 def test_compose_build_args_are_arguments_of_the_dockerfiles() -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract import keys, metrics
+from app.contract import keys, metrics, replication
 from app.contract.store import StoredImage, WriteResult
 from app.contract.tasks import model_queue
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
@@ -319,16 +319,43 @@ class JobRunner:
         """Store the job's final fields, results and terminal event (``event``: the status it ends
         in) in one guarded step, retried while Redis restarts."""
         assert values["status"] == event
+
         def finish() -> WriteResult:
             faults.at("store")
             return self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
                                      result_ttl=self.settings.result_ttl, blobs=blobs)
 
-        outcome = self._while_redis_recovers(finish)
+        outcome = self._replicated(finish)
         faults.at("stored")
         if outcome is WriteResult.WRITTEN:
             metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
         return outcome
+
+    def _replicated(self, write: Callable[[], WriteResult]) -> WriteResult:
+        """``write``, then wait until ``redis_wait_replicas`` replicas hold it, so a failover cannot
+        lose a result a client may have read. Unconfirmed (the primary died before replicating),
+        the write is made again on the promoted replica; finding the job already ended there
+        means the first write survived, which counts as written."""
+        deadline, written = time.monotonic() + self.settings.redis_retry, False
+        while True:
+            outcome = self._while_redis_recovers(write)
+            if outcome is WriteResult.ENDED and written:
+                outcome = WriteResult.WRITTEN
+            if outcome is not WriteResult.WRITTEN:
+                return outcome
+            written = True
+            try:
+                replication.confirm(self.store.redis, self.settings.redis_wait_replicas,
+                                    self.settings.redis_wait_timeout)
+                return outcome
+            except (replication.ReplicationTimeout, redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError) as error:
+                if time.monotonic() > deadline:
+                    log.warning("result stored but not confirmed by replicas within %s s: %s",
+                                self.settings.redis_retry, error)
+                    return outcome
+                log.warning("result not yet on a replica (%s); storing it again", error)
+                time.sleep(0.2)
 
     def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:
         """Retry a final write while Redis is unreachable (a restart), for up to ``redis_retry`` s."""
@@ -336,8 +363,9 @@ class JobRunner:
         while True:
             try:
                 return write()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-                if time.monotonic() + wait > deadline:
+            except redis.exceptions.RedisError as error:
+                unavailable = isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+                if not (unavailable or replication.is_failover_refusal(error)) or time.monotonic() + wait > deadline:
                     raise
                 log.warning("Redis unreachable while storing a result (%s); retrying in %.1f s", error, wait)
                 time.sleep(wait)

@@ -10,9 +10,9 @@ import socket
 import uuid
 from typing import TYPE_CHECKING
 
-from redis import Redis
 from rq.serializers import JSONSerializer
 
+from app.contract import connection, memory
 from app.contract.records import ModelRecord, WorkerRecord, utcnow
 from app.contract.registry import Registry
 from app.contract.store import JobStore
@@ -83,7 +83,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     marker = marker if marker is not None else Marker.from_settings(settings)
     engine = engine if engine is not None else load_engine(settings)
     model = model_record(engine)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connection.sync_client(settings)
+    memory.check_policy(redis, settings.redis_allow_eviction)  # EvictionPolicyError: refuse to serve
     host, pid = socket.gethostname(), os.getpid()
     worker_id = f"{host}.{pid}.{uuid.uuid4().hex[:8]}"
     now = utcnow()

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.contract import replication
 from app.core.errors import (
     ContentCredentialsUnavailableError,
     DiffqError,
@@ -21,10 +22,12 @@ from app.core.errors import (
     JobFinishedError,
     JobListingDisabledError,
     JobNotFoundError,
+    QueueFullError,
     RateLimitedError,
     RequestTimeoutError,
     ServerBusyError,
     StoreBusyError,
+    StoreFullError,
     StoreUnavailableError,
     TooManyQueuedJobsError,
     TooManyStreamsError,
@@ -49,6 +52,7 @@ STATUS: dict[type[DiffqError], int] = {
     UnauthorizedError: 401,
     RateLimitedError: 429,
     TooManyQueuedJobsError: 429,
+    QueueFullError: 429,  # not 503: the service is up, other models take jobs, and proxies do not retry 429s
     TooManyStreamsError: 429,
     ContentCredentialsUnavailableError: 503,
     TooManyWaitsError: 429,
@@ -71,9 +75,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"model": Error, "description": "The body is neither `application/json` nor `multipart/form-data`."},
     429: {"model": Error, "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
            "(`too_many_queued_jobs`), open event streams (`too_many_streams`), open waits (`too_many_waits`) or "
-           "uploads being decoded (`too_many_uploads`); retry after `Retry-After` seconds."},
-    503: {"model": Error, "description": "Redis is unreachable (`store_unavailable`), or this API process is at "
-           "its own limit (`store_busy`, `server_busy`); retry after `Retry-After` seconds."},
+           "uploads being decoded (`too_many_uploads`), or the model's queue is full (`queue_full`); retry after "
+           "`Retry-After` seconds."},
+    503: {"model": Error, "description": "Redis is unreachable or failing over (`store_unavailable`), full "
+           "(`redis_full`), too few replicas confirmed the job (`not_replicated`), or this API process is at its "
+           "own limit (`store_busy`, `server_busy`); retry after `Retry-After` seconds (with the same "
+           "`Idempotency-Key`: never a second job)."},
 }
 
 
@@ -143,6 +150,27 @@ async def _on_pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
     return await _on_diffq_error(request, StoreBusyError())
 
 
+async def _on_redis_full(request: Request, exc: Exception) -> JSONResponse:
+    message = f"Redis is full and refuses writes ({exc}); nothing was stored, retry later"
+    return await _on_diffq_error(request, StoreFullError(message))
+
+
+async def _on_redis_read_only(request: Request, exc: Exception) -> JSONResponse:
+    """A primary demoted to replica mid-failover (Sentinel clients reconnect on their own)."""
+    return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
+
+
+async def _on_redis_refusal(request: Request, exc: Exception) -> JSONResponse:
+    """A primary without enough replicas (``min-replicas-to-write``), or a replica cut off from
+    its primary, refuses writes: a failover is under way. A full Redis refusing a write inside
+    a script says OOM only in the message. Any other error is a bug: a 500."""
+    if "OOM command not allowed" in str(exc):
+        return await _on_redis_full(request, exc)
+    if replication.is_failover_refusal(exc):
+        return await _on_diffq_error(request, StoreUnavailableError(f"Redis is failing over: {exc}"))
+    raise exc
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so no route has to know about status codes of domain errors."""
     app.add_exception_handler(DiffqError, _on_diffq_error)
@@ -151,3 +179,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.ConnectionError, _on_redis_down)
     app.add_exception_handler(redis.exceptions.MaxConnectionsError, _on_pool_exhausted)
     app.add_exception_handler(redis.exceptions.TimeoutError, _on_redis_down)
+    app.add_exception_handler(redis.exceptions.OutOfMemoryError, _on_redis_full)
+    app.add_exception_handler(redis.exceptions.ReadOnlyError, _on_redis_read_only)
+    app.add_exception_handler(redis.exceptions.ResponseError, _on_redis_refusal)

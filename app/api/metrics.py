@@ -20,7 +20,8 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.contract import metrics
+from app.contract import memory, metrics
+from app.core import backpressure
 from app.contract.registry import Registry
 from app.contract.tasks import QUEUE_PREFIX
 
@@ -47,6 +48,8 @@ class DiffqCollector(Collector):
         client = self._redis()
         try:
             figures = metrics.read(client)
+            used = memory.read(client)
+            running = backpressure.running_by_model(client)
             workers = Registry(client, self._heartbeat_ttl).live_workers()
             depths = {
                 queue.name.removeprefix(QUEUE_PREFIX): queue.count
@@ -60,18 +63,27 @@ class DiffqCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        models = sorted({*depths, *figures, *(w.model for w in workers)})
+        yield GaugeMetricFamily("diffq_redis_memory_used_bytes", "Redis's used_memory.", value=used.used_bytes)
+        yield GaugeMetricFamily("diffq_redis_memory_max_bytes", "Redis's maxmemory (0: no limit; a full Redis "
+                                "refuses new jobs with 503 redis_full).", value=used.max_bytes)
+        models = sorted({*depths, *figures, *running, *(w.model for w in workers)})
 
         depth = GaugeMetricFamily("diffq_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
         live = GaugeMetricFamily("diffq_workers", "Live workers serving the model (heartbeat not expired).",
                                  labels=["model"])
         busy = GaugeMetricFamily("diffq_workers_busy", "Live workers running a job now.", labels=["model"])
+        runs = GaugeMetricFamily("diffq_jobs_running", "Jobs claimed by a worker and not ended.", labels=["model"])
+        load = GaugeMetricFamily("diffq_load_per_worker", "(queued + running) / live workers, the figure to "
+                                 "autoscale on (no worker: counted as one).", labels=["model"])
         for model in models:
             depth.add_metric([model], depths.get(model, 0))
             serving = [w for w in workers if w.model == model]
             live.add_metric([model], len(serving))
             busy.add_metric([model], sum(1 for w in serving if w.current_job is not None))
-        yield from (depth, live, busy)
+            figure = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))
+            runs.add_metric([model], figure.running)
+            load.add_metric([model], figure.per_worker)
+        yield from (depth, live, busy, runs, load)
 
         gpu = GaugeMetricFamily("diffq_worker_gpu_memory_bytes",
                                 "GPU memory of a worker's device at its latest heartbeat, where the worker reports it.",

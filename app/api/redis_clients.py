@@ -11,8 +11,8 @@ Three pools, so that one kind of work cannot take the connections another needs:
 
 A pool that is nevertheless out of connections raises redis-py's ``MaxConnectionsError`` at
 once, answered ``503 store_busy`` (never "Redis is unreachable": Redis is fine). This module is
-the only place the API constructs Redis clients: a different way of reaching Redis (Sentinel,
-TLS options) changes this one function.
+the only place the API sizes its Redis clients; how Redis is reached (a URL, or the primary found
+through Sentinel) is ``app.contract.connection``'s business.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from app.contract import connection
 from app.settings import Settings
 
 #: Seconds to connect; short, so a Redis outage is a prompt 503 rather than a hung request.
@@ -51,12 +52,11 @@ class ApiRedis:
 
 def open_api_redis(settings: Settings) -> ApiRedis:
     """The clients; connections are opened lazily, so the API starts even while Redis is down."""
-    url = settings.redis_url
     short = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
              "max_connections": settings.redis_max_connections}
     return ApiRedis(
-        sync=Redis.from_url(url, **short),
-        quick=AsyncRedis.from_url(url, **short),
-        waits=AsyncRedis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=BLOCKING_TIMEOUT,
-                                  max_connections=settings.redis_wait_connections),
+        sync=connection.sync_client(settings, **short),
+        quick=connection.async_client(settings, **short),
+        waits=connection.async_client(settings, socket_connect_timeout=CONNECT_TIMEOUT,
+                                      socket_timeout=BLOCKING_TIMEOUT, max_connections=settings.redis_wait_connections),
     )

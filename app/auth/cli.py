@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from redis import Redis
-
+from app.contract import connection
 from app.auth.apikeys import PRIORITIES, ApiKey, KeyLimits, KeyStore
 from app.auth.quotas import parse_rate
 from app.settings import Settings
@@ -48,7 +47,7 @@ def add_commands(commands: argparse._SubParsersAction, run: object) -> None:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    redis = connection.sync_client(settings, socket_connect_timeout=5, socket_timeout=10)
     store = KeyStore(redis)
     try:
         if args.action == "create":

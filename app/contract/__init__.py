@@ -6,4 +6,7 @@
 - ``store``: the atomic operations on job records (create, claim, progress, finish, delete).
 - ``registry``: worker and model registration with heartbeats.
 - ``tasks``: the single task a worker runs and the queue each model uses.
+- ``connection``: every Redis client diffq opens, plain or through Sentinel.
+- ``replication``: ``WAIT`` for replicas before a write counts as acknowledged.
+- ``memory``: refuse an evicting Redis; its used and maximum memory.
 """

@@ -48,6 +48,9 @@ diffq:fair:<queue>              zset    API       ``job_ttl``, renewed at each s
                                                   class, then round: ``app.contract.tasks``).
 diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed at each submit. Each
                                                   owner's latest round per class, and the top.
+diffq:replication:mark          string  both      a minute. Written just before a ``WAIT``, on the
+                                                  same connection, so the ``WAIT`` covers every
+                                                  write made before it (``app.contract.replication``).
 ==============================  ======  ========  ==================================================
 
 API keys and tenants (``app.auth``; an owner is an API key id, or ``-`` with auth off):
@@ -122,6 +125,9 @@ JOBS_INDEX_MAX = 10_000
 
 METRICS_MODELS = f"{PREFIX}:metrics:models"
 """Set of model names that have a ``metrics`` hash."""
+
+REPLICATION_MARK = f"{PREFIX}:replication:mark"
+"""Written right before a ``WAIT`` on the same connection (``app.contract.replication``)."""
 
 
 API_KEYS = f"{PREFIX}:apikeys"

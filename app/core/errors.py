@@ -79,6 +79,33 @@ class StoreUnavailableError(DiffqError):
     code = "store_unavailable"
 
 
+class StoreFullError(StoreUnavailableError):
+    """Redis refuses writes because it reached ``maxmemory``; nothing of the request was stored."""
+
+    code = "redis_full"
+    headers = {"Retry-After": "5"}
+
+
+class NotReplicatedError(StoreUnavailableError):
+    """The job was written but too few replicas confirmed it in time: not acknowledged.
+    A retry with the same Idempotency-Key returns this job once replicas have it, never a second one."""
+
+    code = "not_replicated"
+
+
+class QueueFullError(DiffqError):
+    """The model's queue holds as many jobs as the deployment allows (``max_queue_depth``)."""
+
+    code = "queue_full"
+
+    def __init__(self, model: str, depth: int, wait_seconds: float | None) -> None:
+        wait = f"about {wait_seconds:.0f} s" if wait_seconds is not None else "unknown (no job has run yet)"
+        super().__init__(f"model {model!r} already has {depth} queued jobs, its limit; the current wait is {wait}")
+        retry = max(1, round(wait_seconds / max(depth, 1))) if wait_seconds else 5  # about one job's run
+        self.headers = {"Retry-After": str(retry)}
+        self.wait_seconds = wait_seconds
+
+
 class IdempotencyConflictError(DiffqError):
     """An Idempotency-Key came back with a different request body: replaying it would hide a mistake."""
 

@@ -15,7 +15,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract import events, keys, metrics
+from app.contract import events, keys, metrics, replication
 from app.contract import status as job_status
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
@@ -24,6 +24,7 @@ from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
 from app.contract.tasks import Place, enqueue, model_queue, rq_status
+from app.core import backpressure
 from app.core.errors import (
     ContentCredentialsUnavailableError,
     FieldProblem,
@@ -31,6 +32,7 @@ from app.core.errors import (
     InvalidRequestError,
     JobFinishedError,
     JobNotFoundError,
+    NotReplicatedError,
     TooManyQueuedJobsError,
     UnknownModelError,
 )
@@ -83,6 +85,7 @@ class JobService:
         served = self._served(body.model)
         model = served.model
         files = files or {}
+        backpressure.check_room(self.redis, self.settings, model.name, len(served.workers))
         early = check_before_decode(body, model, infer_mode(body, files))  # nothing decoded yet
         if early is not None:
             self._check_cost(early[0], early[1], body.steps or model.default_steps, body.num_images)
@@ -125,6 +128,16 @@ class JobService:
             raise
         log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
         return self._queued_view(record, queue.key, len(served.workers))
+
+    def confirm_replicated(self) -> None:
+        """Return once ``redis_wait_replicas`` replicas hold what this request wrote (the job it
+        created, or found under its Idempotency-Key); else ``NotReplicatedError``: not acknowledged."""
+        settings = self.settings
+        try:
+            replication.confirm(self.redis, settings.redis_wait_replicas, settings.redis_wait_timeout)
+        except replication.ReplicationTimeout as error:
+            raise NotReplicatedError(f"the job is not yet safe against the loss of the Redis primary ({error}); "
+                                     "retry with the same Idempotency-Key to get this job, never a second one") from None
 
     def _queued_view(self, record: JobRecord, queue_key: str, workers: int) -> JobView:
         """``view`` of a job this request has just queued, in one round trip: its status is known

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Health(BaseModel):
@@ -19,3 +19,6 @@ class Readiness(BaseModel):
     redis: bool
     workers: int
     models: list[str]
+    queues_full: list[str] = Field(
+        default_factory=list, description="Models whose queue is at DIFFQ_MAX_QUEUE_DEPTH (new jobs get 429)."
+    )

@@ -61,7 +61,7 @@ import httpx
 import redis.exceptions
 from redis import Redis
 
-from app.contract import keys
+from app.contract import connection, keys
 from app.core.errors import InvalidRequestError
 from app.settings import Settings, load_settings
 from app.webhooks.outbox import relay
@@ -362,7 +362,7 @@ def main(settings: Settings | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    client = connection.sync_client(settings, socket_connect_timeout=2, socket_timeout=10)
     deliverer = Deliverer(client, settings)
     log.info("webhook deliverer started (lease %s s, timeout %s s)", settings.webhook_lease, settings.webhook_timeout)
     try:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import redis.exceptions
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from redis import Redis
 from fastapi.responses import JSONResponse
 
 from app import __version__
-from app.deps import RegistryDep
+from app.core import backpressure
+from app.deps import RegistryDep, SettingsDep
+from app.settings import Settings
 from app.schemas.health import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -21,21 +26,35 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis unreachable or no live worker."}},
+    responses={503: {"model": Readiness, "description": "Redis unreachable, no live worker, or the queue of `model` is full."}},
     summary="Readiness",
 )
-def readyz(registry: RegistryDep) -> JSONResponse:
+def readyz(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    model: Annotated[
+        str | None, Query(description="Also not ready (503) while this model's queue is full: for a load "
+                          "balancer in front of one model's traffic.")
+    ] = None,
+) -> JSONResponse:
     try:
         registry.redis.ping()
         served = registry.served_models()
+        full = [s.model.name for s in served if _full(registry.redis, settings, s.model.name)]
         reachable = True
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-        served, reachable = [], False
+        served, full, reachable = [], [], False
     workers = sum(len(s.workers) for s in served)
     body = Readiness(
-        ready=reachable and workers > 0,
+        ready=reachable and workers > 0 and (model is None or model not in full),
         redis=reachable,
         workers=workers,
         models=[s.model.name for s in served],
+        queues_full=full,
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+def _full(redis: Redis, settings: Settings, model: str) -> bool:
+    limit = backpressure.max_depth(settings, model)
+    return limit is not None and backpressure.queued(redis, model) >= limit

@@ -154,6 +154,7 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
             view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
         else:
             view = await run_in_threadpool(jobs.submit, body, uploads)
+        await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         name = str(first["loc"][0]) if first["loc"] else None

@@ -51,6 +51,7 @@ from app.core.errors import (
     RequestTimeoutError,
     ServerBusyError,
     StoreBusyError,
+    QueueFullError,
     StoreUnavailableError,
     TooManyUploadsError,
     TooManyWaitsError,
@@ -142,17 +143,18 @@ class OpenAIFailure(Exception):
     """An answer in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry: bool | None = None, job_id: str | None = None) -> None:
+                 code: str | None = None, retry: bool | None = None, job_id: str | None = None,
+                 retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.retry, self.job_id = retry, job_id
+        self.retry, self.job_id, self.retry_after = retry, job_id, retry_after
 
     def response(self) -> JSONResponse:
         headers = {}
         if self.retry is not None:
             headers["x-should-retry"] = "true" if self.retry else "false"
-        if self.status in (429, 503):
-            headers["Retry-After"] = "1"
+        if self.status in (429, 503) or self.retry_after is not None:
+            headers["Retry-After"] = self.retry_after or "1"
         if self.status == 408:
             headers["Connection"] = "close"  # the rest of a late body is not waited for
         if self.job_id is not None:
@@ -229,6 +231,7 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
                 view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None, ENDPOINT)
             else:
                 view = await run_in_threadpool(jobs.submit, body, None)
+            await run_in_threadpool(jobs.confirm_replicated)
         except DiffqError as error:
             raise _submit_failure(error) from None
         job_id = view.record.id
@@ -310,7 +313,12 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
     if isinstance(error, ServerBusyError):
         return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
     if isinstance(error, StoreUnavailableError):
-        return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
+        retry_after = (error.headers or {}).get("Retry-After")
+        return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
+                             retry_after=retry_after)
+    if isinstance(error, QueueFullError):
+        return OpenAIFailure(429, error.message, type="server_error", code=error.code, retry=True,
+                             retry_after=(error.headers or {}).get("Retry-After"))
     if isinstance(error, UploadTooLargeError):
         return OpenAIFailure(413, error.message, code=error.code)
     if isinstance(error, IdempotencyConflictError | IdempotencyInProgressError):

@@ -95,6 +95,7 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
                                                   f"POST /sdapi/v1/{'img2img' if img2img else 'txt2img'}")
         else:
             view = await run_in_threadpool(jobs.submit, body, None)
+        await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
     except ValidationError as error:
         raise invalid([problem(error)]) from None
     except DiffqError as error:
