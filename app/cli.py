@@ -35,6 +35,8 @@ def run_api(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
+    if not _store_ready(settings, "api"):
+        return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 log_config=None)  # uvicorn's lines go through app.logs too
     return 0
@@ -46,6 +48,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.service import load_engine  # imports the model stack only now
     from worker.service import run_worker as serve
 
+    if not _store_ready(settings, "worker"):
+        return 2
     try:
         engine = load_engine(settings)
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
@@ -53,6 +57,21 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     serve(settings, engine=engine, burst=args.burst)
     return 0
+
+
+def _store_ready(settings: Settings, command: str) -> bool:
+    """Whether this process can write to its result store; if not, say which setting to fix."""
+    from redis import Redis
+
+    from app.storage.base import StorageConfigError, StorageUnavailableError
+    from app.storage.factory import ready_store
+
+    try:
+        ready_store(settings, Redis.from_url(settings.redis_url))
+    except (StorageConfigError, StorageUnavailableError) as error:
+        print(f"diffq {command}: cannot use the result store (DIFFQ_STORE={settings.store}): {error}", file=sys.stderr)
+        return False
+    return True
 
 
 def run_webhooks(args: argparse.Namespace) -> int:

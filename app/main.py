@@ -21,6 +21,7 @@ from app.auth.quotas import RateLimiter
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
+from app.storage.factory import ready_store
 
 DESCRIPTION = """\
 Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Its socket timeout must outlast the blocking reads (5 s XREAD; redis-py's default is 5 s too).
         app.state.aredis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
         app.state.rate_limiter = RateLimiter(app.state.redis)
+        # The result store: an API that cannot write to it refuses to start (the message names the setting).
+        app.state.results = ready_store(settings, app.state.redis)
         try:
             yield
         finally:

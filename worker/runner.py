@@ -12,13 +12,13 @@ given the cached memory back; a job that does not fit even alone fails with
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import redis.exceptions
@@ -28,9 +28,13 @@ from rq.timeouts import JobTimeoutException
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract import events, keys, metrics
 from app.contract.store import StoredImage, WriteResult
+from app.storage.base import StorageUnavailableError
+from app.storage.objects import OBJECT_TTL_MARGIN
+from app.storage.urls import image_links, relative_proxy_url
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
 from worker.context import WorkerContext
-from worker.png import encode_journey, encode_png, png_text
+from worker.png import png_text
+from worker.results import discard, read_input, store_run
 from worker.progress import (
     JobAbandonedError,
     JobCanceledError,
@@ -133,8 +137,14 @@ class JobRunner:
             return None
         inputs = {}
         for name in ("image", "mask"):
-            if getattr(record.request, name) is not None:
-                png = self.store.job_input(record.id, name)
+            source = getattr(record.request, name)
+            if source is not None:
+                try:
+                    png = (read_input(self.context.results, source.key, self.settings.store_retry)
+                           if source.key is not None else self.store.job_input(record.id, name))
+                except StorageUnavailableError as error:
+                    self._fail(record, token, ErrorCode.STORAGE_UNAVAILABLE, f"{name}: {error}")
+                    return None
                 if png is None:
                     self._fail(record, token, ErrorCode.INVALID_REQUEST, f"{name}: the stored input has expired")
                     return None
@@ -297,24 +307,42 @@ class JobRunner:
             pipe.ltrim(key, 0, 19)
             pipe.execute()
 
-    def _publish(self, job_id: str, type: str, data: dict[str, Any]) -> None:
+    def _publish(self, job_id: str, type: str, data: dict[str, Any], ttl: int | None = None) -> None:
         try:
-            events.publish(self.store.redis, job_id, type, data, self.settings.job_ttl)
+            events.publish(self.store.redis, job_id, type, data, ttl or self.settings.job_ttl)
         except redis.exceptions.RedisError as error:  # the record holds the truth; streams re-read it
             log.warning("job %s: could not publish %s event: %s", job_id, type, error)
 
     def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
              images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
-        """Store the job's final fields (and results) and, if that stuck, publish its terminal event."""
+        """Store the job's final fields (and results) and, if that stuck, publish its terminal event.
+        The record, and with it its objects, then lives the job's retention."""
+        retention = self._retention(record)
         outcome = self._while_redis_recovers(
-            lambda: self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
-                                      result_ttl=self.settings.result_ttl, blobs=blobs)
+            lambda: self.store.finish(record.id, token, values, images, job_ttl=retention,
+                                      result_ttl=retention, blobs=blobs)
         )
         if outcome is WriteResult.WRITTEN:
+            count = len(images) or len(values.get("images", []))
             data = {key: values[key] for key in ("error", "seeds") if key in values}
-            self._publish(record.id, event, {"status": values["status"], **data, "images": len(images)})
-            metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
+            expires_at = (utcnow() + timedelta(seconds=retention)).isoformat()
+            data |= {"expires_at": expires_at, **self._image_urls(record, values)}
+            self._publish(record.id, event, {"status": values["status"], **data, "images": count}, retention)
+            metrics.record_job_end(self.store.redis, record, values, count)  # never raises
         return outcome
+
+    def _retention(self, record: JobRecord) -> int:
+        return record.request.retention_seconds or self.settings.job_ttl
+
+    def _image_urls(self, record: JobRecord, values: dict[str, Any]) -> dict[str, Any]:
+        """The finished images' URLs for the terminal event and its webhook (``app.storage.urls``;
+        proxied ones relative, as a worker knows no host)."""
+        images = [ImageRecord.model_validate(image) for image in values.get("images", [])]
+        if not images:
+            return {}
+        ended = record.model_copy(update={"images": images, "journeys": values.get("journeys", 0)})
+        links = [image_links(ended, image, self.settings, self.context.results, relative_proxy_url) for image in images]
+        return {"image_urls": [link.url for link in links]}
 
     def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:
         """Retry a final write while Redis is unreachable (a restart), for up to ``redis_retry`` s."""
@@ -330,37 +358,31 @@ class JobRunner:
                 wait = min(wait * 2, 5.0)
 
     def _succeed(self, record: JobRecord, token: str, result: GenerationResult) -> None:
+        """Write the images to the result store under this attempt's token, then reference them in
+        the record through the guarded finish script; a store that stays down fails the job."""
         params = record.request
-        images: list[StoredImage] = []
-        image_records: list[ImageRecord] = []
-        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            text = png_text(params, seed, self.model) if params.metadata else None
-            png = encode_png(image, text)
-            images.append(StoredImage(index=index, png=png))
-            image_records.append(
-                ImageRecord(
-                    index=index,
-                    seed=seed,
-                    width=image.width,
-                    height=image.height,
-                    sha256=hashlib.sha256(png).hexdigest(),
-                    size_bytes=len(png),
-                )
-            )
+        metadata = [png_text(params, seed, self.model) if params.metadata else None for seed in result.seeds]
+        try:
+            stored = store_run(self.context.results, record, token, list(zip(result.images, result.seeds, strict=True)),
+                               metadata, result.journeys, self._retention(record) + OBJECT_TTL_MARGIN,
+                               self.settings.store_retry)
+        except StorageUnavailableError as error:
+            self._fail(record, token, ErrorCode.STORAGE_UNAVAILABLE, f"could not store the images: {error}")
+            return
         values: dict[str, Any] = {
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
             "warnings": [*record.warnings, *result.warnings],  # the API's (about inputs), then the model's
             "parameters": _jsonable(result.parameters),
-            "images": [image.model_dump(mode="json") for image in image_records],
+            "images": [image.model_dump(mode="json") for image in stored.images],
             "journeys": len(result.journeys),
         }
-        journeys = {keys.journey(record.id, n): encode_journey(frames) for n, frames in enumerate(result.journeys)}
-        outcome = self._end(record, token, "succeeded", values, images, journeys)
+        outcome = self._end(record, token, "succeeded", values)
         if outcome is WriteResult.WRITTEN:
-            log.info("job %s: succeeded with %d image(s)", record.id, len(images))
+            log.info("job %s: succeeded with %d image(s)", record.id, len(stored.images))
         else:
+            discard(self.context.results, stored.keys)  # never referenced: a stale or deleted run's upload
             log.info("job %s: result discarded, record %s", record.id, outcome.name.lower())
 
     def _fail(self, record: JobRecord, token: str, code: ErrorCode, message: str) -> None:

@@ -22,6 +22,9 @@ diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the r
 diffq:job:<id>:preview          string  worker    ``result_ttl``. PNG of the latest preview.
 diffq:job:<id>:journey:<n>      string  worker    ``result_ttl``. Animated WebP of image n's
                                                   clean-image estimate over the steps.
+diffq:object:<object key>       string  both      the job's retention. With ``DIFFQ_STORE=redis`` only: an
+                                                  image, journey or input (``app.storage.objects``).
+diffq:store:sweeper             string  worker    a sweep interval. Lock: one store sweep at once.
 diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
                                                   jobs, for queue ETAs.
 diffq:running                   zset    worker    none. Ids of claimed, unended jobs (score: claim
@@ -199,3 +202,12 @@ def worker(worker_id: str) -> str:
 def model(name: str) -> str:
     """The registered limits of a model served by at least one live worker."""
     return f"{PREFIX}:model:{name}"
+
+
+STORE_SWEEPER = f"{PREFIX}:store:sweeper"
+"""Held by the worker sweeping the result store for unreferenced objects, for one sweep interval."""
+
+
+def stored_object(key: str) -> str:
+    """An object of the ``redis`` result store (``app.storage.objects`` makes ``key``)."""
+    return f"{PREFIX}:object:{key}"

@@ -32,11 +32,11 @@ import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from PIL import Image
 
 from app.contract.records import InputImage, JobMode, ModelRecord, Outpaint
-from app.contract.store import JobStore
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.uploads import UploadLimits, decode_base64, decode_image
 from app.schemas.jobs import JobCreate
@@ -51,6 +51,13 @@ _USED_BY = {
     "mask": (JobMode.INPAINT,),
     "outpaint": (JobMode.OUTPAINT,),
 }
+
+
+
+class ImageSource(Protocol):
+    """Where ``job:<id>/<n>`` inputs are read from (the job service, through the result store)."""
+
+    def image(self, job_id: str, index: int) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ def infer_mode(body: JobCreate, files: Mapping[str, bytes]) -> JobMode:
 
 
 def prepare_inputs(
-    body: JobCreate, files: Mapping[str, bytes], model: ModelRecord, settings: Settings, store: JobStore
+    body: JobCreate, files: Mapping[str, bytes], model: ModelRecord, settings: Settings, store: ImageSource
 ) -> PreparedInputs:
     """Check the request's mode and inputs against the model; decode, normalise and size them."""
     mode = infer_mode(body, files)
@@ -137,7 +144,7 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
 
 
 def _load(
-    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: JobStore
+    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: ImageSource
 ) -> tuple[Image.Image, str]:
     """Decode one input (file part, base64 or job reference) into an RGB or RGBA image."""
     if name in files:
@@ -152,7 +159,7 @@ def _load(
     return image, source
 
 
-def _referenced(name: str, value: str, store: JobStore) -> bytes:
+def _referenced(name: str, value: str, store: ImageSource) -> bytes:
     match = JOB_REFERENCE.match(value)
     if match is None:
         raise _problem(name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0")

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis import Redis
@@ -31,6 +32,7 @@ from app.core.errors import (
     InvalidRequestError,
     JobFinishedError,
     JobNotFoundError,
+    ResultStoreUnavailableError,
     TooManyQueuedJobsError,
     UnknownModelError,
 )
@@ -39,6 +41,9 @@ from app.core.inputs import prepare_inputs
 from app.core.validation import resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
+from app.storage import objects
+from app.storage.base import ResultStore, StorageUnavailableError
+from app.storage.factory import open_store
 from app.webhooks.deliver import attempts, attempts_key
 from app.webhooks.urls import AllowList, check_url
 
@@ -66,16 +71,19 @@ class JobView:
     queue_position: int | None
     eta_seconds: float | None = None  # until it ends: from the queue ahead, or the running steps
     webhook_deliveries: list[dict[str, Any]] | None = None  # attempts so far; None: the job has no webhook
+    expires_at: datetime | None = None  # when its record (and with it its images and keys) lapses
 
 
 class JobService:
     """The operations behind the job endpoints, against Redis and RQ."""
 
-    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None) -> None:
+    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None,
+                 results: ResultStore | None = None) -> None:
         self.redis = redis
         self.settings = settings
         self.caller = caller if caller is not None else Caller(None, settings)
         self.store = JobStore(redis)
+        self.results = results if results is not None else open_store(settings, redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
     def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None) -> JobView:
@@ -86,16 +94,19 @@ class JobService:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         served = self._served(body.model)
         model = served.model
-        inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
+        inputs = prepare_inputs(body, files or {}, model, self.settings, _StoredImages(self))
         request = resolve_request(body, model, inputs)
         self._check_cost(request)
+        retention = retention_seconds(body.retention_seconds, self.settings)
+        request = request.model_copy(update={"retention_seconds": retention})
         if body.webhook is not None:
             request = request.model_copy(update={"webhook": body.webhook})
         if self.caller.strip_metadata:
             request = request.model_copy(update={"metadata": False})
-        caller, ttl = self.caller, self.settings.job_ttl
+        caller, ttl = self.caller, retention
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
+        record = self._store_inputs(record, inputs.pngs)
         quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
         if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
             raise TooManyQueuedJobsError(caller.max_queued_jobs)
@@ -105,7 +116,7 @@ class JobService:
             with self.redis.pipeline() as pipe:
                 # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
                 enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-                self.store.create(record, ttl, pipeline=pipe, inputs=inputs.pngs)
+                self.store.create(record, ttl, pipeline=pipe)  # inputs: in the result store (_store_inputs)
                 events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
                 pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
                 pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
@@ -118,6 +129,23 @@ class JobService:
         log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
         return self._queued_view(record, queue.key, len(served.workers))
 
+    def _store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes]) -> JobRecord:
+        """Write an editing job's input PNGs to the result store before its record exists (a
+        worker may take the job the moment it is queued); the record names their keys. Inputs
+        of a submit that fails after this are swept (no record refers to them)."""
+        update = {}
+        ttl = _object_ttl(record)
+        for name, png in pngs.items():
+            key = objects.job_input(record.id, name)
+            try:
+                self.results.put(key, png, "image/png", ttl)
+            except StorageUnavailableError as error:
+                raise ResultStoreUnavailableError(f"the result store is unreachable: {error}") from error
+            update[name] = getattr(record.request, name).model_copy(update={"key": key})
+        if not update:
+            return record
+        return record.model_copy(update={"request": record.request.model_copy(update=update)})
+
     def _queued_view(self, record: JobRecord, queue_key: str, workers: int) -> JobView:
         """``view`` of a job this request has just queued, in one round trip: its status is known
         (nothing to reconcile with RQ yet), and so are the model's workers."""
@@ -127,8 +155,11 @@ class JobService:
             found, durations = pipe.execute()
         position = found if isinstance(found, int) else 0  # None: a worker is already taking it
         deliveries = [] if record.request.webhook is not None else None
+        expires = record.created_at + timedelta(seconds=retention_seconds(record.request.retention_seconds,
+                                                                          self.settings))
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
-                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries)
+                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries,
+                       expires_at=expires)
 
     def _check_cost(self, request: JobParams) -> None:
         """Refuse a job bigger than the caller's budget of width × height × steps × images."""
@@ -232,8 +263,10 @@ class JobService:
         elif status is JobStatus.RUNNING and record.progress is not None:
             eta = record.progress.eta_seconds
         deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
+        remaining = self.redis.pttl(keys.job(record.id))
+        expires = utcnow() + timedelta(milliseconds=remaining) if remaining and remaining > 0 else None
         return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
-                       webhook_deliveries=deliveries)
+                       webhook_deliveries=deliveries, expires_at=expires)
 
     def _queued_eta(self, model: str, position: int) -> float | None:
         durations = self.redis.lrange(keys.model_durations(model), 0, -1)
@@ -278,7 +311,12 @@ class JobService:
     def journey(self, job_id: str, index: int) -> bytes:
         """Image ``index``'s journey animation; raises unless the job asked for one and finished."""
         record = self._record(job_id)
-        data = self.store.journey(job_id, index) if index < record.journeys else None
+        found = [image for image in record.images if image.index == index and index < record.journeys]
+        data = None
+        if found and found[0].journey_key is not None:
+            data = self._read(found[0].journey_key)
+        elif found:
+            data = self.store.journey(job_id, index)  # a job stored before the result store
         if data is None:
             reason = "did not ask for a journey" if not record.request.journey else "has no such journey (yet)"
             raise ImageNotFoundError(f"job {job_id!r} {reason}: journey {index}")
@@ -289,6 +327,10 @@ class JobService:
         self._require(job_id)
         if not self.store.delete(job_id):
             raise JobNotFoundError(job_id)
+        try:
+            self.results.delete_job(job_id)  # every attempt's objects, and the inputs
+        except StorageUnavailableError as error:  # the record is gone: the sweeper removes them later
+            log.warning("job %s deleted; its objects stay until the store sweep (%s)", job_id, error)
         self.redis.delete(attempts_key(job_id))  # its webhook delivery attempts
         # A running job is left to its worker: the worker finds the record gone at its
         # next progress write and stops, and RQ then closes its own bookkeeping.
@@ -306,12 +348,20 @@ class JobService:
                 return image
         raise ImageNotFoundError(_missing_image_message(record, index))
 
-    def image_bytes(self, job_id: str, index: int) -> bytes:
-        """PNG bytes of an image; raises once they have expired or were deleted."""
-        png = self.store.image(job_id, index)
+    def image_bytes(self, job_id: str, index: int, image: ImageRecord | None = None) -> bytes:
+        """The bytes of an image; raises once they have expired or were deleted, and
+        ``ResultStoreUnavailableError`` (503) while the result store is down."""
+        image = image if image is not None else self.image(job_id, index)
+        png = self._read(image.key) if image.key is not None else self.store.image(job_id, index)
         if png is None:
             raise ImageNotFoundError(f"image {index} of job {job_id!r} has expired or was deleted")
         return png
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self.results.get(key)
+        except StorageUnavailableError as error:
+            raise ResultStoreUnavailableError(f"the result store is unreachable: {error}") from error
 
     def served_model(self, name: str | None) -> ModelRecord:
         """The model a request runs on; raises ``UnknownModelError`` naming the served ones."""
@@ -360,6 +410,32 @@ class JobService:
 
     def _rq_job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+
+
+class _StoredImages:
+    """Finished images by job and index, for inputs that name one (``job:<id>/<n>``)."""
+
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+
+    def image(self, job_id: str, index: int) -> bytes | None:
+        record = self.jobs.store.get(job_id)
+        found = [image for image in record.images if image.index == index] if record is not None else []
+        if not found:
+            return None
+        return self.jobs.image_bytes(job_id, index, found[0])
+
+
+def retention_seconds(asked: int | None, settings: Settings) -> int:
+    """How long a job is kept after it ends: what it asked, else ``job_ttl`` (within ``max_retention``)."""
+    return asked if asked is not None else min(settings.job_ttl, settings.max_retention)
+
+
+def _object_ttl(record: JobRecord) -> int:
+    """TTL of a ``redis``-store object of a job: its retention and a margin, so it never lapses
+    before the record that refers to it (``file`` and ``s3`` ignore it: the sweeper removes
+    objects once their record is gone)."""
+    return int(record.request.retention_seconds or 0) + objects.OBJECT_TTL_MARGIN
 
 
 def _eta(position: int, workers: int, durations: list[bytes]) -> float | None:

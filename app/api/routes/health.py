@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app import __version__
-from app.deps import RegistryDep
+from app.deps import RegistryDep, ResultsDep
 from app.schemas.health import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -21,10 +21,10 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis unreachable or no live worker."}},
+    responses={503: {"model": Readiness, "description": "Redis or the result store unreachable, or no live worker."}},
     summary="Readiness",
 )
-def readyz(registry: RegistryDep) -> JSONResponse:
+def readyz(registry: RegistryDep, results: ResultsDep) -> JSONResponse:
     try:
         registry.redis.ping()
         served = registry.served_models()
@@ -32,9 +32,12 @@ def readyz(registry: RegistryDep) -> JSONResponse:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         served, reachable = [], False
     workers = sum(len(s.workers) for s in served)
+    store = results.ping()
     body = Readiness(
-        ready=reachable and workers > 0,
+        ready=reachable and workers > 0 and store,
         redis=reachable,
+        store=store,
+        store_backend=results.name,
         workers=workers,
         models=[s.model.name for s in served],
     )
