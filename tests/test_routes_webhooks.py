@@ -4,11 +4,10 @@ the delivery attempts on the job resource."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 import io
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 import standardwebhooks

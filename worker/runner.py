@@ -46,6 +46,9 @@ from worker.progress import (
 
 log = logging.getLogger(__name__)
 
+#: Seconds a finished job's preview stays in Redis (a client that watched the run can still fetch it).
+PREVIEW_AFTER_END = 300
+
 
 def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = None) -> GenerationRequest:
     """The engine's request for a job's resolved parameters and its stored input PNGs."""
@@ -329,7 +332,16 @@ class JobRunner:
             data |= {"expires_at": expires_at, **self._image_urls(record, values)}
             self._publish(record.id, event, {"status": values["status"], **data, "images": count}, retention)
             metrics.record_job_end(self.store.redis, record, values, count)  # never raises
+            self._forget_preview(record.id)
         return outcome
+
+    def _forget_preview(self, job_id: str) -> None:
+        """A finished job's preview (a full-size PNG in Redis) lapses ``PREVIEW_AFTER_END`` seconds
+        after the end: Redis keeps job state, and the images are in the result store."""
+        try:
+            self.store.redis.expire(keys.preview(job_id), PREVIEW_AFTER_END)
+        except redis.exceptions.RedisError as error:
+            log.warning("job %s: could not shorten its preview's life: %s", job_id, error)
 
     def _retention(self, record: JobRecord) -> int:
         return record.request.retention_seconds or self.settings.job_ttl
