@@ -19,6 +19,8 @@ from app.contract import keys
 from app.contract.store import JobStore
 from app.settings import Settings
 from app.storage import objects
+from app.storage.base import StorageConfigError
+from app.storage.factory import ready_store
 from app.storage.file_store import FileResultStore
 from app.storage.s3_store import S3ResultStore
 from app.storage.sweep import StoreSweeper, referenced
@@ -162,6 +164,13 @@ def test_a_signed_url_with_a_one_second_lifetime_is_refused_after_it(tmp_path: P
         time.sleep(2.5)
         late = httpx.get(url)
         assert late.status_code == 403 and b"expired" in late.content
+
+        # This server checks credentials: wrong ones are refused at start, naming where they come from.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOBODY")
+        settings = Settings(_env_file=None, store="s3", store_bucket=BUCKET, store_endpoint_url=server.endpoint,
+                            store_region="us-east-1", store_addressing="path")
+        with pytest.raises(StorageConfigError, match="AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"):
+            ready_store(settings, Redis())
     finally:
         server.stop()
 
