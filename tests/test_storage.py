@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -265,3 +266,29 @@ def test_urls_per_mode(tmp_path: Path, s3: S3ResultStore) -> None:
     legacy = image_links(record, image.model_copy(update={"key": None}), base.model_copy(update={"image_urls": "signed"}),
                          s3, relative_proxy_url)
     assert legacy.url == f"/v1/jobs/{JOB}/images/0.webp"  # stored before the result store: always proxied
+
+
+@pytest.mark.usefixtures("served")
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"quality": 80}, "quality", "webp or jpeg"),
+    ({"output_format": "gif"}, "output_format", "png"),
+    ({"output_format": "jpeg", "quality": 0}, "quality", "greater than or equal to 1"),
+    ({"retention_seconds": 7 * 86400 + 1}, "retention_seconds", "604800"),
+    ({"retention_seconds": 0}, "retention_seconds", "greater than or equal to 1"),
+])
+def test_bad_output_format_quality_or_retention_is_a_422_naming_the_field(client: TestClient, body: dict,
+                                                                         field: str, words: str) -> None:
+    response = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 2, **body})
+    assert response.status_code == 422
+    assert any(problem["field"] in (field, "body") and words in problem["message"]
+               for problem in response.json()["fields"]), response.json()
+
+
+@pytest.mark.usefixtures("served")
+def test_retention_is_on_the_request_and_expires_at_on_the_job(client: TestClient, redis: Redis) -> None:
+    job = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": 2, "retention_seconds": 120}).json()
+    assert job["request"]["retention_seconds"] == 120 and 0 < redis.ttl(keys.job(job["id"])) <= 120
+    again = client.get(f"/v1/jobs/{job['id']}").json()  # from the record's own TTL
+    first, now = (datetime.fromisoformat(j["expires_at"]) for j in (job, again))
+    assert abs(first - now) < timedelta(seconds=2)
+    assert timedelta(seconds=110) < now - datetime.now(timezone.utc) <= timedelta(seconds=120)
