@@ -103,10 +103,11 @@ class JobService:
             request = request.model_copy(update={"webhook": body.webhook})
         if self.caller.strip_metadata:
             request = request.model_copy(update={"metadata": False})
-        caller, ttl = self.caller, retention
+        # Waiting and running, the job lives job_ttl (or its retention, if longer); its retention counts from its end.
+        caller, ttl = self.caller, max(self.settings.job_ttl, retention)
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
-        record = self._store_inputs(record, inputs.pngs)
+        record = self._store_inputs(record, inputs.pngs, ttl + objects.OBJECT_TTL_MARGIN)
         quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
         if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
             raise TooManyQueuedJobsError(caller.max_queued_jobs)
@@ -129,12 +130,12 @@ class JobService:
         log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
         return self._queued_view(record, queue.key, len(served.workers))
 
-    def _store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes]) -> JobRecord:
+    def _store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
         """Write an editing job's input PNGs to the result store before its record exists (a
         worker may take the job the moment it is queued); the record names their keys. Inputs
-        of a submit that fails after this are swept (no record refers to them)."""
+        of a submit that fails after this are swept (no record refers to them). ``ttl``: the
+        ``redis`` store's expiry, past the record's (file and s3 objects go by the sweeper)."""
         update = {}
-        ttl = _object_ttl(record)
         for name, png in pngs.items():
             key = objects.job_input(record.id, name)
             try:
@@ -155,8 +156,8 @@ class JobService:
             found, durations = pipe.execute()
         position = found if isinstance(found, int) else 0  # None: a worker is already taking it
         deliveries = [] if record.request.webhook is not None else None
-        expires = record.created_at + timedelta(seconds=retention_seconds(record.request.retention_seconds,
-                                                                          self.settings))
+        lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
+        expires = record.created_at + timedelta(seconds=lifetime)
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
                        eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries,
                        expires_at=expires)
@@ -429,13 +430,6 @@ class _StoredImages:
 def retention_seconds(asked: int | None, settings: Settings) -> int:
     """How long a job is kept after it ends: what it asked, else ``job_ttl`` (within ``max_retention``)."""
     return asked if asked is not None else min(settings.job_ttl, settings.max_retention)
-
-
-def _object_ttl(record: JobRecord) -> int:
-    """TTL of a ``redis``-store object of a job: its retention and a margin, so it never lapses
-    before the record that refers to it (``file`` and ``s3`` ignore it: the sweeper removes
-    objects once their record is gone)."""
-    return int(record.request.retention_seconds or 0) + objects.OBJECT_TTL_MARGIN
 
 
 def _eta(position: int, workers: int, durations: list[bytes]) -> float | None:
