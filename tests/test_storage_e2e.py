@@ -3,7 +3,6 @@ and a real store (moto's S3 server, npm's s3rver, a directory)."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import time
@@ -21,9 +20,8 @@ from app.settings import Settings
 from app.storage import objects
 from app.storage.base import StorageConfigError
 from app.storage.factory import ready_store
-from app.storage.file_store import FileResultStore
 from app.storage.s3_store import S3ResultStore
-from app.storage.sweep import StoreSweeper, referenced
+from app.storage.sweep import referenced
 from tests.helpers import TINY_JOB, clean_environment, diffq_command, wait_for
 from tests.s3_servers import BUCKET, MotoServer, S3rverServer, s3rver_path
 from tests.services import services
@@ -259,9 +257,3 @@ def test_after_jobs_deletes_expiries_and_a_killed_worker_the_store_holds_exactly
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(timeout=30)
-
-
-def test_the_sweep_is_run_by_workers_for_the_file_store_too(redis: Redis, tmp_path: Path) -> None:
-    store = FileResultStore(tmp_path)
-    store.put(objects.image("a" * 32, "b" * 32, 0, "png"), b"x", "image/png", 60)
-    assert StoreSweeper(redis, store, Settings(_env_file=None, store_sweep_grace=0)).sweep(locked=False).removed
