@@ -36,6 +36,8 @@ def run_api(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
+    if not _store_ready(settings, "api"):
+        return 2
     # Header and body deadlines, keep-alive and a cap on concurrent connections (app.api.slow_clients).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 log_config=None, **uvicorn_options(settings))  # uvicorn's lines go through app.logs too
@@ -50,6 +52,8 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.service import load_engine  # imports the model stack only now
     from worker.service import run_worker as serve
 
+    if not _store_ready(settings, "worker"):
+        return 2
     try:
         marker = Marker.from_settings(settings)  # before the model: a bad certificate fails in a second
     except CredentialsError as error:
@@ -68,6 +72,21 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"diffq worker: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _store_ready(settings: Settings, command: str) -> bool:
+    """Whether this process can write to its result store; if not, say which setting to fix."""
+    from redis import Redis
+
+    from app.storage.base import StorageConfigError, StorageUnavailableError
+    from app.storage.factory import ready_store
+
+    try:
+        ready_store(settings, Redis.from_url(settings.redis_url))
+    except (StorageConfigError, StorageUnavailableError) as error:
+        print(f"diffq {command}: cannot use the result store (DIFFQ_STORE={settings.store}): {error}", file=sys.stderr)
+        return False
+    return True
 
 
 def run_webhooks(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from app.core.idempotency import fingerprint, fingerprint_multipart, validate_ke
 from app.core.jobs import JobService
 from app.schemas.jobs import JobCreate, job_create_model
 from app.settings import Settings
+from app.storage.base import ResultStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -104,8 +105,16 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def get_job_service(redis: RedisDep, settings: SettingsDep, caller: CallerDep) -> JobService:
-    return JobService(redis, settings, caller)
+async def get_results(request: Request) -> ResultStore:
+    """The result store opened (and checked) in the app's lifespan."""
+    return request.app.state.results
+
+
+ResultsDep = Annotated[ResultStore, Depends(get_results)]
+
+
+async def get_job_service(redis: RedisDep, settings: SettingsDep, caller: CallerDep, results: ResultsDep) -> JobService:
+    return JobService(redis, settings, caller, results)
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]

@@ -40,6 +40,7 @@ from app.contract import memory
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
 from app.settings import Settings, load_settings
+from app.storage.factory import ready_store
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
         _check_memory_policy(app.state.redis, settings)
+        # The result store: an API that cannot write to it refuses to start (the message names the setting).
+        app.state.results = ready_store(settings, app.state.redis)
         try:
             yield
         finally:

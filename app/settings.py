@@ -187,6 +187,48 @@ class Settings(BaseSettings):
     result_ttl: int = Field(86400, ge=1, description="How long finished PNGs are kept.")
     job_timeout: int = Field(600, ge=1, description="Longest one job may run on a worker before it fails.")
 
+    # Where images, journeys and stored uploads live (docs/storage.md).
+    store: Literal["redis", "file", "s3"] = Field(
+        "redis",
+        description="Result store: redis (beside the job state; small setups), file (a directory: store_dir), s3 "
+        "(any S3-compatible store: store_bucket).",
+    )
+    store_dir: Path | None = Field(None, description="With store=file: the directory (a shared volume or NFS mount).")
+    store_bucket: str | None = Field(None, description="With store=s3: the bucket.")
+    store_prefix: str = Field("diffq/", description="With store=s3: the key prefix of diffq's objects in the bucket.")
+    store_endpoint_url: str | None = Field(
+        None, description="With store=s3: the endpoint of a non-AWS store (R2, MinIO, Ceph, GCS); unset: AWS."
+    )
+    store_region: str | None = Field(None, description="With store=s3: the region (unset: boto3's own lookup).")
+    store_addressing: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="With store=s3: bucket in the path or the host name (path for most self-hosted stores)."
+    )
+    store_retry: float = Field(
+        30.0, ge=0, description="Seconds a worker retries a store write (with backoff) before the job fails "
+        "storage_unavailable.",
+    )
+    store_sweep_interval: float = Field(
+        60.0, gt=0, description="Seconds between sweeps of the file or s3 store for objects no live job references."
+    )
+    store_sweep_grace: float = Field(
+        600.0, ge=0, description="Least age, in seconds, of an unreferenced object before the sweeper removes it "
+        "(uploads of jobs being submitted or finished are not yet referenced).",
+    )
+    image_urls: Literal["proxy", "signed", "public"] = Field(
+        "proxy",
+        description="How clients get image bytes: proxy (through the API), signed (presigned URLs straight to "
+        "the s3 store), public (under public_base_url, e.g. a CDN in front of the bucket).",
+    )
+    signed_url_ttl: int = Field(
+        3600, ge=1, le=7 * 86400, description="Seconds a signed image URL is valid (minted on each read)."
+    )
+    public_base_url: str | None = Field(
+        None, description="With image_urls=public: base URL the store's objects are served under (key appended)."
+    )
+    max_retention: int = Field(
+        7 * 86400, ge=1, description="Longest retention_seconds a request may ask for (default retention: job_ttl)."
+    )
+
     # Worker liveness and progress reporting.
     heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
     heartbeat_ttl: int = Field(10, ge=1, description="Seconds after its last heartbeat a worker counts as gone.")

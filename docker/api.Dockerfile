@@ -18,7 +18,8 @@ RUN python -m venv /opt/diffq \
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 diffq \
- && useradd --system --uid 10001 --gid diffq --create-home --home-dir /home/diffq --shell /usr/sbin/nologin diffq
+ && useradd --system --uid 10001 --gid diffq --create-home --home-dir /home/diffq --shell /usr/sbin/nologin diffq \
+ && install -d -o diffq -g diffq /results
 COPY --from=build /opt/diffq /opt/diffq
 ENV PATH=/opt/diffq/bin:$PATH \
     PYTHONUNBUFFERED=1 \

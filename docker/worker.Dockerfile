@@ -50,7 +50,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 diffq \
  && useradd --system --uid 10001 --gid diffq --create-home --home-dir /home/diffq --shell /usr/sbin/nologin diffq \
- && mkdir /models
+ && mkdir /models \
+ && install -d -o diffq -g diffq /results
 COPY --from=build /opt/diffq /opt/diffq
 ENV PATH=/opt/diffq/bin:$PATH \
     PYTHONUNBUFFERED=1 \

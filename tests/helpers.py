@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from PIL import Image
+from redis import Redis
 
 from app.settings import Settings
 
@@ -131,3 +132,18 @@ def is_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def input_key(job_id: str, name: str) -> str:
+    """The Redis key of an editing job's stored input with ``DIFFQ_STORE=redis`` (the default)."""
+    from app.contract import keys
+    from app.storage import objects
+
+    return keys.stored_object(objects.job_input(job_id, name))
+
+
+def stored_objects(redis: Redis, job_id: str) -> list[str]:
+    """Keys of a job's objects (images, journeys, inputs) in the ``redis`` result store."""
+    from app.contract import keys
+
+    return sorted(key.decode() for key in redis.scan_iter(match=keys.stored_object(f"{job_id}/*")))

@@ -22,7 +22,7 @@ from app.contract import events, keys
 from app.contract.store import JobStore
 from app.contract.tasks import model_queue, queue_name
 from app.settings import Settings
-from tests.helpers import TINY_JOB, job_of, png_text, post, wait_for, while_working, work
+from tests.helpers import TINY_JOB, job_of, png_text, post, stored_objects, wait_for, while_working, work
 from worker.batching import Company, engine_batch_key
 from worker.rq_worker import DiffqWorker
 from worker.sweeper import Sweeper
@@ -152,7 +152,7 @@ def test_canceling_one_job_of_a_batch_stops_only_that_job(client, redis, setting
     canceled = job_of(client, victim)
     assert canceled["status"] == "canceled" and canceled["images"] == [] and canceled["error"] is None
     assert canceled["progress"]["step"] <= results["step"] + 1 < SLOW_JOB["steps"]
-    assert not redis.exists(keys.image(victim, 0))
+    assert stored_objects(redis, victim) == []
     assert events.read(redis, victim)[-1].type == "canceled"
     for job_id in (ids[0], ids[2]):
         job = job_of(client, job_id)
@@ -214,7 +214,7 @@ def test_deleting_a_job_of_a_batch_leaves_the_others_and_recreates_nothing(clien
         assert client.delete(f"/v1/jobs/{ids[2]}").status_code == 204
 
     while_working(settings, engine, delete_mid_run)
-    assert redis.keys(f"{keys.job(ids[2])}*") == []
+    assert redis.keys(f"{keys.job(ids[2])}*") == [] and stored_objects(redis, ids[2]) == []  # its run's upload too
     assert client.get(f"/v1/jobs/{ids[2]}").status_code == 404
     assert [job_of(client, job_id)["status"] for job_id in ids[:2]] == ["succeeded"] * 2
 

@@ -239,6 +239,44 @@ def test_the_cpu_variant_runs_workers_without_a_gpu() -> None:
 TLS_ADDRESS = "192.0.2.10"  # TEST-NET-1: never a real host
 
 
+# --- the result store: a volume the API and workers share, or an S3 bucket ---------------------
+
+COMPOSE_S3 = REPO / "docker-compose.s3.yml"
+
+
+def test_the_api_and_workers_share_the_result_store_volume_not_redis() -> None:
+    config = base()
+    assert "results" in config["volumes"]
+    for name in ("api", "worker"):
+        service = config["services"][name]
+        assert service["environment"]["DIFFQ_STORE"] == "file", name
+        assert service["environment"]["DIFFQ_STORE_DIR"] == "/results", name
+        [mount] = [v for v in service["volumes"] if v["target"] == "/results"]
+        assert mount["type"] == "volume" and mount["source"] == "results" and not mount.get("read_only"), name
+    # Both images run as uid 10001 and create /results owned by it, so a new volume is writable by both.
+    for dockerfile in (API_DOCKERFILE, WORKER_DOCKERFILE):
+        assert "install -d -o diffq -g diffq /results" in dockerfile.read_text(), dockerfile
+
+
+def test_the_s3_override_validates_and_needs_a_bucket(tmp_path: Path) -> None:
+    assert run_compose(tmp_path, COMPOSE, COMPOSE_S3, DIFFQ_STORE_BUCKET="b").returncode == 0
+    refused = run_compose(tmp_path, COMPOSE, COMPOSE_S3)
+    assert refused.returncode != 0 and "required variable DIFFQ_STORE_BUCKET is missing" in refused.stderr
+
+
+def test_the_s3_override_signs_urls_and_bakes_in_no_credentials() -> None:
+    config = resolved(COMPOSE, COMPOSE_S3, DIFFQ_STORE_BUCKET="b")
+    for name in ("api", "worker"):
+        service = config["services"][name]
+        environment = service["environment"]
+        assert environment["DIFFQ_STORE"] == "s3" and environment["DIFFQ_STORE_BUCKET"] == "b", name
+        assert "DIFFQ_STORE_DIR" not in environment and environment["DIFFQ_IMAGE_URLS"] == "signed", name
+        assert environment["AWS_ACCESS_KEY_ID"] is None and environment["AWS_SECRET_ACCESS_KEY"] is None, name
+        assert all(v["target"] != "/results" for v in service.get("volumes", [])), name
+    assert config["services"]["worker"]["environment"]["DIFFQ_DEVICE"] == "cuda"  # the rest as before
+    assert any(v["target"] == "/models" for v in config["services"]["worker"]["volumes"])
+
+
 def test_the_redis_tls_override_validates_and_needs_an_address(tmp_path: Path) -> None:
     files = (COMPOSE, COMPOSE_REDIS_TLS)
     assert run_compose(tmp_path, *files, REDIS_TLS_ADDRESS=TLS_ADDRESS).returncode == 0

@@ -35,7 +35,7 @@ def test_api_never_imports_torch_or_diffusers() -> None:
 def test_openapi_documents_endpoints_and_settings_limits(client: TestClient, settings: Settings) -> None:
     schema = client.get("/openapi.json").json()
 
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}.png", "/v1/models", "/healthz",
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}.{extension}", "/v1/models", "/healthz",
             "/readyz"} <= set(schema["paths"])
     post = schema["paths"]["/v1/jobs"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobCreate"}

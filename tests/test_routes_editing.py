@@ -14,11 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract import keys
 from app.contract.records import JobMode
 from app.contract.store import JobStore
 from app.settings import Settings
-from tests.helpers import TINY_JOB, png_text, work
+from tests.helpers import TINY_JOB, input_key, png_text, work
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -117,7 +116,7 @@ def test_edits_chain_through_job_references(client, settings, engine, redis: Red
     assert edited.crop(kept).tobytes() == original.crop(kept).tobytes()
     # The input was copied: deleting the first job does not break a rerun of the second's inputs.
     assert client.delete(f"/v1/jobs/{first['id']}").status_code == 204
-    assert redis.exists(keys.job_input(second["id"], "image"))
+    assert redis.exists(input_key(second["id"], "image"))
 
 
 def test_multipart_upload_with_form_fields(client, settings, engine) -> None:
@@ -150,7 +149,7 @@ def test_product_shot_alpha_becomes_the_mask(client, settings, engine, redis: Re
     job = run_job(client, settings, engine, body)
 
     assert job["request"]["mask"]["source"] == "alpha"
-    mask = image_of(redis.get(keys.job_input(job["id"], "mask")))
+    mask = image_of(redis.get(input_key(job["id"], "mask")))
     assert mask.getpixel((8, 8)) == 0 and mask.getpixel((0, 0)) == 255
     first, second = (image_of(client.get(image["url"]).content) for image in job["images"])
     for result in (first, second):
@@ -165,7 +164,7 @@ def test_transparency_without_alpha_mask_is_composited_onto_white_with_a_warning
     assert response.status_code == 202
     job = response.json()
     assert any("transparency" in warning for warning in job["warnings"])
-    stored = image_of(redis.get(keys.job_input(job["id"], "image")))
+    stored = image_of(redis.get(input_key(job["id"], "image")))
     assert stored.mode == "RGB" and stored.getpixel((0, 0)) == (255, 255, 255)
 
 
@@ -208,7 +207,7 @@ def test_mask_size_mismatch_is_refused_unless_resize(client, redis: Redis) -> No
 
     accepted = client.post("/v1/jobs", json={**body, "resize": True})
     assert accepted.status_code == 202
-    assert image_of(redis.get(keys.job_input(accepted.json()["id"], "mask"))).size == (SIZE, SIZE)
+    assert image_of(redis.get(input_key(accepted.json()["id"], "mask"))).size == (SIZE, SIZE)
 
 
 def test_outpaint_size_is_checked(client) -> None:
@@ -265,10 +264,10 @@ def test_a_model_without_editing_refuses_edit_modes(client, redis: Redis, served
 def test_inputs_are_stored_normalised_and_deleted_with_the_job(client, redis: Redis, settings: Settings) -> None:
     body = {**TINY_JOB, "image": b64(png(Image.new("P", (SIZE, SIZE)), "PNG")), "mask": b64(half_mask())}
     job = client.post("/v1/jobs", json=body).json()
-    image_key, mask_key = keys.job_input(job["id"], "image"), keys.job_input(job["id"], "mask")
+    image_key, mask_key = input_key(job["id"], "image"), input_key(job["id"], "mask")
 
     assert image_of(redis.get(image_key)).mode == "RGB" and image_of(redis.get(mask_key)).mode == "L"
-    assert 0 < redis.ttl(image_key) <= settings.job_ttl
+    assert 0 < redis.ttl(image_key) <= settings.job_ttl + 60  # the job's retention and a minute (objects.OBJECT_TTL_MARGIN)
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
     assert not redis.exists(image_key) and not redis.exists(mask_key)
     assert JobStore(redis).get(job["id"]) is None
@@ -276,7 +275,7 @@ def test_inputs_are_stored_normalised_and_deleted_with_the_job(client, redis: Re
 
 def test_expired_input_fails_the_job_clearly(client, redis: Redis, settings: Settings, engine) -> None:
     job = client.post("/v1/jobs", json={**TINY_JOB, "image": b64(square())}).json()
-    redis.delete(keys.job_input(job["id"], "image"))
+    redis.delete(input_key(job["id"], "image"))
     work(settings, engine)
 
     failed = client.get(f"/v1/jobs/{job['id']}").json()

@@ -18,13 +18,15 @@ def test_healthz_answers_without_anything_else(client: TestClient) -> None:
 def test_readyz_is_503_until_a_worker_registers(client: TestClient, request) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "redis": True, "workers": 0, "models": [], "queues_full": []}
+    assert response.json() == {"ready": False, "redis": True, "store": True, "store_backend": "redis", "workers": 0,
+                               "models": [], "queues_full": []}
 
     request.getfixturevalue("served")
 
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"ready": True, "redis": True, "workers": 1, "models": ["tiny"], "queues_full": []}
+    assert response.json() == {"ready": True, "redis": True, "store": True, "store_backend": "redis", "workers": 1,
+                               "models": ["tiny"], "queues_full": []}
 
 
 def test_redis_down_means_not_ready_and_503s(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from app.contract import keys
 from app.contract.records import ModelRecord
 from app.contract.tasks import model_queue
 from app.settings import Settings
-from tests.helpers import TINY_JOB, work
+from tests.helpers import TINY_JOB, stored_objects, work
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -51,6 +51,9 @@ def test_post_answers_202_with_location_and_the_queued_job(client: TestClient, s
         "deadline_at": None,
         "webhook": None,
         "content_credentials": "optional",
+        "output_format": "png",
+        "quality": None,
+        "retention_seconds": 86400,  # DIFFQ_JOB_TTL unless the request asks
     }
 
 
@@ -122,11 +125,11 @@ def test_delete_of_a_finished_job_removes_its_images(
 ) -> None:
     job_id = client.post("/v1/jobs", json={**TINY_JOB, "num_images": 2}).json()["id"]
     work(settings, engine)
-    assert redis.exists(keys.image(job_id, 0), keys.image(job_id, 1)) == 2
+    assert len(stored_objects(redis, job_id)) == 2  # the redis result store (the default)
 
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
 
-    assert redis.exists(keys.job(job_id), keys.image(job_id, 0), keys.image(job_id, 1)) == 0
+    assert not redis.exists(keys.job(job_id)) and stored_objects(redis, job_id) == []
     assert client.get(f"/v1/jobs/{job_id}/images/0.png").status_code == 404
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 import standardwebhooks
@@ -198,10 +199,13 @@ def test_a_finished_job_sends_a_signed_webhook_listed_on_the_job(
     payload = standardwebhooks.Webhook(get_secret(redis, hook_settings)).verify(body, headers)
     assert path == "/hook?token=abc"
     assert payload["type"] == "job.succeeded" and headers["webhook-id"] == f"msg_{job['id']}_succeeded"
+    expires_at = payload["data"].pop("expires_at")  # when the job and its images go (its retention)
     assert payload["data"] == {
         "id": job["id"], "url": f"/v1/jobs/{job['id']}", "status": "succeeded", "error": None, "seeds": [7, 8],
         "images": [f"/v1/jobs/{job['id']}/images/0.png", f"/v1/jobs/{job['id']}/images/1.png"],
     }
+    assert abs(datetime.fromisoformat(expires_at) - datetime.fromisoformat(
+        hook_client.get(f"/v1/jobs/{job['id']}").json()["expires_at"])) < timedelta(seconds=5)
     assert hook_client.get(payload["data"]["images"][1]).headers["content-type"] == "image/png"
 
     shown = hook_client.get(f"/v1/jobs/{job['id']}").json()

@@ -5,8 +5,9 @@ deployment cannot drift apart: the commands are the Dockerfiles' ENTRYPOINT + CM
 service's `command`), the environment is what `docker-compose config` resolves for the
 GPU-less variant (docker-compose.yml + docker-compose.cpu.yml) on top of the images' ENV,
 and Redis gets the compose file's own redis-server arguments (AOF, noeviction, the password).
-Only the addresses change: Redis and the API listen on free loopback ports, and DIFFQ_REDIS_URL
-points at that Redis with the same password. Then one API and two workers on the bundled shapes
+Only the addresses change: Redis and the API listen on free loopback ports, DIFFQ_REDIS_URL
+points at that Redis with the same password, and the shared `results` volume (the result store,
+DIFFQ_STORE_DIR=/results) is a folder of the test that the API and both workers share. Then one API and two workers on the bundled shapes
 model take a burst of jobs; both workers must take part and every job must succeed.
 """
 
@@ -124,6 +125,13 @@ def test_two_workers_share_a_burst_of_jobs_as_the_compose_file_runs_them(
     # One torch thread per worker: two workers on a 2-core machine shared with other work.
     worker_env = container_environment(services["worker"], WORKER_DOCKERFILE, compose_redis, DIFFQ_TORCH_THREADS="1")
     assert worker_env["DIFFQ_DEVICE"] == "cpu" and "DIFFQ_MODEL_PATH" not in worker_env  # the bundled model
+    results = tmp_path / "results"  # the `results` volume, mounted at /results in the API and every worker
+    results.mkdir()
+    for name, env in (("api", api_env), ("worker", worker_env)):
+        assert (env["DIFFQ_STORE"], env["DIFFQ_STORE_DIR"]) == ("file", "/results"), name
+        assert {"type": "volume", "source": "results", "target": "/results"}.items() <= [
+            v for v in services[name]["volumes"] if v["target"] == "/results"][0].items(), name
+        env["DIFFQ_STORE_DIR"] = str(results)
 
     processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -178,6 +186,7 @@ def test_two_workers_share_a_burst_of_jobs_as_the_compose_file_runs_them(
         assert all(len(job["images"]) == 1 for job in jobs)
         image = httpx.get(jobs[-1]["images"][0]["url"], timeout=10)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        assert len(list(results.rglob("*.png"))) == JOBS  # images in the shared store, written by both workers
 
         ran_on = [json.loads(authed.hget(f"diffq:job:{job_id}", "worker")) for job_id in ids]
         pids = {int(worker_id.split(".")[-2]) for worker_id in ran_on}

@@ -15,7 +15,7 @@ from redis import Redis
 from app.contract import keys
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import TINY_JOB, wait_for, while_working, work
+from tests.helpers import TINY_JOB, stored_objects, wait_for, while_working, work
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -58,7 +58,7 @@ def test_cancel_stops_a_running_job_within_a_step(api, watched, engine, redis: R
     assert job["status"] == "canceled" and job["images"] == [] and job["error"] is None
     assert job["progress"]["step"] <= step_at_cancel + 1  # at most the step already under way
     assert job["progress"]["step"] < SLOW_JOB["steps"]
-    assert not redis.exists(keys.image(job_id, 0))
+    assert stored_objects(redis, job_id) == []
     again = api.post(f"/v1/jobs/{job_id}/cancel")
     assert again.status_code == 202 and again.json()["status"] == "canceled"  # harmless to repeat
 

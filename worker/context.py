@@ -1,4 +1,4 @@
-"""What the task needs from its worker process: the engine loaded once, Redis, settings.
+"""What the task needs from its worker process: the engine loaded once, Redis, the result store, settings.
 
 RQ calls the task as a plain function with only the job id, so the worker
 installs this context before it starts taking jobs.
@@ -14,6 +14,7 @@ from redis import Redis
 
 from app.contract.store import JobStore
 from app.settings import Settings
+from app.storage.base import ResultStore
 
 if TYPE_CHECKING:
     from model.engine import Engine
@@ -55,6 +56,7 @@ class WorkerContext:
     redis: Redis
     store: JobStore
     heartbeat: Heartbeat
+    results: ResultStore  # where images, journeys and inputs live (app.storage)
     shutdown: Shutdown = field(default_factory=Shutdown)
     batching: Batching = field(default_factory=Batching)
     marker: Marker = field(default_factory=lambda: _default_marker())

@@ -1,8 +1,8 @@
 """The last steps of every output image: watermark, encode with its labels, sign.
 
-The order is the point: the watermark changes pixels, so it comes before encoding; the PNG then
-gets the generation parameters (tEXt, unless the request opted out) and the IPTC "generated"
-label (XMP iTXt, always); the C2PA signature comes last, over the final bytes, because its hard
+The order is the point: the watermark changes pixels, so it comes before encoding; the image is
+then encoded in the job's format (``worker.encoding``) with the generation parameters (unless
+the request opted out) and the IPTC "generated" label (XMP, always); the C2PA signature comes last, over the final bytes, because its hard
 binding covers every byte outside the manifest and any later write would break it.
 
 Built once per worker process (``Marker.from_settings``): a signing certificate or key that
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import c2pa
 from PIL import Image
@@ -24,7 +24,8 @@ from app.contract.records import JobMode, JobParams, ModelRecord
 from app.provenance import credentials, labels, watermark
 from app.provenance.credentials import ContentSigner, CredentialsError, Ingredient
 from app.settings import Settings
-from worker.png import encode_png, png_text
+from worker.encoding import EncodedImage, encode_image
+from worker.png import png_text
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,11 @@ class SigningFailedError(Exception):
     """The job's key requires content credentials and the image could not be signed."""
 
 
-@dataclass
-class Marked:
-    """One finished image's bytes, and what the job should be told about its marks."""
+@dataclass(frozen=True)
+class Marked(EncodedImage):
+    """One finished image's stored bytes, and what the job should be told about its marks."""
 
-    data: bytes
-    warnings: list[str] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,34 +67,34 @@ class Marker:
 
     def finish(self, image: Image.Image, params: JobParams, seed: int, model: ModelRecord,
                inputs: Mapping[str, bytes] | None = None) -> Marked:
-        """The stored bytes of one output image, every mark applied in order."""
-        marked = Marked(b"")
+        """The stored bytes of one output image, in the job's format, every mark applied in order."""
+        warnings: list[str] = []
         if self.payload is not None:
             if watermark.fits(image.width, image.height):
                 image = watermark.embed(image, self.payload)
             else:
-                marked.warnings.append(f"watermark: not applied to images smaller than {watermark.MIN_SIDE}×"
-                                       f"{watermark.MIN_SIDE} (this one is {image.width}×{image.height})")
+                warnings.append(f"watermark: not applied to images smaller than {watermark.MIN_SIDE}×"
+                                f"{watermark.MIN_SIDE} (this one is {image.width}×{image.height})")
         edited = params.mode is not JobMode.TXT2IMG
         text = png_text(params, seed, model) if params.metadata else None
-        xmp = labels.xmp_packet(labels.source_type(edited), f"diffq {__version__}") if self.label else None
-        marked.data = encode_png(image, text, xmp)
+        label = labels.source_type(edited) if self.label else None
+        encoded = encode_image(image, params.output_format, params.quality, text, label)
+        data = encoded.data
         policy = params.content_credentials
-        if policy == "off" or (self.signer is None and policy == "optional"):
-            return marked
-        if self.signer is None:
+        if policy == "required" and self.signer is None:
             raise SigningFailedError("content credentials are required for this API key and this worker has no "
                                      "signing certificate (DIFFQ_C2PA_CERT, DIFFQ_C2PA_KEY)")
-        manifest = credentials.manifest(__version__, model.name, {"weights_hash": model.weights_hash},
-                                        edited=edited, title=f"diffq-{seed}.png")
-        source = (inputs or {}).get("image") if edited else None
-        ingredient = Ingredient(source, "image/png", "input.png") if source is not None else None
-        try:
-            marked.data = self.signer.sign(marked.data, "image/png", manifest, ingredient)
-        except c2pa.C2paError as error:
-            if policy == "required":
-                raise SigningFailedError(f"could not sign content credentials: {error}") from None
-            log.warning("could not sign content credentials: %s", error)
-            marked.warnings.append("content credentials: not signed (the signer failed); the image carries the "
-                                   "IPTC label only")
-        return marked
+        if policy != "off" and self.signer is not None:
+            manifest = credentials.manifest(__version__, model.name, {"weights_hash": model.weights_hash},
+                                            edited=edited, title=f"diffq-{seed}.{encoded.extension}")
+            source = (inputs or {}).get("image") if edited else None
+            ingredient = Ingredient(source, "image/png", "input.png") if source is not None else None
+            try:
+                data = self.signer.sign(data, encoded.content_type, manifest, ingredient)
+            except c2pa.C2paError as error:
+                if policy == "required":
+                    raise SigningFailedError(f"could not sign content credentials: {error}") from None
+                log.warning("could not sign content credentials: %s", error)
+                warnings.append("content credentials: not signed (the signer failed); the image carries the "
+                                "IPTC label only")
+        return Marked(data, encoded.content_type, encoded.extension, tuple(warnings))

@@ -12,13 +12,13 @@ given the cached memory back; a job that does not fit even alone fails with
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import redis.exceptions
@@ -29,11 +29,14 @@ from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, M
 from app.contract import keys, metrics, replication
 from app.contract.store import StoredImage, WriteResult
 from app.contract.tasks import model_queue
+from app.storage.base import StorageUnavailableError
+from app.storage.objects import OBJECT_TTL_MARGIN
+from app.storage.urls import image_links, relative_proxy_url
 from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
 from worker import faults
 from worker.context import WorkerContext
-from worker.marking import SigningFailedError
-from worker.png import encode_journey
+from worker.marking import Marked, SigningFailedError
+from worker.results import discard, read_input, store_run
 from worker.progress import (
     JobAbandonedError,
     JobCanceledError,
@@ -44,6 +47,9 @@ from worker.progress import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Seconds a finished job's preview stays in Redis (a client that watched the run can still fetch it).
+PREVIEW_AFTER_END = 300
 
 
 def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = None) -> GenerationRequest:
@@ -82,7 +88,7 @@ class _Job:
     record: JobRecord
     token: str
     request: GenerationRequest
-    inputs: Mapping[str, bytes]  # the stored input PNGs by name (editing jobs): a signed edit's ingredient
+    inputs: Mapping[str, bytes] = field(default_factory=dict)  # input PNGs by name: a signed edit's ingredient
     reporter: ProgressReporter | None = None
     live: bool = True  # still wants its images; False once canceled, abandoned or ended
 
@@ -148,8 +154,14 @@ class JobRunner:
             return None
         inputs = {}
         for name in ("image", "mask"):
-            if getattr(record.request, name) is not None:
-                png = self.store.job_input(record.id, name)
+            source = getattr(record.request, name)
+            if source is not None:
+                try:
+                    png = (read_input(self.context.results, source.key, self.settings.store_retry)
+                           if source.key is not None else self.store.job_input(record.id, name))
+                except StorageUnavailableError as error:
+                    self._fail(record, token, ErrorCode.STORAGE_UNAVAILABLE, f"{name}: {error}")
+                    return None
                 if png is None:
                     self._fail(record, token, ErrorCode.INVALID_REQUEST, f"{name}: the stored input has expired")
                     return None
@@ -317,18 +329,23 @@ class JobRunner:
     def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
              images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
         """Store the job's final fields, results and terminal event (``event``: the status it ends
-        in) in one guarded step, retried while Redis restarts."""
+        in, with the job's ``expires_at`` and image URLs) in one guarded step, retried while Redis
+        restarts. The record, and with it its objects, then lives the job's retention."""
         assert values["status"] == event
+        retention = self._retention(record)
+        extra = {"expires_at": (utcnow() + timedelta(seconds=retention)).isoformat(), **self._image_urls(record, values)}
 
         def finish() -> WriteResult:
             faults.at("store")
-            return self.store.finish(record.id, token, values, images, job_ttl=self.settings.job_ttl,
-                                     result_ttl=self.settings.result_ttl, blobs=blobs)
+            return self.store.finish(record.id, token, values, images, job_ttl=retention, result_ttl=retention,
+                                     blobs=blobs, event_data=extra)
 
         outcome = self._replicated(finish)
         faults.at("stored")
         if outcome is WriteResult.WRITTEN:
-            metrics.record_job_end(self.store.redis, record, values, len(images))  # never raises
+            count = len(images) or len(values.get("images", []))
+            metrics.record_job_end(self.store.redis, record, values, count)  # never raises
+            self._forget_preview(record.id)
         return outcome
 
     def _replicated(self, write: Callable[[], WriteResult]) -> WriteResult:
@@ -357,6 +374,27 @@ class JobRunner:
                 log.warning("result not yet on a replica (%s); storing it again", error)
                 time.sleep(0.2)
 
+    def _forget_preview(self, job_id: str) -> None:
+        """A finished job's preview (a full-size PNG in Redis) lapses ``PREVIEW_AFTER_END`` seconds
+        after the end: Redis keeps job state, and the images are in the result store."""
+        try:
+            self.store.redis.expire(keys.preview(job_id), PREVIEW_AFTER_END)
+        except redis.exceptions.RedisError as error:
+            log.warning("job %s: could not shorten its preview's life: %s", job_id, error)
+
+    def _retention(self, record: JobRecord) -> int:
+        return record.request.retention_seconds or self.settings.job_ttl
+
+    def _image_urls(self, record: JobRecord, values: dict[str, Any]) -> dict[str, Any]:
+        """The finished images' URLs for the terminal event and its webhook (``app.storage.urls``;
+        proxied ones relative, as a worker knows no host)."""
+        images = [ImageRecord.model_validate(image) for image in values.get("images", [])]
+        if not images:
+            return {}
+        ended = record.model_copy(update={"images": images, "journeys": values.get("journeys", 0)})
+        links = [image_links(ended, image, self.settings, self.context.results, relative_proxy_url) for image in images]
+        return {"image_urls": [link.url for link in links]}
+
     def _while_redis_recovers(self, write: Callable[[], WriteResult]) -> WriteResult:
         """Retry a final write while Redis is unreachable (a restart), for up to ``redis_retry`` s."""
         deadline, wait = time.monotonic() + self.settings.redis_retry, 0.2
@@ -372,43 +410,41 @@ class JobRunner:
                 wait = min(wait * 2, 5.0)
 
     def _succeed(self, job: _Job, result: GenerationResult) -> None:
+        """Mark and encode each image (``worker.marking``: watermark, labels, signature last), write
+        them to the result store under this attempt's token, then reference them in the record
+        through the guarded finish script; a store that stays down fails the job."""
         record, token, params = job.record, job.token, job.record.request
-        images: list[StoredImage] = []
-        image_records: list[ImageRecord] = []
         warnings: list[str] = []
-        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            try:
-                marked = self.context.marker.finish(image, params, seed, self.model, job.inputs)
-            except SigningFailedError as error:
-                self._fail(record, token, ErrorCode.SIGNING_FAILED, str(error))
-                return
-            png = marked.data
-            warnings += [warning for warning in marked.warnings if warning not in warnings]
-            images.append(StoredImage(index=index, png=png))
-            image_records.append(
-                ImageRecord(
-                    index=index,
-                    seed=seed,
-                    width=image.width,
-                    height=image.height,
-                    sha256=hashlib.sha256(png).hexdigest(),
-                    size_bytes=len(png),
-                )
-            )
+
+        def encode(image: Image.Image, seed: int) -> Marked:
+            marked = self.context.marker.finish(image, params, seed, self.model, job.inputs)
+            warnings.extend(warning for warning in marked.warnings if warning not in warnings)
+            return marked
+
+        try:
+            stored = store_run(self.context.results, record, token, list(zip(result.images, result.seeds, strict=True)),
+                               encode, result.journeys, self._retention(record) + OBJECT_TTL_MARGIN,
+                               self.settings.store_retry)
+        except SigningFailedError as error:
+            self._fail(record, token, ErrorCode.SIGNING_FAILED, str(error))
+            return
+        except StorageUnavailableError as error:
+            self._fail(record, token, ErrorCode.STORAGE_UNAVAILABLE, f"could not store the images: {error}")
+            return
         values: dict[str, Any] = {
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
             "warnings": [*record.warnings, *result.warnings, *warnings],  # the API's (inputs), the model's, the marks' (watermark)
             "parameters": _jsonable(result.parameters),
-            "images": [image.model_dump(mode="json") for image in image_records],
+            "images": [image.model_dump(mode="json") for image in stored.images],
             "journeys": len(result.journeys),
         }
-        journeys = {keys.journey(record.id, n): encode_journey(frames) for n, frames in enumerate(result.journeys)}
-        outcome = self._end(record, token, "succeeded", values, images, journeys)
+        outcome = self._end(record, token, "succeeded", values)
         if outcome is WriteResult.WRITTEN:
-            log.info("job %s: succeeded with %d image(s)", record.id, len(images))
+            log.info("job %s: succeeded with %d image(s)", record.id, len(stored.images))
         else:
+            discard(self.context.results, stored.keys)  # never referenced: a stale or deleted run's upload
             log.info("job %s: result discarded, record %s", record.id, outcome.name.lower())
 
     def _fail(self, record: JobRecord, token: str, code: ErrorCode, message: str) -> None:

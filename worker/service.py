@@ -18,6 +18,8 @@ from app.contract.registry import Registry
 from app.contract.store import JobStore
 from app.contract.tasks import queue_name
 from app.settings import Settings
+from app.storage.factory import ready_store
+from app.storage.sweep import StoreSweeper, StoreSweeperThread
 from worker import context
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
@@ -100,6 +102,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         heartbeat_at=now,
     )
     heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, model, settings.heartbeat_interval)
+    results = ready_store(settings, redis)  # raises, naming the setting, if it cannot be written to
     context.install(
         WorkerContext(
             worker_id=worker_id,
@@ -109,6 +112,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
             store=JobStore(redis),
             heartbeat=heartbeat,
             marker=marker,
+            results=results,
         )
     )
     rq_worker = DiffqWorker(
@@ -119,14 +123,17 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     )
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     sweeper = SweeperThread(Sweeper(redis, settings, model.name, worker_id), settings.sweep_interval)
+    store_sweeper = StoreSweeperThread(StoreSweeper(redis, results, settings), settings.store_sweep_interval)
     heartbeat.start()
     sweeper.start()
+    store_sweeper.start()
     log.info("worker %s serving model %r on %s (%s) from queue %r", worker_id, model.name, model.device,
              model.dtype, queue_name(model.name))
     try:
         return rq_worker.serve(burst=burst, logging_level=settings.log_level.upper())
     finally:
         sweeper.stop()
+        store_sweeper.stop()
         heartbeat.stop()
         context.install(None)
         for sig, handler in handlers.items():  # RQ installed its own; give the caller's back

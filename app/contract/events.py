@@ -121,7 +121,9 @@ def webhook_data(job_id: str, type: str, data: dict[str, Any]) -> dict[str, Any]
     if type in TERMINAL_EVENTS:
         payload.setdefault("error", None)
         count = data.get("images", 0)
-        payload["images"] = [f"{path}/images/{n}.png" for n in range(count if isinstance(count, int) else 0)]
+        # The worker's URLs of the images (app.storage.urls: proxied paths, signed or public URLs).
+        urls = payload.pop("image_urls", None)
+        payload["images"] = urls or [f"{path}/images/{n}.png" for n in range(count if isinstance(count, int) else 0)]
     return payload
 
 

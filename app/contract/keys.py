@@ -12,16 +12,22 @@ diffq:job:<id>                  hash    both      ``job_ttl`` from creation, ren
                                                   JSON-encoded. Written only through
                                                   ``app.contract.store`` scripts, which never
                                                   recreate a deleted record.
-diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based).
-diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation. Input PNG of an editing
+diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based), of jobs
+                                                  stored before the result store (now ``object``).
+diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation (older jobs; now ``object``). Input PNG of an editing
                                                   job: ``image`` (RGB) and, for inpainting,
                                                   ``mask`` (greyscale, white = repaint).
 diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record. The job's
                                                   events (``app.contract.events``): status,
                                                   progress, preview, and the terminal one.
-diffq:job:<id>:preview          string  worker    ``result_ttl``. PNG of the latest preview.
-diffq:job:<id>:journey:<n>      string  worker    ``result_ttl``. Animated WebP of image n's
+diffq:job:<id>:preview          string  worker    ``result_ttl``; 5 minutes once the job ends
+                                                  (``worker.runner.PREVIEW_AFTER_END``). PNG of the
+                                                  latest preview.
+diffq:job:<id>:journey:<n>      string  worker    ``result_ttl`` (older jobs; now ``object``). Animated WebP of image n's
                                                   clean-image estimate over the steps.
+diffq:object:<object key>       string  both      the job's retention. With ``DIFFQ_STORE=redis`` only: an
+                                                  image, journey or input (``app.storage.objects``).
+diffq:store:sweeper             string  worker    a sweep interval. Lock: one store sweep at once.
 diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
                                                   jobs, for queue ETAs.
 diffq:running                   zset    worker    none. Ids of claimed, unended jobs (score: claim
@@ -243,3 +249,12 @@ def worker(worker_id: str) -> str:
 def model(name: str) -> str:
     """The registered limits of a model served by at least one live worker."""
     return f"{PREFIX}:model:{name}"
+
+
+STORE_SWEEPER = f"{PREFIX}:store:sweeper"
+"""Held by the worker sweeping the result store for unreferenced objects, for one sweep interval."""
+
+
+def stored_object(key: str) -> str:
+    """An object of the ``redis`` result store (``app.storage.objects`` makes ``key``)."""
+    return f"{PREFIX}:object:{key}"

@@ -32,6 +32,7 @@ class ErrorCode(str, Enum):
     REFUSED = "refused"  # the queued RQ job was not diffq's task
     DEADLINE_EXCEEDED = "deadline_exceeded"  # still queued when the request's deadline passed
     OUT_OF_MEMORY = "out_of_memory"  # did not fit in the worker's device memory, even run alone
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # the result store stayed unreachable past store_retry
     INTERNAL_ERROR = "internal_error"  # a bug in diffq; the message says what
     SIGNING_FAILED = "signing_failed"  # content credentials were required and could not be signed
 
@@ -61,6 +62,7 @@ class InputImage(BaseModel):
     width: int
     height: int
     sha256: str = Field(description="sha256 of the stored PNG the worker reads.")
+    key: str | None = Field(None, description="Its result store object key (None: an older job's Redis key).")
 
 
 class Outpaint(BaseModel):
@@ -128,6 +130,9 @@ class JobParams(BaseModel):
     deadline_at: datetime | None = None  # still queued then: the job fails with deadline_exceeded
     webhook: Webhook | None = None  # status events to POST (events.publish schedules them)
     content_credentials: Literal["required", "optional", "off"] = "optional"  # the API key's C2PA policy
+    output_format: Literal["png", "webp", "jpeg"] = "png"  # how the images are encoded (worker/encoding.py)
+    quality: int | None = None  # webp (None: lossless) and jpeg (None: 90)
+    retention_seconds: int | None = None  # the job, its images and keys live this long after it ends (None: job_ttl)
 
 
 class Progress(BaseModel):
@@ -148,7 +153,7 @@ class PreviewInfo(BaseModel):
 
 
 class ImageRecord(BaseModel):
-    """One stored output image; the bytes live under ``keys.image(job_id, index)``."""
+    """One stored output image; the bytes live in the result store under ``key``."""
 
     index: int
     seed: int
@@ -156,6 +161,10 @@ class ImageRecord(BaseModel):
     height: int
     sha256: str  # also the HTTP ETag, so a 304 needs no PNG read
     size_bytes: int
+    key: str | None = None  # result store object key (None: an older job's Redis key)
+    content_type: str = "image/png"
+    extension: str = "png"
+    journey_key: str | None = None  # result store object key of its journey, if one was made
 
 
 class JobRecord(BaseModel):

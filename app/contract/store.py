@@ -375,13 +375,14 @@ class JobStore:
         job_ttl: int,
         result_ttl: int,
         blobs: Mapping[str, bytes] | None = None,
+        event_data: Mapping[str, Any] | None = None,
     ) -> WriteResult:
         """End a job: store its images (and other results, ``blobs`` by key), its final fields
-        and its terminal event (``values["status"]``) together, or nothing at all."""
+        and its terminal event (``values["status"]``, with ``event_data``) together, or nothing at all."""
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
         data = {"status": values["status"], **{key: values[key] for key in ("error", "seeds") if key in values},
-                "images": len(images)}
+                "images": len(images) or len(values.get("images", [])), **(event_data or {})}
         job_key, stream, outbox = self._event_keys(job_id)
         reply = self._finish(
             keys=[job_key, keys.RUNNING, stream, outbox, *stored],

@@ -106,6 +106,12 @@ class QueueFullError(DiffqError):
         self.wait_seconds = wait_seconds
 
 
+class ResultStoreUnavailableError(StoreUnavailableError):
+    """The result store (file or s3) cannot be reached; the image is kept and can be read later."""
+
+    code = "storage_unavailable"
+
+
 class IdempotencyConflictError(DiffqError):
     """An Idempotency-Key came back with a different request body: replaying it would hide a mistake."""
 

@@ -35,11 +35,11 @@ import io
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from PIL import Image
 
-from app.contract.records import InputImage, JobMode, ModelRecord, Outpaint
-from app.contract.store import JobStore
+from app.contract.records import InputImage, JobMode, JobRecord, ModelRecord, Outpaint
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.uploads import UploadLimits, check_header, decode_base64, decode_image
 from app.schemas.jobs import JobCreate
@@ -57,6 +57,15 @@ _USED_BY = {
     "mask": (JobMode.INPAINT,),
     "outpaint": (JobMode.OUTPAINT,),
 }
+
+
+
+class ImageSource(Protocol):
+    """Where ``job:<id>/<n>`` inputs are read from (the job service, through the result store)."""
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def image(self, job_id: str, index: int) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ def prepare_inputs(
     files: Mapping[str, bytes],
     model: ModelRecord,
     settings: Settings,
-    store: JobStore,
+    store: ImageSource,
     can_see: CanSee = lambda owner: True,
 ) -> PreparedInputs:
     """Check the request's mode and inputs against the model; decode, normalise and size them.
@@ -174,7 +183,7 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
 
 
 def _raw(
-    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: JobStore, can_see: CanSee
+    name: str, value: str | None, files: Mapping[str, bytes], limits: UploadLimits, store: ImageSource, can_see: CanSee
 ) -> tuple[bytes, str]:
     """One input's encoded bytes (file part, base64 or job reference) and where they came from."""
     if name in files:
@@ -193,7 +202,7 @@ def _decoded(name: str, raw: tuple[bytes, str], limits: UploadLimits) -> tuple[I
     return image, source
 
 
-def _referenced(name: str, value: str, store: JobStore, can_see: CanSee) -> bytes:
+def _referenced(name: str, value: str, store: ImageSource, can_see: CanSee) -> bytes:
     """Image n of a job the caller may see. Another key's job gets the very answer a missing job
     gets (one message, one status), so references tell nothing of other tenants' jobs."""
     match = JOB_REFERENCE.match(value)

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis import Redis
@@ -33,6 +34,7 @@ from app.core.errors import (
     JobFinishedError,
     JobNotFoundError,
     NotReplicatedError,
+    ResultStoreUnavailableError,
     TooManyQueuedJobsError,
     UnknownModelError,
 )
@@ -41,6 +43,9 @@ from app.core.inputs import infer_mode, prepare_inputs
 from app.core.validation import check_before_decode, resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
+from app.storage import objects
+from app.storage.base import ResultStore, StorageUnavailableError
+from app.storage.factory import open_store
 from app.webhooks.deliver import attempts, attempts_key
 from app.webhooks.urls import AllowList, check_url
 
@@ -62,16 +67,19 @@ class JobView:
     queue_position: int | None
     eta_seconds: float | None = None  # until it ends: from the queue ahead, or the running steps
     webhook_deliveries: list[dict[str, Any]] | None = None  # attempts so far; None: the job has no webhook
+    expires_at: datetime | None = None  # when its record (and with it its images and keys) lapses
 
 
 class JobService:
     """The operations behind the job endpoints, against Redis and RQ."""
 
-    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None) -> None:
+    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None,
+                 results: ResultStore | None = None) -> None:
         self.redis = redis
         self.settings = settings
         self.caller = caller if caller is not None else Caller(None, settings)
         self.store = JobStore(redis)
+        self.results = results if results is not None else open_store(settings, redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
     def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None,
@@ -89,9 +97,11 @@ class JobService:
         early = check_before_decode(body, model, infer_mode(body, files))  # nothing decoded yet
         if early is not None:
             self._check_cost(early[0], early[1], body.steps or model.default_steps, body.num_images)
-        inputs = prepare_inputs(body, files, model, self.settings, self.store, self.caller.can_see)
+        inputs = prepare_inputs(body, files, model, self.settings, _StoredImages(self), self.caller.can_see)
         request = resolve_request(body, model, inputs)
         self._check_cost(request.width, request.height, request.steps, request.num_images)
+        retention = retention_seconds(body.retention_seconds, self.settings)
+        request = request.model_copy(update={"retention_seconds": retention})
         if body.webhook is not None:
             request = request.model_copy(update={"webhook": body.webhook})
         if self.caller.strip_metadata:
@@ -101,10 +111,12 @@ class JobService:
             raise ContentCredentialsUnavailableError()
         if policy != "optional":
             request = request.model_copy(update={"content_credentials": policy})
-        caller, ttl = self.caller, self.settings.job_ttl
+        # Waiting and running, the job lives job_ttl (or its retention, if longer); its retention counts from its end.
+        caller, ttl = self.caller, max(self.settings.job_ttl, retention)
         job_id = idempotency.job_id if idempotency is not None else job_id
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
+        record = self._store_inputs(record, inputs.pngs, ttl + objects.OBJECT_TTL_MARGIN)
         quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
         if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
             raise TooManyQueuedJobsError(caller.max_queued_jobs)
@@ -116,7 +128,7 @@ class JobService:
                     idempotency.write(pipe)  # WATCH the key, then the MULTI begins with its SET
                 # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
                 enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-                self.store.create(record, ttl, pipeline=pipe, inputs=inputs.pngs)
+                self.store.create(record, ttl, pipeline=pipe)  # inputs: in the result store (_store_inputs)
                 events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
                 pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
                 pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
@@ -139,6 +151,23 @@ class JobService:
             raise NotReplicatedError(f"the job is not yet safe against the loss of the Redis primary ({error}); "
                                      "retry with the same Idempotency-Key to get this job, never a second one") from None
 
+    def _store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
+        """Write an editing job's input PNGs to the result store before its record exists (a
+        worker may take the job the moment it is queued); the record names their keys. Inputs
+        of a submit that fails after this are swept (no record refers to them). ``ttl``: the
+        ``redis`` store's expiry, past the record's (file and s3 objects go by the sweeper)."""
+        update = {}
+        for name, png in pngs.items():
+            key = objects.job_input(record.id, name)
+            try:
+                self.results.put(key, png, "image/png", ttl)
+            except StorageUnavailableError as error:
+                raise ResultStoreUnavailableError(f"the result store is unreachable: {error}") from error
+            update[name] = getattr(record.request, name).model_copy(update={"key": key})
+        if not update:
+            return record
+        return record.model_copy(update={"request": record.request.model_copy(update=update)})
+
     def _queued_view(self, record: JobRecord, queue_key: str, workers: int) -> JobView:
         """``view`` of a job this request has just queued, in one round trip: its status is known
         (nothing to reconcile with RQ yet), and so are the model's workers."""
@@ -148,8 +177,11 @@ class JobService:
             found, durations = pipe.execute()
         position = found if isinstance(found, int) else 0  # None: a worker is already taking it
         deliveries = [] if record.request.webhook is not None else None
+        lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
+        expires = record.created_at + timedelta(seconds=lifetime)
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
-                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries)
+                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries,
+                       expires_at=expires)
 
     def _check_cost(self, width: int, height: int, steps: int, num_images: int) -> None:
         """Refuse a job bigger than the caller's budget of width × height × steps × images."""
@@ -247,8 +279,10 @@ class JobService:
         elif status is JobStatus.RUNNING and record.progress is not None:
             eta = record.progress.eta_seconds
         deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
+        remaining = self.redis.pttl(keys.job(record.id))
+        expires = utcnow() + timedelta(milliseconds=remaining) if remaining and remaining > 0 else None
         return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
-                       webhook_deliveries=deliveries)
+                       webhook_deliveries=deliveries, expires_at=expires)
 
     def _queued_eta(self, model: str, position: int) -> float | None:
         durations = self.redis.lrange(keys.model_durations(model), 0, -1)
@@ -292,7 +326,12 @@ class JobService:
     def journey(self, job_id: str, index: int) -> bytes:
         """Image ``index``'s journey animation; raises unless the job asked for one and finished."""
         record = self._record(job_id)
-        data = self.store.journey(job_id, index) if index < record.journeys else None
+        found = [image for image in record.images if image.index == index and index < record.journeys]
+        data = None
+        if found and found[0].journey_key is not None:
+            data = self._read(found[0].journey_key)
+        elif found:
+            data = self.store.journey(job_id, index)  # a job stored before the result store
         if data is None:
             reason = "did not ask for a journey" if not record.request.journey else "has no such journey (yet)"
             raise ImageNotFoundError(f"job {job_id!r} {reason}: journey {index}")
@@ -303,6 +342,10 @@ class JobService:
         self._require(job_id)
         if not self.store.delete(job_id):
             raise JobNotFoundError(job_id)
+        try:
+            self.results.delete_job(job_id)  # every attempt's objects, and the inputs
+        except StorageUnavailableError as error:  # the record is gone: the sweeper removes them later
+            log.warning("job %s deleted; its objects stay until the store sweep (%s)", job_id, error)
         self.redis.delete(attempts_key(job_id))  # its webhook delivery attempts
         # A running job is left to its worker: the worker finds the record gone at its
         # next progress write and stops, and RQ then closes its own bookkeeping.
@@ -320,12 +363,20 @@ class JobService:
                 return image
         raise ImageNotFoundError(_missing_image_message(record, index))
 
-    def image_bytes(self, job_id: str, index: int) -> bytes:
-        """PNG bytes of an image; raises once they have expired or were deleted."""
-        png = self.store.image(job_id, index)
+    def image_bytes(self, job_id: str, index: int, image: ImageRecord | None = None) -> bytes:
+        """The bytes of an image; raises once they have expired or were deleted, and
+        ``ResultStoreUnavailableError`` (503) while the result store is down."""
+        image = image if image is not None else self.image(job_id, index)
+        png = self._read(image.key) if image.key is not None else self.store.image(job_id, index)
         if png is None:
             raise ImageNotFoundError(f"image {index} of job {job_id!r} has expired or was deleted")
         return png
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self.results.get(key)
+        except StorageUnavailableError as error:
+            raise ResultStoreUnavailableError(f"the result store is unreachable: {error}") from error
 
     def served_model(self, name: str | None) -> ModelRecord:
         """The model a request runs on; raises ``UnknownModelError`` naming the served ones."""
@@ -345,6 +396,28 @@ class JobService:
 
     def _rq_job(self, job_id: str) -> Job:
         return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+
+
+class _StoredImages:
+    """Finished images by job and index, for inputs that name one (``job:<id>/<n>``)."""
+
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.jobs.store.get(job_id)
+
+    def image(self, job_id: str, index: int) -> bytes | None:
+        record = self.jobs.store.get(job_id)
+        found = [image for image in record.images if image.index == index] if record is not None else []
+        if not found:
+            return None
+        return self.jobs.image_bytes(job_id, index, found[0])
+
+
+def retention_seconds(asked: int | None, settings: Settings) -> int:
+    """How long a job is kept after it ends: what it asked, else ``job_ttl`` (within ``max_retention``)."""
+    return asked if asked is not None else min(settings.job_ttl, settings.max_retention)
 
 
 def _eta(position: int, workers: int, durations: list[bytes]) -> float | None:

@@ -73,6 +73,8 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         image=inputs.image,
         mask=inputs.mask,
         journey=body.journey,
+        output_format=body.output_format,
+        quality=body.quality,
         deadline_at=utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 
 from defusedxml import ElementTree as SafeET
 from PIL import Image
@@ -22,11 +23,12 @@ EDITED = IPTC_SOURCE_TYPES + "compositeWithTrainedAlgorithmicMedia"
 #: The key under which PNG keeps XMP in an iTXt chunk (XMP specification, part 3, 1.1.5).
 PNG_XMP_KEY = "XML:com.adobe.xmp"
 
-_NS = {
+NAMESPACES = _NS = {
     "x": "adobe:ns:meta/",
     "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
     "Iptc4xmpExt": "http://iptc.org/std/Iptc4xmpExt/2008-02-29/",
     "xmp": "http://ns.adobe.com/xap/1.0/",
+    "diffq": "https://github.com/diffq/diffq/ns/1.0/",  # the generation parameters in JPEG and WebP
 }
 for _prefix, _uri in _NS.items():
     ET.register_namespace(_prefix, _uri)
@@ -37,15 +39,19 @@ def source_type(edited: bool) -> str:
     return EDITED if edited else GENERATED
 
 
-def xmp_packet(digital_source_type: str, creator_tool: str) -> str:
-    """An XMP packet carrying the digital source type and the generator's name."""
+def xmp_packet(digital_source_type: str | None, creator_tool: str,
+               properties: Mapping[str, str] | None = None) -> str:
+    """An XMP packet with the digital source type (``None``: none), the generator's name and
+    ``properties`` as ``diffq:<name>`` (names that are not XML names are left out)."""
     meta = ET.Element(f"{{{_NS['x']}}}xmpmeta")
     rdf = ET.SubElement(meta, f"{{{_NS['rdf']}}}RDF")
-    ET.SubElement(rdf, f"{{{_NS['rdf']}}}Description", {
-        f"{{{_NS['rdf']}}}about": "",
-        f"{{{_NS['Iptc4xmpExt']}}}DigitalSourceType": digital_source_type,
-        f"{{{_NS['xmp']}}}CreatorTool": creator_tool,
-    })
+    attributes = {f"{{{_NS['rdf']}}}about": "", f"{{{_NS['xmp']}}}CreatorTool": creator_tool}
+    if digital_source_type is not None:
+        attributes[f"{{{_NS['Iptc4xmpExt']}}}DigitalSourceType"] = digital_source_type
+    for name, value in sorted((properties or {}).items()):
+        if name.isidentifier():
+            attributes[f"{{{_NS['diffq']}}}{name}"] = value
+    ET.SubElement(rdf, f"{{{_NS['rdf']}}}Description", attributes)
     body = ET.tostring(meta, encoding="unicode")
     return f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>{body}<?xpacket end="r"?>'
 

@@ -13,10 +13,12 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """What readiness depends on: Redis answering and at least one live worker."""
+    """What readiness depends on: Redis and the result store answering, and at least one live worker."""
 
     ready: bool
     redis: bool
+    store: bool = True  # the result store answers (``store_backend``: redis, file or s3)
+    store_backend: str = "redis"
     workers: int
     models: list[str]
     queues_full: list[str] = Field(

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress, Webhook, WebhookEvent
 from app.contract.status import JobStatus
@@ -87,12 +87,29 @@ class JobCreate(BaseModel):
         description="Scale the image (and mask) to width × height (model default where omitted) instead of "
         "refusing an input whose size does not fit.",
     )
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        "png", description="png (default), webp (lossless, or lossy with `quality`) or jpeg (`quality`, default 90); "
+        "the generation parameters are embedded in each (PNG text chunks; EXIF and XMP in WebP and JPEG).",
+    )
+    quality: int | None = Field(
+        None, ge=1, le=100, description="Lossy quality of webp or jpeg output, 1-100; not accepted for png."
+    )
+    retention_seconds: int | None = Field(
+        None, ge=1, description="How long the job, its images and all its keys are kept after it ends (default "
+        "DIFFQ_JOB_TTL); `expires_at` says when. At most DIFFQ_MAX_RETENTION.",
+    )
     webhook: Webhook | None = Field(
         None,
         description="POST the job's status changes to this URL, signed per Standard Webhooks and retried with "
         'backoff: `{"url": "https://…", "events": ["succeeded", "failed", "canceled"]}` (in multipart, as a JSON '
         "string).",
     )
+
+    @model_validator(mode="after")
+    def _quality_for_lossy(self) -> JobCreate:
+        if self.quality is not None and self.output_format == "png":
+            raise ValueError("quality: applies only to output_format webp or jpeg (png is lossless)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -103,7 +120,8 @@ class JobCreate(BaseModel):
 
 
 @lru_cache(maxsize=8)
-def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadline: int) -> type[JobCreate]:
+def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadline: int,
+             max_retention: int) -> type[JobCreate]:
     base = JobCreate.model_fields
 
     def limited(name: str, **limits: Any) -> Any:
@@ -118,12 +136,14 @@ def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadli
         steps=limited("steps", le=max_steps),
         num_images=limited("num_images", le=max_images),
         deadline_seconds=limited("deadline_seconds", le=max_deadline),
+        retention_seconds=limited("retention_seconds", le=max_retention),
     )
 
 
 def job_create_model(settings: Settings) -> type[JobCreate]:
     """``JobCreate`` with this deployment's limits from settings."""
-    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job, settings.max_deadline)
+    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job, settings.max_deadline,
+                    settings.max_retention)
 
 
 class Timings(BaseModel):
@@ -143,6 +163,10 @@ class ImagePublic(BaseModel):
     width: int
     height: int
     journey_url: str | None = Field(None, description="Animated WebP of this image emerging, if `journey` was asked.")
+    content_type: str = Field("image/png", description="image/png, image/webp or image/jpeg (`output_format`).")
+    url_expires_at: datetime | None = Field(
+        None, description="When `url` (and `journey_url`) stop working: signed URLs only (DIFFQ_IMAGE_URLS=signed)."
+    )
 
 
 class WebhookDelivery(BaseModel):
@@ -194,6 +218,10 @@ class JobPublic(BaseModel):
     warnings: list[str]
     error: ErrorInfo | None = None
     images: list[ImagePublic]
+    expires_at: datetime | None = Field(
+        None, description="When the job, its images and all its keys are removed (`retention_seconds` after it "
+        "ends; while it waits or runs, the time its record would lapse)."
+    )
     webhook: WebhookPublic | None = Field(
         None, description="Only with a webhook: its URL and events, and every delivery attempt (oldest first)."
     )

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.core import backpressure
-from app.deps import RegistryDep, SettingsDep
+from app.deps import RegistryDep, ResultsDep, SettingsDep
 from app.settings import Settings
 from app.schemas.health import Health, Readiness
 
@@ -26,11 +26,12 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis unreachable, no live worker, or the queue of `model` is full."}},
+    responses={503: {"model": Readiness, "description": "Redis or the result store unreachable, no live worker, or the queue of `model` is full."}},
     summary="Readiness",
 )
 def readyz(
     registry: RegistryDep,
+    results: ResultsDep,
     settings: SettingsDep,
     model: Annotated[
         str | None, Query(description="Also not ready (503) while this model's queue is full: for a load "
@@ -45,9 +46,12 @@ def readyz(
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         served, full, reachable = [], [], False
     workers = sum(len(s.workers) for s in served)
+    store = results.ping()
     body = Readiness(
-        ready=reachable and workers > 0 and (model is None or model not in full),
+        ready=reachable and workers > 0 and store and (model is None or model not in full),
         redis=reachable,
+        store=store,
+        store_backend=results.name,
         workers=workers,
         models=[s.model.name for s in served],
         queues_full=full,

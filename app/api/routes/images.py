@@ -1,4 +1,5 @@
-"""``/v1/jobs/{id}/images/{n}.png``: finished PNGs, cacheable and revalidated by ETag."""
+"""``/v1/jobs/{id}/images/{n}.{png,webp,jpg}``: finished images (proxied from the result store),
+cacheable and revalidated by ETag; the preview and journeys."""
 
 from __future__ import annotations
 
@@ -7,37 +8,42 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Response
 
 from app.api.errors import ERROR_RESPONSES
+from app.core.errors import ImageNotFoundError
 from app.deps import JobServiceDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["images"], responses=ERROR_RESPONSES)
 
-PNG_RESPONSES: dict[int | str, dict] = {
-    200: {"content": {"image/png": {}}, "description": "The PNG."},
+IMAGE_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}, "description": "The image."},
     304: {"description": "The client's copy (`If-None-Match`) is current."},
+    503: {"description": "The result store is unreachable (`storage_unavailable`); retry after `Retry-After`."},
 }
 
 
 @router.get(
-    "/{job_id}/images/{index}.png",
+    "/{job_id}/images/{index}.{extension}",
     name="get_image",
     response_class=Response,
-    responses=PNG_RESPONSES,
+    responses=IMAGE_RESPONSES,
     summary="Download one image of a finished job",
 )
 def get_image(
     job_id: str,
     index: Annotated[int, Path(ge=0, description="Image number, from 0.")],
+    extension: Annotated[str, Path(description="The image's format: png, webp or jpg (its `output_format`).")],
     jobs: JobServiceDep,
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     image = jobs.image(job_id, index)
+    if extension != image.extension:
+        raise ImageNotFoundError(f"image {index} of job {job_id!r} is {image.extension}: {index}.{image.extension}")
     etag = f'"{image.sha256}"'
     # An image never changes once stored, so caches may keep it as long as diffq does.
     headers = {"ETag": etag, "Cache-Control": f"private, max-age={settings.result_ttl}, immutable"}
     if if_none_match is not None and etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    return Response(jobs.image_bytes(job_id, index), media_type="image/png", headers=headers)
+    return Response(jobs.image_bytes(job_id, index, image), media_type=image.content_type, headers=headers)
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:

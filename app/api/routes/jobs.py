@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -23,6 +24,7 @@ from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
 from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
+from app.storage.urls import image_links
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -227,21 +229,16 @@ def delete_job(job_id: str, jobs: JobServiceDep) -> Response:
 
 
 def job_public(view: JobView, request: Request) -> JobPublic:
-    """The job resource, with absolute URLs for this request's host."""
+    """The job resource, with absolute URLs for this request's host (or signed or public ones:
+    ``app.storage.urls``)."""
     record = view.record
-    images = [
-        ImagePublic(
-            index=image.index,
-            url=public_url(request, "get_image", job_id=record.id, index=str(image.index)),
-            seed=image.seed,
-            width=image.width,
-            height=image.height,
-            journey_url=public_url(request, "get_journey", job_id=record.id, index=str(image.index))
-            if image.index < record.journeys
-            else None,
-        )
-        for image in record.images
-    ]
+    state = request.app.state
+    images = []
+    for image in record.images:
+        links = image_links(record, image, state.settings, state.results, partial(proxy_url, request))
+        images.append(ImagePublic(index=image.index, url=links.url, seed=image.seed, width=image.width,
+                                  height=image.height, journey_url=links.journey_url,
+                                  content_type=image.content_type, url_expires_at=links.expires_at))
     return JobPublic(
         id=record.id,
         status=view.status,
@@ -258,6 +255,7 @@ def job_public(view: JobView, request: Request) -> JobPublic:
         warnings=record.warnings,
         error=view.error,
         images=images,
+        expires_at=view.expires_at,
         webhook=WebhookPublic(
             url=record.request.webhook.url,
             events=record.request.webhook.events,
@@ -266,3 +264,10 @@ def job_public(view: JobView, request: Request) -> JobPublic:
         if record.request.webhook is not None
         else None,
     )
+
+
+def proxy_url(request: Request, kind: str, job_id: str, index: int, extension: str) -> str:
+    """An image's or journey's URL on this API (``DIFFQ_PUBLIC_URL`` where set: ``public_url``)."""
+    if kind == "journey":
+        return public_url(request, "get_journey", job_id=job_id, index=str(index))
+    return public_url(request, "get_image", job_id=job_id, index=str(index), extension=extension)

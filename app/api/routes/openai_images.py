@@ -9,8 +9,11 @@ response_format="b64_json" | "url")``. The request queues an ordinary diffq job,
   ``chatgpt-image-*``) and no model mean the deployment's default model.
 - ``size``: ``"WxH"`` (the model's limits apply) or ``"auto"`` (the model's default).
 - Accepted and ignored: ``quality``, ``style``, ``user``, ``moderation``, ``safety_identifier``,
-  ``output_compression``, ``partial_images``; ``background`` ``auto``/``opaque``; ``output_format``
-  ``png``; ``stream`` ``false``. Other values of those are a ``400``, as is any other field.
+  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` ``false``. Other values of those are a ``400``, as is any other field.
+- ``output_format`` ``png``/``webp``/``jpeg`` is diffq's ``output_format``; ``output_compression``
+  (0-100, OpenAI's default 100 = best) is the webp/jpeg ``quality`` (ignored for png).
+- ``response_format=url`` gives the same URLs as the job resource (``DIFFQ_IMAGE_URLS``: proxied,
+  signed or public).
 - diffq's own parameters ride along (``extra_body`` in the client): ``negative_prompt``, ``steps``,
   ``seed``, ``guidance_scale``, ``scheduler``, ``metadata``.
 
@@ -29,6 +32,7 @@ import json
 import logging
 import re
 import time
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import redis.exceptions
@@ -61,8 +65,10 @@ from app.core.errors import (
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
+from app.api.routes.jobs import proxy_url
 from app.deps import JobServiceDep, SettingsDep, media_type
 from app.schemas.jobs import job_create_model
+from app.storage.urls import image_links
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="b64_json (default): the PNGs inline; url: links to the job's images on this API."
     )
-    output_format: Literal["png"] | None = Field(None, description="Only png.")
+    output_format: Literal["png", "webp", "jpeg"] | None = Field(None, description="png (default), webp or jpeg.")
     background: Literal["auto", "opaque"] | None = Field(None, description="transparent is not supported.")
     stream: Literal[False] | None = Field(None, description="Streaming is not supported.")
     quality: StrictStr | None = Field(None, description="Accepted and ignored (use `steps`).")
@@ -102,7 +108,9 @@ class ImageGenerationRequest(BaseModel):
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
     moderation: StrictStr | None = Field(None, description="Accepted and ignored.")
     safety_identifier: StrictStr | None = Field(None, description="Accepted and ignored.")
-    output_compression: StrictInt | None = Field(None, description="Accepted and ignored (PNG is lossless).")
+    output_compression: StrictInt | None = Field(
+        None, ge=0, le=100, description="webp/jpeg quality, 0-100 (100: best); ignored for png."
+    )
     partial_images: StrictInt | None = Field(None, description="Accepted and ignored (no streaming).")
     negative_prompt: StrictStr | None = Field(None, description="diffq: what to steer away from.")
     steps: StrictInt | None = Field(None, description="diffq: denoising steps.")
@@ -123,7 +131,7 @@ class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time the job was created.")
     data: list[ImageData]
     size: str
-    output_format: Literal["png"] = "png"
+    output_format: Literal["png", "webp", "jpeg"] = "png"
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -259,6 +267,10 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
                                 "'WIDTHxHEIGHT' in pixels, e.g. '64x64' (GET /v1/models lists each model's sizes).",
                                 param="size", code="invalid_value")
         fields["width"], fields["height"] = int(match.group(1)), int(match.group(2))
+    if params.output_format is not None:
+        fields["output_format"] = params.output_format
+        if params.output_format != "png" and params.output_compression is not None:
+            fields["quality"] = max(1, params.output_compression)
     for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata"):
         value = getattr(params, name)
         if value is not None:
@@ -382,12 +394,18 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
     data = []
     for image in record.images:
         if response_format == "url":
-            data.append(ImageData(url=public_url(request, "get_image", job_id=record.id, index=str(image.index))))
+            links = image_links(record, image, jobs.settings, jobs.results, partial(proxy_url, request))
+            data.append(ImageData(url=links.url))
         else:
-            png = await run_in_threadpool(jobs.image_bytes, record.id, image.index)
+            try:
+                png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
+            except StoreUnavailableError as error:
+                raise OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
+                                    job_id=record.id) from None
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))
     size = f"{record.request.width}x{record.request.height}"
     if record.images:
         size = f"{record.images[0].width}x{record.images[0].height}"
-    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size)
+    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size,
+                          output_format=record.request.output_format)
     return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
