@@ -234,3 +234,16 @@ def _model():
     from tests.test_png import MODEL
 
     return MODEL
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_jpeg_and_webp_carry_the_label_and_validate_when_signed(chain: tuple[Path, Path], output_format: str) -> None:
+    signer = ContentSigner.from_files(*chain)
+    for metadata in (True, False):
+        marked = Marker(signer=signer).finish(_picture(), _params(output_format=output_format, metadata=metadata),
+                                              3, _model())
+        assert marked.content_type == f"image/{output_format}"
+        assert _iptc_by_pillow(marked.data) == labels.GENERATED
+        report = verify(marked.data)
+        assert report["format"] == output_format and report["iptc"]["ai_generated"]
+        assert report["c2pa"]["valid"] and report["c2pa"]["actions"] == ["c2pa.created"], report["c2pa"]
