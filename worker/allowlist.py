@@ -13,7 +13,9 @@ import logging
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from app.contract.records import ErrorCode, utcnow
 from app.contract.tasks import TASK
+from worker import context
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,16 @@ def refusal_reason(job: Job) -> str | None:
     return None
 
 
+def _fail_record(job_id: str, reason: str) -> None:
+    """A diffq job whose RQ job was tampered with ends ``failed``/``refused`` in its own record
+    (the record alone says how a job ended), unless it has ended already."""
+    current = context.current()
+    values = {"status": "failed", "finished_at": utcnow().isoformat(),
+              "error": {"code": ErrorCode.REFUSED.value, "message": f"refused RQ job {job_id}: {reason}"}}
+    current.store.finish(job_id, None, values, [], job_ttl=current.settings.job_ttl,
+                         result_ttl=current.settings.result_ttl)
+
+
 class AllowListedJob(Job):
     """RQ's job, checked against the allow-list before its function is imported or called."""
 
@@ -44,5 +56,6 @@ class AllowListedJob(Job):
         reason = refusal_reason(self)
         if reason is not None:
             log.error("refused RQ job %s: %s", self.id, reason)
+            _fail_record(self.id, reason)
             raise RefusedTaskError(f"refused RQ job {self.id}: {reason}")
         return super().perform()

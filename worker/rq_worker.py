@@ -44,6 +44,7 @@ class DiffqWorker(SimpleWorker):
 
     job_class = AllowListedJob
     _running: tuple[str, Queue] | None = None  # the job being executed, and its queue
+    _task_error: type[BaseException] | None = None  # what the task of that job raised, if it did
 
     def request_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
         """SIGTERM/SIGINT: RQ's warm shutdown (finish the job, then exit), with a grace period:
@@ -116,9 +117,13 @@ class DiffqWorker(SimpleWorker):
             log.warning("job %s: its run ended by an error; %s", job_id, "failed" if failed else "queued again")
         mark_requeued(queue, job_id)
 
+    def handle_exception(self, job: Job, *exc_info) -> None:  # type: ignore[no-untyped-def]
+        self._task_error = exc_info[0] if exc_info else None
+        super().handle_exception(job, *exc_info)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         current = context.current()
-        self._running = (job.id, queue)
+        self._running, self._task_error = (job.id, queue), None
         faults.at("taken")
         company = None
         if current.settings.batch_max > 1:
@@ -132,9 +137,9 @@ class DiffqWorker(SimpleWorker):
         finally:
             current.batching.company = None
         taken = company.taken if company is not None else []
-        if not succeeded:
-            # The task raised without ending its job (Redis failed under the claim, or under the
-            # hand-back): the job must not stay queued in no queue, or running on no one.
+        if not succeeded and self._task_error is not None and issubclass(self._task_error, redis.exceptions.RedisError):
+            # Redis failed under the claim, or under the hand-back: the job must not stay queued
+            # in no queue, or running on no one. (Any other error has failed it in its record.)
             self._hand_back_after_error(job.id, queue)
         failure = None if succeeded else self._failure_of(job)
         for extra in taken:
