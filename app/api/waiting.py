@@ -1,5 +1,6 @@
 """Waiting for a job to end inside one HTTP request: what the synchronous APIs (A1111's ``/sdapi/v1``,
-OpenAI's image edits) are built on.
+OpenAI's image generations, edits and variations) are built on, inside a wait admitted by
+``app.api.waits.hold_wait``.
 
 The wait follows the job's event stream (no polling of the record between events), re-reads
 the record every few seconds in case RQ ended the job silently, and cancels the job if the
@@ -15,6 +16,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from redis.asyncio import Redis as AsyncRedis
 
+from app.api.waits import WaitSlot
 from app.contract import events, keys
 from app.core.errors import DiffqError, JobNotFoundError
 from app.core.jobs import JobService, JobView
@@ -34,15 +36,20 @@ class WaitTimedOut(Exception):
         self.view, self.timeout = view, timeout
 
 
-async def until_ended(request: Request, jobs: JobService, view: JobView, timeout: float) -> JobView | None:
+async def until_ended(request: Request, jobs: JobService, view: JobView, timeout: float,
+                      slot: WaitSlot | None = None) -> JobView | None:
     """The job once it has ended; ``None`` if the client hung up first (the job is then canceled).
-    Raises ``WaitTimedOut``, or ``JobNotFoundError`` if the job was deleted meanwhile."""
+    Raises ``WaitTimedOut``, or ``JobNotFoundError`` if the job was deleted meanwhile. The caller
+    holds ``slot`` (``app.api.waits.hold_wait``): blocking reads go to the waits' own pool."""
     job_id = view.record.id
     aredis: AsyncRedis = request.app.state.aredis
+    blocking: AsyncRedis = request.app.state.wait_redis
     deadline = time.monotonic() + timeout
     last = events.last_id_text(await aredis.xrevrange(keys.events(job_id), count=1))
     checked = time.monotonic()
     while not view.status.is_terminal:
+        if slot is not None:
+            await slot.renew()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise WaitTimedOut(view, timeout)
@@ -53,7 +60,7 @@ async def until_ended(request: Request, jobs: JobService, view: JobView, timeout
             except DiffqError:
                 pass  # it ended meanwhile, or was deleted
             return None
-        reply = await aredis.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
+        reply = await blocking.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
         ended = False
         if reply:
             parsed = events.parse(reply[0][1])

@@ -12,8 +12,9 @@ default, or ``url``: the job's image URLs). Errors have OpenAI's body (``app.api
 - ``variations``: image-to-image of ``image``. diffq needs a prompt: ``prompt`` as an extra field, or
   else the prompt diffq wrote into the PNG's metadata when it made the image.
 - ``size``: ``WIDTHxHEIGHT`` scales the input to it; omitted or ``auto``: the input's size.
-- ``output_format``: ``png``. Accepted and ignored: ``quality``, ``user``, ``input_fidelity``,
-  ``output_compression``, ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` false.
+- ``output_format``: ``png``, ``webp`` or ``jpeg`` (diffq's ``output_format``); ``output_compression``
+  its quality for webp and jpeg. Accepted and ignored: ``quality``, ``user``, ``input_fidelity``,
+  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` false.
 - diffq's own parameters as extra form fields (``extra_body`` in the client): ``negative_prompt``,
   ``steps``, ``seed``, ``guidance_scale``, ``scheduler``, ``strength``, ``metadata``.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import logging
+from contextlib import AsyncExitStack
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import redis.exceptions
@@ -41,9 +44,12 @@ from app.api.routes.openai_images import (
     _parameter_failure,
     _submit_failure,
 )
+from app.api.public_urls import public_url
+from app.api.routes.jobs import proxy_url
 from app.api.waiting import WaitTimedOut, until_ended
+from app.api.waits import hold_wait
 from app.contract.status import JobStatus
-from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError
+from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError, StoreUnavailableError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint_multipart, validate_key
 from app.core.inputs import ALPHA_MASK
@@ -52,6 +58,7 @@ from app.core.jobs import JobService, JobView
 from app.core.uploads import UploadLimits, decode_image
 from app.deps import JobServiceDep, read_form
 from app.schemas.jobs import job_create_model
+from app.storage.urls import image_links
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ class ImageEditForm(_Common):
     """OpenAI's ``images.edit`` form, with diffq's parameters as optional extras."""
 
     prompt: str = Field(min_length=1)
-    output_format: Literal["png"] | None = None
+    output_format: Literal["png", "webp", "jpeg"] | None = None
     background: Literal["auto", "opaque"] | None = None
     stream: Literal["false", "False"] | None = None
     quality: str | None = None
@@ -145,36 +152,40 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
         params = form_model.model_validate(values)
     except ValidationError as error:
         raise _parameter_failure(error) from None
-    try:
-        fields, uploads = await run_in_threadpool(_job_inputs, params, files, jobs)
-        body = job_create_model(jobs.settings).model_validate(fields)
-        key = validate_key(idempotency_key)
-        if key is not None:
-            digest = fingerprint_multipart(values, files)
-            view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
-        else:
-            view = await run_in_threadpool(jobs.submit, body, uploads)
-        await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        name = str(first["loc"][0]) if first["loc"] else None
-        param = PARAM_NAMES.get(name or "", name)
-        raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                            code="invalid_value") from None
-    except DiffqError as error:
-        raise _submit_failure(error) from None
-    job_id = view.record.id
-    log.info("OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id, extra={"job_id": job_id})
-    try:
-        ended = await until_ended(request, jobs, view, jobs.settings.openai_timeout)
-    except WaitTimedOut as timeout:
-        url = request.url_for("get_job", job_id=job_id)
-        raise OpenAIFailure(504, f"The image job is still {timeout.view.status.value} after {timeout.timeout:g} s; "
-                            f"it goes on: {url}", type="server_error", code="timeout", retry=False,
-                            job_id=job_id) from None
-    except JobNotFoundError:
-        raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
-                            code="job_deleted", retry=False, job_id=job_id) from None
+    async with AsyncExitStack() as held:
+        try:
+            # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
+            slot = await held.enter_async_context(hold_wait(request, jobs.caller))
+            fields, uploads = await run_in_threadpool(_job_inputs, params, files, jobs)
+            body = job_create_model(jobs.settings).model_validate(fields)
+            key = validate_key(idempotency_key)
+            if key is not None:
+                digest = fingerprint_multipart(values, files)
+                view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
+            else:
+                view = await run_in_threadpool(jobs.submit, body, uploads)
+            await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            name = str(first["loc"][0]) if first["loc"] else None
+            param = PARAM_NAMES.get(name or "", name)
+            raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+                                code="invalid_value") from None
+        except DiffqError as error:
+            raise _submit_failure(error) from None
+        job_id = view.record.id
+        log.info("OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id,
+                 extra={"job_id": job_id})
+        try:
+            ended = await until_ended(request, jobs, view, jobs.settings.openai_timeout, slot)
+        except WaitTimedOut as timeout:
+            url = public_url(request, "get_job", job_id=job_id)
+            raise OpenAIFailure(504, f"The image job is still {timeout.view.status.value} after "
+                                f"{timeout.timeout:g} s; it goes on: {url}", type="server_error", code="timeout",
+                                retry=False, job_id=job_id) from None
+        except JobNotFoundError:
+            raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
+                                code="job_deleted", retry=False, job_id=job_id) from None
     if ended is None:
         return JSONResponse({"error": None}, status_code=499)
     return await _answer(request, jobs, ended, params.response_format or "b64_json")
@@ -242,6 +253,12 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
             raise OpenAIFailure(400, f"Invalid value: {params.size!r}. Supported values are 'auto' and 'WIDTHxHEIGHT' "
                                 "in pixels, e.g. '64x64'.", param="size", code="invalid_value")
         fields["width"], fields["height"], fields["resize"] = int(match.group(1)), int(match.group(2)), True
+    output_format = getattr(params, "output_format", None)
+    if output_format is not None:
+        fields["output_format"] = output_format
+        compression = getattr(params, "output_compression", None)
+        if output_format != "png" and compression is not None:
+            fields["quality"] = max(1, compression)
     for name in EXTRAS:
         value = getattr(params, name)
         if value is not None:
@@ -262,11 +279,17 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
     data = []
     for image in record.images:
         if response_format == "url":
-            data.append(ImageData(url=str(request.url_for("get_image", job_id=record.id, index=str(image.index)))))
+            links = image_links(record, image, jobs.settings, jobs.results, partial(proxy_url, request))
+            data.append(ImageData(url=links.url))
         else:
-            png = await run_in_threadpool(jobs.image_bytes, record.id, image.index)
+            try:
+                png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
+            except StoreUnavailableError as error:
+                raise OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
+                                    job_id=record.id) from None
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))
     first = record.images[0] if record.images else None
     size = f"{first.width}x{first.height}" if first else f"{record.request.width}x{record.request.height}"
-    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size)
+    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size,
+                          output_format=record.request.output_format)
     return JSONResponse(body.model_dump(exclude_none=True), headers={"x-diffq-job-id": record.id})

@@ -31,7 +31,6 @@ import base64
 import json
 import logging
 import re
-import time
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -40,11 +39,10 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
-from redis.asyncio import Redis as AsyncRedis
 
 from app.api.public_urls import public_url
+from app.api.waiting import WaitTimedOut, until_ended
 from app.api.waits import WaitSlot, hold_wait
-from app.contract import events, keys
 from app.contract.status import JobStatus
 from app.core.errors import (
     DiffqError,
@@ -78,9 +76,6 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 ENDPOINT = "POST /v1/images/generations"
 #: OpenAI model names that mean "the deployment's default model" here.
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
-#: How often the wait re-reads the job even without events, and checks that the client is still there.
-RECHECK_SECONDS = 5.0
-POLL_SECONDS = 1.0
 SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 #: Request fields mapped onto diffq's, for naming the OpenAI parameter in errors.
 PARAM_NAMES = {"num_images": "n", "width": "size", "height": "size"}
@@ -341,43 +336,20 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
 
 
 async def _wait(request: Request, jobs: JobService, view: JobView, timeout: float, slot: WaitSlot) -> JobView | None:
-    """The job once it has ended; ``None`` if the client hung up first (the job is then canceled)."""
+    """The job once it has ended (``app.api.waiting``); ``None`` if the client hung up first (the
+    job is then canceled). Its time up or the job deleted: OpenAI-shaped errors."""
     job_id = view.record.id
-    aredis: AsyncRedis = request.app.state.aredis
-    blocking: AsyncRedis = request.app.state.wait_redis
-    deadline = time.monotonic() + timeout
-    last = events.last_id_text(await aredis.xrevrange(keys.events(job_id), count=1))
-    checked = time.monotonic()
-    while not view.status.is_terminal:
-        await slot.renew()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            url = public_url(request, "get_job", job_id=job_id)
-            raise OpenAIFailure(
-                504, f"The image job is still {view.status.value} after {timeout:g} s; it goes on: {url}",
-                type="server_error", code="timeout", retry=False, job_id=job_id,
-            )
-        if await request.is_disconnected():
-            log.info("OpenAI images client hung up; canceling job %s", job_id, extra={"job_id": job_id})
-            try:
-                await run_in_threadpool(jobs.cancel, job_id)
-            except DiffqError:
-                pass  # it ended meanwhile, or was deleted
-            return None
-        reply = await blocking.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
-        ended = False
-        if reply:
-            parsed = events.parse(reply[0][1])
-            last = parsed[-1].id
-            ended = any(event.is_terminal for event in parsed)
-        if ended or time.monotonic() - checked >= RECHECK_SECONDS:
-            checked = time.monotonic()
-            try:
-                view = await run_in_threadpool(jobs.get, job_id)
-            except JobNotFoundError:
-                raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
-                                    code="job_deleted", retry=False, job_id=job_id) from None
-    return view
+    try:
+        return await until_ended(request, jobs, view, timeout, slot)
+    except WaitTimedOut as late:
+        url = public_url(request, "get_job", job_id=job_id)
+        raise OpenAIFailure(
+            504, f"The image job is still {late.view.status.value} after {timeout:g} s; it goes on: {url}",
+            type="server_error", code="timeout", retry=False, job_id=job_id,
+        ) from None
+    except JobNotFoundError:
+        raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
+                            code="job_deleted", retry=False, job_id=job_id) from None
 
 
 async def _answer(request: Request, jobs: JobService, view: JobView, response_format: str) -> JSONResponse:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
 import redis.exceptions
@@ -30,7 +31,9 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object, problem
+from app.api.public_urls import public_url
 from app.api.waiting import WaitTimedOut, until_ended
+from app.api.waits import hold_wait
 from app.contract.status import JobStatus
 from app.core import a1111
 from app.core.a1111_session import A1111Session
@@ -86,31 +89,35 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
     settings = jobs.settings
     default_model = await run_in_threadpool(_default_model, session)
     limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_pixels, settings.max_upload_side)
-    try:
-        fields = a1111.job_fields(params, img2img, default_model, limits)
-        body = job_create_model(settings).model_validate(fields)
-        key = validate_key(idempotency_key)
-        if key is not None:
-            view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None,
+    async with AsyncExitStack() as held:
+        try:
+            # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
+            slot = await held.enter_async_context(hold_wait(request, jobs.caller))
+            fields = a1111.job_fields(params, img2img, default_model, limits)
+            body = job_create_model(settings).model_validate(fields)
+            key = validate_key(idempotency_key)
+            if key is not None:
+                view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None,
                                                   f"POST /sdapi/v1/{'img2img' if img2img else 'txt2img'}")
-        else:
-            view = await run_in_threadpool(jobs.submit, body, None)
-        await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
-    except ValidationError as error:
-        raise invalid([problem(error)]) from None
-    except DiffqError as error:
-        raise failure(error) from None
-    job_id = view.record.id
-    await run_in_threadpool(session.track, job_id, view.record.created_at.timestamp())
-    log.info("A1111 %s request queued job %s", "img2img" if img2img else "txt2img", job_id, extra={"job_id": job_id})
-    try:
-        ended = await until_ended(request, jobs, view, settings.sdapi_timeout)
-    except WaitTimedOut as timeout:
-        url = request.url_for("get_job", job_id=job_id)
-        raise A1111Failure(504, f"the job is still {timeout.view.status.value} after {timeout.timeout:g} s; it goes "
-                           f"on: {url}", "TimeoutError", job_id) from None
-    except JobNotFoundError:
-        raise A1111Failure(500, f"the job {job_id} was deleted while running", "JobNotFoundError", job_id) from None
+            else:
+                view = await run_in_threadpool(jobs.submit, body, None)
+            await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
+        except ValidationError as error:
+            raise invalid([problem(error)]) from None
+        except DiffqError as error:
+            raise failure(error) from None
+        job_id = view.record.id
+        await run_in_threadpool(session.track, job_id, view.record.created_at.timestamp())
+        log.info("A1111 %s request queued job %s", "img2img" if img2img else "txt2img", job_id,
+                 extra={"job_id": job_id})
+        try:
+            ended = await until_ended(request, jobs, view, settings.sdapi_timeout, slot)
+        except WaitTimedOut as timeout:
+            url = public_url(request, "get_job", job_id=job_id)
+            raise A1111Failure(504, f"the job is still {timeout.view.status.value} after {timeout.timeout:g} s; it "
+                               f"goes on: {url}", "TimeoutError", job_id) from None
+        except JobNotFoundError:
+            raise A1111Failure(500, f"the job {job_id} was deleted while running", "JobNotFoundError", job_id) from None
     if ended is None:  # the client hung up: nobody reads this
         return JSONResponse(None, status_code=499)
     return await _answer(jobs, ended, params)
@@ -140,7 +147,7 @@ async def _answer(jobs: JobService, view: JobView, params: a1111.A1111Request) -
     images: list[str] = []
     if view.status is JobStatus.SUCCEEDED and params.send_images:
         for image in record.images:
-            png = await run_in_threadpool(jobs.image_bytes, record.id, image.index)
+            png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
             images.append(base64.b64encode(png).decode("ascii"))
     body = {"images": images, "parameters": a1111.parameters(params, record),
             "info": a1111.info(record, params, __version__)}
