@@ -235,6 +235,8 @@ def test_no_acknowledged_job_is_lost_across_three_sentinel_failovers(
     assert images_ok
     assert twice_keyed == 0 and extra_jobs == set(), (twice_keyed, extra_jobs)
     assert ran_twice == [], ran_twice
+    # The key is written in the job's own MULTI (docs/reliability.md): a failover keeps both or neither.
+    assert submitter.never_created == [], submitter.never_created
     assert outside == [], f"{len(outside)} 503s outside the failover windows"
     assert len(acknowledged) > 20 and all(span > 0 for span in spans)
 
