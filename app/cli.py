@@ -36,12 +36,33 @@ def run_api(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
+    if (refusal := _eviction_refusal(settings)) is not None:  # one clear line, not uvicorn's traceback
+        print(f"diffq api: {refusal}", file=sys.stderr)
+        return 2
     if not _store_ready(settings, "api"):
         return 2
     # Header and body deadlines, keep-alive and a cap on concurrent connections (app.api.slow_clients).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 log_config=None, **uvicorn_options(settings))  # uvicorn's lines go through app.logs too
     return 0
+
+
+def _eviction_refusal(settings: Settings) -> str | None:
+    """Why Redis's maxmemory-policy forbids starting, if it does (the app's lifespan checks again)."""
+    from redis.exceptions import RedisError
+
+    from app.contract import connection, memory
+
+    client = connection.sync_client(settings, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        memory.check_policy(client, settings.redis_allow_eviction)
+    except memory.EvictionPolicyError as error:
+        return str(error)
+    except RedisError:
+        return None  # down now: the API starts anyway and says so on /readyz
+    finally:
+        client.close()
+    return None
 
 
 def run_worker(args: argparse.Namespace) -> int:
