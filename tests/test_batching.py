@@ -313,7 +313,7 @@ def test_a_bug_in_the_run_fails_the_batch_and_leaves_no_job_running(client, redi
                                                                      monkeypatch) -> None:
     from worker.runner import JobRunner
 
-    def broken(self, record, token, result) -> None:
+    def broken(self, job, result) -> None:
         raise RuntimeError("a bug while storing")
 
     monkeypatch.setattr(JobRunner, "_succeed", broken)

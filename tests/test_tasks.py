@@ -21,6 +21,6 @@ def test_enqueue_sets_timeouts_and_lifetimes_from_settings(redis: Redis, setting
 
     job = Job.fetch("abc", connection=redis, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.kwargs) == (TASK, ["abc"], {})
-    assert (job.timeout, job.ttl, job.result_ttl, job.failure_ttl) == (42, 99, 99, 99)
+    assert (job.timeout, job.ttl, job.result_ttl, job.failure_ttl) == (42, 99, 99, 99)  # job_ttl under FINISHED_TTL
     assert rq_status("abc", redis) == "queued"
     assert rq_status("missing", redis) is None

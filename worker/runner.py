@@ -375,12 +375,17 @@ class JobRunner:
                 time.sleep(0.2)
 
     def _forget_preview(self, job_id: str) -> None:
-        """A finished job's preview (a full-size PNG in Redis) lapses ``PREVIEW_AFTER_END`` seconds
-        after the end: Redis keeps job state, and the images are in the result store."""
+        """A finished job's preview (a full-size PNG in Redis) and its event stream (4.7 KB even
+        for a few events) lapse ``PREVIEW_AFTER_END`` seconds after the end: Redis keeps job state,
+        the images are in the result store, and a stream read after that is answered from the
+        record (``app.api.routes.jobs``: an ended job without its event)."""
         try:
-            self.store.redis.expire(keys.preview(job_id), PREVIEW_AFTER_END)
+            with self.store.redis.pipeline(transaction=False) as pipe:
+                pipe.expire(keys.preview(job_id), PREVIEW_AFTER_END)
+                pipe.expire(keys.events(job_id), PREVIEW_AFTER_END)
+                pipe.execute()
         except redis.exceptions.RedisError as error:
-            log.warning("job %s: could not shorten its preview's life: %s", job_id, error)
+            log.warning("job %s: could not shorten its preview's and events' life: %s", job_id, error)
 
     def _retention(self, record: JobRecord) -> int:
         return record.request.retention_seconds or self.settings.job_ttl

@@ -17,7 +17,8 @@ diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of i
 diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation (older jobs; now ``object``). Input PNG of an editing
                                                   job: ``image`` (RGB) and, for inpainting,
                                                   ``mask`` (greyscale, white = repaint).
-diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record. The job's
+diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record; 5 minutes once
+                                                  the job succeeds or fails on a worker. The job's
                                                   events (``app.contract.events``): status,
                                                   progress, preview, and the terminal one.
 diffq:job:<id>:preview          string  worker    ``result_ttl``; 5 minutes once the job ends

@@ -122,15 +122,22 @@ class FairQueue(Queue):
         )
 
 
+#: Seconds RQ keeps a job that succeeded (its job hash, result and finished-registry entry).
+FINISHED_TTL = 300
+
+
 def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | None = None) -> Job:
-    """Queue a job by id. RQ keeps its bookkeeping as long as diffq keeps the record."""
+    """Queue a job by id. RQ keeps a failure's bookkeeping as long as diffq keeps the record, and a
+    success's for ``FINISHED_TTL`` seconds."""
     return queue.enqueue_call(
         TASK,
         args=[job_id],
         job_id=job_id,
         timeout=settings.job_timeout,
         ttl=settings.job_ttl,
-        result_ttl=settings.job_ttl,
+        # RQ keeps a success only for FINISHED_TTL (dashboards show recent ones; diffq's record is the
+        # truth): its job hash and result stream are 6.7 KB of Redis per job. Failures stay longer.
+        result_ttl=min(FINISHED_TTL, settings.job_ttl),
         failure_ttl=settings.job_ttl,
         description=f"diffq job {job_id}",
         pipeline=pipeline,
