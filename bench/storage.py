@@ -45,6 +45,7 @@ from app.storage import objects  # noqa: E402
 from app.storage.factory import open_store  # noqa: E402
 
 BUCKET = "diffq-bench"
+LAPSE_SECONDS = 300  # worker.runner.PREVIEW_AFTER_END, app.contract.tasks.FINISHED_TTL
 PROMPT = "a small red circle on the left, blue background"
 
 
@@ -134,12 +135,14 @@ def redis_bytes(settings: Settings, redis: Redis, engine, jobs: int, body: dict)
     assert all(job["status"] == "succeeded" for job in finished), finished[0]
     own = [sum(redis.memory_usage(name) or 0 for name in redis.scan_iter(match=f"*{job['id']}*")) for job in finished]
     previews = [redis.memory_usage(keys.preview(job["id"])) or 0 for job in finished]
-    streams = [redis.memory_usage(keys.events(job["id"])) or 0 for job in finished]  # lapse with the preview
+    # What lapses within 5 minutes of the end (preview, event stream, RQ's job and result) and what lasts.
+    lasting = [sum(redis.memory_usage(name) or 0 for name in redis.scan_iter(match=f"*{job['id']}*")
+                   if not 0 < redis.ttl(name) <= LAPSE_SECONDS) for job in finished]
     image = statistics.mean(len(client.get(job["images"][0]["url"]).content) if job["images"][0]["url"].startswith(
         "http://testserver") else len(httpx.get(job["images"][0]["url"]).content) for job in finished)
     client.__exit__(None, None, None)
     return {"used_memory": (after - before) / jobs, "own_keys": statistics.mean(own), "image": image,
-            "preview": statistics.mean(previews), "events": statistics.mean(streams)}
+            "preview": statistics.mean(previews), "lasting": statistics.mean(lasting)}
 
 
 def api_bytes(settings: Settings, redis: Redis, engine, jobs: int, body: dict) -> float:  # noqa: ANN001
@@ -217,14 +220,14 @@ def main() -> None:
         print(f"diffq result store, {args.jobs} jobs per backend and model, {args.writes} writes; redis-server "
               f"{redis.info('server')['redis_version']}, moto's S3 server on loopback\n")
         print("1. Redis bytes per finished job: used_memory delta per job | the job's own keys | the same once its "
-              "preview and event stream lapse (5 min)")
+              "preview, event stream and RQ's keys lapse (5 min)")
         for label, (engine, body) in engines.items():
             for backend in ("redis", "file", "s3"):
                 root = work / f"store-{backend}-{abs(hash(label))}"
                 root.mkdir()
                 measured = redis_bytes(settings_for(backend, server.url, root, endpoint), redis, engine, args.jobs,
                                        body)
-                lasting = measured["own_keys"] - measured["preview"] - measured["events"]
+                lasting = measured["lasting"]
                 print(f"   {label:40s} {backend:6s} {measured['used_memory']:>9,.0f} B | {measured['own_keys']:>9,.0f} B"
                       f" | {lasting:>9,.0f} B   (image {measured['image']:,.0f} B, preview {measured['preview']:,.0f} B)")
         print("\n2. Image bytes through the API process per image (s3 store, 512×512)")
