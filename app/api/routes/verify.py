@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from app.deps import CallerDep
 from app.provenance.verify import NotAnImageError, verify
 from app.schemas.verify import VerifyReport, VerifyResponse
 
@@ -25,6 +26,7 @@ MAX_FILES = 16
 )
 async def verify_images(
     request: Request,
+    caller: CallerDep,
     file: Annotated[list[UploadFile], File(description="One or more PNG, JPEG or WebP images (repeat the field).")],
 ) -> VerifyResponse:
     settings = request.app.state.settings
@@ -36,9 +38,12 @@ async def verify_images(
         data = await upload.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise UploadTooLargeError(f"file[{index}]", upload.size or len(data), settings.max_upload_bytes)
+        client = request.client.host if request.client is not None else "unknown"
+        gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
         try:
-            report: dict[str, Any] = await run_in_threadpool(
-                verify, data, payload, check_watermark=False, max_pixels=settings.max_upload_pixels)
+            async with gate:  # decodes share the per-key bound of uploads (app.api.decode_gate)
+                report: dict[str, Any] = await run_in_threadpool(
+                    verify, data, payload, check_watermark=False, max_pixels=settings.max_upload_pixels)
         except NotAnImageError as error:
             raise InvalidRequestError([FieldProblem(f"file[{index}]", str(error))]) from None
         reports.append(VerifyReport(name=upload.filename or f"file[{index}]", **report))
