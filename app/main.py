@@ -16,7 +16,7 @@ from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
-from app.api.routes import health, images, jobs, metrics, models, openai_images, playground
+from app.api.routes import health, images, jobs, loras, metrics, models, openai_images, playground
 from app.auth.quotas import RateLimiter
 from app.deps import get_caller
 from app.logs import JobContextMiddleware
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
     keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
-    for module in (jobs, images, models):
+    for module in (jobs, images, models, loras):
         app.include_router(module.router, **keyed)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.

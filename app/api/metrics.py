@@ -21,7 +21,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.contract import metrics
-from app.contract.registry import Registry
+from app.contract.registry import Registry, served_by
 from app.contract.tasks import QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class DiffqCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        models = sorted({*depths, *figures, *(w.model for w in workers)})
+        models = sorted({*depths, *figures, *(name for w in workers for name in served_by(w))})
 
         depth = GaugeMetricFamily("diffq_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
         live = GaugeMetricFamily("diffq_workers", "Live workers serving the model (heartbeat not expired).",
@@ -68,7 +68,7 @@ class DiffqCollector(Collector):
         busy = GaugeMetricFamily("diffq_workers_busy", "Live workers running a job now.", labels=["model"])
         for model in models:
             depth.add_metric([model], depths.get(model, 0))
-            serving = [w for w in workers if w.model == model]
+            serving = [w for w in workers if model in served_by(w)]
             live.add_metric([model], len(serving))
             busy.add_metric([model], sum(1 for w in serving if w.current_job is not None))
         yield from (depth, live, busy)

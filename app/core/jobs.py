@@ -17,6 +17,7 @@ from rq.serializers import JSONSerializer
 
 from app.contract import events, keys, metrics
 from app.contract import status as job_status
+from app.contract.adapters import list_adapters
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
@@ -87,7 +88,8 @@ class JobService:
         served = self._served(body.model)
         model = served.model
         inputs = prepare_inputs(body, files or {}, model, self.settings, self.store)
-        request = resolve_request(body, model, inputs)
+        adapters = list_adapters(self.settings.lora_dir) if body.loras or "<lora:" in body.prompt else []
+        request = resolve_request(body, model, inputs, adapters)
         self._check_cost(request)
         if body.webhook is not None:
             request = request.model_copy(update={"webhook": body.webhook})

@@ -100,6 +100,10 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt | None = Field(None, description="diffq: classifier-free guidance.")
     scheduler: StrictStr | None = Field(None, description="diffq: scheduler name.")
     metadata: StrictBool | None = Field(None, description="diffq: write generation parameters into the PNGs.")
+    loras: list[dict[str, Any]] | None = Field(
+        None, description='diffq: LoRA adapters, e.g. [{"name": "stripes", "weight": 0.8}] (GET /v1/loras); '
+        "`<lora:name:weight>` in the prompt works too.",
+    )
 
 
 class ImageData(BaseModel):
@@ -232,7 +236,7 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
                                 "'WIDTHxHEIGHT' in pixels, e.g. '64x64' (GET /v1/models lists each model's sizes).",
                                 param="size", code="invalid_value")
         fields["width"], fields["height"] = int(match.group(1)), int(match.group(2))
-    for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata"):
+    for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata", "loras"):
         value = getattr(params, name)
         if value is not None:
             fields[name] = value
