@@ -43,15 +43,15 @@ def run_api(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, model="model_path", name="model_name", device="device", dtype="dtype")
     _configure_logging(settings)
-    from worker.service import load_engine  # imports the model stack only now
+    from worker.service import load_models  # imports the model stack only now
     from worker.service import run_worker as serve
 
     try:
-        engine = load_engine(settings)
+        models = load_models(settings)  # every model it serves (DIFFQ_MODELS, DIFFQ_MODELS_DIR), each once
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
         print(f"diffq worker: cannot serve {settings.model_path}: {error}", file=sys.stderr)
         return 2
-    serve(settings, engine=engine, burst=args.burst)
+    serve(settings, models=models, burst=args.burst)
     return 0
 
 

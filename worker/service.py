@@ -97,13 +97,14 @@ def load_models(settings: Settings, engine: Engine | None = None) -> tuple[Model
     return cache, records[::-1]
 
 
-def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False) -> bool:
+def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
+               models: tuple[ModelCache, list[ModelRecord]] | None = None) -> bool:
     """Serve jobs of its models until stopped (SIGTERM/SIGINT) or, with ``burst``, until their queues are empty.
 
-    ``engine`` lets tests share one loaded model between workers. Returns
-    whether any job was taken.
+    ``engine`` lets tests share one loaded model between workers; ``models`` is what
+    ``load_models`` loaded (default: load them now). Returns whether any job was taken.
     """
-    cache, records = load_models(settings, engine)
+    cache, records = models if models is not None else load_models(settings, engine)
     model = records[0]
     engine = cache.get(model.name)
     names = [record.name for record in records]
