@@ -97,18 +97,25 @@ class Adapters:
     @contextmanager
     def applied(self, pipe: DiffusionPipeline, loras: LoraSpec) -> Iterator[None]:
         """Run the block with exactly `loras` active on `pipe` (none: all disabled)."""
-        if not loras:
-            if self._loaded:
-                pipe.disable_lora()
+        self.activate(pipe, loras)
+        try:
             yield
+        finally:
+            self.deactivate(pipe)
+
+    def activate(self, pipe: DiffusionPipeline, loras: LoraSpec) -> None:
+        """Make exactly `loras` active, loading those not in the pipeline yet."""
+        if not loras:
+            self.deactivate(pipe)
             return
         for name, _ in loras:
             self._load(pipe, name, keep={n for n, _ in loras})
         pipe.enable_lora()
         pipe.set_adapters([name for name, _ in loras], [float(weight) for _, weight in loras])
-        try:
-            yield
-        finally:
+
+    def deactivate(self, pipe: DiffusionPipeline) -> None:
+        """Every adapter off (they stay loaded): the base layers compute alone."""
+        if self._loaded:
             pipe.disable_lora()
 
     def unload_all(self, pipe: DiffusionPipeline) -> None:
@@ -139,14 +146,3 @@ class Adapters:
             raise FileNotFoundError(f"no adapter {name!r}")
         return self.folder / f"{name}{SUFFIX}"
 
-
-def parse_loras(value: object) -> LoraSpec:
-    """A request's adapters as (name, weight) pairs from a list of pairs or of {"name", "weight"} dicts."""
-    pairs = []
-    for item in value or ():
-        if isinstance(item, dict):
-            pairs.append((item["name"], item.get("weight", 1.0)))
-        else:
-            name, weight = item
-            pairs.append((name, weight))
-    return tuple(pairs)

@@ -397,14 +397,18 @@ def train_lora(args: argparse.Namespace) -> None:
 def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
     """The adapter as diffusers writes LoRA files, and a record of how it was made beside it."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {k: v.to(torch.float16).contiguous() for k, v in layers.items()}  # small to ship
-    StableDiffusionPipeline.save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name)
+    # peft's own key names (lora_A/lora_B) for every layer: diffusers' old-format conversion renames
+    # only some of them, and a file with mixed names loses the others when loaded.
+    layers = {k: v.to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(unet).items()}  # small
+    # The LoraConfig goes into the file's metadata, so loaders target exactly the same modules.
+    config = unet.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    StableDiffusionPipeline.save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name,
+                                              unet_lora_adapter_metadata=config)
     base = json.loads((args.init_from / "diffq.json").read_text())["name"]
     out.with_suffix(".json").write_text(json.dumps({
         "base_model": base, "style": args.style, "rank": args.rank, "steps": state["step"],
