@@ -50,6 +50,7 @@ def test_post_answers_202_with_location_and_the_queued_job(client: TestClient, s
         "journey": False,
         "deadline_at": None,
         "webhook": None,
+        "loras": [],
     }
 
 

@@ -50,7 +50,7 @@ def test_only_the_listed_models_are_served_when_the_main_path_is_the_default(two
     assert list(model_sources(settings)) == ["b"]
 
 
-@pytest.mark.parametrize("models", ["just-a-path", "=/x", "a=/does/not/exist"])
+@pytest.mark.parametrize("models", ["just-a-path", "=/x", "a="])
 def test_bad_model_lists_are_refused(models: str) -> None:
     with pytest.raises(ModelConfigError):
         model_sources(Settings(_env_file=None, models=models))
