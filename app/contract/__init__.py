@@ -6,4 +6,5 @@
 - ``store``: the atomic operations on job records (create, claim, progress, finish, delete).
 - ``registry``: worker and model registration with heartbeats.
 - ``tasks``: the single task a worker runs and the queue each model uses.
+- ``adapters``: the LoRA adapter folder (names, base models, hashes) and A1111's prompt tags.
 """
