@@ -741,7 +741,10 @@ class Engine:
             for pipe in (self.pipe, self._inpaint_pipe):
                 if pipe is not None:
                     pipe.to("cpu")
-        self.free_memory()
+        import torch
+
+        if torch.device(self.info.device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the device copies are unreferenced now: give their blocks back
 
     def to_device(self) -> None:
         """Move the weights back to the device the engine was loaded on."""

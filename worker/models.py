@@ -128,6 +128,7 @@ class ModelCache:
         return engine
 
     def _evict(self, keep: str) -> None:
+        evicted = False
         while self.device_budget and len(self._device) > 1 and self._bytes(self._device) > self.device_budget:
             name = next(n for n in self._device if n != keep)
             engine = self._device.pop(name)
@@ -140,10 +141,11 @@ class ModelCache:
                     log.info("model %r dropped from CPU RAM", dropped)
             else:
                 log.info("model %r evicted", name)
-            engine = None
-        import gc
+            engine, evicted = None, True
+        if evicted:  # a dropped pipeline's tensors may sit in reference cycles: free them now
+            import gc
 
-        gc.collect()
+            gc.collect()
 
     @staticmethod
     def _bytes(engines: Mapping[str, Engine]) -> int:
