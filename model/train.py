@@ -481,6 +481,7 @@ def export(args: argparse.Namespace) -> None:
         "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
         "decoder_seconds": previous.get("decoder_seconds", 0.0) + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
+        **({"loras": previous["loras"]} if "loras" in previous else {}),  # adapters trained on this model
         "history": previous.get("history", []) + [{
             "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
             "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
