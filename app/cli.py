@@ -70,7 +70,7 @@ def run_worker(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from app.provenance.credentials import CredentialsError
     from worker.marking import Marker
-    from worker.service import load_engine  # imports the model stack only now
+    from worker.service import load_models  # imports the model stack only now
     from worker.service import run_worker as serve
 
     if not _store_ready(settings, "worker"):
@@ -81,14 +81,14 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"diffq worker: {error}", file=sys.stderr)
         return 2
     try:
-        engine = load_engine(settings)
+        models = load_models(settings)  # every model it serves (DIFFQ_MODELS, DIFFQ_MODELS_DIR), each once
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
         print(f"diffq worker: cannot serve {settings.model_path}: {error}", file=sys.stderr)
         return 2
     from app.contract.memory import EvictionPolicyError
 
     try:
-        serve(settings, engine=engine, burst=args.burst, marker=marker)
+        serve(settings, models=models, burst=args.burst, marker=marker)
     except EvictionPolicyError as error:
         print(f"diffq worker: {error}", file=sys.stderr)
         return 2

@@ -210,6 +210,11 @@ async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict
             values["webhook"] = json.loads(values["webhook"])
         except json.JSONDecodeError:
             problems.append(FieldProblem("webhook", 'must be a JSON object, e.g. {"url": "https://example.com/hook"}'))
+    if isinstance(values.get("loras"), str):
+        try:
+            values["loras"] = json.loads(values["loras"])
+        except json.JSONDecodeError:
+            problems.append(FieldProblem("loras", 'must be a JSON list, e.g. [{"name": "stripes", "weight": 0.8}]'))
     await form.close()
     if problems:
         raise InvalidRequestError(problems)

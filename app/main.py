@@ -26,6 +26,7 @@ from app.api.routes import (
     health,
     images,
     jobs,
+    loras,
     metrics,
     models,
     openai_edits,
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
     keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
-    for module in (jobs, images, models, verify):
+    for module in (jobs, images, models, verify, loras):
         app.include_router(module.router, **keyed)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.

@@ -99,6 +99,35 @@ class Settings(BaseSettings):
         description="Optional 9-channel inpainting checkpoint (same family as the model) that serves inpaint "
         "and outpaint jobs; without it the model inpaints with its own UNet.",
     )
+    models: str = Field(
+        "", description="More models one worker serves beside DIFFQ_MODEL_PATH's: comma-separated name=path, each a "
+        "diffusers folder or a single-file .safetensors checkpoint.",
+    )
+    models_dir: Path | None = Field(
+        None, description="A folder of models one worker serves: each diffusers subfolder and each .safetensors file "
+        "is a model named after it.",
+    )
+    single_file_config: Path | None = Field(
+        None, description="Local diffusers folder (configs and tokenizer; weights not needed) whose architecture "
+        "single-file checkpoints use when they have no <name>.json naming one.",
+    )
+    model_memory_bytes: int = Field(
+        0, ge=0, description="Device memory a multi-model worker's loaded pipelines may take; the least recently "
+        "used is evicted beyond it (at least one stays). 0: keep every model loaded.",
+    )
+    model_cpu_memory_bytes: int = Field(
+        0, ge=0, description="CPU RAM for pipelines evicted from the device, so a switch back does not re-read the "
+        "disk; 0: off (evicted pipelines are dropped).",
+    )
+    model_switch_after: int = Field(
+        4, ge=1, description="Multi-model worker: jobs it takes in a row for loaded models while another served "
+        "model's queue waits, before it loads that model (the bound on a queue's extra wait).",
+    )
+    lora_dir: Path | None = Field(
+        default_factory=lambda: default_model_path().parent / "loras",
+        description="Folder of LoRA adapters (<name>.safetensors) requests may apply; API and workers read it.",
+    )
+    lora_cache_size: int = Field(8, ge=1, description="LoRA adapters a worker keeps loaded per model.")
     device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = Field("auto", description="Worker dtype: auto, float32, float16, bfloat16.")
     torch_threads: int = Field(

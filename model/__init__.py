@@ -1,5 +1,8 @@
 """diffq's model layer: the generation engine, its schedulers and the bundled "shapes" model.
 
+Beside the engine: `model.adapters` (LoRA adapters per request, through diffusers/peft) and
+`model.single_file` (single-file `.safetensors` checkpoints, through `from_single_file`).
+
 Importing `model` (or `model.schedulers`, `model.engine`) does not import torch
 or diffusers: the API process uses the names and types without the model
 stack, and a worker pays for torch only when it loads a model. The engine's

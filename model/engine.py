@@ -33,6 +33,10 @@ What it adds to a bare diffusers pipeline:
   (diffusers does this); a 9-channel inpainting checkpoint can be loaded
   beside the model (`inpaint_path`) and then serves inpaint and outpaint.
   The kept region is pasted back after decoding (see `model.editing`).
+- LoRA adapters per request (`loras=(("stripes", 0.8),)`): files in the
+  engine's adapter folder, loaded with diffusers/peft and cached in the
+  pipeline (see `model.adapters`); requests with different adapters or
+  weights never share a pipeline call.
 
 GPU fast path (`Engine.load(fast_path=...)`, on by default on CUDA, off elsewhere so
 the CPU path stays exactly as it was): PyTorch's fused scaled-dot-product
@@ -70,9 +74,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import Adapters, LoraSpec
 from .editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, outpaint_canvas, paste_back
 from .preview import DenoisedTap, LatentProjector, decode_latents, encode_latents
 from .prompt_check import prompt_warnings
+from .single_file import config_folder, is_single_file, load_single_file, sidecar
 from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
 
 if TYPE_CHECKING:
@@ -105,6 +111,7 @@ MAX_SEED = 2**63 - 1
 SETTINGS_FILE = "diffq.json"
 #: Keys `diffq.json` may set (others, e.g. training records, are ignored).
 SETTINGS_KEYS = {
+    "family": str,
     "name": str,
     "default_width": int,
     "default_height": int,
@@ -185,6 +192,7 @@ class GenerationRequest:
     strength: float | None = None  # 0 < strength <= 1: how much of the input is re-noised
     outpaint: Padding | None = None
     journey: bool = False  # also return the clean-image estimate decoded at every step
+    loras: LoraSpec = ()  # (adapter name, weight) pairs, applied for this request only
 
 
 @dataclass
@@ -220,6 +228,8 @@ class ModelInfo:
     max_images: int = DEFAULT_MAX_IMAGES  # per request
     modes: list[str] = dataclasses.field(default_factory=lambda: [mode.value for mode in Mode])
     inpaint_unet_channels: int = 4  # 9 when a dedicated inpainting checkpoint serves inpaint/outpaint
+    family: str = ""  # which LoRA adapters fit: "sd1", "sd2", "sdxl", or diffq.json's "family" (else the name)
+    load_seconds: float = 0.0  # how long `Engine.load` took
 
 
 #: on_step(step, total, latents_by_request, denoised_by_request): step counts from 1 to total;
@@ -239,8 +249,11 @@ class Engine:
         *,
         vae_tiling_pixels: int = 0,
         fast_path: Sequence[str] = (),
+        adapters: Adapters | None = None,
     ):
         self.pipe = pipe
+        #: LoRA adapters this engine may apply per request (an empty folder: none).
+        self.adapters = adapters if adapters is not None else Adapters(None)
         #: What `load` applied for speed, for the worker's start-up log (empty: the plain path).
         self.fast_path = list(fast_path)
         self._vae_tiling_pixels = vae_tiling_pixels  # 0: never tile or slice
@@ -274,6 +287,9 @@ class Engine:
         compile: bool = False,
         compile_mode: str = DEFAULT_COMPILE_MODE,
         vae_tiling_pixels: int = DEFAULT_VAE_TILING_PIXELS,
+        lora_dir: str | Path | None = None,
+        lora_cache_size: int = 8,
+        single_file_config: str | Path | None = None,
     ) -> Engine:
         """Load a diffusers pipeline folder once, offline, onto `device` in `dtype`.
 
@@ -287,10 +303,18 @@ class Engine:
             (0: never), and `compile`. Off, the pipeline runs exactly as diffusers loads it.
         compile: with the fast path, `torch.compile` the main UNet in `compile_mode` (one of
             COMPILE_MODES); it compiles at its first calls: call `warm_up` before serving.
+        path: a diffusers folder, or a single-file checkpoint (`.safetensors`, A1111/Civitai
+            layout) read with diffusers' `from_single_file`, its configs from `single_file_config`
+            or its `<name>.json` (see `model.single_file`).
+        lora_dir: the folder of LoRA adapters requests may name; lora_cache_size: how many
+            stay loaded in the pipeline.
 
         Raises FileNotFoundError (no pipeline folder), ValueError (bad device or
         dtype) or ModelLoadError (a pipeline the engine cannot serve).
         """
+        import time
+
+        started = time.monotonic()
         folder = Path(path)
         torch_device = _resolve_device(device)
         dtype_name = _resolve_dtype(dtype, torch_device)
@@ -299,8 +323,12 @@ class Engine:
         if isinstance(vae_tiling_pixels, bool) or not isinstance(vae_tiling_pixels, int) or vae_tiling_pixels < 0:
             raise ValueError(f"vae_tiling_pixels: {vae_tiling_pixels!r} is not an integer >= 0")
         fast = torch_device.type == "cuda" if fast_path is None else bool(fast_path)
-        settings = _read_settings(folder) if (folder / "model_index.json").is_file() else {}
-        pipe = _load_pipeline(folder, torch_device, dtype_name)
+        if is_single_file(folder):
+            settings = _checked_settings(sidecar(folder), folder.with_suffix(".json"))
+            pipe = _load_single_file(folder, config_folder(folder, single_file_config), torch_device, dtype_name)
+        else:
+            settings = _read_settings(folder) if (folder / "model_index.json").is_file() else {}
+            pipe = _load_pipeline(folder, torch_device, dtype_name)
         _check_supported(pipe, inpainting=False)
         inpaint_pipe = None
         if inpaint_path is not None:
@@ -309,7 +337,7 @@ class Engine:
 
         schedulers = _offered_schedulers(pipe, settings)
         info = ModelInfo(
-            name=name or settings.get("name") or folder.resolve().name,
+            name=name or settings.get("name") or (folder.stem if is_single_file(folder) else folder.resolve().name),
             pipeline_class=type(pipe).__name__,
             weights_hash=weights_hash(folder),
             device=str(torch_device),
@@ -318,6 +346,7 @@ class Engine:
             max_images=max_images,
             schedulers=schedulers,
             inpaint_unet_channels=inpaint_pipe.unet.config.in_channels if inpaint_pipe else 4,
+            family=settings.get("family") or model_family(pipe) or name or settings.get("name") or folder.stem,
             **_model_defaults(pipe, settings, schedulers),
         )
         _check_info(info)
@@ -330,9 +359,11 @@ class Engine:
                 applied.append(f"VAE tiling above {vae_tiling_pixels} pixels per image, slicing above "
                                f"{vae_tiling_pixels} pixels per call")
         base_config = pipe.scheduler.config
+        info = dataclasses.replace(info, load_seconds=round(time.monotonic() - started, 3))
         return cls(
             pipe, info, {name: build_scheduler(name, base_config) for name in schedulers}, inpaint_pipe,
             vae_tiling_pixels=vae_tiling_pixels if fast else 0, fast_path=applied,
+            adapters=Adapters(lora_dir, lora_cache_size),
         )
 
     # -- validation ----------------------------------------------------------------------------
@@ -355,6 +386,10 @@ class Engine:
         if scheduler not in info.schedulers:
             raise UnknownSchedulerError(scheduler, info.schedulers)
         mode = self._check_mode(request)
+        loras = tuple((name, weight) for name, weight in request.loras)
+        if (problem := self.adapters.check(loras)) is not None:
+            raise InvalidRequestError("loras", problem)
+        loras = tuple((name, float(weight)) for name, weight in loras)
         if mode.takes_image:
             width, height = self._edit_size(request, mode)
         else:
@@ -383,6 +418,7 @@ class Engine:
             scheduler=scheduler,
             mode=mode.value,
             strength=strength,
+            loras=loras,
         )
 
     def _check_mode(self, request: GenerationRequest) -> Mode:
@@ -523,7 +559,7 @@ class Engine:
         for index, request in enumerate(requests):
             key: tuple = (
                 request.width, request.height, request.steps, request.scheduler, request.guidance_scale,
-                request.mode, request.strength,
+                request.mode, request.strength, request.loras,
             )
             if self._empty_negative_is_special:
                 key += (request.negative_prompt == "",)
@@ -588,7 +624,8 @@ class Engine:
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}  # img2img takes no size
-        with self._scheduler_in_place(pipe, first.scheduler, tap), self._vae_memory(pipe, first, len(prompts)):
+        with self._scheduler_in_place(pipe, first.scheduler, tap), self._vae_memory(pipe, first, len(prompts)), \
+                self.adapters.applied(pipe, first.loras):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
             images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
@@ -684,6 +721,38 @@ class Engine:
         if torch.device(self.info.device).type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def memory_bytes(self) -> int:
+        """Bytes of the weights (parameters and buffers) of every distinct module this engine holds."""
+        import torch
+
+        seen: set[int] = set()
+        total = 0
+        for pipe in (self.pipe, self._inpaint_pipe):
+            for component in (pipe.components.values() if pipe is not None else ()):
+                if isinstance(component, torch.nn.Module) and id(component) not in seen:
+                    seen.add(id(component))
+                    total += sum(t.numel() * t.element_size()
+                                 for t in [*component.parameters(), *component.buffers()])
+        return total
+
+    def to_cpu(self) -> None:
+        """Move the weights to CPU RAM (a multi-model worker's second tier); `to_device` brings them back."""
+        with self._lock:
+            for pipe in (self.pipe, self._inpaint_pipe):
+                if pipe is not None:
+                    pipe.to("cpu")
+        import torch
+
+        if torch.device(self.info.device).type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the device copies are unreferenced now: give their blocks back
+
+    def to_device(self) -> None:
+        """Move the weights back to the device the engine was loaded on."""
+        with self._lock:
+            for pipe in (self.pipe, self._inpaint_pipe):
+                if pipe is not None:
+                    pipe.to(self.info.device)
+
     def prepare_previews(self) -> None:
         """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
         self._projector.prepare()
@@ -706,8 +775,18 @@ class Engine:
                 value = None if value is None else f"{value.width}x{value.height}"
             elif field.name == "outpaint":
                 value = None if value is None else dataclasses.asdict(value)
+            elif field.name == "loras":  # which weights exactly: the file's hash
+                value = [{"name": name, "weight": weight, "sha256": self.adapters.sha256(name)}
+                         for name, weight in value]
             parameters[field.name] = value
         return parameters
+
+
+def model_family(pipe: DiffusionPipeline) -> str | None:
+    """Which LoRA adapters fit a Stable Diffusion pipeline, from its UNet's text width; None if unknown."""
+    if "XL" in type(pipe).__name__:
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(pipe.unet.config.cross_attention_dim)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -869,6 +948,11 @@ def _read_settings(folder: Path) -> dict[str, Any]:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{file}: not valid JSON ({error})") from error
+    return _checked_settings(raw, file)
+
+
+def _checked_settings(raw: object, file: Path) -> dict[str, Any]:
+    """The known keys of a diffq.json (or a single file's `<name>.json`), type-checked."""
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{file}: must hold a JSON object")
     settings = {}
@@ -907,6 +991,16 @@ def _load_pipeline(folder: Path, device: torch.device, dtype_name: str) -> Diffu
         pipe = DiffusionPipeline.from_pretrained(
             folder, torch_dtype=getattr(torch, dtype_name), local_files_only=True, **overrides
         )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_single_file(path: Path, config: Path, device: torch.device, dtype_name: str) -> DiffusionPipeline:
+    """A single-file checkpoint, offline, on `device` in `dtype_name` (see `model.single_file`)."""
+    import torch
+
+    pipe = load_single_file(path, config, getattr(torch, dtype_name))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -1057,7 +1151,9 @@ def weights_hash(folder: str | Path) -> str:
     """
     folder = Path(folder)
     files = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    if folder.is_file():  # a single-file checkpoint: its name and bytes
+        files, folder = [folder], folder.parent
+    for root, dirs, names in os.walk(folder if not files else os.devnull, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # e.g. .cache/huggingface metadata
         files += [Path(root, name) for name in names if name.endswith(WEIGHT_SUFFIXES)]
     digest = hashlib.sha256()

@@ -9,6 +9,10 @@ back with `shapes_data.analyse` and scored on what the caption states:
 - both colours: for two-shape prompts, each half of the image has the colour asked for it
   (the halves the caption names; a caption that names no places allows any of the four layouts)
 
+`--lora model/loras/stripes.safetensors` generates with a LoRA adapter (`--lora-weight`, default 1)
+and also reports `stripes`: the share of images whose background is striped
+(`shapes_data.has_stripes`), the style the shipped adapter teaches; the base model gives ~0.
+
 `--source reconstruction` scores the VAE's reconstructions of the true images instead: the
 ceiling the UNet can reach. `--source truth` scores the rendered scenes (a self-check of
 the scorer; it should print 100% everywhere).
@@ -76,12 +80,14 @@ def generate(model: Path, prompts: list[str], seeds: list[int], args) -> list[Im
 
     from model.engine import Engine, GenerationRequest
 
-    engine = Engine.load(model, device=args.device)
+    lora = args.lora
+    engine = Engine.load(model, device=args.device, lora_dir=lora.parent if lora else None)
+    loras = ((lora.stem, args.lora_weight),) if lora else ()
     images: list[Image.Image] = []
     for start in range(0, len(prompts), args.batch):
         requests = [
             GenerationRequest(prompt=p, seed=s, steps=args.steps, guidance_scale=args.guidance,
-                              scheduler=args.scheduler)
+                              scheduler=args.scheduler, loras=loras)
             for p, s in zip(prompts[start : start + args.batch], seeds[start : start + args.batch])
         ]
         with torch.inference_mode():
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--grid", type=Path, default=None, help="also save a grid of the first 16")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    parser.add_argument("--lora", type=Path, default=None, help="a LoRA adapter file to generate with")
+    parser.add_argument("--lora-weight", type=float, default=1.0)
     args = parser.parse_args(argv)
 
     samples = [shapes_data.sample(seed) for seed in range(args.n)]
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     for (kind, size), found_kinds in sorted(shapes_found.items()):
         wrong = ", ".join(f"{k or 'nothing'} {n}" for k, n in found_kinds.most_common() if k != kind)
         print(f"  {size:>5} {kind:<9}{found_kinds[kind]:>4}/{sum(found_kinds.values()):<4}{wrong}")
+    report["stripes"] = float(np.mean([shapes_data.has_stripes(image) for image in images]))
+    print(f"striped backgrounds (the stripes adapter's style): {report['stripes']:.3f}")
     report["shapes_found"] = {f"{size} {kind}": dict(c) for (kind, size), c in sorted(shapes_found.items())}
     met = {c: report["all"].get(c, 0.0) >= t for c, t in TARGETS.items()}
     print("targets: " + ", ".join(f"{c} ≥ {t:.2f} {'met' if met[c] else 'NOT met'}" for c, t in TARGETS.items()))

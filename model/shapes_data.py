@@ -55,6 +55,15 @@ POSITION_PHRASES: dict[str, str] = {
 PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 JITTER = 2.0  # pixels of random offset of a shape's centre
 
+# The "stripes" style (the shipped LoRA adapter's, which the base model never draws): diagonal
+# bands of a lighter or darker shade of the background, STRIPE_WIDTH of every STRIPE_PERIOD
+# pixels along x + y. The shade stays nearest to its own palette colour, so the scorer reads a
+# striped background as the colour asked for and colour/shape/position scores are unchanged.
+STYLES = ("plain", "stripes")
+STRIPE_PERIOD = 16
+STRIPE_WIDTH = 6
+STRIPE_THRESHOLD = 10.0  # `stripe_strength` above this reads as striped (RGB units)
+
 VOCABULARY = sorted(
     set(COLOURS)
     | set(SHAPES)
@@ -142,11 +151,36 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
         draw.polygon(polygon, fill=fill)
 
 
-def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
+def stripe_shade(colour: str) -> tuple[int, int, int]:
+    """The background's stripe colour: blended towards black or white (whichever moves it
+    further), half as far as it may go before another palette colour becomes the nearest."""
+    base = np.asarray(COLOURS[colour], np.float32)
+    best, best_move = base, 0.0
+    for target in (0.0, 255.0):
+        alpha = 0.0
+        while alpha < 0.95 and nearest_colour(base * (1 - alpha - 0.01) + target * (alpha + 0.01)) == colour:
+            alpha += 0.01
+        shade = base * (1 - alpha / 2) + target * (alpha / 2)
+        if (move := float(np.abs(shade - base).sum())) > best_move:
+            best, best_move = shade, move
+    return tuple(int(round(v)) for v in best)
+
+
+def draw_stripes(draw: ImageDraw.ImageDraw, colour: str, scale: int) -> None:
+    """Diagonal bands where (x + y) mod STRIPE_PERIOD < STRIPE_WIDTH, on a canvas scaled by `scale`."""
+    size, fill = IMAGE_SIZE * scale, stripe_shade(colour)
+    for start in range(0, 2 * IMAGE_SIZE, STRIPE_PERIOD):
+        a, b = start * scale, (start + STRIPE_WIDTH) * scale
+        draw.polygon([(a, 0), (b, 0), (b - size, size), (a - size, size)], fill=fill)
+
+
+def render(scene: Scene, rng: random.Random | None = None, style: str = "plain") -> Image.Image:
     """Render a scene to a 64×64 RGB image; `rng` adds a little jitter to each shape's place."""
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), COLOURS[scene.background])
     draw = ImageDraw.Draw(canvas)
+    if style == "stripes":
+        draw_stripes(draw, scene.background, s)
     for shape in scene.shapes:
         cx, cy = POSITION_CENTRES[shape.position]
         if rng is not None:
@@ -156,18 +190,18 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def sample(seed: int) -> tuple[Image.Image, str, Scene]:
+def sample(seed: int, style: str = "plain") -> tuple[Image.Image, str, Scene]:
     """The training example number `seed`: deterministic, so a data set is just a range of seeds."""
     rng = random.Random(seed)
     scene = random_scene(rng)
-    return render(scene, rng), scene.caption, scene
+    return render(scene, rng, style), scene.caption, scene
 
 
-def batch(seeds, *, as_uint8: bool = False) -> tuple[np.ndarray, list[str]]:
+def batch(seeds, *, as_uint8: bool = False, style: str = "plain") -> tuple[np.ndarray, list[str]]:
     """Images as an (N, 3, 64, 64) array in [-1, 1] (or uint8), with their captions."""
     images, captions = [], []
     for seed in seeds:
-        image, caption, _ = sample(int(seed))
+        image, caption, _ = sample(int(seed), style)
         images.append(np.asarray(image))
         captions.append(caption)
     array = np.stack(images).transpose(0, 3, 1, 2)
@@ -282,3 +316,30 @@ def analyse(image: Image.Image, scene: Scene) -> Analysis:
             }
         )
     return Analysis(background, found)
+
+
+def stripe_strength(image: Image.Image) -> float:
+    """How strongly the background varies with period STRIPE_PERIOD along x + y (RGB units).
+
+    Background pixels (the border's palette colour) are binned by their phase (x + y) mod
+    STRIPE_PERIOD; the answer is the amplitude of the first harmonic of the bins' mean
+    colours. Rendered plain scenes give at most about 1 whatever the shapes; striped ones 24 to 40.
+    """
+    pixels = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))).astype(np.float32)
+    labels = _palette_labels(pixels)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = labels == np.bincount(border).argmax()
+    ys, xs = np.indices(labels.shape)
+    phase = (xs + ys) % STRIPE_PERIOD
+    means = []
+    for k in range(STRIPE_PERIOD):
+        bin_pixels = pixels[background & (phase == k)]
+        if len(bin_pixels) < 8:  # a bin all covered by shapes: no evidence either way
+            return 0.0
+        means.append(bin_pixels.mean(0))
+    harmonic = np.exp(-2j * np.pi * np.arange(STRIPE_PERIOD) / STRIPE_PERIOD)
+    return float(np.linalg.norm(2 * np.abs(harmonic @ np.stack(means)) / STRIPE_PERIOD))
+
+
+def has_stripes(image: Image.Image) -> bool:
+    return stripe_strength(image) > STRIPE_THRESHOLD

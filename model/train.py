@@ -10,6 +10,9 @@ picked up again by running the same command):
    latents with v-prediction on a zero-terminal-SNR schedule, classifier-free-guidance
    dropout, and an exponential moving average of the weights.
 3. `export`: writes the diffusers folder (EMA weights) that the service loads.
+4. `lora`: a LoRA adapter (peft, on the UNet's attention and convolutions) that teaches an
+   exported model a style it never draws (`--style stripes`), the text encoder and the base
+   weights frozen; written as a diffusers LoRA `.safetensors` file (`--out`).
 
 Data is procedural: step s uses scenes with seeds from a range no evaluation uses, so a
 run is reproducible from its seed and the data never repeats.
@@ -46,10 +49,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def scene_batch(stage: int, step: int, batch: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(stage: int, step: int, batch: int, seed: int, style: str = "plain") -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] and captions for one step: seeds are a pure function of (stage, step)."""
     start = TRAIN_SEED_BASE + seed * 1_000_003 + stage * 500_000_000 + step * batch
-    images, captions = shapes_data.batch(range(start, start + batch))
+    images, captions = shapes_data.batch(range(start, start + batch), style=style)
     return torch.from_numpy(images), captions
 
 
@@ -313,6 +316,110 @@ def init_from_folder(folder: Path, unet, text_encoder) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Stage 4: a LoRA adapter for a style
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+
+
+def v_loss(unet, text_encoder, vae, tokenizer, images, captions, step: int, args, generator, alphas,
+           device) -> torch.Tensor:
+    """The v-prediction loss of the UNet stage on one batch (captions dropped for guidance)."""
+    rng = random.Random(args.seed * 1_000_003 + step)
+    captions = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        latents = vae.encode(images.to(device)).latent_dist.mode() * vae.config.scaling_factor
+        hidden = text_encoder(ids).last_hidden_state
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = sample_timesteps(latents.shape[0], args.high_noise_share, generator).to(device)
+    a = alphas[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+    return F.mse_loss(unet(a * latents + s * noise, t, hidden).sample, a * noise - s * latents)
+
+
+def train_lora(args: argparse.Namespace) -> None:
+    """LoRA on a frozen exported model: only the low-rank matrices learn the style."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    if args.init_from is None:
+        raise SystemExit("lora needs --init-from: the exported model folder the adapter is for")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    vae = load_vae(args, device)
+    text_encoder = CLIPTextModel.from_pretrained(args.init_from / "text_encoder", torch_dtype=torch.float32)
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    unet.to(device).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ckpt = Checkpoints(args.run, f"lora-{args.style}")
+    step, previous_seconds = 0, 0.0
+    if (state := ckpt.load()) is not None:
+        unet.load_state_dict(state["unet"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step, previous_seconds = state["step"], state.get("seconds", 0.0)
+        print(f"resumed lora at step {step}")
+    generator = torch.Generator().manual_seed(args.seed * 7919 + step)
+    alphas = build_scheduler().alphas_cumprod.to(device)
+    started = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc=f"lora {args.style}", dynamic_ncols=True)
+    while step < args.steps:
+        images, captions = scene_batch(3, step, args.batch, args.seed, args.style)
+        loss = v_loss(unet, text_encoder, vae, tokenizer, images, captions, step, args, generator, alphas, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log_line(args.run, {"stage": f"lora-{args.style}", "step": step, "loss": loss.item(),
+                                "elapsed_s": time.time() - started})
+        if step % args.save_every == 0 or step == args.steps:
+            trainable = {k: v for k, v in unet.state_dict().items() if "lora_" in k}
+            ckpt.save({"unet": trainable, "optimizer": opt.state_dict(), "step": step,
+                       "device": str(device), "argv": sys.argv[1:],
+                       "seconds": previous_seconds + time.time() - started})
+    bar.close()
+    save_lora(unet, args, ckpt.load())
+
+
+def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
+    """The adapter as diffusers writes LoRA files, and a record of how it was made beside it."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # peft's own key names (lora_A/lora_B) for every layer: diffusers' old-format conversion renames
+    # only some of them, and a file with mixed names loses the others when loaded.
+    layers = {k: v.to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(unet).items()}  # small
+    # The LoraConfig goes into the file's metadata, so loaders target exactly the same modules.
+    config = unet.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    StableDiffusionPipeline.save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name,
+                                              unet_lora_adapter_metadata=config)
+    base = json.loads((args.init_from / "diffq.json").read_text())["name"]
+    out.with_suffix(".json").write_text(json.dumps({
+        "base_model": base, "style": args.style, "rank": args.rank, "steps": state["step"],
+        "seconds": state.get("seconds", 0.0), "seed": args.seed, "device": state.get("device"),
+        "argv": state.get("argv"), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }, indent=2) + "\n")
+    print(f"wrote {out} ({out.stat().st_size} bytes) for base model {base!r}")
+
+
+# ------------------------------------------------------------------------------------------
 # Stage 3: the diffusers folder
 
 
@@ -374,6 +481,7 @@ def export(args: argparse.Namespace) -> None:
         "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
         "decoder_seconds": previous.get("decoder_seconds", 0.0) + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
+        **({"loras": previous["loras"]} if "loras" in previous else {}),  # adapters trained on this model
         "history": previous.get("history", []) + [{
             "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
             "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
@@ -392,7 +500,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "decoder", "unet", "export"])
+    parser.add_argument("stage", choices=["vae", "decoder", "unet", "export", "lora"])
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
     parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")
     parser.add_argument("--steps", type=int, default=3000, help="train until this step")
@@ -410,12 +518,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the UNet stage from an exported folder (a new sitting)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shapes")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors)")
+    parser.add_argument("--style", default="stripes", choices=[s for s in shapes_data.STYLES if s != "plain"],
+                        help="lora: the style the adapter learns")
+    parser.add_argument("--rank", type=int, default=4, help="lora: rank of the low-rank matrices")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(args.seed)
-    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "export": export}[args.stage](args)
+    if args.out is None:
+        args.out = Path(__file__).parent / ("shapes" if args.stage != "lora" else f"loras/{args.style}.safetensors")
+    stages = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "export": export, "lora": train_lora}
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":

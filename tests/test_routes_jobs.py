@@ -54,6 +54,7 @@ def test_post_answers_202_with_location_and_the_queued_job(client: TestClient, s
         "output_format": "png",
         "quality": None,
         "retention_seconds": 86400,  # DIFFQ_JOB_TTL unless the request asks
+        "loras": [],
     }
 
 

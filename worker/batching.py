@@ -2,7 +2,7 @@
 
 After RQ hands the worker a job (the *lead*), the runner asks ``Company.take`` for up to
 ``batch_max - 1`` more jobs from the same model queue whose requests share the engine's batch
-key (size, steps, scheduler, guidance scale, mode, strength; for SDXL-style models also whether
+key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models also whether
 the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
 ``batch_wait_ms`` for them to arrive. Each one taken is
 
@@ -67,7 +67,7 @@ def batch_key(params: JobParams, empty_negative_is_special: bool) -> tuple:
     """The fields that must be equal for two jobs to share one pipeline call (the engine's key)."""
     key: tuple = (
         params.width, params.height, params.steps, params.scheduler, float(params.guidance_scale),
-        params.mode.value, params.strength,
+        params.mode.value, params.strength, tuple((lora.name, float(lora.weight)) for lora in params.loras),
     )
     if empty_negative_is_special:
         key += (params.negative_prompt == "",)

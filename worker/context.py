@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
+from app.contract.records import ModelRecord
 from app.contract.store import JobStore
 from app.settings import Settings
 from app.storage.base import ResultStore
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from worker.batching import Company
     from worker.heartbeat import Heartbeat
     from worker.marking import Marker
+    from worker.models import ModelCache
 
 
 @dataclass
@@ -48,7 +50,11 @@ class Batching:
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """The long-lived state of one worker process."""
+    """The long-lived state of one worker process.
+
+    ``engine`` is the main model's; a multi-model worker finds every model's engine and record
+    through ``engine_for`` and ``record_for`` (``models`` loads and evicts them).
+    """
 
     worker_id: str
     engine: Engine
@@ -60,6 +66,17 @@ class WorkerContext:
     shutdown: Shutdown = field(default_factory=Shutdown)
     batching: Batching = field(default_factory=Batching)
     marker: Marker = field(default_factory=lambda: _default_marker())
+    models: ModelCache | None = None
+
+    def engine_for(self, model: str) -> Engine:
+        """The loaded engine of ``model`` (loading it now, and evicting another, if need be)."""
+        if self.models is None or model not in self.heartbeat.records:
+            return self.engine
+        return self.models.get(model)
+
+    def record_for(self, model: str) -> ModelRecord:
+        """What the API was told about ``model`` (the main model's record for unknown names)."""
+        return self.heartbeat.records.get(model, self.heartbeat.model)
 
 
 def _default_marker() -> Marker:

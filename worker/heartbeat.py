@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import redis.exceptions
@@ -23,10 +23,15 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Announce now, renew periodically, withdraw on stop."""
 
-    def __init__(self, registry: Registry, worker: WorkerRecord, model: ModelRecord, interval: float) -> None:
+    def __init__(self, registry: Registry, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord],
+                 interval: float, status: Callable[[], dict] | None = None) -> None:
         self.registry = registry
         self.worker = worker
-        self.model = model
+        models = [model] if isinstance(model, ModelRecord) else list(model)
+        self.model = models[0]  # the main model
+        #: Every model this worker serves, by name.
+        self.records = {record.name: record for record in models}
+        self._status = status  # fields of the worker record to refresh at each beat (loaded models)
         self.interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -43,15 +48,16 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join()
         try:
-            self.registry.withdraw(self.worker.id, self.model.name)
+            self.registry.withdraw(self.worker.id, list(self.records))
         except redis.exceptions.RedisError as error:
             log.warning("could not unregister worker %s: %s", self.worker.id, error)
 
     def beat(self) -> None:
         """Renew the registration now."""
         with self._lock:
-            self.worker = self.worker.model_copy(update={"heartbeat_at": utcnow()})
-            self.registry.announce(self.worker, self.model)
+            update = self._status() if self._status is not None else {}
+            self.worker = self.worker.model_copy(update={**update, "heartbeat_at": utcnow()})
+            self.registry.announce(self.worker, list(self.records.values()))
 
     @contextmanager
     def busy(self, job_id: str) -> Iterator[None]:

@@ -38,6 +38,8 @@ def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]
         text["strength"] = repr(params.strength)
     if params.outpaint is not None:
         text["outpaint"] = json.dumps(params.outpaint.model_dump(), separators=(",", ":"))
+    if params.loras:  # which adapters, how strongly, and exactly which files
+        text["loras"] = json.dumps([lora.model_dump() for lora in params.loras], separators=(",", ":"))
     for name in ("image", "mask"):
         source = getattr(params, name)
         if source is not None:  # which input: its hash, and where it came from

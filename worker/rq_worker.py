@@ -16,10 +16,11 @@ from rq.worker import SimpleWorker, WorkerStatus
 from app.contract import keys
 from app.contract.status import JobStatus
 from app.contract.store import WriteResult
-from app.contract.tasks import intermediate_key, mark_requeued
+from app.contract.tasks import QUEUE_PREFIX, intermediate_key, mark_requeued
 from worker import context, faults
 from worker.allowlist import AllowListedJob
 from worker.batching import Company, Taken, engine_batch_key
+from worker.models import QueueChooser
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,31 @@ class DiffqWorker(SimpleWorker):
     lifecycle, and while it runs the task takes compatible queued jobs along
     (``worker.batching.Company``). Once it has ended, each job taken along is
     ended in RQ by RQ's own success handling, as if RQ had run it.
+
+    Several models (``chooser`` set): before each dequeue the queues are put in the chooser's
+    order (loaded models first, a queue passed over too often before them; see
+    ``worker.models``), and the job's model is made the loaded one before it runs.
     """
 
     job_class = AllowListedJob
     _running: tuple[str, Queue] | None = None  # the job being executed, and its queue
     _task_error: type[BaseException] | None = None  # what the task of that job raised, if it did
+    chooser: QueueChooser | None = None
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):  # type: ignore[no-untyped-def]
+        if self.chooser is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        by_model = {queue.name.removeprefix(QUEUE_PREFIX): queue for queue in self.queues}
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in by_model.values():
+                pipe.llen(queue.key)
+            waiting = dict(zip(by_model, (bool(n) for n in pipe.execute()), strict=True))
+        loaded = context.current().models.loaded if context.current().models is not None else []
+        self._ordered_queues = [by_model[name] for name in self.chooser.order(loaded, waiting)]
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if result is not None:
+            self.chooser.took(result[1].name.removeprefix(QUEUE_PREFIX))
+        return result
 
     def request_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
         """SIGTERM/SIGINT: RQ's warm shutdown (finish the job, then exit), with a grace period:
@@ -125,9 +146,10 @@ class DiffqWorker(SimpleWorker):
         current = context.current()
         self._running, self._task_error = (job.id, queue), None
         faults.at("taken")
+        engine = current.engine_for(queue.name.removeprefix(QUEUE_PREFIX))  # loads it if evicted
         company = None
         if current.settings.batch_max > 1:
-            company = Company(self, queue, current.store, current.worker_id, engine_batch_key(current.engine))
+            company = Company(self, queue, current.store, current.worker_id, engine_batch_key(engine))
         current.batching.company = company
         try:
             # SimpleWorker.execute_job, keeping perform_job's verdict for the jobs taken along.

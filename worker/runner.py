@@ -72,6 +72,7 @@ def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = N
         strength=params.strength,
         outpaint=Padding(**outpaint.model_dump()) if outpaint is not None else None,
         journey=params.journey,
+        loras=tuple((lora.name, lora.weight) for lora in params.loras),
     )
 
 
@@ -107,6 +108,7 @@ class JobRunner:
         self.store = context.store
         self.settings = context.settings
         self.model: ModelRecord = context.heartbeat.model
+        self.engine = context.engine
 
     def run(self, job_id: str) -> None:
         token = uuid.uuid4().hex
@@ -115,6 +117,9 @@ class JobRunner:
         if record is None:
             log.info("job %s: deleted or ended before it started; skipping", job_id)
             return
+        # A multi-model worker: the job's own model (the RQ worker has loaded it already).
+        self.engine = self.context.engine_for(record.model)
+        self.model = self.context.record_for(record.model)
         with self.context.heartbeat.busy(job_id):
             jobs: list[_Job] = []
             try:
@@ -167,7 +172,7 @@ class JobRunner:
                     return None
                 inputs[name] = png
         try:
-            request = self.context.engine.validate(generation_request(record.request, inputs))
+            request = self.engine.validate(generation_request(record.request, inputs))
         except ValueError as error:  # the engine names the field and what it accepts
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
             return None
@@ -196,7 +201,7 @@ class JobRunner:
         )
         return ProgressReporter(
             self.store, job.record.id, job.token, self.settings.progress_interval,
-            engine=self.context.engine, previews=previews, event_ttl=self.settings.job_ttl,
+            engine=self.engine, previews=previews, event_ttl=self.settings.job_ttl,
             overdue=self.context.shutdown.overdue,
         )
 
@@ -215,7 +220,7 @@ class JobRunner:
         started = time.monotonic()
         out_of_memory = None
         try:
-            results = self.context.engine.generate([job.request for job in jobs], on_step=self._on_step(jobs))
+            results = self.engine.generate([job.request for job in jobs], on_step=self._on_step(jobs))
         except _AllStopped:
             return
         except JobHandBackError as stop:
@@ -265,7 +270,7 @@ class JobRunner:
         """The device ran out of memory for ``live`` jobs: free the cache, then run a batch again
         in two halves (each may split again); a job alone that still does not fit fails with
         ``out_of_memory``, and the worker goes on with its next job."""
-        self.context.engine.free_memory()
+        self.engine.free_memory()
         if len(live) > 1:
             half = (len(live) + 1) // 2
             images = sum(job.request.num_images for job in live)
@@ -465,4 +470,12 @@ class JobRunner:
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     """The engine's parameters, with anything JSON cannot hold turned into text."""
     plain = (str, int, float, bool, type(None))
-    return {key: value if isinstance(value, plain) else str(value) for key, value in values.items()}
+
+    def jsonable(value: Any) -> Any:
+        if isinstance(value, list):  # e.g. loras: [{"name", "weight", "sha256"}]
+            return [jsonable(item) for item in value]
+        if isinstance(value, dict):
+            return {str(k): jsonable(v) for k, v in value.items()}
+        return value if isinstance(value, plain) else str(value)
+
+    return {key: jsonable(value) for key, value in values.items()}

@@ -1,4 +1,8 @@
-"""Starts a worker process: load the model once, register, take jobs until told to stop."""
+"""Starts a worker process: load its models, register, take jobs until told to stop.
+
+A worker serves one model, or several (``worker.models``): each is loaded once at start to
+learn its limits (and its load time), then kept in a bounded cache of loaded pipelines.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import signal
 import socket
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rq.serializers import JSONSerializer
@@ -24,6 +29,7 @@ from worker import context
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
 from worker.marking import Marker
+from worker.models import ModelCache, QueueChooser, model_sources
 from worker.rq_worker import DiffqWorker
 from worker.sweeper import Sweeper, SweeperThread
 
@@ -33,8 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model this worker serves, loaded once for the life of the process."""
+def load_engine(settings: Settings, path: Path | None = None, name: str | None = None) -> Engine:
+    """A model this worker serves (default: DIFFQ_MODEL_PATH's), loaded once for the life of the process
+    (or until a multi-model worker evicts it)."""
     import torch
 
     from model.engine import Engine
@@ -42,14 +49,18 @@ def load_engine(settings: Settings) -> Engine:
     if settings.torch_threads:
         # On a CPU shared with other processes, fewer threads avoid oversubscription (often much faster).
         torch.set_num_threads(settings.torch_threads)
+    main = path is None or path == settings.model_path
     engine = Engine.load(
-        settings.model_path,
+        settings.model_path if path is None else path,
         device=settings.device,
         dtype=settings.dtype,
-        name=settings.model_name,
+        name=settings.model_name if name is None else name,
         max_steps=settings.max_steps,
         max_images=settings.max_images_per_job,
-        inpaint_path=settings.inpaint_model_path,
+        inpaint_path=settings.inpaint_model_path if main else None,
+        single_file_config=settings.single_file_config,
+        lora_dir=settings.lora_dir,
+        lora_cache_size=settings.lora_cache_size,
         fast_path={"auto": None, "on": True, "off": False}[settings.fast_path],
         compile=settings.compile,
         compile_mode=settings.compile_mode,
@@ -75,16 +86,32 @@ def model_record(engine: Engine) -> ModelRecord:
     return ModelRecord.model_validate(dataclasses.asdict(engine.info))
 
 
-def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
-               marker: Marker | None = None) -> bool:
-    """Serve jobs of one model until stopped (SIGTERM/SIGINT) or, with ``burst``, until its queue is empty.
+def load_models(settings: Settings, engine: Engine | None = None) -> tuple[ModelCache, list[ModelRecord]]:
+    """Every model the settings name (``engine``: the one model, already loaded), each loaded
+    once to read its record, in a cache bounded by the settings' memory budgets."""
+    if engine is not None:
+        cache = ModelCache(lambda name: engine)
+        cache.get(engine.info.name)
+        return cache, [model_record(engine)]
+    sources = model_sources(settings)
+    cache = ModelCache(lambda name: load_engine(settings, sources[name], name), settings.model_memory_bytes,
+                       settings.model_cpu_memory_bytes)
+    records = [model_record(cache.get(name)) for name in reversed(sources)]  # the main model loads last
+    return cache, records[::-1]
 
-    ``engine`` lets tests share one loaded model between workers. Returns
-    whether any job was taken.
+
+def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
+               models: tuple[ModelCache, list[ModelRecord]] | None = None, marker: Marker | None = None) -> bool:
+    """Serve jobs of its models until stopped (SIGTERM/SIGINT) or, with ``burst``, until their queues are empty.
+
+    ``engine`` lets tests share one loaded model between workers; ``models`` is what
+    ``load_models`` loaded (default: load them now). Returns whether any job was taken.
     """
     marker = marker if marker is not None else Marker.from_settings(settings)
-    engine = engine if engine is not None else load_engine(settings)
-    model = model_record(engine)
+    cache, records = models if models is not None else load_models(settings, engine)
+    model = records[0]
+    engine = cache.get(model.name)
+    names = [record.name for record in records]
     redis = connection.sync_client(settings)
     memory.check_policy(redis, settings.redis_allow_eviction)  # EvictionPolicyError: refuse to serve
     host, pid = socket.gethostname(), os.getpid()
@@ -100,8 +127,14 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         queue=queue_name(model.name),
         started_at=now,
         heartbeat_at=now,
+        models=names,
     )
-    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, model, settings.heartbeat_interval)
+
+    def status() -> dict:
+        return {"loaded": cache.loaded, "load_seconds": dict(cache.load_seconds)}
+
+    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval,
+                          status)
     results = ready_store(settings, redis)  # raises, naming the setting, if it cannot be written to
     context.install(
         WorkerContext(
@@ -113,26 +146,31 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
             heartbeat=heartbeat,
             marker=marker,
             results=results,
+            models=cache,
         )
     )
     rq_worker = DiffqWorker(
-        [queue_name(model.name)],
+        [queue_name(name) for name in names],
         name=worker_id,
         connection=redis,
         serializer=JSONSerializer,
     )
+    if len(names) > 1:
+        rq_worker.chooser = QueueChooser(names, settings.model_switch_after)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    sweeper = SweeperThread(Sweeper(redis, settings, model.name, worker_id), settings.sweep_interval)
+    sweepers = [SweeperThread(Sweeper(redis, settings, name, worker_id), settings.sweep_interval) for name in names]
     store_sweeper = StoreSweeperThread(StoreSweeper(redis, results, settings), settings.store_sweep_interval)
     heartbeat.start()
-    sweeper.start()
     store_sweeper.start()
-    log.info("worker %s serving model %r on %s (%s) from queue %r", worker_id, model.name, model.device,
-             model.dtype, queue_name(model.name))
+    for sweeper in sweepers:
+        sweeper.start()
+    log.info("worker %s serving model(s) %s on %s (%s); loaded: %s", worker_id, ", ".join(map(repr, names)),
+             model.device, model.dtype, ", ".join(cache.loaded))
     try:
         return rq_worker.serve(burst=burst, logging_level=settings.log_level.upper())
     finally:
-        sweeper.stop()
+        for sweeper in sweepers:
+            sweeper.stop()
         store_sweeper.stop()
         heartbeat.stop()
         context.install(None)

@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 
 from app.contract import memory, metrics
 from app.core import backpressure
-from app.contract.registry import Registry
+from app.contract.registry import Registry, served_by
 from app.contract.tasks import QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class DiffqCollector(Collector):
         yield GaugeMetricFamily("diffq_redis_memory_used_bytes", "Redis's used_memory.", value=used.used_bytes)
         yield GaugeMetricFamily("diffq_redis_memory_max_bytes", "Redis's maxmemory (0: no limit; a full Redis "
                                 "refuses new jobs with 503 redis_full).", value=used.max_bytes)
-        models = sorted({*depths, *figures, *running, *(w.model for w in workers)})
+        models = sorted({*depths, *figures, *running, *(name for w in workers for name in served_by(w))})
 
         depth = GaugeMetricFamily("diffq_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
         live = GaugeMetricFamily("diffq_workers", "Live workers serving the model (heartbeat not expired).",
@@ -77,7 +77,7 @@ class DiffqCollector(Collector):
                                  "autoscale on (no worker: counted as one).", labels=["model"])
         for model in models:
             depth.add_metric([model], depths.get(model, 0))
-            serving = [w for w in workers if w.model == model]
+            serving = [w for w in workers if model in served_by(w)]
             live.add_metric([model], len(serving))
             busy.add_metric([model], sum(1 for w in serving if w.current_job is not None))
             figure = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))

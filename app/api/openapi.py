@@ -65,6 +65,10 @@ def _multipart_schema(job_create: dict[str, Any]) -> dict[str, Any]:
         "description": 'The webhook as a JSON object, e.g. {"url": "https://example.com/hook", '
         '"events": ["succeeded"]}.',
     }
+    properties["loras"] = {
+        "type": "string",
+        "description": 'LoRA adapters as a JSON list, e.g. [{"name": "stripes", "weight": 0.8}].',
+    }
     return {
         "type": "object",
         "title": "JobCreateMultipart",

@@ -9,4 +9,5 @@
 - ``connection``: every Redis client diffq opens, plain or through Sentinel.
 - ``replication``: ``WAIT`` for replicas before a write counts as acknowledged.
 - ``memory``: refuse an evicting Redis; its used and maximum memory.
+- ``adapters``: the LoRA adapter folder (names, base models, hashes) and A1111's prompt tags.
 """

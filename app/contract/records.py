@@ -106,6 +106,16 @@ class Webhook(BaseModel):
         return list(dict.fromkeys(events))
 
 
+class LoraParam(BaseModel):
+    """A LoRA adapter applied to a job: which file exactly (its sha256) and how strongly."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    weight: float
+    sha256: str
+
+
 class JobParams(BaseModel):
     """A request with every default resolved, as the worker will run it."""
 
@@ -133,6 +143,7 @@ class JobParams(BaseModel):
     output_format: Literal["png", "webp", "jpeg"] = "png"  # how the images are encoded (worker/encoding.py)
     quality: int | None = None  # webp (None: lossless) and jpeg (None: 90)
     retention_seconds: int | None = None  # the job, its images and keys live this long after it ends (None: job_ttl)
+    loras: list[LoraParam] = Field(default_factory=list)  # adapters, in order (from `loras` and <lora:…> tags)
 
 
 class Progress(BaseModel):
@@ -234,6 +245,7 @@ class ModelRecord(BaseModel):
     schedulers: list[str]
     max_images: int = 1  # per request
     modes: list[JobMode] = Field(default_factory=lambda: [JobMode.TXT2IMG])  # older workers: text only
+    family: str | None = None  # which LoRA adapters fit it (sd1, sd2, sdxl, or its own); None: older workers
 
 
 class WorkerRecord(BaseModel):
@@ -254,3 +266,8 @@ class WorkerRecord(BaseModel):
     gpu_memory_allocated_bytes: int | None = None
     gpu_memory_reserved_bytes: int | None = None
     gpu_memory_total_bytes: int | None = None
+    # A multi-model worker: every model it serves (``model`` is the first), those loaded on its device
+    # now, and how long each took to load (seconds, its latest load).
+    models: list[str] = Field(default_factory=list)
+    loaded: list[str] = Field(default_factory=list)
+    load_seconds: dict[str, float] = Field(default_factory=dict)

@@ -9,6 +9,7 @@ hosts with skewed clocks still agree.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis import Redis
@@ -19,7 +20,7 @@ from app.contract.records import ModelRecord, WorkerRecord
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model and the live workers serving it."""
+    """A model and the live workers serving it (each may have it loaded or load it on demand)."""
 
     model: ModelRecord
     workers: list[WorkerRecord]
@@ -32,22 +33,27 @@ class Registry:
         self.redis = redis
         self.ttl = ttl
 
-    def announce(self, worker: WorkerRecord, model: ModelRecord) -> None:
-        """Register or renew a worker and its model for another ``ttl`` seconds."""
+    def announce(self, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord]) -> None:
+        """Register or renew a worker and its model(s) for another ``ttl`` seconds."""
+        models = [model] if isinstance(model, ModelRecord) else model
         with self.redis.pipeline() as pipe:
             pipe.set(keys.worker(worker.id), worker.model_dump_json(), ex=self.ttl)
             pipe.sadd(keys.WORKERS, worker.id)
-            pipe.set(keys.model(model.name), model.model_dump_json(), ex=self.ttl)
+            for record in models:
+                pipe.set(keys.model(record.name), record.model_dump_json(), ex=self.ttl)
             pipe.execute()
 
-    def withdraw(self, worker_id: str, model_name: str) -> None:
-        """Unregister a worker that stops cleanly; its model goes when no one else serves it."""
+    def withdraw(self, worker_id: str, model_name: str | Sequence[str]) -> None:
+        """Unregister a worker that stops cleanly; its models go when no one else serves them."""
+        names = [model_name] if isinstance(model_name, str) else list(model_name)
         with self.redis.pipeline() as pipe:
             pipe.delete(keys.worker(worker_id))
             pipe.srem(keys.WORKERS, worker_id)
             pipe.execute()
-        if not any(w.model == model_name for w in self.live_workers()):
-            self.redis.delete(keys.model(model_name))
+        served = {name for w in self.live_workers() for name in served_by(w)}
+        for name in names:
+            if name not in served:
+                self.redis.delete(keys.model(name))
 
     def live_workers(self) -> list[WorkerRecord]:
         """Workers whose registration has not expired; drops the ids of the others."""
@@ -69,10 +75,21 @@ class Registry:
         """Models with at least one live worker, by name."""
         by_model: dict[str, list[WorkerRecord]] = defaultdict(list)
         for worker in self.live_workers():
-            by_model[worker.model].append(worker)
+            for name in served_by(worker):
+                by_model[name].append(worker)
         served = []
         for name in sorted(by_model):
             model = self.model(name)
             if model is not None:
                 served.append(ServedModel(model=model, workers=by_model[name]))
         return served
+
+
+def served_by(worker: WorkerRecord) -> list[str]:
+    """The models a worker serves (older, one-model workers name only ``model``)."""
+    return worker.models or [worker.model]
+
+
+def has_loaded(worker: WorkerRecord, model: str) -> bool:
+    """Whether the model sits loaded on the worker's device (one-model workers: always)."""
+    return model in worker.loaded if worker.models else worker.model == model

@@ -18,6 +18,7 @@ from rq.serializers import JSONSerializer
 
 from app.contract import events, keys, metrics, replication
 from app.contract import status as job_status
+from app.contract.adapters import list_adapters
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
@@ -98,7 +99,8 @@ class JobService:
         if early is not None:
             self._check_cost(early[0], early[1], body.steps or model.default_steps, body.num_images)
         inputs = prepare_inputs(body, files, model, self.settings, _StoredImages(self), self.caller.can_see)
-        request = resolve_request(body, model, inputs)
+        adapters = list_adapters(self.settings.lora_dir) if body.loras or "<lora:" in body.prompt else []
+        request = resolve_request(body, model, inputs, adapters)
         self._check_cost(request.width, request.height, request.steps, request.num_images)
         retention = retention_seconds(body.retention_seconds, self.settings)
         request = request.model_copy(update={"retention_seconds": retention})

@@ -9,11 +9,14 @@ nothing is silently corrected.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
 
+from app.contract.adapters import AdapterInfo
 from app.contract.records import JobMode, JobParams, ModelRecord, utcnow
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.inputs import PreparedInputs
+from app.core.loras import resolve_loras
 from app.schemas.jobs import MAX_SEED, JobCreate
 
 
@@ -32,11 +35,13 @@ def check_before_decode(body: JobCreate, model: ModelRecord, mode: JobMode) -> t
     return size
 
 
-def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None) -> JobParams:
+def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None,
+                    adapters: Sequence[AdapterInfo] = ()) -> JobParams:
     """The request as it will run: model defaults filled in, a seed chosen if none was given.
 
     ``inputs`` (from ``app.core.inputs.prepare_inputs``) gives an editing job's
     mode, input images and output size; without it the request is text-to-image.
+    ``adapters`` are the LoRA adapters on offer (``app.contract.adapters.list_adapters``).
     """
     inputs = inputs or PreparedInputs(mode=JobMode.TXT2IMG)
     if inputs.size is not None:
@@ -53,11 +58,14 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         *_parameter_problems(body, model, inputs.mode),
     ]
     strength = _strength(body, inputs.mode)
+    prompt, loras, lora_problems = resolve_loras(body.prompt, body.loras, model, adapters)
+    problems += lora_problems
     if problems:
         raise InvalidRequestError(problems)
 
     return JobParams(
-        prompt=body.prompt,
+        prompt=prompt,
+        loras=loras,
         negative_prompt=body.negative_prompt,
         width=width,
         height=height,

@@ -22,6 +22,15 @@ from app.settings import Settings
 MAX_SEED = 2**32 - 1
 
 
+class LoraRequest(BaseModel):
+    """A LoRA adapter to apply to this job (see `GET /v1/loras`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, description="Adapter name, as `GET /v1/loras` lists it.")
+    weight: float = Field(1.0, ge=-2.0, le=2.0, description="How strongly it applies: -2 to 2 (1: as trained).")
+
+
 class JobCreate(BaseModel):
     """A text-to-image or image-editing request. Omitted parameters take the model's defaults.
 
@@ -97,6 +106,12 @@ class JobCreate(BaseModel):
     retention_seconds: int | None = Field(
         None, ge=1, description="How long the job, its images and all its keys are kept after it ends (default "
         "DIFFQ_JOB_TTL); `expires_at` says when. At most DIFFQ_MAX_RETENTION.",
+    )
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        max_length=4,
+        description='LoRA adapters to apply, e.g. `[{"name": "stripes", "weight": 0.8}]` (`GET /v1/loras` lists '
+        "them). A1111's prompt tags `<lora:name:weight>` mean the same and are taken out of the prompt.",
     )
     webhook: Webhook | None = Field(
         None,

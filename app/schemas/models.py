@@ -18,6 +18,8 @@ class WorkerPublic(BaseModel):
     host: str
     heartbeat_at: datetime
     busy: bool
+    loaded: bool = Field(description="The model sits loaded on this worker's device now (else a job loads it first).")
+    load_seconds: float | None = Field(None, description="How long this worker's latest load of the model took.")
 
 
 class ModelPublic(BaseModel):
@@ -40,7 +42,12 @@ class ModelPublic(BaseModel):
     schedulers: list[str]
     max_images: int
     modes: list[JobMode] = Field(description="Job modes the model serves: txt2img, img2img, inpaint, outpaint.")
-    workers: list[WorkerPublic]
+    family: str | None = Field(None, description="Which LoRA adapters fit it (`GET /v1/loras`' `base_model`).")
+    workers: list[WorkerPublic] = Field(description="Live workers that serve the model: loaded, or able to load it.")
+    loaded_on: list[str] = Field(description="Ids of the workers that have it loaded now.")
+    load_seconds: float | None = Field(
+        None, description="The longest latest load time among its workers (what a job may wait if none has it loaded)."
+    )
 
 
 class ModelList(BaseModel):

@@ -1,9 +1,11 @@
-"""``/v1/models``: the models live workers serve, with the limits requests are checked against."""
+"""``/v1/models``: the models live workers serve, with the limits requests are checked against,
+which workers have each loaded and which can load it, and how long a load takes."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.contract.registry import has_loaded
 from app.deps import RegistryDep, SettingsDep
 from app.schemas.models import ModelList, ModelPublic, WorkerPublic
 
@@ -15,6 +17,7 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
     models = []
     for served in registry.served_models():
         info = served.model
+        loads = [w.load_seconds[info.name] for w in served.workers if info.name in w.load_seconds]
         models.append(
             ModelPublic(
                 **info.model_dump(exclude={"max_steps", "max_images", "device", "dtype"}),
@@ -29,9 +32,13 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
                         host=w.host,
                         heartbeat_at=w.heartbeat_at,
                         busy=w.current_job is not None,
+                        loaded=has_loaded(w, info.name),
+                        load_seconds=w.load_seconds.get(info.name),
                     )
                     for w in served.workers
                 ],
+                loaded_on=[w.id for w in served.workers if has_loaded(w, info.name)],
+                load_seconds=max(loads) if loads else None,
             )
         )
     return ModelList(models=models)

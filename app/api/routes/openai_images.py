@@ -113,6 +113,10 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: StrictFloat | StrictInt | None = Field(None, description="diffq: classifier-free guidance.")
     scheduler: StrictStr | None = Field(None, description="diffq: scheduler name.")
     metadata: StrictBool | None = Field(None, description="diffq: write generation parameters into the PNGs.")
+    loras: list[dict[str, Any]] | None = Field(
+        None, description='diffq: LoRA adapters, e.g. [{"name": "stripes", "weight": 0.8}] (GET /v1/loras); '
+        "`<lora:name:weight>` in the prompt works too.",
+    )
 
 
 class ImageData(BaseModel):
@@ -266,7 +270,7 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
         fields["output_format"] = params.output_format
         if params.output_format != "png" and params.output_compression is not None:
             fields["quality"] = max(1, params.output_compression)
-    for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata"):
+    for name in ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "metadata", "loras"):
         value = getattr(params, name)
         if value is not None:
             fields[name] = value
