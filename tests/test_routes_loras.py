@@ -94,3 +94,11 @@ def test_the_openai_endpoint_takes_loras_as_an_extra_field(api: TestClient) -> N
 def test_parse_prompt_reads_tags_with_and_without_weights() -> None:
     assert parse_prompt("a cat <lora:ink:0.5> <lora:paper>") == ("a cat", [("ink", "0.5"), ("paper", "")])
     assert parse_prompt("no tags here") == ("no tags here", [])
+
+
+def test_a1111_clients_see_the_same_adapters_in_sdapi_loras(api: TestClient, lora_dir: Path) -> None:
+    listed = api.get("/sdapi/v1/loras").json()
+    assert [lora["name"] for lora in listed] == ["ink", "paper", "xl-style"]
+    ink = listed[0]
+    assert ink["alias"] == "ink" and ink["path"] == "ink.safetensors"  # the file's name, never a server path
+    assert ink["metadata"]["sha256"] == sha(lora_dir / "ink.safetensors")

@@ -227,8 +227,9 @@ def test_listings_answer_the_shapes_clients_read(client: TestClient, served: Mod
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     assert {s["name"] for s in client.get("/sdapi/v1/schedulers").json()} == {"automatic", "normal"}
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None"]
-    for empty in ("latent-upscale-modes", "sd-vae", "loras"):
+    for empty in ("latent-upscale-modes", "sd-vae"):
         assert client.get(f"/sdapi/v1/{empty}").json() == []
+    assert "stripes" in [lora["name"] for lora in client.get("/sdapi/v1/loras").json()]  # the shipped adapter
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
 
 

@@ -16,12 +16,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object
 from app.api.routes.sdapi import session_of
+from app.contract.adapters import SUFFIX, list_adapters
 from app.contract.status import JobStatus
 from app.core import a1111
 from app.core.a1111_session import A1111Session
 from app.core.errors import DiffqError, FieldProblem, JobNotFoundError, UnknownModelError
 from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, RedisDep
+from app.deps import JobServiceDep, RedisDep, SettingsDep
 from app.schemas.a1111 import ProgressAnswer, SamplerItem, ScheduleItem, ScriptsList, SdModel, UpscalerItem
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -113,9 +114,13 @@ def sd_vae() -> list[dict[str, Any]]:
     return []
 
 
-@router.get("/loras", summary="LoRAs: none yet")
-def loras() -> list[dict[str, Any]]:
-    return []
+@router.get("/loras", summary="LoRAs: the adapters of DIFFQ_LORA_DIR (use them as <lora:name:weight> in the prompt)")
+def loras(settings: SettingsDep) -> list[dict[str, Any]]:
+    """A1111's listing shape: name, alias, path (the file's name only: no server path is disclosed), metadata."""
+    return [{"name": adapter.name, "alias": adapter.name, "path": f"{adapter.name}{SUFFIX}",
+             "metadata": {"ss_base_model_version": adapter.base_model, "sha256": adapter.sha256,
+                          "size_bytes": adapter.size_bytes}}
+            for adapter in list_adapters(settings.lora_dir)]
 
 
 @router.get("/scripts", response_model=ScriptsList, summary="Scripts: none")
