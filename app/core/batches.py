@@ -355,7 +355,7 @@ class BatchService:
         """Cancel every unended item: queued ones never run, running ones stop at their next step."""
         record = self._record(batch_id)
         if record.canceled_at is None:
-            self.redis.hsetnx(keys.batch(batch_id), "canceled_at", json.dumps(time.time()))
+            self.redis.hset(keys.batch(batch_id), "canceled_at", json.dumps(time.time()))
         ids = self._ids(batch_id)
         finished = utcnow().isoformat()
         canceled: list[str] = []
