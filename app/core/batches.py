@@ -262,10 +262,12 @@ class BatchService:
         running = sum(1 for score in self.redis.zmscore(keys.RUNNING, ids) if score is not None) if ids else 0
         unended = record.total - record.ended
         workers = len(next((s.workers for s in self.jobs.registry.served_models() if s.model.name == record.model), []))
-        ttl = self.redis.ttl(keys.batch(batch_id))
+        # As the keys' TTLs are set: at creation (the items' lifetime), and by the last item's end.
+        expires = (record.completed_at + record.retention if record.completed_at is not None
+                   else record.created_at + max(self.settings.job_ttl, record.retention))
         return BatchView(record=record, queued=max(0, unended - running), running=running,
                          eta_seconds=self._eta(record.model, unended, workers) if unended else None,
-                         expires_at=time.time() + ttl if ttl > 0 else None)
+                         expires_at=expires)
 
     def recent(self, limit: int) -> list[BatchView]:
         """The caller's newest batches that still exist, newest first."""
