@@ -224,3 +224,32 @@ def test_a_batch_lives_as_long_as_its_items(client: TestClient, served: ModelRec
 
     assert abs(redis.ttl(keys.batch(batch["id"])) - redis.ttl(keys.job(job_id))) <= 1
     assert redis.ttl(keys.batch_items(batch["id"])) > 2 * 86400
+
+
+def test_a_shared_input_is_uploaded_once_and_used_by_every_item(
+    client: TestClient, served: ModelRecord, settings: Settings, engine
+) -> None:
+    from PIL import Image
+
+    product = Image.new("RGBA", (served.default_width, served.default_height), (200, 30, 30, 255))
+    product.paste((0, 0, 0, 0), (0, 0, served.default_width // 2, served.default_height))  # transparent half
+    png = io.BytesIO()
+    product.save(png, format="PNG")
+    lines = [json.dumps({"custom_id": f"bg-{c}", "prompt": f"a {c} background", "image": "input:product",
+                         "mask": "alpha", "steps": 2}) for c in ("blue", "green")]
+
+    response = client.post("/v1/batches", files={"file": ("items.jsonl", "\n".join(lines).encode()),
+                                                 "product": ("product.png", png.getvalue(), "image/png")})
+
+    assert response.status_code == 202, response.text
+    batch_id = response.json()["id"]
+    jobs = [client.get(f"/v1/jobs/{i['job_id']}").json() for i in
+            client.get(f"/v1/batches/{batch_id}/items").json()["items"]]
+    assert [job["request"]["mode"] for job in jobs] == ["inpaint", "inpaint"]
+    assert jobs[0]["request"]["image"]["sha256"] == jobs[1]["request"]["image"]["sha256"]
+    assert jobs[0]["request"]["mask"]["source"] == "alpha"
+    work(settings, engine)
+    assert client.get(f"/v1/batches/{batch_id}").json()["counts"]["succeeded"] == 2
+
+    unknown = client.post("/v1/batches", json={"items": [{"prompt": "x", "image": "input:nope"}]})
+    assert unknown.status_code == 422 and unknown.json()["fields"][0]["field"] == "items[0].image"
