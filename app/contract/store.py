@@ -261,7 +261,7 @@ CREATE_CHUNK = 500
 
 
 #: The fields in which new records of one batch differ; ``create_many`` encodes the rest once.
-_PER_ITEM = {"id", "request", "created_at", "warnings", "batch"}
+_PER_ITEM = {"id", "created_at", "warnings", "batch"}  # and "request"
 
 
 class CancelResult(IntEnum):
@@ -339,7 +339,9 @@ class JobStore:
         for start in range(0, len(records), CREATE_CHUNK):
             args: list[Any] = [ttl, keys.job(""), data]
             for record in records[start:start + CREATE_CHUNK]:
-                fields = _flatten({**shared, **encode_fields(record.model_dump(mode="json", include=_PER_ITEM))})
+                own = encode_fields(record.model_dump(mode="json", include=_PER_ITEM))
+                own["request"] = record.request.model_dump_json()  # the big one: pydantic's encoder, not json's
+                fields = _flatten({**shared, **own})
                 args += [record.id, len(fields), *fields]
                 hook = record.request.webhook
                 if hook is not None and "queued" in hook.events:  # the event itself is the script's

@@ -98,8 +98,10 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
     redis.call('ZREM', zset, after[1])
   end
   redis.call('ZADD', zset, score, id)
-  redis.call('EXPIRE', zset, ttl)
-  redis.call('EXPIRE', state, ttl)
+  if ttl then  -- nil: the caller renews both once for many jobs
+    redis.call('EXPIRE', zset, ttl)
+    redis.call('EXPIRE', state, ttl)
+  end
   return score
 end
 """
@@ -158,8 +160,10 @@ for i = first, #ARGV, 3 do
   local key = ARGV[5] .. id
   redis.call('HSET', key, 'data', ARGV[i + 1], 'description', ARGV[i + 2], unpack(ARGV, 8, 7 + n))
   redis.call('EXPIRE', key, ARGV[6])
-  fair_push(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+  fair_push(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1], ARGV[2], nil, ARGV[4])
 end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return (#ARGV - first + 1) / 3
 """
 
