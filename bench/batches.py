@@ -10,8 +10,9 @@ registers the bundled model as a live worker would (no worker process: jobs only
    POSTs at the measured rate.
 2. Zip: a batch of `--zip-items` items, each ended `succeeded` with one `--image-kb` KiB PNG of
    noise written as a worker writes it (claimed, then finished through ``JobStore``, the image
-   in Redis), then `GET .../images.zip` read by a streaming client while the API process's RSS
-   is sampled every 10 ms: the growth is printed beside the archive's size.
+   in Redis), then `GET .../images.zip` read by a streaming client while the RSS of a second,
+   fresh API process (it served only this batch's submit and reads) is sampled every 10 ms:
+   the growth is printed beside the archive's size.
 
 The load generator, Redis and the API share this machine's CPUs, so every figure is a lower
 bound of what the API process alone could do.
@@ -91,15 +92,16 @@ def finish_all(redis_url: str, job_ids: list[str], png: bytes) -> None:
         store.finish(job_id, token, values, [StoredImage(0, png)], 3600, 3600)
 
 
-def zip_rss(stack: Stack, url: str, count: int, kib: int) -> tuple[int, int, int]:
-    """(archive bytes, API RSS before, highest API RSS while streaming it)."""
+def zip_rss(stack: Stack, count: int, kib: int) -> tuple[int, int, int]:
+    """(archive bytes, API RSS before, highest API RSS while streaming it), on a fresh API process."""
+    url = stack.api("zip-api")
     items = [{**JOB, "seed": n, "custom_id": f"sku-{n}"} for n in range(count)]
     with httpx.Client(base_url=url, headers=HEADERS, timeout=300) as http:
         batch_id = http.post("/v1/batches", json={"items": items}).json()["id"]
         ids = [i["job_id"] for i in http.get(f"/v1/batches/{batch_id}/items", params={"limit": count}).json()["items"]]
         finish_all(stack.redis.url, ids, noise_png(kib))
         assert http.get(f"/v1/batches/{batch_id}").json()["status"] == "completed"
-        pid = stack.processes["api"].pid
+        pid = stack.processes["zip-api"].pid
         before, peak, done = rss_bytes(pid), [0], threading.Event()
 
         def sample() -> None:
@@ -140,7 +142,7 @@ def main() -> None:
               f" = {args.items / took:,.0f} items/s")
         print(f"the same {args.items:,} items as single POSTs: {args.items / rate:.1f} s -> batch is "
               f"{args.items / rate / took:.1f}x faster")
-        size, before, peak = zip_rss(stack, url, args.zip_items, args.image_kb)
+        size, before, peak = zip_rss(stack, args.zip_items, args.image_kb)
         print(f"images.zip of {args.zip_items:,} images: {size / 2**20:.1f} MiB streamed; API RSS {before / 2**20:.1f} MiB "
               f"before, {peak / 2**20:.1f} MiB at most while streaming (+{(peak - before) / 2**20:.1f} MiB = "
               f"{(peak - before) / size:.1%} of the archive)")
