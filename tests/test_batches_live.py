@@ -119,12 +119,12 @@ def test_another_keys_single_job_waits_about_one_job_behind_a_big_batch(
     assert len(a_started) < len(items), "the whole batch ran before B's job: the test proved nothing"
 
 
-def test_the_batch_webhook_is_delivered_once_and_verifies(
+def test_the_batch_webhook_is_delivered_once_and_verifies_beside_the_items_own(
     redis_server: EmbeddedRedis, redis: Redis, tiny_model: Path, tmp_path: Path
 ) -> None:
     secret = generate_secret()
     receiver = Receiver()
-    hook = {"url": f"http://127.0.0.1:{receiver.port}/batches"}
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/batches", "item_events": ["succeeded"]}
     try:
         with services(redis_server.url, tmp_path, worker=tiny_model, webhooks=True, ready="/readyz",
                       DIFFQ_WEBHOOK_SECRET=secret, DIFFQ_WEBHOOK_ALLOW_LOOPBACK="true") as api, \
@@ -133,15 +133,16 @@ def test_the_batch_webhook_is_delivered_once_and_verifies(
             response = http.post("/v1/batches", json={"items": items, "webhook": hook})
             assert response.status_code == 202, response.text
             batch_id = response.json()["id"]
-            wait_for(lambda: api.check_alive() or len(receiver.requests) >= 1, timeout=240, interval=0.1)
+            wait_for(lambda: api.check_alive() or len(receiver.requests) >= 4, timeout=240, interval=0.1)
             time.sleep(1.5)  # a duplicate would arrive now
             received = list(receiver.requests)
     finally:
         receiver.close()
 
-    assert len(received) == 1, [r[2] for r in received]
-    path, headers, body = received[0]
-    payload = standardwebhooks.Webhook(secret).verify(body, headers)
+    payloads = [(path, headers, standardwebhooks.Webhook(secret).verify(body, headers))
+                for path, headers, body in received]
+    assert sorted(p["type"] for _, _, p in payloads) == ["batch.completed"] + ["job.succeeded"] * 3
+    [(path, headers, payload)] = [entry for entry in payloads if entry[2]["type"] == "batch.completed"]
     assert path == "/batches" and headers["webhook-id"] == f"msg_{batch_id}_batch_completed"
     assert payload["type"] == "batch.completed"
     data = payload["data"]
