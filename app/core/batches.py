@@ -33,10 +33,10 @@ from app.contract.registry import ServedModel
 from app.contract.tasks import Place, drop_many, enqueue_many, model_queue
 from app.core import backpressure
 from app.core.batch_items import RawItem
-from app.core.errors import BatchNotFoundError, FieldProblem, InvalidRequestError, QueueFullError
+from app.core.errors import BatchNotFoundError, FieldProblem, ImageNotFoundError, InvalidRequestError, QueueFullError
 from app.core.idempotency import IdempotencyStore, KeyTakenError
 from app.core.inputs import PreparedInputs, prepare_inputs
-from app.core.jobs import JobService, _StoredImages, retention_seconds
+from app.core.jobs import JobService, _StoredImages
 from app.schemas.batches import BatchCreate, CUSTOM_ID_RULE, batch_item_model
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
@@ -313,7 +313,12 @@ class BatchService:
                     continue
                 for image in record.images:
                     suffix = f"-{image.index}" if len(record.images) > 1 else ""
-                    data = self.jobs.image_bytes(record.id, image.index, image)
+                    try:
+                        data = self.jobs.image_bytes(record.id, image.index, image)
+                    except ImageNotFoundError:  # expired or deleted since: the archive goes on without it
+                        log.warning("batch %s: image %d of job %s is gone; left out of images.zip", batch_id,
+                                    image.index, record.id)
+                        continue
                     info = zipfile.ZipInfo(f"{item.custom_id}{suffix}.{image.extension}",
                                            date_time=(record.finished_at or utcnow()).timetuple()[:6])
                     archive.writestr(info, data)
