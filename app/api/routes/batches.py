@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.errors import ERROR_RESPONSES
+from app.api.openapi import BATCH_CREATE_BODY
 from app.api.public_urls import public_url
 from app.api.routes.jobs import proxy_url
 from app.core import batch_items
@@ -34,6 +35,7 @@ JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonl
 
 
 @router.post("", status_code=202, response_model=BatchPublic, summary="Submit a batch of jobs",
+             openapi_extra=BATCH_CREATE_BODY,
              response_description="The batch, every item queued; `Location` is its URL.",
              responses={409: ERROR_RESPONSES[422], 415: ERROR_RESPONSES[415]})
 async def create_batch(
