@@ -134,17 +134,18 @@ class FairQueue(Queue):
 
 def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | None = None) -> Job:
     """Queue a job by id. RQ keeps its bookkeeping as long as diffq keeps the record."""
-    return queue.enqueue_call(
-        TASK,
-        args=[job_id],
-        job_id=job_id,
-        timeout=settings.job_timeout,
-        ttl=settings.job_ttl,
-        result_ttl=settings.job_ttl,
-        failure_ttl=settings.job_ttl,
-        description=f"diffq job {job_id}",
-        pipeline=pipeline,
-    )
+    return queue.enqueue_call(TASK, args=[job_id], job_id=job_id, pipeline=pipeline, **_rq_options(job_id, settings))
+
+
+def _rq_options(job_id: str, settings: Settings) -> dict[str, Any]:
+    """What RQ is told about a job: by ``enqueue``, and by ``enqueue_many``'s template job."""
+    return {
+        "timeout": settings.job_timeout,
+        "ttl": settings.job_ttl,
+        "result_ttl": settings.job_ttl,
+        "failure_ttl": settings.job_ttl,
+        "description": f"diffq job {job_id}",
+    }
 
 
 # Many jobs of one owner into a queue in one step (a chunk of a batch): each job's RQ hash (the
@@ -195,9 +196,8 @@ def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipel
 
 def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
     """The hash RQ writes for a job ``enqueue`` queues, for a placeholder id."""
-    job = queue.create_job(TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, timeout=settings.job_timeout,
-                           ttl=settings.job_ttl, result_ttl=settings.job_ttl, failure_ttl=settings.job_ttl,
-                           description=f"diffq job {_TEMPLATE_ID}", status=RQStatus.QUEUED)
+    job = queue.create_job(TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED,
+                           **_rq_options(_TEMPLATE_ID, settings))
     job.origin = queue.name
     job.enqueued_at = datetime.now(timezone.utc)
     return job.to_dict()

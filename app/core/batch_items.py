@@ -12,13 +12,32 @@ import io
 import json
 import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import FieldProblem, InvalidRequestError
+from app.schemas.batches import BatchCreate
 
 #: Item fields that come from a template row, besides the placeholders' values.
 ROW_FIELDS = ("custom_id", "seed", "negative_prompt")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A batch request, from any of its forms: items, shared settings and shared input files."""
+
+    items: list[RawItem]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, bytes | str] = field(default_factory=dict)  # files (bytes) or base64 text
+    webhook: dict[str, Any] | None = None
+    priority: str = "low"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: BatchCreate, items: list[RawItem]) -> BatchSpec:
+        return cls(items=items, defaults=body.defaults, inputs=dict(body.inputs),
+                   webhook=body.webhook.model_dump() if body.webhook else None, priority=body.priority,
+                   metadata=body.metadata)
 
 
 @dataclass(frozen=True)

@@ -13,31 +13,29 @@ Counting and ``batch.completed`` happen where items end (``app.contract.batches`
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 import uuid
-import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
 from redis.exceptions import WatchError
 
 from app.contract import keys
 from app.contract.batches import BatchRecord
-from app.contract.records import BatchRef, JobRecord, Webhook, utcnow
+from app.contract.records import BatchRef, JobRecord, ModelRecord, Webhook, utcnow
 from app.contract.registry import ServedModel
 from app.contract.tasks import Place, drop_many, enqueue_many, model_queue
 from app.core import backpressure
-from app.core.batch_items import RawItem
-from app.core.errors import BatchNotFoundError, FieldProblem, ImageNotFoundError, InvalidRequestError, QueueFullError
+from app.core.batch_items import BatchSpec
+from app.core.batch_results import ItemView, archive
+from app.core.batch_validation import one_model, shared_inputs, validated
+from app.core.errors import BatchNotFoundError, FieldProblem, InvalidRequestError, QueueFullError
 from app.core.idempotency import IdempotencyStore, KeyTakenError
 from app.core.inputs import PreparedInputs, prepare_inputs
 from app.core.jobs import JobService, _StoredImages
-from app.schemas.batches import BatchCreate, CUSTOM_ID_RULE, batch_item_model
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
 from app.webhooks.urls import AllowList, check_url
@@ -45,30 +43,8 @@ from app.webhooks.urls import AllowList, check_url
 log = logging.getLogger(__name__)
 
 PRIORITIES = ("high", "normal", "low")
-#: Most problems one refusal lists.
-MAX_PROBLEMS = 20
 #: Items read per Redis round trip when listing, exporting or zipping.
 CHUNK = 500
-#: Prefix of an item's ``image``/``mask`` that names one of the batch's shared inputs.
-SHARED = "input:"
-
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """A batch request, from any of its forms: items, shared settings and shared input files."""
-
-    items: list[RawItem]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, bytes | str] = field(default_factory=dict)  # files (bytes) or base64 text
-    webhook: dict[str, Any] | None = None
-    priority: str = "low"
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_body(cls, body: BatchCreate, items: list[RawItem]) -> BatchSpec:
-        return cls(items=items, defaults=body.defaults, inputs=dict(body.inputs),
-                   webhook=body.webhook.model_dump() if body.webhook else None, priority=body.priority,
-                   metadata=body.metadata)
 
 
 @dataclass(frozen=True)
@@ -86,14 +62,6 @@ class BatchView:
         return "canceling" if self.record.canceled_at is not None else "in_progress"
 
 
-@dataclass(frozen=True)
-class ItemView:
-    index: int
-    custom_id: str
-    job_id: str
-    record: JobRecord | None  # None: deleted or expired
-
-
 class BatchService:
     """The operations behind ``/v1/batches``, on top of ``JobService``."""
 
@@ -107,8 +75,8 @@ class BatchService:
 
     def submit(self, spec: BatchSpec, batch_id: str | None = None, idempotency: Any = None) -> BatchView:
         """Validate every item, then write the batch and all its jobs in one ``MULTI``."""
-        items = self._validated(spec)
-        served = self.jobs._served(_one_model(items, spec))
+        items = validated(spec, self.settings)
+        served = self.jobs._served(one_model(items))
         model = served.model
         self._check_room(model.name, len(items), len(served.workers))
         webhook = Webhook.model_validate({"url": spec.webhook["url"]}) if spec.webhook else None
@@ -142,37 +110,6 @@ class BatchService:
             except (KeyTakenError, WatchError):
                 continue
 
-    def _validated(self, spec: BatchSpec) -> list[tuple[str, JobCreate]]:
-        """Every item as a job request (defaults applied), with its custom_id; all problems of the
-        first bad items at once, naming each item's line or index."""
-        count, most = len(spec.items), self.settings.max_batch_items
-        if not 1 <= count <= most:
-            raise InvalidRequestError([FieldProblem("items", f"has {count} items; a batch holds 1 to {most} "
-                                                    "(DIFFQ_MAX_BATCH_ITEMS)")])
-        model = batch_item_model(self.settings)
-        problems: list[FieldProblem] = []
-        items: list[tuple[str, JobCreate]] = []
-        seen: dict[str, str] = {}
-        for n, raw in enumerate(spec.items):
-            merged = {**spec.defaults, **raw.fields}
-            merged.setdefault("custom_id", str(n))
-            try:
-                item = model.model_validate_json(json.dumps(merged), strict=True)
-            except ValidationError as error:
-                problems.extend(_problems(raw.where, error))
-                if len(problems) >= MAX_PROBLEMS:
-                    break
-                continue
-            custom_id = item.custom_id  # type: ignore[attr-defined]
-            if custom_id in seen:
-                problems.append(FieldProblem(f"{raw.where}.custom_id", f"{custom_id!r} is also the custom_id of "
-                                             f"{seen[custom_id]}; each item needs its own"))
-            seen[custom_id] = raw.where
-            items.append((custom_id, item))  # a JobCreate; build reads the job fields, never custom_id
-        if problems:
-            raise InvalidRequestError(problems[:MAX_PROBLEMS])
-        return items
-
     def _records(self, items: list[tuple[str, JobCreate]], served: ServedModel, spec: BatchSpec, batch_id: str,
                  item_hook: Webhook | None) -> tuple[list[JobRecord], int]:
         """Each item's job record, built by ``JobService.build``; shared inputs prepared once per
@@ -184,7 +121,7 @@ class BatchService:
             if item_hook is not None and body.webhook is None:
                 body = body.model_copy(update={"webhook": item_hook})
             try:
-                inputs = self._shared(body, spec, served, cache)
+                inputs = shared_inputs(body, spec, served.model, cache, self._prepare)
                 record, item_ttl = self.jobs.build(body, {}, served, None, inputs=inputs, store_inputs=False)
             except InvalidRequestError as error:
                 raise InvalidRequestError([FieldProblem(f"{wheres[n]}.{p.field}", p.message)
@@ -197,32 +134,13 @@ class BatchService:
                 records[n] = self.jobs.store_inputs(records[n], files, ttl)
         return records, ttl
 
-    def _shared(self, body: JobCreate, spec: BatchSpec, served: ServedModel,
-                cache: dict[tuple[Any, ...], PreparedInputs]) -> PreparedInputs | None:
-        """An item's inputs when its image or mask names a shared input: decoded once per distinct
-        use (the same image, mask, size and mode), however many items use it."""
-        refs = {name: getattr(body, name) for name in ("image", "mask")}
-        if not any(isinstance(v, str) and v.startswith(SHARED) for v in refs.values()):
-            return None
-        files: dict[str, bytes] = {}
-        update: dict[str, Any] = {}
-        for name, ref in refs.items():
-            if isinstance(ref, str) and ref.startswith(SHARED):
-                shared = spec.inputs.get(ref[len(SHARED):])
-                if shared is None:
-                    raise InvalidRequestError([FieldProblem(name, f"{ref!r} names no shared input; the batch's "
-                                                            f"inputs: {', '.join(spec.inputs) or 'none'}")])
-                if isinstance(shared, bytes):
-                    files[name], update[name] = shared, None
-                else:
-                    update[name] = shared
-        key = (refs["image"], refs["mask"], body.mode, body.width, body.height, getattr(body, "resize", None),
-               body.outpaint.model_dump_json() if body.outpaint else None)
-        if key not in cache:
-            model, settings = served.model, self.settings
-            cache[key] = prepare_inputs(body.model_copy(update=update), files, model, settings,
-                                        _StoredImages(self.jobs), self.caller.can_see)
-        return cache[key]
+    def _prepare(self, body: JobCreate, files: dict[str, bytes], model: ModelRecord) -> PreparedInputs:
+        return prepare_inputs(body, files, model, self.settings, _StoredImages(self.jobs), self.caller.can_see)
+
+    def zip_chunks(self, batch_id: str) -> Iterator[bytes]:
+        """``images.zip`` as it is written (``batch_results.archive``); the batch is checked first."""
+        self._record(batch_id)
+        return archive(self.each_item(batch_id), self.jobs.image_bytes)
 
     def _check_room(self, model: str, count: int, workers: int) -> None:
         limit = backpressure.max_depth(self.settings, model)
@@ -300,31 +218,6 @@ class BatchService:
             yield from self._views(ids, offset)
             offset += len(ids)
 
-    def zip_chunks(self, batch_id: str) -> Iterator[bytes]:
-        """``images.zip`` as it is written: the succeeded items' images, named by custom_id
-        (``<custom_id>.<ext>``, ``<custom_id>-<n>.<ext>`` for jobs of several images), one image
-        in memory at a time. Stored, not deflated: the images are compressed already."""
-        items = self.each_item(batch_id)  # the batch is checked before the first byte goes out
-        sink = _Sink()
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for item in items:
-                record = item.record
-                if record is None or record.status.value != "succeeded":
-                    continue
-                for image in record.images:
-                    suffix = f"-{image.index}" if len(record.images) > 1 else ""
-                    try:
-                        data = self.jobs.image_bytes(record.id, image.index, image)
-                    except ImageNotFoundError:  # expired or deleted since: the archive goes on without it
-                        log.warning("batch %s: image %d of job %s is gone; left out of images.zip", batch_id,
-                                    image.index, record.id)
-                        continue
-                    info = zipfile.ZipInfo(f"{item.custom_id}{suffix}.{image.extension}",
-                                           date_time=(record.finished_at or utcnow()).timetuple()[:6])
-                    archive.writestr(info, data)
-                    yield sink.take()
-        yield sink.take()
-
     def _views(self, ids: list[str], offset: int) -> list[ItemView]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -391,55 +284,5 @@ class BatchService:
         self.redis.zrem(keys.owner_batches(self.caller.scope), batch_id)
 
 
-def item_result(item: ItemView, image_urls: list[str]) -> dict[str, Any]:
-    """One line of results.jsonl (and one entry of /items)."""
-    record = item.record
-    if record is None:
-        return {"index": item.index, "custom_id": item.custom_id, "job_id": item.job_id, "status": "expired",
-                "seeds": [], "images": [], "error": None}
-    return {"index": item.index, "custom_id": item.custom_id, "job_id": item.job_id, "status": record.status.value,
-            "seeds": record.seeds, "images": image_urls,
-            "error": record.error.model_dump() if record.error is not None else None}
-
-
-def _one_model(items: list[tuple[str, JobCreate]], spec: BatchSpec) -> str | None:
-    names = {body.model for _, body in items}
-    if len(names) > 1:
-        listing = ", ".join(sorted(str(n) for n in names))
-        raise InvalidRequestError([FieldProblem("model", f"a batch runs on one model; its items name {listing}")])
-    return next(iter(names))
-
-
-def _problems(where: str, error: ValidationError) -> list[FieldProblem]:
-    problems = []
-    for detail in error.errors(include_url=False):
-        loc = ".".join(str(part) for part in detail.get("loc", ()))
-        message = str(detail.get("msg", "invalid"))
-        if loc == "custom_id":
-            message = f"{message}; a custom_id is {CUSTOM_ID_RULE}"
-        problems.append(FieldProblem(f"{where}.{loc}" if loc else where, message))
-    return problems
-
-
 def _is_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
-
-
-class _Sink(io.RawIOBase):
-    """A write-only, unseekable file for ``zipfile``: what it is given is taken out after each entry."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._chunks: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._chunks.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        return data

@@ -17,7 +17,9 @@ from app.api.openapi import BATCH_CREATE_BODY
 from app.api.public_urls import public_url
 from app.api.routes.jobs import proxy_url
 from app.core import batch_items
-from app.core.batches import BatchService, BatchSpec, BatchView, ItemView, item_result
+from app.core.batch_items import BatchSpec
+from app.core.batch_results import ItemView, item_result
+from app.core.batches import BatchService, BatchView
 from app.core.errors import FieldProblem, InvalidRequestError, JobListingDisabledError, UnsupportedMediaTypeError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
