@@ -145,6 +145,16 @@ def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    """``diffq batch ...``: ``app.batch_cli`` with the environment's settings."""
+    from app import batch_cli
+    from app.logs import setup
+
+    settings = load_settings()
+    setup(settings, level="warning")
+    return batch_cli.main(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffq", description="REST inference service for latent diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -186,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.client_cli import add_commands
 
     add_commands(commands, _client_command("generate"), _client_command("list_jobs"), _client_command("cancel"))
+
+    from app.batch_cli import add_command as add_batch
+
+    add_batch(commands, run_batch)
 
     from app.auth import cli as keys_cli
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import httpx
 
+from app.client_batches import BatchMethods
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 #: Event types after which a job's stream ends.
@@ -238,8 +240,8 @@ class _SSEParser:
         return None
 
 
-class Client:
-    """Synchronous client. ``base_url`` defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``, ``api_key``
+class Client(BatchMethods):
+    """Synchronous client (with the batch methods of ``app.client_batches``). ``base_url`` defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``, ``api_key``
     (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,

@@ -23,6 +23,7 @@ from app.api.waits import WaitCount
 from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
 from app.api.routes import (
+    batches,
     health,
     images,
     jobs,
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
     for module in (jobs, images, models, verify, loras):
         app.include_router(module.router, **keyed)
+    app.include_router(batches.router, **keyed)  # many jobs in one request (app.core.batches)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.
     app.include_router(openai_images.router, **keyed)

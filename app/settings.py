@@ -187,6 +187,7 @@ class Settings(BaseSettings):
     max_prompt_length: int = Field(1000, ge=1, description="Longest prompt or negative prompt, in characters.")
     max_steps: int = Field(100, ge=1, description="Most denoising steps a request may ask for.")
     max_images_per_job: int = Field(4, ge=1, description="Most images one job may ask for.")
+    max_batch_items: int = Field(10_000, ge=1, description="Most items one batch (`POST /v1/batches`) may hold.")
     max_upload_bytes: int = Field(
         10 * 2**20, ge=1, description="Largest input image (or mask) file, in bytes; larger ones get 413."
     )

@@ -13,6 +13,7 @@ from starlette.routing import Match
 
 from app.contract import replication
 from app.core.errors import (
+    BatchNotFoundError,
     ContentCredentialsUnavailableError,
     DiffqError,
     IdempotencyConflictError,
@@ -41,6 +42,7 @@ from app.schemas.errors import Error, FieldError
 
 STATUS: dict[type[DiffqError], int] = {
     JobNotFoundError: 404,
+    BatchNotFoundError: 404,
     ImageNotFoundError: 404,
     IdempotencyConflictError: 409,
     IdempotencyInProgressError: 409,

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.schemas.batches import BatchCreate
 from app.schemas.jobs import job_create_model
 from app.settings import Settings
 
@@ -21,6 +22,32 @@ JOB_CREATE_BODY: dict[str, Any] = {
 }
 """``openapi_extra`` of ``POST /v1/jobs``, whose body is parsed by a dependency."""
 
+BATCH_CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
+            "application/jsonl": {"schema": {"type": "string", "description": "One job object per line."}},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary",
+                             "description": "JSONL of jobs; with prompt_template, a CSV (or JSON list) of rows."},
+                    "prompt_template": {"type": "string"},
+                    "defaults": {"type": "string", "description": "JSON object of job fields."},
+                    "webhook": {"type": "string", "description": "JSON object: url, item_events."},
+                    "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+                    "metadata": {"type": "string", "description": "JSON object of strings."},
+                },
+                "required": ["file"],
+                "additionalProperties": {"type": "string", "format": "binary",
+                                         "description": "A shared input image, used by items as input:<name>."},
+            }},
+        },
+    }
+}
+"""``openapi_extra`` of ``POST /v1/batches``, whose body the route reads in any of its forms."""
+
 
 def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """Generate once, then serve the cached document."""
@@ -32,6 +59,10 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
             schemas.setdefault(name, definition)
         schemas["JobCreate"] = job_create
         schemas["JobCreateMultipart"] = _multipart_schema(schemas["JobCreate"])
+        batch_create = BatchCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in batch_create.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas["BatchCreate"] = batch_create
         _errors_as_json(schema)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -58,6 +58,13 @@ diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed at each s
 diffq:replication:mark          string  both      a minute. Written just before a ``WAIT``, on the
                                                   same connection, so the ``WAIT`` covers every
                                                   write made before it (``app.contract.replication``).
+diffq:batch:<id>                hash    both      ``job_ttl`` (or its retention, if longer) from
+                                                  creation; set to its retention when its last item
+                                                  ends. ``BatchRecord`` fields, JSON-encoded; the
+                                                  counters (``ended``, ``succeeded``, ``failed``,
+                                                  ``canceled``) are raised by the store scripts as
+                                                  each item ends (``app.contract.batches``).
+diffq:batch:<id>:items          list    API       as its batch hash. Item job ids in item order.
 ==============================  ======  ========  ==================================================
 
 API keys and tenants (``app.auth``; an owner is an API key id, or ``-`` with auth off):
@@ -75,6 +82,10 @@ diffq:owner:<owner>:jobs            zset    API       ``job_ttl``, renewed at su
 diffq:owner:<owner>:queued          set     API       ``job_ttl``, renewed at submit. Ids of the
                                                       owner's jobs counted against its queued-job
                                                       cap; ended ones are dropped when it is full.
+diffq:owner:<owner>:batches         zset    API       ``job_ttl``, renewed at submit. The owner's
+                                                      batch ids -> creation time, for
+                                                      ``GET /v1/batches``; readers drop ids whose
+                                                      batch is gone.
 diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open event streams ->
                                                       unix time their claim lapses.
 diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open waits of every kind
@@ -122,6 +133,8 @@ from __future__ import annotations
 PREFIX = "diffq"
 
 RUNNING = f"{PREFIX}:running"
+BATCH_PREFIX = f"{PREFIX}:batch:"
+"""Prefix of a batch's keys; the store scripts build ``batch(id)`` from it."""
 """Sorted set of running job ids, scored by claim time."""
 
 WORKERS = f"{PREFIX}:workers"
@@ -152,6 +165,21 @@ def api_key(key_id: str) -> str:
 def owner_jobs(owner: str) -> str:
     """Sorted set of an owner's job ids by creation time (unix seconds), for listing."""
     return f"{PREFIX}:owner:{owner}:jobs"
+
+
+def owner_batches(owner: str) -> str:
+    """Sorted set of an owner's batch ids by creation time (unix seconds), for listing."""
+    return f"{PREFIX}:owner:{owner}:batches"
+
+
+def batch(batch_id: str) -> str:
+    """Hash holding one batch record and its counters."""
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_items(batch_id: str) -> str:
+    """List of a batch's item job ids, in item order."""
+    return f"{BATCH_PREFIX}{batch_id}:items"
 
 
 def owner_queued(owner: str) -> str:

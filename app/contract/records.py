@@ -178,6 +178,14 @@ class ImageRecord(BaseModel):
     journey_key: str | None = None  # result store object key of its journey, if one was made
 
 
+class BatchRef(BaseModel):
+    """Where a job sits in a batch (``app.contract.batches``): its terminal event is counted there."""
+
+    id: str
+    index: int
+    custom_id: str
+
+
 class JobRecord(BaseModel):
     """Everything diffq knows about one job; the API's job resource is built from it."""
 
@@ -204,6 +212,7 @@ class JobRecord(BaseModel):
     journeys: int = 0  # journey animations stored (one per image), when asked for
     lost_attempts: int = 0  # attempts whose worker died (or vanished); max_attempts ends the job
     owner: str | None = None  # id of the API key that made it; None: made while auth was off
+    batch: BatchRef | None = None  # the batch it is an item of (POST /v1/batches), if any
 
     def to_hash(self) -> dict[str, str]:
         """The record as Redis hash fields, each value JSON-encoded."""

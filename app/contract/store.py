@@ -10,7 +10,9 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 A script that changes a job's status also appends the event that reports it, to the job's
 event stream and (when the job's webhook asks for it) to the webhook outbox
 (``app.webhooks.outbox``), inside the same script: the change and its event exist together or
-not at all, whatever dies in between.
+not at all, whatever dies in between. A job that is a batch item also counts its terminal event
+in its batch there, and the item that ends the batch writes ``batch.completed`` to the outbox
+(``app.contract.batches``).
 """
 
 from __future__ import annotations
@@ -26,21 +28,24 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from app.contract import events, keys
+from app.contract import batches, events, keys
 from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
 from app.contract.status import TERMINAL, JobStatus
+from app.webhooks import queue as webhook_queue
 from app.webhooks.outbox import OUTBOX
 
+_TERMINAL_EVENTS_LUA = "{" + ", ".join(f"{k} = true" for k in sorted(events.TERMINAL_EVENTS)) + "}"
 _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(TERMINAL))
 
 # emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
 # the job's stream (which lives as long as the record) and, if the job's webhook subscribes to
 # it, to the webhook outbox (``app.webhooks.outbox``), which the deliverer turns into deliveries.
-_EMIT = f"""
+_EMIT = batches.TALLY + f"""
 local function emit(job_key, stream, outbox, job_id, kind, data)
   redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
   local ttl = redis.call('TTL', job_key)
   if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  if ({_TERMINAL_EVENTS_LUA})[kind] then tally(job_key, outbox, kind) end
   local raw = redis.call('HGET', job_key, 'request')
   if not raw then return end
   local ok, request = pcall(cjson.decode, raw)
@@ -228,6 +233,37 @@ return 1
 """
 
 
+# Create many new job records (a chunk of a batch) with their ``queued`` events. ARGV[1]: record
+# TTL (also the streams'); ARGV[2]: the job key prefix; ARGV[3]: the queued event's data; then per
+# job: id, number of field/value strings, those strings. A record that exists already is left as
+# it is (ids are fresh, so only a repeat of the same call meets one).
+_CREATE_MANY = f"""
+local i = 4
+local made = 0
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  local key = ARGV[2] .. id
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n))
+    redis.call('EXPIRE', key, ARGV[1])
+    local stream = key .. ':events'
+    redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', 'queued', 'data', ARGV[3])
+    redis.call('EXPIRE', stream, ARGV[1])
+    made = made + 1
+  end
+  i = i + 2 + n
+end
+return made
+"""
+
+#: Records per ``_CREATE_MANY`` call.
+CREATE_CHUNK = 500
+
+
+#: The fields in which new records of one batch differ; ``create_many`` encodes the rest once.
+_PER_ITEM = {"id", "created_at", "warnings", "batch"}  # and "request"
+
+
 class CancelResult(IntEnum):
     """What ``JobStore.cancel`` did."""
 
@@ -279,6 +315,7 @@ class JobStore:
         self._rescue = redis.register_script(_RESCUE)
         self._preview = redis.register_script(_PREVIEW)
         self._progress = redis.register_script(_PROGRESS)
+        self._create_many = redis.register_script(_CREATE_MANY)
 
     def create(
         self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None, inputs: dict[str, bytes] | None = None
@@ -292,6 +329,27 @@ class JobStore:
         target.expire(keys.job(record.id), ttl)
         if pipeline is None:
             target.execute()
+
+    def create_many(self, records: Sequence[JobRecord], ttl: int, pipeline: Pipeline) -> None:
+        """``create`` many new records (a batch's items), each with its ``queued`` event, in one
+        script call per ``CREATE_CHUNK``; their webhooks' ``queued`` deliveries (if asked) go in
+        ``pipeline`` too. Fields the records share are encoded once."""
+        shared = records[0].to_hash() if records else {}
+        data = json.dumps({"status": "queued"}, separators=(",", ":"))
+        for start in range(0, len(records), CREATE_CHUNK):
+            args: list[Any] = [ttl, keys.job(""), data]
+            for record in records[start:start + CREATE_CHUNK]:
+                own = encode_fields(record.model_dump(mode="json", include=_PER_ITEM))
+                own["request"] = record.request.model_dump_json()  # the big one: pydantic's encoder, not json's
+                fields = _flatten({**shared, **own})
+                args += [record.id, len(fields), *fields]
+                hook = record.request.webhook
+                if hook is not None and "queued" in hook.events:  # the event itself is the script's
+                    queued = {"status": "queued"}
+                    webhook_queue.schedule(pipeline, record.id, hook.url, "job.queued",
+                                           events.webhook_data(record.id, "queued", queued),
+                                           events.webhook_id(record.id, "queued", queued))
+            self._create_many(keys=[], args=args, client=pipeline)
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or ``None`` if there is none (never created, deleted or expired)."""
@@ -434,6 +492,34 @@ class JobStore:
             args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at), job_id],
         )
         return CancelResult(int(code)), JobStatus(json.loads(status)) if status else None
+
+    def cancel_many(self, job_ids: Sequence[str], finished_at: str) -> list[CancelResult]:
+        """``cancel`` each of ``job_ids`` (a batch's items) in one round trip: the same script per job."""
+        status = json.dumps(JobStatus.CANCELED.value)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                job_key, stream, outbox = self._event_keys(job_id)
+                self._cancel(keys=[job_key, stream, outbox], args=[status, json.dumps(finished_at), job_id],
+                             client=pipe)
+            replies = pipe.execute()
+        return [CancelResult(int(reply[0])) for reply in replies]
+
+    def delete_many(self, job_ids: Sequence[str]) -> None:
+        """``delete`` each of ``job_ids`` (a batch's items) in two round trips."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "request")
+            requests = pipe.execute()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, raw in zip(job_ids, requests, strict=True):
+                count = int(json.loads(raw).get("num_images", 1)) if raw is not None else 0
+                pipe.delete(keys.job(job_id), keys.events(job_id), keys.preview(job_id),
+                            *(keys.image(job_id, n) for n in range(count)),
+                            *(keys.journey(job_id, n) for n in range(count)),
+                            *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES))
+            if job_ids:
+                pipe.zrem(keys.RUNNING, *job_ids)
+            pipe.execute()
 
     def check(self, job_id: str, token: str) -> RunCheck:
         """One round trip between denoising steps: may this attempt go on?"""

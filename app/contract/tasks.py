@@ -7,7 +7,9 @@ the request itself lives in the job record.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from redis import Redis
@@ -63,41 +65,49 @@ class Place:
 # ARGV: job id, owner, class, TTL, job record key prefix. Ids the zset still holds whose job is
 # no longer queued (taken by a worker, canceled, deleted) are dropped when met: as the base, by
 # the job record's status (no list scan); as the place to insert before, when LINSERT misses.
-_FAIR_PUSH = """
-local SPAN = 1000000000000
-local rank = tonumber(ARGV[3])
-local low = rank * SPAN
-local base = nil
-while true do
-  local first = redis.call('ZRANGEBYSCORE', KEYS[2], low, '(' .. (low + SPAN), 'WITHSCORES', 'LIMIT', 0, 1)
-  if #first == 0 then break end
-  if redis.call('HGET', ARGV[5] .. first[1], 'status') == '"queued"' then
-    base = tonumber(first[2]) - low
-    break
+_FAIR_PUSH_FN = """
+local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
+  local SPAN = 1000000000000
+  local rank = tonumber(rank)
+  local low = rank * SPAN
+  local base = nil
+  while true do
+    local first = redis.call('ZRANGEBYSCORE', zset, low, '(' .. (low + SPAN), 'WITHSCORES', 'LIMIT', 0, 1)
+    if #first == 0 then break end
+    if redis.call('HGET', prefix .. first[1], 'status') == '"queued"' then
+      base = tonumber(first[2]) - low
+      break
+    end
+    redis.call('ZREM', zset, first[1])
   end
-  redis.call('ZREM', KEYS[2], first[1])
-end
-local last_field = 'last:' .. rank .. ':' .. ARGV[2]
-local top_field = 'top:' .. rank
-local last = tonumber(redis.call('HGET', KEYS[3], last_field) or '-1')
-local top = tonumber(redis.call('HGET', KEYS[3], top_field) or '0')
-local round = math.max(last + 1, base or top)
-redis.call('HSET', KEYS[3], last_field, round)
-if round > top then redis.call('HSET', KEYS[3], top_field, round) end
-local score = low + round
-while true do
-  local after = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. score, '+inf', 'LIMIT', 0, 1)
-  if #after == 0 then
-    redis.call('RPUSH', KEYS[1], ARGV[1])
-    break
+  local last_field = 'last:' .. rank .. ':' .. owner
+  local top_field = 'top:' .. rank
+  local last = tonumber(redis.call('HGET', state, last_field) or '-1')
+  local top = tonumber(redis.call('HGET', state, top_field) or '0')
+  local round = math.max(last + 1, base or top)
+  redis.call('HSET', state, last_field, round)
+  if round > top then redis.call('HSET', state, top_field, round) end
+  local score = low + round
+  while true do
+    local after = redis.call('ZRANGEBYSCORE', zset, '(' .. score, '+inf', 'LIMIT', 0, 1)
+    if #after == 0 then
+      redis.call('RPUSH', queue, id)
+      break
+    end
+    if redis.call('LINSERT', queue, 'BEFORE', after[1], id) > 0 then break end
+    redis.call('ZREM', zset, after[1])
   end
-  if redis.call('LINSERT', KEYS[1], 'BEFORE', after[1], ARGV[1]) > 0 then break end
-  redis.call('ZREM', KEYS[2], after[1])
+  redis.call('ZADD', zset, score, id)
+  if ttl then  -- nil: the caller renews both once for many jobs
+    redis.call('EXPIRE', zset, ttl)
+    redis.call('EXPIRE', state, ttl)
+  end
+  return score
 end
-redis.call('ZADD', KEYS[2], score, ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return score
+"""
+
+_FAIR_PUSH = _FAIR_PUSH_FN + """
+return fair_push(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 
 
@@ -129,19 +139,100 @@ FINISHED_TTL = 300
 def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | None = None) -> Job:
     """Queue a job by id. RQ keeps a failure's bookkeeping as long as diffq keeps the record, and a
     success's for ``FINISHED_TTL`` seconds."""
-    return queue.enqueue_call(
-        TASK,
-        args=[job_id],
-        job_id=job_id,
-        timeout=settings.job_timeout,
-        ttl=settings.job_ttl,
+    return queue.enqueue_call(TASK, args=[job_id], job_id=job_id, pipeline=pipeline, **_rq_options(job_id, settings))
+
+
+def _rq_options(job_id: str, settings: Settings) -> dict[str, Any]:
+    """What RQ is told about a job: by ``enqueue``, and by ``enqueue_many``'s template job."""
+    return {
+        "timeout": settings.job_timeout,
+        "ttl": settings.job_ttl,
         # RQ keeps a success only for FINISHED_TTL (dashboards show recent ones; diffq's record is the
         # truth): its job hash and result stream are 6.7 KB of Redis per job. Failures stay longer.
-        result_ttl=min(FINISHED_TTL, settings.job_ttl),
-        failure_ttl=settings.job_ttl,
-        description=f"diffq job {job_id}",
-        pipeline=pipeline,
-    )
+        "result_ttl": min(FINISHED_TTL, settings.job_ttl),
+        "failure_ttl": settings.job_ttl,
+        "description": f"diffq job {job_id}",
+    }
+
+
+# Many jobs of one owner into a queue in one step (a chunk of a batch): each job's RQ hash (the
+# fields RQ writes for a job, ARGV's template, with each job's own data and description) and its
+# fair place (``fair_push``). KEYS: as _FAIR_PUSH. ARGV[1..6]: owner, class, fair TTL, job record
+# key prefix, RQ job key prefix, RQ job TTL; ARGV[7]: number of template strings that follow;
+# then those field/value strings; then per job: id, data, description.
+_ENQUEUE_MANY = _FAIR_PUSH_FN + """
+local n = tonumber(ARGV[7])
+local first = 8 + n
+for i = first, #ARGV, 3 do
+  local id = ARGV[i]
+  local key = ARGV[5] .. id
+  redis.call('HSET', key, 'data', ARGV[i + 1], 'description', ARGV[i + 2], unpack(ARGV, 8, 7 + n))
+  redis.call('EXPIRE', key, ARGV[6])
+  fair_push(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1], ARGV[2], nil, ARGV[4])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return (#ARGV - first + 1) / 3
+"""
+
+#: Jobs per ``_ENQUEUE_MANY`` call: each call holds Redis for a few milliseconds at most.
+ENQUEUE_CHUNK = 500
+_TEMPLATE_ID = "0" * 32
+
+
+def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipeline: Pipeline) -> None:
+    """``enqueue`` many jobs (a batch's items) into one pipeline, a script call per ``ENQUEUE_CHUNK``
+    jobs rather than RQ's seven commands per job. The RQ hash is the one RQ itself makes for
+    a job enqueued by ``enqueue`` (``Job.to_dict`` of a template job), with each job's id in its
+    data and description, so RQ and its workers cannot tell the two apart."""
+    template = _rq_template(queue, settings)
+    packed = zlib.decompress(template.pop("data"))
+    description = str(template.pop("description"))
+    fields = [item for pair in template.items() for item in pair]
+    script = queue.connection.register_script(_ENQUEUE_MANY)
+    head = [queue.place.owner, queue.place.rank, queue.place.ttl, keys.job(""), Job.redis_job_namespace_prefix,
+            settings.job_ttl, len(fields), *fields]
+    pipeline.sadd(queue.redis_queues_keys, queue.key)  # as RQ's enqueue does: the queue is known to RQ
+    for start in range(0, len(job_ids), ENQUEUE_CHUNK):
+        args: list[Any] = list(head)
+        for job_id in job_ids[start:start + ENQUEUE_CHUNK]:
+            args += [job_id, zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
+                     description.replace(_TEMPLATE_ID, job_id)]
+        script(keys=[queue.key, keys.fair(queue.name), keys.fair_state(queue.name)], args=args, client=pipeline)
+
+
+def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
+    """The hash RQ writes for a job ``enqueue`` queues, for a placeholder id."""
+    job = queue.create_job(TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED,
+                           **_rq_options(_TEMPLATE_ID, settings))
+    job.origin = queue.name
+    job.enqueued_at = datetime.now(timezone.utc)
+    return job.to_dict()
+
+
+# Drop ids from a queue list (KEYS[1]) and its fair zset (KEYS[2]) in one pass: LREM per id would
+# scan the list once per id. ARGV: the ids. Returns how many the list held.
+_DROP_MANY = """
+local drop = {}
+for i = 1, #ARGV do drop[ARGV[i]] = true end
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep = {}
+for _, id in ipairs(ids) do if not drop[id] then keep[#keep + 1] = id end end
+for i = 1, #ARGV, 5000 do redis.call('ZREM', KEYS[2], unpack(ARGV, i, math.min(i + 4999, #ARGV))) end
+if #keep == #ids then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 1, #keep, 5000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 4999, #keep))) end
+return #ids - #keep
+"""
+
+
+def drop_many(queue: Queue, job_ids: list[str]) -> int:
+    """Take canceled or deleted jobs (a batch's items) off the queue list at once; RQ's own job
+    hashes are left to expire (``job_ttl``). Returns how many were on the list."""
+    if not job_ids:
+        return 0
+    script = queue.connection.register_script(_DROP_MANY)
+    return int(script(keys=[queue.key, keys.fair(queue.name)], args=job_ids))
 
 
 def mark_requeued(queue: Queue, job_id: str) -> bool:

@@ -25,6 +25,15 @@ class JobNotFoundError(DiffqError):
         super().__init__(f"job {job_id!r} does not exist (never created, deleted, or expired)")
 
 
+class BatchNotFoundError(DiffqError):
+    """No such batch: never created, deleted, expired, or another key's."""
+
+    code = "batch_not_found"
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"batch {batch_id!r} does not exist (never created, deleted, or expired)")
+
+
 class ImageNotFoundError(DiffqError):
     """The job exists but has no such image (not finished, out of range, or expired)."""
 

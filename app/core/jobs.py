@@ -40,7 +40,7 @@ from app.core.errors import (
     UnknownModelError,
 )
 from app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
-from app.core.inputs import infer_mode, prepare_inputs
+from app.core.inputs import PreparedInputs, infer_mode, prepare_inputs
 from app.core.validation import check_before_decode, resolve_request
 from app.schemas.jobs import JobCreate
 from app.settings import Settings
@@ -95,10 +95,45 @@ class JobService:
         model = served.model
         files = files or {}
         backpressure.check_room(self.redis, self.settings, model.name, len(served.workers))
+        record, ttl = self.build(body, files, served, job_id or (idempotency.job_id if idempotency else None))
+        caller = self.caller
+        quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
+        if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
+            raise TooManyQueuedJobsError(caller.max_queued_jobs)
+        queue = model_queue(model.name, self.redis, Place(caller.scope, caller.priority_rank, ttl))
+        index = keys.owner_jobs(caller.scope)
+        try:
+            with self.redis.pipeline() as pipe:
+                if idempotency is not None:
+                    idempotency.write(pipe)  # WATCH the key, then the MULTI begins with its SET
+                # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
+                enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
+                self.store.create(record, ttl, pipeline=pipe)  # inputs: in the result store (store_inputs)
+                events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
+                pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
+                pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
+                pipe.expire(index, ttl)
+                pipe.execute()
+        except BaseException:
+            if quotas is not None:
+                quotas.release_queued(record.id)
+            raise
+        log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
+        return self._queued_view(record, queue.key, len(served.workers))
+
+    def build(self, body: JobCreate, files: Mapping[str, bytes], served: ServedModel, job_id: str | None,
+              inputs: PreparedInputs | None = None, store_inputs: bool = True) -> tuple[JobRecord, int]:
+        """Everything ``submit`` does before its one write: validate ``body`` against ``served``'s
+        model and the caller's budget and policies, store its input images, and make its record;
+        returns the record and the TTL it is written with. ``inputs``: already prepared (a batch's
+        shared inputs), else prepared here; ``store_inputs=False`` leaves storing them to the caller
+        (``store_inputs``), as a batch does once every item has passed."""
+        model = served.model
         early = check_before_decode(body, model, infer_mode(body, files))  # nothing decoded yet
         if early is not None:
             self._check_cost(early[0], early[1], body.steps or model.default_steps, body.num_images)
-        inputs = prepare_inputs(body, files, model, self.settings, _StoredImages(self), self.caller.can_see)
+        if inputs is None:
+            inputs = prepare_inputs(body, files, model, self.settings, _StoredImages(self), self.caller.can_see)
         adapters = list_adapters(self.settings.lora_dir) if body.loras or "<lora:" in body.prompt else []
         request = resolve_request(body, model, inputs, adapters)
         self._check_cost(request.width, request.height, request.steps, request.num_images)
@@ -115,33 +150,11 @@ class JobService:
             request = request.model_copy(update={"content_credentials": policy})
         # Waiting and running, the job lives job_ttl (or its retention, if longer); its retention counts from its end.
         caller, ttl = self.caller, max(self.settings.job_ttl, retention)
-        job_id = idempotency.job_id if idempotency is not None else job_id
         record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
                            owner=caller.owner)
-        record = self._store_inputs(record, inputs.pngs, ttl + objects.OBJECT_TTL_MARGIN)
-        quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
-        if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
-            raise TooManyQueuedJobsError(caller.max_queued_jobs)
-        queue = model_queue(model.name, self.redis, Place(caller.scope, caller.priority_rank, ttl))
-        index = keys.owner_jobs(caller.scope)
-        try:
-            with self.redis.pipeline() as pipe:
-                if idempotency is not None:
-                    idempotency.write(pipe)  # WATCH the key, then the MULTI begins with its SET
-                # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
-                enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-                self.store.create(record, ttl, pipeline=pipe)  # inputs: in the result store (_store_inputs)
-                events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
-                pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
-                pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
-                pipe.expire(index, ttl)
-                pipe.execute()
-        except BaseException:
-            if quotas is not None:
-                quotas.release_queued(record.id)
-            raise
-        log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
-        return self._queued_view(record, queue.key, len(served.workers))
+        if store_inputs:
+            record = self.store_inputs(record, inputs.pngs, ttl)
+        return record, ttl
 
     def confirm_replicated(self) -> None:
         """Return once ``redis_wait_replicas`` replicas hold what this request wrote (the job it
@@ -153,11 +166,13 @@ class JobService:
             raise NotReplicatedError(f"the job is not yet safe against the loss of the Redis primary ({error}); "
                                      "retry with the same Idempotency-Key to get this job, never a second one") from None
 
-    def _store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
+    def store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
         """Write an editing job's input PNGs to the result store before its record exists (a
         worker may take the job the moment it is queued); the record names their keys. Inputs
         of a submit that fails after this are swept (no record refers to them). ``ttl``: the
-        ``redis`` store's expiry, past the record's (file and s3 objects go by the sweeper)."""
+        record's TTL; the ``redis`` store's objects outlive it by a margin (file and s3 objects
+        go by the sweeper)."""
+        ttl += objects.OBJECT_TTL_MARGIN
         update = {}
         for name, png in pngs.items():
             key = objects.job_input(record.id, name)

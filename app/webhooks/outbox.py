@@ -7,7 +7,9 @@ never told. So the scripts of ``app.contract.store`` that change a status
 (claim, finish, requeue, cancel, deadline) append the event, in the same
 script, to one Redis stream, ``diffq:webhooks:outbox``, when the job's webhook
 subscribes to it. Each entry holds ``job_id``, ``type``, ``data`` (the event's
-JSON, as in the job's own stream) and ``webhook`` (the job's webhook spec).
+JSON, as in the job's own stream) and ``webhook`` (the job's webhook spec). A
+``batch.completed`` entry (``app.contract.batches``) holds the batch id in
+``job_id`` and the batch's counts in ``data``.
 
 The deliverer reads the outbox (``relay``, at the start of every pass) and
 turns each entry into a delivery (``app.webhooks.queue``), in one script that
@@ -25,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis import Redis
 
-from app.contract import keys
+from app.contract import batches, keys
 from app.contract.events import webhook_data, webhook_id
 from app.contract.records import Webhook
 from app.webhooks.queue import DUE, KEEP_FOR, prepare
@@ -73,8 +75,12 @@ def relay(redis: Redis, now: float, batch: int = BATCH) -> int:
             log.error("outbox entry %s is malformed (%s); dropped: %s", _text(entry_id), error, decoded)
             redis.xdel(OUTBOX, entry_id)
             continue
-        delivery = prepare(job_id, webhook.url, f"job.{kind}", webhook_data(job_id, kind, data),
-                           webhook_id(job_id, kind, data), now=now)
+        if kind.startswith("batch."):  # written by a batch's last item (app.contract.batches); job_id: the batch
+            delivery = prepare(job_id, webhook.url, kind, batches.webhook_data(job_id, data),
+                               batches.webhook_id(job_id, kind), now=now)
+        else:
+            delivery = prepare(job_id, webhook.url, f"job.{kind}", webhook_data(job_id, kind, data),
+                               webhook_id(job_id, kind, data), now=now)
         args += [_text(entry_id), delivery.key, delivery.body]
     if not args:
         return 0
