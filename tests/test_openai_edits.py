@@ -29,8 +29,8 @@ def error_of(response: httpx.Response) -> dict:
 def test_bad_edits_are_400s_naming_the_parameter_and_queue_nothing(client: TestClient, served: ModelRecord,
                                                                    redis: Redis) -> None:
     image = {"image": ("a.png", png(), "image/png")}
-    webp = client.post("/v1/images/edits", data={"prompt": "x", "output_format": "webp"}, files=image)
-    assert error_of(webp)["param"] == "output_format"  # only PNG exists today
+    gif = client.post("/v1/images/edits", data={"prompt": "x", "output_format": "gif"}, files=image)
+    assert error_of(gif)["param"] == "output_format"  # png, webp and jpeg are made
     assert error_of(client.post("/v1/images/edits", data={"prompt": "x"}))["param"] == "image"
     assert error_of(client.post("/v1/images/edits", data={"prompt": "x", "quality": "high", "colour": "red"},
                                 files=image))["param"] == "colour"

@@ -9,6 +9,7 @@ process made before the call, so replicas that have it have those too.
 
 from __future__ import annotations
 
+import re
 import time
 
 from redis import Redis
@@ -22,14 +23,16 @@ MARK_TTL_MS = 60_000
 
 #: Error prefixes of a Redis that refuses writes only for as long as a failover lasts.
 FAILOVER_REFUSALS = ("NOREPLICAS", "MASTERDOWN", "READONLY")
+_REFUSAL = re.compile(r"(?:^|[\s:-])(?:" + "|".join(FAILOVER_REFUSALS) + r")\s")
 
 
 def is_failover_refusal(error: Exception) -> bool:
     """Whether ``error`` is a primary without its replicas (``min-replicas-to-write``), a replica
     cut off from its primary, or a demoted primary: worth retrying like an unreachable Redis."""
-    text = str(error)  # inside a Lua script the refusal comes wrapped: "Error running script ...: -NOREPLICAS ..."
-    return isinstance(error, ReadOnlyError) or any(text.startswith(code) or f"-{code} " in text
-                                                   for code in FAILOVER_REFUSALS)
+    # Inside a Lua script the refusal comes wrapped ("Error running script ...: -NOREPLICAS ..."), and inside
+    # a MULTI as the pipeline's "Command # 1 (...) of pipeline caused error: NOREPLICAS ...".
+    text = str(error)
+    return isinstance(error, ReadOnlyError) or _REFUSAL.search(text) is not None
 
 
 class ReplicationTimeout(Exception):
