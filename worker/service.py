@@ -11,10 +11,13 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import redis.exceptions
 from rq.serializers import JSONSerializer
 
 from app.contract import connection, memory
@@ -37,6 +40,21 @@ if TYPE_CHECKING:
     from model.engine import Engine
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def when_redis_answers(step: Callable[[], T]) -> T:
+    """``step()``, retried with backoff for as long as Redis is unreachable: a worker started
+    while Redis restarts waits for it (as its work loop rides out an outage) instead of exiting."""
+    wait = 0.5
+    while True:
+        try:
+            return step()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            log.warning("Redis unreachable at start (%s); retrying in %.1f s", error, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
 
 
 def load_engine(settings: Settings, path: Path | None = None, name: str | None = None) -> Engine:
@@ -113,7 +131,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     engine = cache.get(model.name)
     names = [record.name for record in records]
     redis = connection.sync_client(settings)
-    memory.check_policy(redis, settings.redis_allow_eviction)  # EvictionPolicyError: refuse to serve
+    # EvictionPolicyError: refuse to serve. Redis down (a restart): wait for it, as the work loop would.
+    when_redis_answers(lambda: memory.check_policy(redis, settings.redis_allow_eviction))
     host, pid = socket.gethostname(), os.getpid()
     worker_id = f"{host}.{pid}.{uuid.uuid4().hex[:8]}"
     now = utcnow()
@@ -135,7 +154,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
 
     heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval,
                           status)
-    results = ready_store(settings, redis)  # raises, naming the setting, if it cannot be written to
+    results = when_redis_answers(lambda: ready_store(settings, redis))  # raises, naming the setting, if unusable
     context.install(
         WorkerContext(
             worker_id=worker_id,
