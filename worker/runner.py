@@ -38,7 +38,6 @@ from worker.context import WorkerContext
 from worker.marking import Marked, SigningFailedError
 from worker.results import discard, read_input, store_run
 from worker.progress import (
-    JobAbandonedError,
     JobCanceledError,
     JobHandBackError,
     PreviewSettings,

@@ -18,7 +18,6 @@ Bearer, as on every ``/v1`` route.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
