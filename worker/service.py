@@ -46,11 +46,14 @@ T = TypeVar("T")
 
 def when_redis_answers(step: Callable[[], T]) -> T:
     """``step()``, retried with backoff for as long as Redis is unreachable: a worker started
-    while Redis restarts waits for it (as its work loop rides out an outage) instead of exiting."""
+    while Redis restarts waits for it (as its work loop rides out an outage) instead of exiting.
+    A refused password or ACL is configuration, not an outage: it stops the worker at once."""
     wait = 0.5
     while True:
         try:
             return step()
+        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
+            raise  # both subclass ConnectionError; retrying would hang a misconfigured worker forever
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             log.warning("Redis unreachable at start (%s); retrying in %.1f s", error, wait)
             time.sleep(wait)
