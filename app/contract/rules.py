@@ -83,9 +83,15 @@ def strength_for(mode: JobMode, strength: float | None) -> float | None:
     return DEFAULT_STRENGTH[mode] if strength is None else strength
 
 
+def denoising_steps(steps: int, strength: float | None) -> int:
+    """Steps a job runs: all of them for text-to-image, ``int(steps × strength)`` for an editing job
+    (diffusers' img2img and inpaint pipelines skip the first ones: the input stands in for them)."""
+    return steps if strength is None else int(steps * strength)
+
+
 def strength_problem(strength: float, steps: int) -> str | None:
-    """diffusers runs ``int(steps × strength)`` of the steps of an editing job: at least one must remain."""
-    if int(steps * strength) >= 1:
+    """At least one denoising step must remain of an editing job (see ``denoising_steps``)."""
+    if denoising_steps(steps, strength) >= 1:
         return None
     return f"{strength} × {steps} steps leaves no denoising step; raise strength or steps"
 
