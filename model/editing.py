@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.contract.rules import DEFAULT_STRENGTH, JobMode, Outpaint
 
-__all__ = ["DEFAULT_STRENGTH", "Mode", "Padding", "binary_mask", "outpaint_canvas", "mask_from_alpha", "paste_back"]
+__all__ = ["DEFAULT_STRENGTH", "Mode", "Padding", "binary_mask", "mask_from_alpha", "outpaint_canvas", "paste_back"]
 
 
 #: The engine's names for the request rules' mode enum and outpainting padding (one definition

@@ -175,6 +175,20 @@ def test_an_lcm_models_job_over_its_step_cap_is_refused_at_submit(
     assert listed["scheduler_max_steps"] == {"lcm": 50} and listed["negative_prompt"] is True
 
 
+def test_the_openai_and_a1111_endpoints_refuse_it_at_submit_too(client: TestClient, engines: dict[str, Engine]) -> None:
+    openai = client.post("/v1/images/generations", json={"prompt": "a red circle", "model": LCM, "steps": 51})
+    assert openai.status_code == 400
+    assert (openai.json()["error"]["param"], openai.json()["error"]["code"]) == ("steps", "invalid_value")
+    assert "between 1 and 50" in openai.json()["error"]["message"]
+
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 51,
+                                                    "override_settings": {"sd_model_checkpoint": LCM}})
+    assert a1111.status_code == 422 and "steps: must be between 1 and 50" in a1111.json()["detail"]
+    unsupported = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blurry",
+                                                          "override_settings": {"sd_model_checkpoint": NO_NEGATIVE}})
+    assert unsupported.status_code == 422 and "takes no negative prompt" in unsupported.json()["detail"]
+
+
 def test_the_worker_publishes_what_the_rules_need_of_its_model(engines: dict[str, Engine]) -> None:
     lcm = ModelRecord.model_validate(model_record(engines[LCM]).model_dump())
     assert lcm.scheduler_max_steps == {"lcm": 50}

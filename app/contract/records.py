@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Re-exported here, where records were always imported from; the request rules define them.
-from app.contract.rules import JobMode, Outpaint  # noqa: F401
+from app.contract.rules import JobMode, Outpaint
 from app.contract.status import JobStatus
 
 
