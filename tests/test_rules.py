@@ -8,12 +8,8 @@ Each row must get the same verdict from both: accepted, or refused naming the sa
 from __future__ import annotations
 
 import base64
-import copy
-import dataclasses
 import io
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,36 +26,23 @@ from model.engine import Engine, GenerationRequest, InvalidRequestError
 from worker.runner import generation_request
 from worker.service import model_record
 
-TINY, LCM, NO_NEGATIVE = "tiny", "tiny-lcm", "tiny-no-negative"
+TINY, LCM = "tiny", "tiny-lcm"
 
 
 @pytest.fixture(scope="module")
-def lcm_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    """The tiny model declared LCM-distilled (as the training code writes diffq.json): its "lcm"
-    scheduler takes at most the 50 steps (original_inference_steps) it was distilled on."""
-    folder = tmp_path_factory.mktemp("models") / LCM
-    shutil.copytree(tiny_model, folder)
-    settings = {"name": LCM, "lcm": True, "default_scheduler": "lcm", "default_steps": 2,
-                "default_guidance_scale": 1.0}
-    (folder / "diffq.json").write_text(json.dumps(settings))
+def lcm_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """A tiny LCM-distilled pipeline: its "lcm" scheduler takes at most the 50 steps
+    (original_inference_steps) it was distilled on, and it takes no negative prompt."""
+    from tests.tiny_pipelines import build_lcm
+
+    folder = build_lcm(tmp_path_factory.mktemp("models") / LCM)
     return Engine.load(folder, device="cpu", dtype="float32", max_steps=100, max_images=4)
 
 
-@pytest.fixture(scope="module")
-def no_negative_engine(engine: Engine) -> Engine:
-    """The tiny model as a pipeline whose call takes no negative prompt would be served (as
-    diffusers' LatentConsistencyModelPipeline is): the same weights, that one difference."""
-    other = copy.copy(engine)
-    other.info = dataclasses.replace(engine.info, name=NO_NEGATIVE, negative_prompt=False,
-                                     pipeline_class="LatentConsistencyModelPipeline")
-    other._takes_negative_prompt = False
-    return other
-
-
 @pytest.fixture
-def engines(redis: Redis, engine: Engine, lcm_engine: Engine, no_negative_engine: Engine) -> dict[str, Engine]:
-    """The three models registered as one live worker serving them would register them."""
-    served = {TINY: engine, LCM: lcm_engine, NO_NEGATIVE: no_negative_engine}
+def engines(redis: Redis, engine: Engine, lcm_engine: Engine) -> dict[str, Engine]:
+    """Both models registered as one live worker serving them would register them."""
+    served = {TINY: engine, LCM: lcm_engine}
     records = [model_record(e) for e in served.values()]
     now = utcnow()
     worker = WorkerRecord(id="rules-worker", model=TINY, device="cpu", dtype="float32", host="localhost", pid=1,
@@ -101,8 +84,8 @@ TABLE: list[tuple[str, dict[str, Any], str | None]] = [
     (TINY, {"num_images": 5}, "num_images"),
     (TINY, {"prompt": "   "}, "prompt"),
     (TINY, {"negative_prompt": "blurry"}, None),
-    (NO_NEGATIVE, {"negative_prompt": "blurry"}, "negative_prompt"),
-    (NO_NEGATIVE, {}, None),
+    (LCM, {"negative_prompt": "blurry"}, "negative_prompt"),  # accepted, then failed, before
+    (LCM, {"negative_prompt": ""}, None),
     (TINY, {"mode": "img2img", "image": PIC}, None),
     (TINY, {"mode": "img2img", "image": PIC, "strength": 0.5, "steps": 2}, None),
     (TINY, {"mode": "img2img", "image": PIC, "strength": 0.2, "steps": 2}, "strength"),  # int(0.4) = 0 steps
@@ -172,7 +155,7 @@ def test_an_lcm_models_job_over_its_step_cap_is_refused_at_submit(
                        "message": f"must be between 1 and 50 for model {LCM!r} with scheduler 'lcm'; got 51"}
     # The cap is published with the model, for clients to read before they ask.
     [listed] = [m for m in client.get("/v1/models").json()["models"] if m["name"] == LCM]
-    assert listed["scheduler_max_steps"] == {"lcm": 50} and listed["negative_prompt"] is True
+    assert listed["scheduler_max_steps"] == {"lcm": 50} and listed["negative_prompt"] is False
 
 
 def test_the_openai_and_a1111_endpoints_refuse_it_at_submit_too(client: TestClient, engines: dict[str, Engine]) -> None:
@@ -185,7 +168,7 @@ def test_the_openai_and_a1111_endpoints_refuse_it_at_submit_too(client: TestClie
                                                     "override_settings": {"sd_model_checkpoint": LCM}})
     assert a1111.status_code == 422 and "steps: must be between 1 and 50" in a1111.json()["detail"]
     unsupported = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blurry",
-                                                          "override_settings": {"sd_model_checkpoint": NO_NEGATIVE}})
+                                                          "override_settings": {"sd_model_checkpoint": LCM}})
     assert unsupported.status_code == 422 and "takes no negative prompt" in unsupported.json()["detail"]
 
 
@@ -193,7 +176,7 @@ def test_the_worker_publishes_what_the_rules_need_of_its_model(engines: dict[str
     lcm = ModelRecord.model_validate(model_record(engines[LCM]).model_dump())
     assert lcm.scheduler_max_steps == {"lcm": 50}
     assert model_record(engines[TINY]).scheduler_max_steps == {}  # no scheduler caps it below max_steps
-    assert model_record(engines[NO_NEGATIVE]).negative_prompt is False
+    assert (lcm.negative_prompt, model_record(engines[TINY]).negative_prompt) == (False, True)
 
 
 def test_a_record_from_an_older_worker_assumes_no_scheduler_cap_and_a_negative_prompt() -> None:
