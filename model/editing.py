@@ -1,7 +1,8 @@
 """Image editing inputs: the modes, mask handling, the outpainting canvas and paste-back.
 
-Pure Pillow/NumPy (no torch), so the API can share the definitions and the
-worker can prepare inputs before the pipeline runs.
+Pure Pillow/NumPy (no torch), so the worker can prepare inputs before the
+pipeline runs. The modes, the default strengths and the padding are the
+request rules' (``app.contract.rules``), which the API checks requests by.
 
 - Masks are white where the model repaints and black where the input is
   kept; grey is binarised at 50%, as diffusers' inpainting pipelines do.
@@ -15,47 +16,18 @@ worker can prepare inputs before the pipeline runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import numpy as np
 from PIL import Image
 
-__all__ = ["Mode", "Padding", "binary_mask", "outpaint_canvas", "mask_from_alpha", "paste_back"]
+from app.contract.rules import DEFAULT_STRENGTH, JobMode, Outpaint
+
+__all__ = ["DEFAULT_STRENGTH", "Mode", "Padding", "binary_mask", "mask_from_alpha", "outpaint_canvas", "paste_back"]
 
 
-class Mode(str, Enum):
-    """What a job does with its input image."""
-
-    TXT2IMG = "txt2img"  # no input image
-    IMG2IMG = "img2img"  # image + strength
-    INPAINT = "inpaint"  # image + mask (white = repaint)
-    OUTPAINT = "outpaint"  # image + pixels to add on each side
-
-    @property
-    def takes_image(self) -> bool:
-        return self is not Mode.TXT2IMG
-
-
-#: Default strength per editing mode: img2img keeps the input's layout, the others repaint fully.
-DEFAULT_STRENGTH = {Mode.IMG2IMG: 0.75, Mode.INPAINT: 1.0, Mode.OUTPAINT: 1.0}
-
-
-@dataclass(frozen=True)
-class Padding:
-    """Pixels outpainting adds on each side of the input."""
-
-    left: int = 0
-    top: int = 0
-    right: int = 0
-    bottom: int = 0
-
-    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
-        return width + self.left + self.right, height + self.top + self.bottom
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.left or self.top or self.right or self.bottom)
+#: The engine's names for the request rules' mode enum and outpainting padding (one definition
+#: each, in ``app.contract.rules``, shared with the API).
+Mode = JobMode
+Padding = Outpaint
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:

@@ -8,7 +8,9 @@ What it adds to a bare diffusers pipeline:
 
 - Request validation up front, with errors that name the field and what is
   accepted (`InvalidRequestError`, a ValueError), and defaults resolved from
-  the model (`ModelInfo`).
+  the model (`ModelInfo`). The rules are the API's (`app.contract.rules`, no
+  torch); what they need of the model is in `ModelInfo`, which the worker
+  publishes, so the API refuses at submit what `validate` would refuse.
 - Schedulers picked by name per request (see `model.schedulers`), each built
   once from the model's own scheduler config.
 - Batching: requests that share size, steps, scheduler and guidance scale run
@@ -74,8 +76,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.contract.rules import (
+    MAX_GUIDANCE_SCALE,
+    MAX_SEED,
+    MIN_GUIDANCE_SCALE,
+    USED_BY,
+    max_steps_for,
+    negative_prompt_problem,
+    strength_for,
+    strength_problem,
+)
+
 from .adapters import Adapters, LoraSpec
-from .editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, outpaint_canvas, paste_back
+from .editing import Mode, Padding, binary_mask, outpaint_canvas, paste_back
 from .preview import DenoisedTap, LatentProjector, decode_latents, encode_latents
 from .prompt_check import prompt_warnings
 from .single_file import config_folder, is_single_file, load_single_file, sidecar
@@ -105,8 +118,6 @@ __all__ = [
 DEFAULT_MAX_STEPS = 150
 #: Default upper limit of `num_images` per request; `Engine.load(max_images=...)` changes it.
 DEFAULT_MAX_IMAGES = 8
-#: Largest seed: image k uses `seed + k`, which must fit torch's signed 64-bit seed.
-MAX_SEED = 2**63 - 1
 #: Optional file in the model folder with diffq's defaults for that model.
 SETTINGS_FILE = "diffq.json"
 #: Keys `diffq.json` may set (others, e.g. training records, are ignored).
@@ -229,6 +240,10 @@ class ModelInfo:
     modes: list[str] = dataclasses.field(default_factory=lambda: [mode.value for mode in Mode])
     inpaint_unet_channels: int = 4  # 9 when a dedicated inpainting checkpoint serves inpaint/outpaint
     family: str = ""  # which LoRA adapters fit: "sd1", "sd2", "sdxl", or diffq.json's "family" (else the name)
+    # Schedulers whose steps cap is below max_steps: "lcm" samples from the original_inference_steps
+    # timesteps it was distilled on.
+    scheduler_max_steps: dict[str, int] = dataclasses.field(default_factory=dict)
+    negative_prompt: bool = True  # whether the pipeline takes a negative prompt
     load_seconds: float = 0.0  # how long `Engine.load` took
 
 
@@ -263,8 +278,7 @@ class Engine:
         self._img2img_pipe: DiffusionPipeline | None = None  # made from `pipe` when first needed
         self._projector = LatentProjector(pipe)
         self._tokenizers = [getattr(pipe, name) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)]
-        call_parameters = inspect.signature(pipe.__call__).parameters
-        self._takes_negative_prompt = "negative_prompt" in call_parameters
+        self._takes_negative_prompt = _takes_negative_prompt(pipe)
         # SDXL encodes a missing negative prompt as zeros but "" as text: the
         # two must not share a batch, or batching would change the images.
         self._empty_negative_is_special = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
@@ -336,6 +350,7 @@ class Engine:
             _check_supported(inpaint_pipe, inpainting=True)
 
         schedulers = _offered_schedulers(pipe, settings)
+        built = {name: build_scheduler(name, pipe.scheduler.config) for name in schedulers}
         info = ModelInfo(
             name=name or settings.get("name") or (folder.stem if is_single_file(folder) else folder.resolve().name),
             pipeline_class=type(pipe).__name__,
@@ -347,6 +362,8 @@ class Engine:
             schedulers=schedulers,
             inpaint_unet_channels=inpaint_pipe.unet.config.in_channels if inpaint_pipe else 4,
             family=settings.get("family") or model_family(pipe) or name or settings.get("name") or folder.stem,
+            scheduler_max_steps=_scheduler_step_caps(built, max_steps),
+            negative_prompt=_takes_negative_prompt(pipe),
             **_model_defaults(pipe, settings, schedulers),
         )
         _check_info(info)
@@ -358,10 +375,9 @@ class Engine:
             if vae_tiling_pixels:
                 applied.append(f"VAE tiling above {vae_tiling_pixels} pixels per image, slicing above "
                                f"{vae_tiling_pixels} pixels per call")
-        base_config = pipe.scheduler.config
         info = dataclasses.replace(info, load_seconds=round(time.monotonic() - started, 3))
         return cls(
-            pipe, info, {name: build_scheduler(name, base_config) for name in schedulers}, inpaint_pipe,
+            pipe, info, built, inpaint_pipe,
             vae_tiling_pixels=vae_tiling_pixels if fast else 0, fast_path=applied,
             adapters=Adapters(lora_dir, lora_cache_size),
         )
@@ -378,10 +394,9 @@ class Engine:
         info = self.info
         _check_text("prompt", request.prompt, allow_empty=False)
         _check_text("negative_prompt", request.negative_prompt, allow_empty=True)
-        if request.negative_prompt and not self._takes_negative_prompt:
-            raise InvalidRequestError(
-                "negative_prompt", f"{info.pipeline_class} takes no negative prompt; send an empty string"
-            )
+        problem = negative_prompt_problem(request.negative_prompt, self._takes_negative_prompt, info.pipeline_class)
+        if problem is not None:
+            raise InvalidRequestError("negative_prompt", problem)
         scheduler = info.default_scheduler if request.scheduler is None else request.scheduler
         if scheduler not in info.schedulers:
             raise UnknownSchedulerError(scheduler, info.schedulers)
@@ -400,15 +415,17 @@ class Engine:
             if size % info.size_multiple:
                 raise InvalidRequestError(field, f"{size} is not a multiple of {info.size_multiple}")
         steps = info.default_steps if request.steps is None else request.steps
-        _check_int("steps", steps, 1, self._max_steps(scheduler))
+        _check_int("steps", steps, 1, max_steps_for(scheduler, info.max_steps, info.scheduler_max_steps))
         strength = self._check_strength(request, mode, steps)
         guidance = info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
             raise InvalidRequestError("guidance_scale", f"{guidance!r} is not a finite number")
-        if guidance < 0:
-            raise InvalidRequestError("guidance_scale", f"{guidance} is negative; accepted: >= 0")
+        if not MIN_GUIDANCE_SCALE <= guidance <= MAX_GUIDANCE_SCALE:
+            raise InvalidRequestError(
+                "guidance_scale", f"{guidance} is out of range; accepted: {MIN_GUIDANCE_SCALE:g}..{MAX_GUIDANCE_SCALE:g}"
+            )
         _check_int("num_images", request.num_images, 1, info.max_images)
-        _check_int("seed", request.seed, 0, MAX_SEED - (request.num_images - 1))
+        _check_int("seed", request.seed, 0, MAX_SEED)
         return dataclasses.replace(
             request,
             width=width,
@@ -430,9 +447,7 @@ class Engine:
             raise InvalidRequestError("mode", f"unknown mode {request.mode!r}; accepted: {accepted}") from None
         if mode.value not in self.info.modes:
             raise InvalidRequestError("mode", f"{mode.value} is not offered by this model; accepted: {self.info.modes}")
-        editing = [m for m in Mode if m.takes_image]
-        used_by = {"image": editing, "strength": editing, "mask": [Mode.INPAINT], "outpaint": [Mode.OUTPAINT]}
-        for field, modes in used_by.items():
+        for field, modes in USED_BY.items():
             present = getattr(request, field) is not None
             if present and mode not in modes:
                 names = ", ".join(m.value for m in modes)
@@ -485,23 +500,14 @@ class Engine:
 
     @staticmethod
     def _check_strength(request: GenerationRequest, mode: Mode, steps: int) -> float | None:
-        if not mode.takes_image:
+        strength = strength_for(mode, request.strength)
+        if strength is None:
             return None
-        strength = DEFAULT_STRENGTH[mode] if request.strength is None else request.strength
         if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
             raise InvalidRequestError("strength", f"{strength!r} is not accepted; accepted: 0 < strength <= 1")
-        if int(steps * strength) < 1:
-            # diffusers runs int(steps * strength) of the steps: at least one must remain.
-            raise InvalidRequestError(
-                "strength", f"{strength} × {steps} steps leaves no denoising step; raise strength or steps"
-            )
+        if (problem := strength_problem(strength, steps)) is not None:
+            raise InvalidRequestError("strength", problem)
         return float(strength)
-
-    def _max_steps(self, scheduler: str) -> int:
-        if scheduler == "lcm":
-            # LCM samples from the `original_inference_steps` timesteps it was distilled on.
-            return min(self.info.max_steps, self._schedulers["lcm"].config.original_inference_steps)
-        return self.info.max_steps
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
         """What of the request's text the model will ignore, for the user (see model.prompt_check)."""
@@ -774,7 +780,7 @@ class Engine:
             if field.name in ("image", "mask"):
                 value = None if value is None else f"{value.width}x{value.height}"
             elif field.name == "outpaint":
-                value = None if value is None else dataclasses.asdict(value)
+                value = None if value is None else value.model_dump()
             elif field.name == "loras":  # which weights exactly: the file's hash
                 value = [{"name": name, "weight": weight, "sha256": self.adapters.sha256(name)}
                          for name, weight in value]
@@ -1065,6 +1071,21 @@ def _check_supported(pipe: DiffusionPipeline, *, inpainting: bool) -> None:
             f"{latent_channels}; an inpainting checkpoint is served as the inpaint model beside a "
             "text-to-image model"
         )
+
+
+def _takes_negative_prompt(pipe: DiffusionPipeline) -> bool:
+    return "negative_prompt" in inspect.signature(pipe.__call__).parameters
+
+
+def _scheduler_step_caps(schedulers: Mapping[str, SchedulerMixin], max_steps: int) -> dict[str, int]:
+    """Steps caps below `max_steps` per scheduler: LCM samples from the `original_inference_steps`
+    timesteps it was distilled on."""
+    caps = {}
+    if "lcm" in schedulers:
+        distilled = schedulers["lcm"].config.get("original_inference_steps")
+        if isinstance(distilled, int) and distilled < max_steps:
+            caps["lcm"] = distilled
+    return caps
 
 
 def _offered_schedulers(pipe: DiffusionPipeline, settings: Mapping[str, Any]) -> list[str]:

@@ -123,3 +123,22 @@ def test_engine_rejection_at_run_time_fails_the_job_and_the_worker_goes_on(
     assert bad["error"]["message"].startswith("width")
     assert bad["images"] == [] and bad["timings"]["finished_at"]
     assert client.get(f"/v1/jobs/{good_id}").json()["status"] == "succeeded"
+
+
+def test_a_value_error_from_the_model_on_a_valid_request_is_a_generation_error(
+    client: TestClient, settings: Settings, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # diffusers refuses what it cannot run with a ValueError from its pipeline's check_inputs. On a
+    # request the rules accepted, that is the model's failure, not the client's invalid_request.
+    def refuse(*args, **kwargs) -> None:
+        raise ValueError("`height` and `width` have to be divisible by 8 but are 16 and 16.")
+
+    monkeypatch.setattr(engine.pipe, "check_inputs", refuse)
+    job_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
+
+    work(settings, engine)
+
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "generation_error",
+                            "message": "ValueError: `height` and `width` have to be divisible by 8 but are 16 and 16."}

@@ -40,3 +40,16 @@ def test_each_problem_names_its_field_and_what_is_accepted() -> None:
         "num_images": "must be between 1 and 2 for model 'shapes'; got 3",
         "scheduler": "must be one of: ddim, euler; got 'pndm'",
     }
+
+
+def test_the_models_published_step_cap_and_negative_prompt_are_checked() -> None:
+    lcm = MODEL.model_copy(update={"schedulers": ["ddim", "lcm"], "scheduler_max_steps": {"lcm": 8},
+                                   "negative_prompt": False, "pipeline_class": "LatentConsistencyModelPipeline"})
+    assert resolve_request(JobCreate(prompt="p", steps=8, scheduler="lcm"), lcm).steps == 8
+    assert resolve_request(JobCreate(prompt="p", steps=50, scheduler="ddim"), lcm).steps == 50
+    with pytest.raises(InvalidRequestError) as error:
+        resolve_request(JobCreate(prompt="p", steps=9, scheduler="lcm", negative_prompt="blurry"), lcm)
+    assert {p.field: p.message for p in error.value.problems} == {
+        "steps": "must be between 1 and 8 for model 'shapes' with scheduler 'lcm'; got 9",
+        "negative_prompt": "LatentConsistencyModelPipeline takes no negative prompt; send an empty string",
+    }

@@ -1,7 +1,8 @@
 """Tiny random-initialised diffusers pipelines, built from configs, saved to folders.
 
 They have the structure of the real checkpoints the engine serves (Stable
-Diffusion 1.x, 2.x with v-prediction, SDXL with two text encoders) at a size
+Diffusion 1.x, 2.x with v-prediction, SDXL with two text encoders, an LCM-distilled
+SD 1.x whose UNet takes the guidance scale as an input) at a size
 that runs two denoising steps in milliseconds on a CPU. Nothing is
 downloaded: the CLIP tokenizers are built from a vocab.json/merges.txt
 written here. Each pipeline is saved with `save_pretrained`, so tests load it
@@ -22,6 +23,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -131,6 +134,27 @@ def _build_sd1_style(pipeline_class: type, folder: Path, seed: int, unet_in_chan
             set_alpha_to_one=False,
             steps_offset=1,
         ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_lcm(folder: Path, seed: int = 0) -> Path:
+    """An LCM-distilled SD-1.x-style pipeline (diffusers' LatentConsistencyModelPipeline): an LCM
+    scheduler distilled on 50 steps (its original_inference_steps), a UNet that takes the guidance
+    scale as an embedding, and, like the real ones, no negative prompt."""
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer_files(folder.parent / f"{folder.name}-vocab")
+    pipe = LatentConsistencyModelPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu")),
+        tokenizer=tokenizer,
+        unet=_unet(time_cond_proj_dim=8),
+        scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                               original_inference_steps=50),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

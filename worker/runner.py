@@ -32,7 +32,7 @@ from app.contract.tasks import model_queue
 from app.storage.base import StorageUnavailableError
 from app.storage.objects import OBJECT_TTL_MARGIN
 from app.storage.urls import image_links, relative_proxy_url
-from model.engine import GenerationRequest, GenerationResult, Padding, StopGeneration, is_out_of_memory
+from model.engine import GenerationRequest, GenerationResult, InvalidRequestError, StopGeneration, is_out_of_memory
 from worker import faults
 from worker.context import WorkerContext
 from worker.marking import Marked, SigningFailedError
@@ -54,7 +54,6 @@ PREVIEW_AFTER_END = 300
 def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = None) -> GenerationRequest:
     """The engine's request for a job's resolved parameters and its stored input PNGs."""
     inputs = inputs or {}
-    outpaint = params.outpaint
     return GenerationRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -69,7 +68,7 @@ def generation_request(params: JobParams, inputs: Mapping[str, bytes] | None = N
         image=_open_png(inputs["image"]) if params.image is not None else None,
         mask=_open_png(inputs["mask"]) if params.mask is not None else None,
         strength=params.strength,
-        outpaint=Padding(**outpaint.model_dump()) if outpaint is not None else None,
+        outpaint=params.outpaint,  # the request rules' Outpaint is the engine's Padding
         journey=params.journey,
         loras=tuple((lora.name, lora.weight) for lora in params.loras),
     )
@@ -172,7 +171,7 @@ class JobRunner:
                 inputs[name] = png
         try:
             request = self.engine.validate(generation_request(record.request, inputs))
-        except ValueError as error:  # the engine names the field and what it accepts
+        except InvalidRequestError as error:  # the engine names the field and what it accepts
             self._fail(record, token, ErrorCode.INVALID_REQUEST, str(error))
             return None
         return _Job(record=record, token=token, request=request, inputs=inputs)
@@ -249,7 +248,9 @@ class JobRunner:
             else:
                 for job in live:
                     job.live = False
-                    if isinstance(error, ValueError):
+                    # Only the engine's own refusal is the request's fault; anything else the model
+                    # raises (a diffusers ValueError on a request the rules accept too) is the model's.
+                    if isinstance(error, InvalidRequestError):
                         self._fail(job.record, job.token, ErrorCode.INVALID_REQUEST, str(error))
                     else:
                         log.exception("job %s: generation failed", job.record.id)

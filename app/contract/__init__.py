@@ -3,6 +3,7 @@
 - ``keys``: every Redis key diffq writes, its type and its lifetime.
 - ``status``: job statuses and the one mapping from RQ's statuses.
 - ``records``: the pydantic records stored under those keys.
+- ``rules``: the request rules the API checks at submit and the engine again before it runs.
 - ``store``: the atomic operations on job records (create, claim, progress, finish, delete).
 - ``registry``: worker and model registration with heartbeats.
 - ``tasks``: the single task a worker runs and the queue each model uses.

@@ -40,6 +40,7 @@ from redis.client import Pipeline
 
 from app.contract import keys
 from app.contract.records import JobMode, JobParams, JobRecord, utcnow
+from app.contract.rules import denoising_steps
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,9 @@ def record_job_end(
 
 
 def effective_steps(params: JobParams) -> int:
-    """Denoising steps a request runs: an editing job runs ``int(steps × strength)``."""
+    """Denoising steps a request runs (``rules.denoising_steps``)."""
     if params.mode is not JobMode.TXT2IMG and params.strength is not None:
-        return max(1, int(params.steps * params.strength))
+        return max(1, denoising_steps(params.steps, params.strength))
     return params.steps
 
 

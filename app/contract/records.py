@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Re-exported here, where records were always imported from; the request rules define them.
+from app.contract.rules import JobMode, Outpaint
 from app.contract.status import JobStatus
 
 
@@ -25,8 +27,8 @@ def utcnow() -> datetime:
 class ErrorCode(str, Enum):
     """Machine-readable reasons a job failed; clients branch on these, humans read the message."""
 
-    INVALID_REQUEST = "invalid_request"  # the engine rejected a parameter at run time
-    GENERATION_ERROR = "generation_error"  # the model raised while generating
+    INVALID_REQUEST = "invalid_request"  # the engine refused a parameter at run time (the API missed it)
+    GENERATION_ERROR = "generation_error"  # the model raised while generating (a diffusers ValueError too)
     TIMEOUT = "timeout"  # ran longer than the deployment's job_timeout
     WORKER_LOST = "worker_lost"  # the worker died or RQ gave up on the job
     REFUSED = "refused"  # the queued RQ job was not diffq's task
@@ -44,15 +46,6 @@ class ErrorInfo(BaseModel):
     message: str
 
 
-class JobMode(str, Enum):
-    """What a job does; the same names as ``model.editing.Mode`` (the API cannot import it)."""
-
-    TXT2IMG = "txt2img"
-    IMG2IMG = "img2img"
-    INPAINT = "inpaint"
-    OUTPAINT = "outpaint"
-
-
 class InputImage(BaseModel):
     """An input image of an editing job, as stored (normalised PNG) under ``keys.job_input``."""
 
@@ -63,17 +56,6 @@ class InputImage(BaseModel):
     height: int
     sha256: str = Field(description="sha256 of the stored PNG the worker reads.")
     key: str | None = Field(None, description="Its result store object key (None: an older job's Redis key).")
-
-
-class Outpaint(BaseModel):
-    """Pixels added on each side of the input image."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    left: int = Field(0, ge=0, le=4096)
-    top: int = Field(0, ge=0, le=4096)
-    right: int = Field(0, ge=0, le=4096)
-    bottom: int = Field(0, ge=0, le=4096)
 
 
 WEBHOOK_EVENTS = ("queued", "running", "succeeded", "failed", "canceled")
@@ -254,6 +236,10 @@ class ModelRecord(BaseModel):
     schedulers: list[str]
     max_images: int = 1  # per request
     modes: list[JobMode] = Field(default_factory=lambda: [JobMode.TXT2IMG])  # older workers: text only
+    # Steps caps lower than max_steps for some schedulers (an LCM model's "lcm": its distillation's
+    # original_inference_steps); older workers: none published, the engine alone refuses those.
+    scheduler_max_steps: dict[str, int] = Field(default_factory=dict)
+    negative_prompt: bool = True  # whether the pipeline takes a negative prompt (older workers: assumed)
     family: str | None = None  # which LoRA adapters fit it (sd1, sd2, sdxl, or its own); None: older workers
 
 

@@ -40,6 +40,7 @@ from typing import Protocol
 from PIL import Image
 
 from app.contract.records import InputImage, JobMode, JobRecord, ModelRecord, Outpaint
+from app.contract.rules import USED_BY
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.uploads import UploadLimits, check_header, decode_base64, decode_image
 from app.schemas.jobs import JobCreate
@@ -50,14 +51,6 @@ CanSee = Callable[[str | None], bool]
 
 JOB_REFERENCE = re.compile(r"^job:([0-9a-f]{32})/(\d{1,4})$")
 ALPHA_MASK = "alpha"
-#: Mode-specific fields and the modes that use them.
-_USED_BY = {
-    "image": (JobMode.IMG2IMG, JobMode.INPAINT, JobMode.OUTPAINT),
-    "strength": (JobMode.IMG2IMG, JobMode.INPAINT, JobMode.OUTPAINT),
-    "mask": (JobMode.INPAINT,),
-    "outpaint": (JobMode.OUTPAINT,),
-}
-
 
 
 class ImageSource(Protocol):
@@ -168,7 +161,7 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
         offered = ", ".join(m.value for m in model.modes)
         raise _problem("mode", f"{mode.value} is not offered by model {model.name!r}; offered: {offered}")
     problems = []
-    for name, modes in _USED_BY.items():
+    for name, modes in USED_BY.items():
         present = getattr(body, name) is not None or name in files
         if present and mode not in modes:
             problems.append(FieldProblem(name, f"is only used by mode {', '.join(m.value for m in modes)}, not {mode.value}"))
@@ -176,7 +169,7 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
             problems.append(FieldProblem(name, f"is required by mode {mode.value}"))
     if body.resize and mode is JobMode.TXT2IMG:
         problems.append(FieldProblem("resize", "only applies to an input image (modes img2img, inpaint, outpaint)"))
-    if mode is JobMode.OUTPAINT and body.outpaint is not None and _is_empty(body.outpaint):
+    if mode is JobMode.OUTPAINT and body.outpaint is not None and body.outpaint.is_empty:
         problems.append(FieldProblem("outpaint", "adds no pixels; give at least one of left, top, right, bottom > 0"))
     if problems:
         raise InvalidRequestError(problems)
@@ -275,9 +268,6 @@ def _check_size(size: tuple[int, int], model: ModelRecord, name: str) -> None:
         f"multiples of {multiple} between {lo} and {hi} (resize: true with width and height scales the input)"
     )
 
-
-def _is_empty(pad: Outpaint) -> bool:
-    return not (pad.left or pad.top or pad.right or pad.bottom)
 
 
 def _png(image: Image.Image) -> bytes:

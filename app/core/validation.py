@@ -1,9 +1,11 @@
 """Checks a request against its model's registered limits and resolves its defaults.
 
 Settings limits are already enforced by ``JobCreate``'s fields; what remains
-depends on the model a worker registered: sizes, steps, schedulers. Every
-problem is reported at once, each naming the field and what is accepted;
-nothing is silently corrected.
+depends on the model a worker registered: sizes, steps (and a scheduler's own
+cap), schedulers, the negative prompt. The rules are ``app.contract.rules``,
+the same the worker's engine checks by, so whatever it would refuse is refused
+here, at submit. Every problem is reported at once, each naming the field and
+what is accepted; nothing is silently corrected.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ from datetime import timedelta
 
 from app.contract.adapters import AdapterInfo
 from app.contract.records import JobMode, JobParams, ModelRecord, utcnow
+from app.contract.rules import (
+    DEFAULT_STRENGTH,
+    MAX_SEED,
+    max_steps_for,
+    negative_prompt_problem,
+    strength_for,
+    strength_problem,
+)
 from app.core.errors import FieldProblem, InvalidRequestError
 from app.core.inputs import PreparedInputs
 from app.core.loras import resolve_loras
-from app.schemas.jobs import MAX_SEED, JobCreate
+from app.schemas.jobs import JobCreate
+
+__all__ = ["DEFAULT_STRENGTH", "check_before_decode", "resolve_request"]
 
 
 def check_before_decode(body: JobCreate, model: ModelRecord, mode: JobMode) -> tuple[int, int] | None:
@@ -57,7 +69,7 @@ def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs 
         *_size_problems("height", height, model),
         *_parameter_problems(body, model, inputs.mode),
     ]
-    strength = _strength(body, inputs.mode)
+    strength = strength_for(inputs.mode, body.strength)
     prompt, loras, lora_problems = resolve_loras(body.prompt, body.loras, model, adapters)
     problems += lora_problems
     if problems:
@@ -92,28 +104,24 @@ def _parameter_problems(body: JobCreate, model: ModelRecord, mode: JobMode) -> l
     steps = body.steps if body.steps is not None else model.default_steps
     scheduler = body.scheduler if body.scheduler is not None else model.default_scheduler
     problems = []
+    most = max_steps_for(scheduler, model.max_steps, model.scheduler_max_steps)
     if steps > model.max_steps:
         problems.append(_range_problem("steps", steps, model.max_steps, model))
+    elif steps > most:
+        problems.append(FieldProblem(
+            "steps", f"must be between 1 and {most} for model {model.name!r} with scheduler {scheduler!r}; got {steps}"
+        ))
+    if (problem := negative_prompt_problem(body.negative_prompt, model.negative_prompt, model.pipeline_class)):
+        problems.append(FieldProblem("negative_prompt", problem))
     if body.num_images > model.max_images:
         problems.append(_range_problem("num_images", body.num_images, model.max_images, model))
     if scheduler not in model.schedulers:
         accepted = ", ".join(model.schedulers)
         problems.append(FieldProblem("scheduler", f"must be one of: {accepted}; got {scheduler!r}"))
-    strength = _strength(body, mode)
-    if strength is not None and int(steps * strength) < 1:
-        # The pipeline runs int(steps × strength) steps: at least one must remain.
-        problems.append(FieldProblem("strength", f"{strength} × {steps} steps leaves no denoising step; raise either"))
+    strength = strength_for(mode, body.strength)
+    if strength is not None and (problem := strength_problem(strength, steps)) is not None:
+        problems.append(FieldProblem("strength", problem))
     return problems
-
-
-#: Strength an editing mode uses when the request gives none (the engine's defaults).
-DEFAULT_STRENGTH = {JobMode.IMG2IMG: 0.75, JobMode.INPAINT: 1.0, JobMode.OUTPAINT: 1.0}
-
-
-def _strength(body: JobCreate, mode: JobMode) -> float | None:
-    if mode is JobMode.TXT2IMG:
-        return None
-    return body.strength if body.strength is not None else DEFAULT_STRENGTH[mode]
 
 
 def _size_problems(field: str, value: int, model: ModelRecord) -> list[FieldProblem]:

@@ -3,8 +3,10 @@
 ``JobCreate``'s limits that come from settings (prompt length, steps, images
 per job) are applied by ``job_create_model``, which derives a subclass with
 those limits in its ``Field``s: one declaration drives both validation and
-the OpenAPI schema. Limits that come from the model (sizes, schedulers) are
-only known at run time and are checked in ``app.core.validation``.
+the OpenAPI schema. Limits that are the same for every model (seed, guidance
+scale) are the request rules' (``app.contract.rules``); those that come from
+the model (sizes, steps, schedulers) are only known at run time and are
+checked in ``app.core.validation``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress, Webhook, WebhookEvent
+from app.contract.rules import MAX_GUIDANCE_SCALE, MAX_SEED, MIN_GUIDANCE_SCALE
 from app.contract.status import JobStatus
 from app.settings import Settings
-
-MAX_SEED = 2**32 - 1
 
 
 class LoraRequest(BaseModel):
@@ -49,7 +50,9 @@ class JobCreate(BaseModel):
     width: int | None = Field(None, ge=1, description="Image width in pixels; the model sets the range and multiple.")
     height: int | None = Field(None, ge=1, description="Image height in pixels; the model sets the range and multiple.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance scale."
+    )
     scheduler: str | None = Field(None, description="Scheduler name; the model lists the accepted ones.")
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Seed of image 0 (image k uses seed + k); random if omitted."

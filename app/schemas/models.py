@@ -43,6 +43,12 @@ class ModelPublic(BaseModel):
     max_images: int
     modes: list[JobMode] = Field(description="Job modes the model serves: txt2img, img2img, inpaint, outpaint.")
     family: str | None = Field(None, description="Which LoRA adapters fit it (`GET /v1/loras`' `base_model`).")
+    scheduler_max_steps: dict[str, int] = Field(
+        default_factory=dict,
+        description="Schedulers that take fewer steps than `max_steps`, and their cap (an LCM model's `lcm`: the "
+        "steps it was distilled on).",
+    )
+    negative_prompt: bool = Field(True, description="Whether the model takes a negative prompt.")
     workers: list[WorkerPublic] = Field(description="Live workers that serve the model: loaded, or able to load it.")
     loaded_on: list[str] = Field(description="Ids of the workers that have it loaded now.")
     load_seconds: float | None = Field(

@@ -20,9 +20,10 @@ def list_models(registry: RegistryDep, settings: SettingsDep) -> ModelList:
         loads = [w.load_seconds[info.name] for w in served.workers if info.name in w.load_seconds]
         models.append(
             ModelPublic(
-                **info.model_dump(exclude={"max_steps", "max_images", "device", "dtype"}),
+                **info.model_dump(exclude={"max_steps", "max_images", "device", "dtype", "scheduler_max_steps"}),
                 # The deployment may allow less than the model could take.
-                max_steps=min(info.max_steps, settings.max_steps),
+                max_steps=(most := min(info.max_steps, settings.max_steps)),
+                scheduler_max_steps={name: cap for name, cap in info.scheduler_max_steps.items() if cap < most},
                 max_images=min(info.max_images, settings.max_images_per_job),
                 workers=[
                     WorkerPublic(
