@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-import logging
 from functools import partial
 
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis import exceptions as redis_errors
-from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.decode_gate import DecodeGate
+from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.headers import SecurityHeaders
 from app.api.limits import BodySizeLimit
-from app.api.redis_clients import open_api_redis
-from app.api.slow_clients import BodyDeadline
-from app.api.waits import WaitCount
-from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
+from app.api.openapi import build_openapi
+from app.api.redis_clients import open_api_redis
 from app.api.routes import (
     batches,
     health,
@@ -37,6 +35,8 @@ from app.api.routes import (
     sdapi_session,
     verify,
 )
+from app.api.slow_clients import BodyDeadline
+from app.api.waits import WaitCount
 from app.auth.quotas import RateLimiter
 from app.contract import memory
 from app.deps import get_caller
@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")
-    app.state.metrics_registry = metrics.metrics_registry(DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl))
+    collector = DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl)
+    app.state.metrics_registry = metrics.metrics_registry(collector)
     app.add_middleware(JobContextMiddleware)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyDeadline, timeout=settings.http_body_timeout)  # outermost: the first to receive

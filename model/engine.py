@@ -78,8 +78,8 @@ from .adapters import Adapters, LoraSpec
 from .editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, outpaint_canvas, paste_back
 from .preview import DenoisedTap, LatentProjector, decode_latents, encode_latents
 from .prompt_check import prompt_warnings
-from .single_file import config_folder, is_single_file, load_single_file, sidecar
 from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
+from .single_file import config_folder, is_single_file, load_single_file, sidecar
 
 if TYPE_CHECKING:
     import torch
@@ -549,7 +549,7 @@ class Engine:
         results: list[GenerationResult | None] = [None] * len(resolved)
         with self._lock:
             for indices in self._batch_groups(resolved):
-                for index, result in zip(indices, self._run_batch(resolved, indices, on_step)):
+                for index, result in zip(indices, self._run_batch(resolved, indices, on_step), strict=True):
                     results[index] = result
         return results  # type: ignore[return-value]  # every index belongs to one group
 
@@ -628,7 +628,8 @@ class Engine:
                 self.adapters.applied(pipe, first.loras):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
-            images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
+            images = [paste_back(image, original, mask)
+                      for image, (original, mask) in zip(images, inputs, strict=False)]
 
         # 3. Split the images back per request.
         results = []
@@ -757,7 +758,8 @@ class Engine:
         """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
         self._projector.prepare()
 
-    def preview_images(self, latents: torch.Tensor, size: tuple[int, int], decoder: str = "latent") -> list[Image.Image]:
+    def preview_images(self, latents: torch.Tensor, size: tuple[int, int],
+                       decoder: str = "latent") -> list[Image.Image]:
         """Pictures of latents (or of x̂0) during a run: "latent" is a fitted linear projection
         (cheap, blurry, at most 256 px), "vae" the full decode at the output size."""
         if decoder == "vae":

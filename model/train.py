@@ -479,7 +479,8 @@ def export(args: argparse.Namespace) -> None:
         "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
         # A decoder fine-tuned in a later sitting started from the shipped one, with its own step count.
         "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
-        "decoder_seconds": previous.get("decoder_seconds", 0.0) + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
+        "decoder_seconds": previous.get("decoder_seconds", 0.0)
+        + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
         **({"loras": previous["loras"]} if "loras" in previous else {}),  # adapters trained on this model
         "history": previous.get("history", []) + [{
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the UNet stage from an exported folder (a new sitting)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors)")
+                        help="export: the model folder (model/shapes); "
+                             "lora: the adapter file (model/loras/<style>.safetensors)")
     parser.add_argument("--style", default="stripes", choices=[s for s in shapes_data.STYLES if s != "plain"],
                         help="lora: the style the adapter learns")
     parser.add_argument("--rank", type=int, default=4, help="lora: rank of the low-rank matrices")

@@ -25,8 +25,8 @@ import redis.exceptions
 from PIL import Image
 from rq.timeouts import JobTimeoutException
 
-from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract import keys, metrics, replication
+from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract.store import StoredImage, WriteResult
 from app.contract.tasks import model_queue
 from app.storage.base import StorageUnavailableError
@@ -36,7 +36,6 @@ from model.engine import GenerationRequest, GenerationResult, Padding, StopGener
 from worker import faults
 from worker.context import WorkerContext
 from worker.marking import Marked, SigningFailedError
-from worker.results import discard, read_input, store_run
 from worker.progress import (
     JobCanceledError,
     JobHandBackError,
@@ -44,6 +43,7 @@ from worker.progress import (
     ProgressReporter,
     report_step,
 )
+from worker.results import discard, read_input, store_run
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ class JobRunner:
             for job in jobs:
                 if job.live:
                     job.live = False
-                    self._fail(job.record, job.token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
+                    self._fail(job.record, job.token, ErrorCode.TIMEOUT,
+                               f"ran longer than {self.settings.job_timeout} s")
             return
         except Exception as error:  # a model failure ends these jobs, never the worker
             live = [job for job in jobs if job.live]
@@ -337,7 +338,8 @@ class JobRunner:
         restarts. The record, and with it its objects, then lives the job's retention."""
         assert values["status"] == event
         retention = self._retention(record)
-        extra = {"expires_at": (utcnow() + timedelta(seconds=retention)).isoformat(), **self._image_urls(record, values)}
+        expires_at = (utcnow() + timedelta(seconds=retention)).isoformat()
+        extra = {"expires_at": expires_at, **self._image_urls(record, values)}
 
         def finish() -> WriteResult:
             faults.at("store")
@@ -444,7 +446,8 @@ class JobRunner:
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
-            "warnings": [*record.warnings, *result.warnings, *warnings],  # the API's (inputs), the model's, the marks' (watermark)
+            # the API's (inputs), the model's, the marks' (watermark)
+            "warnings": [*record.warnings, *result.warnings, *warnings],
             "parameters": _jsonable(result.parameters),
             "images": [image.model_dump(mode="json") for image in stored.images],
             "journeys": len(result.journeys),

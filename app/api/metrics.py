@@ -21,14 +21,15 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.contract import memory, metrics
-from app.core import backpressure
 from app.contract.registry import Registry, served_by
 from app.contract.tasks import QUEUE_PREFIX
+from app.core import backpressure
 
 log = logging.getLogger(__name__)
 
 HISTOGRAM_NAMES = {
-    "queue_wait": ("diffq_job_queue_wait_seconds", "Seconds from a job's creation to the start of the run that ended it."),
+    "queue_wait": (
+        "diffq_job_queue_wait_seconds", "Seconds from a job's creation to the start of the run that ended it."),
     "run": ("diffq_job_run_seconds", "Seconds from the start of a job's run to its end."),
 }
 

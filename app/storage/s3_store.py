@@ -68,7 +68,8 @@ class S3ResultStore:
 
     def _listing(self, under: str) -> Iterator[ListedObject]:
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + under)
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + under)
             for page in pages:
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix):]
@@ -108,7 +109,8 @@ class S3ResultStore:
                     f"S3 refused a test write to bucket {self.bucket!r} ({code}): check {_CREDENTIALS} and the "
                     "bucket policy (DIFFQ_STORE_BUCKET)"
                 ) from error
-            raise StorageConfigError(f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}") from error
+            raise StorageConfigError(
+                f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}") from error
         except _DOWN as error:
             raise StorageConfigError(f"DIFFQ_STORE_ENDPOINT_URL: cannot reach the S3 store: {error}") from error
 

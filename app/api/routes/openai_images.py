@@ -9,7 +9,8 @@ response_format="b64_json" | "url")``. The request queues an ordinary diffq job,
   ``chatgpt-image-*``) and no model mean the deployment's default model.
 - ``size``: ``"WxH"`` (the model's limits apply) or ``"auto"`` (the model's default).
 - Accepted and ignored: ``quality``, ``style``, ``user``, ``moderation``, ``safety_identifier``,
-  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` ``false``. Other values of those are a ``400``, as is any other field.
+  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` ``false``. Other values of those are a ``400``, as
+  is any other field.
 - ``output_format`` ``png``/``webp``/``jpeg`` is diffq's ``output_format``; ``output_compression``
   (0-100, OpenAI's default 100 = best) is the webp/jpeg ``quality`` (ignored for png).
 - ``response_format=url`` gives the same URLs as the job resource (``DIFFQ_IMAGE_URLS``: proxied,
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from app.api.public_urls import public_url
+from app.api.routes.jobs import proxy_url
 from app.api.waiting import WaitTimedOut, until_ended
 from app.api.waits import WaitSlot, hold_wait
 from app.contract.status import JobStatus
@@ -50,10 +52,10 @@ from app.core.errors import (
     IdempotencyInProgressError,
     InvalidRequestError,
     JobNotFoundError,
+    QueueFullError,
     RequestTimeoutError,
     ServerBusyError,
     StoreBusyError,
-    QueueFullError,
     StoreUnavailableError,
     TooManyUploadsError,
     TooManyWaitsError,
@@ -63,7 +65,6 @@ from app.core.errors import (
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
-from app.api.routes.jobs import proxy_url
 from app.deps import JobServiceDep, SettingsDep, media_type
 from app.schemas.jobs import job_create_model
 from app.storage.urls import image_links
