@@ -112,7 +112,7 @@ def reconstruct(model: Path, truths: list[Image.Image], device: str) -> list[Ima
 
 
 def grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> None:
-    """Images with their prompts underneath, for the README."""
+    """Images with their prompts underneath, for docs/model.md."""
     cell_w, cell_h, scale = 200, 236, 3
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
