@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
-    keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
+    keyed: dict[str, Any] = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
     for module in (jobs, images, models, verify, loras):
         app.include_router(module.router, **keyed)
     app.include_router(batches.router, **keyed)  # many jobs in one request (app.core.batches)

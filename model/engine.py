@@ -575,6 +575,7 @@ class Engine:
         # 1. Expand requests into images: one prompt, negative prompt,
         #    generator (and input) per image, so image k of a request sees seed + k only.
         first = requests[indices[0]]
+        assert first.steps is not None and first.scheduler is not None  # validate() resolved them
         mode = Mode(first.mode)
         prompts: list[str] = []
         negative_prompts: list[str] = []
@@ -628,7 +629,7 @@ class Engine:
                 self.adapters.applied(pipe, first.loras):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
-            images = [paste_back(image, original, mask)
+            images = [paste_back(image, original, mask)  # type: ignore[arg-type]  # masked: every input has one
                       for image, (original, mask) in zip(images, inputs, strict=False)]
 
         # 3. Split the images back per request.
@@ -691,6 +692,7 @@ class Engine:
         if not limit or not (hasattr(vae, "use_tiling") and hasattr(vae, "use_slicing")):
             yield
             return
+        assert request.width is not None and request.height is not None  # validate() resolved them
         pixels = request.width * request.height
         saved = vae.use_tiling, vae.use_slicing
         vae.use_tiling, vae.use_slicing = pixels > limit, pixels * images > limit
@@ -801,13 +803,16 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def _edit_input(request: GenerationRequest, mode: Mode) -> tuple[Image.Image, Image.Image | None]:
-    """The image (and mask) an editing pipeline starts from; (None, None) for text-to-image."""
-    if mode is Mode.IMG2IMG:
-        return request.image.convert("RGB"), None
-    if mode is Mode.INPAINT:
-        return request.image.convert("RGB"), binary_mask(request.mask)
-    if mode is Mode.OUTPAINT:
-        return outpaint_canvas(request.image, request.outpaint)
+    """The image (and mask) an editing pipeline starts from; (None, None) for text-to-image.
+    ``validate`` has checked that the mode's inputs are there."""
+    image, mask, outpaint = request.image, request.mask, request.outpaint
+    if mode is Mode.IMG2IMG and image is not None:
+        return image.convert("RGB"), None
+    if mode is Mode.INPAINT and image is not None and mask is not None:
+        return image.convert("RGB"), binary_mask(mask)
+    if mode is Mode.OUTPAINT and image is not None and outpaint is not None:
+        return outpaint_canvas(image, outpaint)
+    assert mode is Mode.TXT2IMG, f"{mode.value} without its inputs"
     return None, None  # type: ignore[return-value]  # text-to-image has no input
 
 
@@ -870,7 +875,8 @@ class _KnownRegion:
     noise: torch.Tensor  # one fixed noise per image, from its own seed
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image]], seeds: Sequence[int]):
+    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image | None]],
+               seeds: Sequence[int]):
         import numpy as np
         import torch
         import torch.nn.functional as F

@@ -26,6 +26,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
           f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)")
     print(f"{'prompt kind':<18}{'n':>5}" + "".join(f"{c:>14}" for c in checks))
-    report: dict[str, dict] = {}
+    report: dict[str, Any] = {}  # per kind: {check: rate}; "stripes": a rate
     for kind in sorted(by_kind, key=lambda k: (k == "all", k)):
         results = by_kind[kind]
         n = sum(1 for s in scenes if kind == "all" or prompt_kind(s) == kind)

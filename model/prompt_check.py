@@ -113,6 +113,6 @@ def _unknown_token_ids(tokenizer: Any) -> set[int]:
     ids: set[int | None] = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     backend_unk = getattr(getattr(backend, "model", None), "unk_token", None)
-    if backend_unk is not None:
+    if backend is not None and backend_unk is not None:
         ids.add(backend.token_to_id(backend_unk))
     return {token_id for token_id in ids if token_id is not None}

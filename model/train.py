@@ -114,6 +114,7 @@ def train_vae(args: argparse.Namespace) -> None:
     autoencoder_loop(vae, list(vae.parameters()), ckpt, 0, args, device)
     scale = measure_latent_scale(vae, device)
     state = ckpt.load()
+    assert state is not None, "autoencoder_loop saved a checkpoint"
     state.update(scale)
     ckpt.save(state)
     print(f"vae done: latent mean {scale['latent_mean']:.3f}, std {scale['latent_std']:.3f}")
@@ -391,7 +392,9 @@ def train_lora(args: argparse.Namespace) -> None:
                        "device": str(device), "argv": sys.argv[1:],
                        "seconds": previous_seconds + time.time() - started})
     bar.close()
-    save_lora(unet, args, ckpt.load())
+    state = ckpt.load()
+    assert state is not None, "the loop saved a checkpoint at its last step"
+    save_lora(unet, args, state)
 
 
 def save_lora(unet, args: argparse.Namespace, state: dict) -> None:

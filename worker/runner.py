@@ -19,7 +19,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import redis.exceptions
 from PIL import Image
@@ -136,7 +137,7 @@ class JobRunner:
                 log.warning("job %s: Redis failed mid-run (%s); handing its job(s) back", job_id, error)
                 for job in jobs or [_Job(record=record, token=token, request=None)]:  # type: ignore[arg-type]
                     # Guarded by the attempt token: one that ended or was taken over is left as it is.
-                    self._while_redis_recovers(lambda job=job: self._hand_back(job, "redis_error"))
+                    self._while_redis_recovers(partial(self._hand_back, job, "redis_error"))
                 raise
             except Exception as error:
                 # A bug, or the job timeout striking outside generation: no job may stay `running`,
@@ -192,6 +193,7 @@ class JobRunner:
         return jobs
 
     def _reporter(self, job: _Job) -> ProgressReporter:
+        assert job.request.width is not None and job.request.height is not None  # validated: sizes resolved
         previews = PreviewSettings(
             decoder=self.settings.preview_decoder,
             interval=self.settings.preview_interval,
@@ -295,7 +297,9 @@ class JobRunner:
             indices = latents_by_request.keys() if latents_by_request else range(len(jobs))
             running = [index for index in indices if jobs[index].live]
             if running:
-                runs = [(jobs[index].reporter, {index: denoised_by_request[index]} if denoised_by_request else None)
+                # a live job has its reporter (set when its run started)
+                runs = [(cast(ProgressReporter, jobs[index].reporter),
+                         {index: denoised_by_request[index]} if denoised_by_request else None)
                         for index in running]
                 for index, stop in zip(running, report_step(runs, step, total), strict=True):
                     job = jobs[index]

@@ -81,9 +81,9 @@ class DiffqCollector(Collector):
             serving = [w for w in workers if model in served_by(w)]
             live.add_metric([model], len(serving))
             busy.add_metric([model], sum(1 for w in serving if w.current_job is not None))
-            figure = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))
-            runs.add_metric([model], figure.running)
-            load.add_metric([model], figure.per_worker)
+            model_load = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))
+            runs.add_metric([model], model_load.running)
+            load.add_metric([model], model_load.per_worker)
         yield from (depth, live, busy, runs, load)
 
         gpu = GaugeMetricFamily("diffq_worker_gpu_memory_bytes",

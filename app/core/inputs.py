@@ -140,7 +140,7 @@ def prepare_inputs(
     pngs = {"image": _png(image)}
     image_info = InputImage(source=image_source, width=image.width, height=image.height, sha256=_sha(pngs["image"]))
     mask_info = None
-    if mask is not None:
+    if mask is not None and mask_source is not None:  # set together
         pngs["mask"] = _png(mask)
         mask_info = InputImage(source=mask_source, width=mask.width, height=mask.height, sha256=_sha(pngs["mask"]))
     return PreparedInputs(mode=mode, size=size, image=image_info, mask=mask_info, pngs=pngs, warnings=warnings)
@@ -191,6 +191,7 @@ def _raw(
         return files[name], "upload"
     if value is not None and value.startswith("job:"):
         return _referenced(name, value, store, can_see), value
+    assert value is not None, f"{name}: neither a file nor a value (only inputs the request has are read)"
     return decode_base64(value, name, limits), "upload"
 
 

@@ -194,7 +194,7 @@ class JobService:
             pipe.lrange(keys.model_durations(record.model), 0, -1)
             found, durations = pipe.execute()
         position = found if isinstance(found, int) else 0  # None: a worker is already taking it
-        deliveries = [] if record.request.webhook is not None else None
+        deliveries: list[dict[str, Any]] | None = [] if record.request.webhook is not None else None
         lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
         expires = record.created_at + timedelta(seconds=lifetime)
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
@@ -319,6 +319,7 @@ class JobService:
         if result is CancelResult.MISSING:
             raise JobNotFoundError(job_id)
         if result is CancelResult.ENDED and status is not JobStatus.CANCELED:
+            assert status is not None  # an ended job has its status
             raise JobFinishedError(
                 f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
         if result is CancelResult.CANCELED:

@@ -34,7 +34,8 @@ class S3ResultStore:
         self.prefix = prefix
         config = Config(
             connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2},
-            s3={"addressing_style": addressing}, signature_version="s3v4",
+            # boto3's stubs want a literal style; botocore itself refuses an unknown one.
+            s3={"addressing_style": addressing}, signature_version="s3v4",  # type: ignore[arg-type]
         )
         self.client: Any = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config

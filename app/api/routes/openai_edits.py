@@ -240,7 +240,7 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
             fields["mode"], fields["mask"] = "inpaint", ALPHA_MASK
         else:
             fields["mode"] = "img2img"
-    else:
+    elif isinstance(params, ImageVariationForm):
         fields["prompt"] = params.prompt or png_prompt(files["image"])
         fields["mode"] = "img2img"
     model = params.model

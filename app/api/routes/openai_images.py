@@ -244,10 +244,10 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
             raise _submit_failure(error) from None
         job_id = view.record.id
         log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
-        view = await _wait(request, jobs, view, timeout, slot)
-    if view is None:  # the client hung up: nobody will read the result
+        ended = await _wait(request, jobs, view, timeout, slot)
+    if ended is None:  # the client hung up: nobody will read the result
         return JSONResponse({"error": None}, status_code=499)
-    return await _answer(request, jobs, view, params.response_format or "b64_json")
+    return await _answer(request, jobs, ended, params.response_format or "b64_json")
 
 
 def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
@@ -279,8 +279,8 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
         return job_create_model(jobs.settings).model_validate(fields)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
-        name = str(first["loc"][0]) if first["loc"] else None
-        param = PARAM_NAMES.get(name or "", name)
+        field = str(first["loc"][0]) if first["loc"] else None
+        param = PARAM_NAMES.get(field or "", field)
         raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
                             code="invalid_value") from None
 
@@ -314,9 +314,9 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
                                  type="server_error", code="no_workers", retry=True)
         return OpenAIFailure(400, f"Invalid value for 'model': {problem}", param="model", code="model_not_found")
     if isinstance(error, InvalidRequestError):
-        problem = error.problems[0] if error.problems else None
-        param = PARAM_NAMES.get(problem.field, problem.field) if problem else None
-        message = f"Invalid value for '{param}': {problem.message}" if problem else error.message
+        first_problem = error.problems[0] if error.problems else None
+        param = PARAM_NAMES.get(first_problem.field, first_problem.field) if first_problem else None
+        message = f"Invalid value for '{param}': {first_problem.message}" if first_problem else error.message
         return OpenAIFailure(400, message, param=param, code="invalid_value")
     if isinstance(error, RequestTimeoutError):
         return OpenAIFailure(408, error.message, code=error.code, retry=False)
