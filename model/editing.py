@@ -1,7 +1,9 @@
 """Image editing inputs: the modes, mask handling, the outpainting canvas and paste-back.
 
-Pure Pillow/NumPy (no torch), so the API can share the definitions and the
-worker can prepare inputs before the pipeline runs.
+Pure Pillow/NumPy (no torch), so the worker can prepare inputs before the pipeline runs.
+The API does not import it (nothing under ``app`` imports ``model``): it keeps its own copy
+of the mode names (``app.contract.records.JobMode``) and of the mask rules
+(``app.core.inputs``).
 
 - Masks are white where the model repaints and black where the input is
   kept; grey is binarised at 50%, as diffusers' inpainting pipelines do.
