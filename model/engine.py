@@ -529,8 +529,9 @@ class Engine:
     ) -> list[GenerationResult]:
         """Generate the images of `requests`; results come back in request order.
 
-        All requests are validated before anything runs. Requests that share
-        (width, height, steps, scheduler, guidance_scale) run as one batched
+        All requests are validated before anything runs. Requests that share a
+        batch key (width, height, steps, scheduler, guidance_scale, mode,
+        strength, LoRA adapters; see `_batch_groups`) run as one batched
         pipeline call; other groups run one after the other.
 
         on_step(step, total, latents_by_request, denoised_by_request) is
