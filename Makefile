@@ -1,4 +1,4 @@
-# diffq on a fresh machine: `make up` runs the service, `make test` runs the tests.
+# diffq on a fresh machine: `make up` runs the service, `make test` runs the checks and the tests.
 # Both first create .venv and install diffq into it (once; again when pyproject.toml changes).
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.diffq-installed
 
-.PHONY: install up test
+.PHONY: install up check test
 
 install: $(STAMP)
 
@@ -22,5 +22,10 @@ $(STAMP): pyproject.toml
 up: install
 	$(BIN)/diffq up
 
-test: install
+# Lint and type checks of app/, worker/ and model/ (settings in pyproject.toml); must be clean.
+check: install
+	$(BIN)/ruff check
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest

@@ -27,7 +27,8 @@ def add_command(commands: Any, run: Any) -> None:
     """``diffq batch <action>``; ``run(args)`` dispatches to ``main``."""
     batch = commands.add_parser("batch", help="many jobs as one batch: submit a CSV/JSONL, follow it, get results")
     actions = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
-    submit = actions.add_parser("submit", help="submit a JSONL file of jobs, or a CSV/JSON list of rows with --template")
+    submit = actions.add_parser(
+        "submit", help="submit a JSONL file of jobs, or a CSV/JSON list of rows with --template")
     submit.add_argument("file", type=Path, help="products.csv (with --template), jobs.jsonl, or rows.json")
     submit.add_argument("--template", help='prompt with {column} placeholders, e.g. "a {colour} mug, {bg} background"')
     submit.add_argument("--defaults", default="{}", help='JSON job fields for every item, e.g. \'{"steps": 20}\'')

@@ -241,8 +241,8 @@ class _SSEParser:
 
 
 class Client(BatchMethods):
-    """Synchronous client (with the batch methods of ``app.client_batches``). ``base_url`` defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``, ``api_key``
-    (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
+    """Synchronous client (with the batch methods of ``app.client_batches``). ``base_url`` defaults to ``$DIFFQ_URL`` or
+    ``http://127.0.0.1:8000``, ``api_key`` (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> None:

@@ -155,9 +155,9 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             progress.close()
         if job.status != "succeeded":
-            error = job.error or {}
-            print(f"diffq: job {job.id} {job.status}" + (f": {error.get('code')}: {error.get('message')}"
-                                                         if error else ""), file=sys.stderr)
+            failure = job.error or {}
+            print(f"diffq: job {job.id} {job.status}" + (f": {failure.get('code')}: {failure.get('message')}"
+                                                         if failure else ""), file=sys.stderr)
             return EXIT_FAILED
         paths = _outputs(args.output, len(job.image_urls))
         for path, url in zip(paths, job.image_urls, strict=True):

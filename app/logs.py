@@ -10,7 +10,8 @@ unless stderr is a terminal). A JSON line::
 ``job_id`` comes, in this order, from ``extra={"job_id": ...}`` on the call, from a job id (32 hex
 digits) written in the message itself (``job <id>``, ``/v1/jobs/<id>``, RQ's ``(<id>)``), so lines of
 code that knows nothing of this module carry it, or from ``job_context`` (a contextvar: everything
-logged inside ``with job_context(job_id):``, also in threads started by ``run_in_threadpool``). Other ``extra`` fields are written as they are; an exception as
+logged inside ``with job_context(job_id):``, also in threads started by ``run_in_threadpool``). Other ``extra`` fields
+are written as they are; an exception as
 ``exception`` (its traceback text). uvicorn's access lines also get ``method``, ``path`` and ``status``.
 """
 

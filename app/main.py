@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-import logging
 from functools import partial
+from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis import exceptions as redis_errors
-from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.decode_gate import DecodeGate
+from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.headers import SecurityHeaders
 from app.api.limits import BodySizeLimit
-from app.api.redis_clients import open_api_redis
-from app.api.slow_clients import BodyDeadline
-from app.api.waits import WaitCount
-from app.api.openapi import build_openapi
 from app.api.metrics import DiffqCollector
+from app.api.openapi import build_openapi
+from app.api.redis_clients import open_api_redis
 from app.api.routes import (
     batches,
     health,
@@ -37,6 +36,8 @@ from app.api.routes import (
     sdapi_session,
     verify,
 )
+from app.api.slow_clients import BodyDeadline
+from app.api.waits import WaitCount
 from app.auth.quotas import RateLimiter
 from app.contract import memory
 from app.deps import get_caller
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     # Everything under /v1 needs an API key (unless DIFFQ_AUTH=off): get_caller checks it and its rate.
-    keyed = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
+    keyed: dict[str, Any] = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
     for module in (jobs, images, models, verify, loras):
         app.include_router(module.router, **keyed)
     app.include_router(batches.router, **keyed)  # many jobs in one request (app.core.batches)
@@ -106,7 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(playground.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC, check_dir=False), name="static")
-    app.state.metrics_registry = metrics.metrics_registry(DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl))
+    collector = DiffqCollector(lambda: app.state.redis, settings.heartbeat_ttl)
+    app.state.metrics_registry = metrics.metrics_registry(collector)
     app.add_middleware(JobContextMiddleware)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyDeadline, timeout=settings.http_body_timeout)  # outermost: the first to receive

@@ -1,7 +1,7 @@
 """The one settings object of diffq, shared by the API, the worker and the CLI.
 
 Every field is read from an environment variable with the ``DIFFQ_`` prefix
-(``DIFFQ_REDIS_URL``, ``DIFFQ_MAX_STEPS``, ...). The README lists them all;
+(``DIFFQ_REDIS_URL``, ``DIFFQ_MAX_STEPS``, ...). docs/settings.md lists them all;
 keep that table in step with this class.
 """
 
@@ -29,7 +29,7 @@ def default_model_path() -> Path:
 
 
 class Settings(BaseSettings):
-    """Deployment settings; see the README's settings table for each one."""
+    """Deployment settings; see the settings table in docs/settings.md for each one."""
 
     model_config = SettingsConfigDict(env_prefix="DIFFQ_", extra="ignore")
 
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads torch may use in a worker; 0 keeps torch's default (all cores)."
     )
 
-    # The GPU fast path (README, "GPU fast path").
+    # The GPU fast path (docs/performance.md, "GPU fast path").
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Worker speed-ups: SDPA attention and channels_last in UNet and VAE, VAE tiling/slicing above "
@@ -287,7 +287,7 @@ class Settings(BaseSettings):
     )
     preview_interval: float = Field(0.5, ge=0, description="Least seconds between two previews of one job.")
 
-    # Marking outputs as generated (README, "Every image says it was generated").
+    # Marking outputs as generated (docs/provenance.md).
     ai_label: bool = Field(
         True,
         description="Write the IPTC digital source type (trainedAlgorithmicMedia; composite… for edits) as XMP into "

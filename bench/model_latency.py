@@ -1,6 +1,6 @@
 """Per-image latency of the default model on this machine: `python bench/model_latency.py`.
 
-Runs the engine in-process (no service) at the README's settings (DPM-Solver++ 2M, 20 steps,
+Runs the engine in-process (no service) at docs/model.md's settings (DPM-Solver++ 2M, 20 steps,
 guidance 5, 64×64) for batch 1 and batch 8 (or `--batches 1 4 8`) side by side, interleaved over
 several rounds so all see the same machine load, and prints seconds per image and their ratios.
 """

@@ -2,7 +2,7 @@
 # The worker image: a CUDA build of torch (pinned, like the Makefile's TORCH), diffq with the
 # [worker] extra, and the bundled shapes model (package data of `model`), so a worker serves
 # something out of the box. Real checkpoints are mounted at /models and chosen with
-# DIFFQ_MODEL_PATH (see docker-compose.yml and the README's "Containers" section).
+# DIFFQ_MODEL_PATH (see docker-compose.yml and docs/deployment.md's "Containers" section).
 #
 #   docker build -f docker/worker.Dockerfile -t diffq-worker .                      # CUDA 13.0
 #   docker build -f docker/worker.Dockerfile -t diffq-worker:cu126 \

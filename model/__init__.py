@@ -4,8 +4,9 @@ Beside the engine: `model.adapters` (LoRA adapters per request, through diffuser
 `model.single_file` (single-file `.safetensors` checkpoints, through `from_single_file`).
 
 Importing `model` (or `model.schedulers`, `model.engine`) does not import torch
-or diffusers: the API process uses the names and types without the model
-stack, and a worker pays for torch only when it loads a model. The engine's
+or diffusers: the worker's modules use the names and types without the model
+stack, and a worker pays for torch only when it loads a model. The API process
+does not import `model` at all (see `app`). The engine's
 names are importable from here too, lazily:
 
     from model import Engine, GenerationRequest

@@ -91,8 +91,8 @@ from .adapters import Adapters, LoraSpec
 from .editing import Mode, Padding, binary_mask, outpaint_canvas, paste_back
 from .preview import DenoisedTap, LatentProjector, decode_latents, encode_latents
 from .prompt_check import prompt_warnings
-from .single_file import config_folder, is_single_file, load_single_file, sidecar
 from .schedulers import SCHEDULERS, build_scheduler, is_compatible, name_for_scheduler
+from .single_file import config_folder, is_single_file, load_single_file, sidecar
 
 if TYPE_CHECKING:
     import torch
@@ -535,8 +535,9 @@ class Engine:
     ) -> list[GenerationResult]:
         """Generate the images of `requests`; results come back in request order.
 
-        All requests are validated before anything runs. Requests that share
-        (width, height, steps, scheduler, guidance_scale) run as one batched
+        All requests are validated before anything runs. Requests that share a
+        batch key (width, height, steps, scheduler, guidance_scale, mode,
+        strength, LoRA adapters; see `_batch_groups`) run as one batched
         pipeline call; other groups run one after the other.
 
         on_step(step, total, latents_by_request, denoised_by_request) is
@@ -555,7 +556,7 @@ class Engine:
         results: list[GenerationResult | None] = [None] * len(resolved)
         with self._lock:
             for indices in self._batch_groups(resolved):
-                for index, result in zip(indices, self._run_batch(resolved, indices, on_step)):
+                for index, result in zip(indices, self._run_batch(resolved, indices, on_step), strict=True):
                     results[index] = result
         return results  # type: ignore[return-value]  # every index belongs to one group
 
@@ -581,6 +582,7 @@ class Engine:
         # 1. Expand requests into images: one prompt, negative prompt,
         #    generator (and input) per image, so image k of a request sees seed + k only.
         first = requests[indices[0]]
+        assert first.steps is not None and first.scheduler is not None  # validate() resolved them
         mode = Mode(first.mode)
         prompts: list[str] = []
         negative_prompts: list[str] = []
@@ -634,7 +636,8 @@ class Engine:
                 self.adapters.applied(pipe, first.loras):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
-            images = [paste_back(image, original, mask) for image, (original, mask) in zip(images, inputs)]
+            images = [paste_back(image, original, mask)  # type: ignore[arg-type]  # masked: every input has one
+                      for image, (original, mask) in zip(images, inputs, strict=False)]
 
         # 3. Split the images back per request.
         results = []
@@ -696,6 +699,7 @@ class Engine:
         if not limit or not (hasattr(vae, "use_tiling") and hasattr(vae, "use_slicing")):
             yield
             return
+        assert request.width is not None and request.height is not None  # validate() resolved them
         pixels = request.width * request.height
         saved = vae.use_tiling, vae.use_slicing
         vae.use_tiling, vae.use_slicing = pixels > limit, pixels * images > limit
@@ -763,7 +767,8 @@ class Engine:
         """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
         self._projector.prepare()
 
-    def preview_images(self, latents: torch.Tensor, size: tuple[int, int], decoder: str = "latent") -> list[Image.Image]:
+    def preview_images(self, latents: torch.Tensor, size: tuple[int, int],
+                       decoder: str = "latent") -> list[Image.Image]:
         """Pictures of latents (or of x̂0) during a run: "latent" is a fitted linear projection
         (cheap, blurry, at most 256 px), "vae" the full decode at the output size."""
         if decoder == "vae":
@@ -805,13 +810,16 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def _edit_input(request: GenerationRequest, mode: Mode) -> tuple[Image.Image, Image.Image | None]:
-    """The image (and mask) an editing pipeline starts from; (None, None) for text-to-image."""
-    if mode is Mode.IMG2IMG:
-        return request.image.convert("RGB"), None
-    if mode is Mode.INPAINT:
-        return request.image.convert("RGB"), binary_mask(request.mask)
-    if mode is Mode.OUTPAINT:
-        return outpaint_canvas(request.image, request.outpaint)
+    """The image (and mask) an editing pipeline starts from; (None, None) for text-to-image.
+    ``validate`` has checked that the mode's inputs are there."""
+    image, mask, outpaint = request.image, request.mask, request.outpaint
+    if mode is Mode.IMG2IMG and image is not None:
+        return image.convert("RGB"), None
+    if mode is Mode.INPAINT and image is not None and mask is not None:
+        return image.convert("RGB"), binary_mask(mask)
+    if mode is Mode.OUTPAINT and image is not None and outpaint is not None:
+        return outpaint_canvas(image, outpaint)
+    assert mode is Mode.TXT2IMG, f"{mode.value} without its inputs"
     return None, None  # type: ignore[return-value]  # text-to-image has no input
 
 
@@ -874,7 +882,8 @@ class _KnownRegion:
     noise: torch.Tensor  # one fixed noise per image, from its own seed
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image]], seeds: Sequence[int]):
+    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image | None]],
+               seeds: Sequence[int]):
         import numpy as np
         import torch
         import torch.nn.functional as F

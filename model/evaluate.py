@@ -26,6 +26,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,7 +56,7 @@ def score(image: Image.Image, scene: shapes_data.Scene, found: shapes_data.Analy
             checks["position"] = got["position"] == shape.position
     else:
         checks["both_colours"] = any(
-            all(g["colour"] == s.colour for s, g in zip(placed.shapes, analysis.shapes))
+            all(g["colour"] == s.colour for s, g in zip(placed.shapes, analysis.shapes, strict=False))
             for placed, analysis in arrangements(image, scene, found)
         )
     return checks
@@ -70,7 +71,8 @@ def arrangements(image: Image.Image, scene: shapes_data.Scene, found: shapes_dat
     if "position" not in scene.mentions:
         for pair in shapes_data.PAIRS:
             placed = dataclasses.replace(scene, shapes=tuple(
-                dataclasses.replace(shape, position=position) for shape, position in zip(scene.shapes, pair)))
+                dataclasses.replace(shape, position=position)
+                for shape, position in zip(scene.shapes, pair, strict=True)))
             if placed != scene:
                 yield placed, shapes_data.analyse(image, placed)
 
@@ -88,7 +90,7 @@ def generate(model: Path, prompts: list[str], seeds: list[int], args) -> list[Im
         requests = [
             GenerationRequest(prompt=p, seed=s, steps=args.steps, guidance_scale=args.guidance,
                               scheduler=args.scheduler, loras=loras)
-            for p, s in zip(prompts[start : start + args.batch], seeds[start : start + args.batch])
+            for p, s in zip(prompts[start : start + args.batch], seeds[start : start + args.batch], strict=True)
         ]
         with torch.inference_mode():
             images += [r.images[0] for r in engine.generate(requests)]
@@ -111,12 +113,12 @@ def reconstruct(model: Path, truths: list[Image.Image], device: str) -> list[Ima
 
 
 def grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> None:
-    """Images with their prompts underneath, for the README."""
+    """Images with their prompts underneath, for docs/model.md."""
     cell_w, cell_h, scale = 200, 236, 3
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * cell_w, (i // columns) * cell_h
         sheet.paste(image.resize((64 * scale, 64 * scale), Image.Resampling.NEAREST), (x + 4, y + 4))
         words, lines, line = caption.split(), [], ""
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_kind: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     # one-shape prompts: (kind asked, size asked) -> kinds the scorer found
     shapes_found: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    for image, scene in zip(images, scenes):
+    for image, scene in zip(images, scenes, strict=True):
         found = shapes_data.analyse(image, scene)
         for check, ok in score(image, scene, found).items():
             by_kind[prompt_kind(scene)][check].append(ok)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
           f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)")
     print(f"{'prompt kind':<18}{'n':>5}" + "".join(f"{c:>14}" for c in checks))
-    report: dict[str, dict] = {}
+    report: dict[str, Any] = {}  # per kind: {check: rate}; "stripes": a rate
     for kind in sorted(by_kind, key=lambda k: (k == "all", k)):
         results = by_kind[kind]
         n = sum(1 for s in scenes if kind == "all" or prompt_kind(s) == kind)

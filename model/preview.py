@@ -110,7 +110,7 @@ class LatentProjector:
         images = colours.expand(48, 3, 64, 64).clone()
         images[24:, :, :, 32:] = torch.rand(24, 3, 1, 1, generator=generator) * 2 - 1  # two-colour splits
         latents = encode_latents(self._pipe, images)
-        target = F.adaptive_avg_pool2d(images, latents.shape[-2:])
+        target = F.adaptive_avg_pool2d(images, (latents.shape[-2], latents.shape[-1]))
         x = latents.float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
         y = target.permute(0, 2, 3, 1).reshape(-1, 3)

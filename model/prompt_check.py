@@ -90,7 +90,7 @@ def _words(tokenizer: Any, text: str) -> list[_Word]:
     if getattr(tokenizer, "is_fast", False):
         encoding = tokenizer(text, add_special_tokens=False, verbose=False)
         ids_by_word: dict[int, list[int]] = {}
-        for token_id, word_index in zip(encoding["input_ids"], encoding.word_ids()):
+        for token_id, word_index in zip(encoding["input_ids"], encoding.word_ids(), strict=True):
             if word_index is not None:
                 ids_by_word.setdefault(word_index, []).append(token_id)
         spans = {index: encoding.word_to_chars(index) for index in ids_by_word}
@@ -99,7 +99,7 @@ def _words(tokenizer: Any, text: str) -> list[_Word]:
     if not matches:
         return []
     encoded = tokenizer([match.group() for match in matches], add_special_tokens=False, verbose=False)["input_ids"]
-    return [_Word(match.group(), match.start(), ids) for match, ids in zip(matches, encoded)]
+    return [_Word(match.group(), match.start(), ids) for match, ids in zip(matches, encoded, strict=True)]
 
 
 def _unknown_token_ids(tokenizer: Any) -> set[int]:
@@ -113,6 +113,6 @@ def _unknown_token_ids(tokenizer: Any) -> set[int]:
     ids: set[int | None] = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     backend_unk = getattr(getattr(backend, "model", None), "unk_token", None)
-    if backend_unk is not None:
+    if backend is not None and backend_unk is not None:
         ids.add(backend.token_to_id(backend_unk))
     return {token_id for token_id in ids if token_id is not None}

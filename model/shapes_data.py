@@ -163,7 +163,8 @@ def stripe_shade(colour: str) -> tuple[int, int, int]:
         shade = base * (1 - alpha / 2) + target * (alpha / 2)
         if (move := float(np.abs(shade - base).sum())) > best_move:
             best, best_move = shade, move
-    return tuple(int(round(v)) for v in best)
+    red, green, blue = (int(round(v)) for v in best)
+    return red, green, blue
 
 
 def draw_stripes(draw: ImageDraw.ImageDraw, colour: str, scale: int) -> None:
@@ -299,7 +300,7 @@ def analyse(image: Image.Image, scene: Scene) -> Analysis:
                 region[IMAGE_SIZE // 2 :, :] = True
             regions.append(foreground & region)
 
-    found = []
+    found: list[dict[str, str | None]] = []
     for region in regions:
         if region.sum() < 6:
             found.append({"colour": None, "kind": None, "position": None})

@@ -41,7 +41,7 @@ def sidecar(path: Path) -> dict[str, Any]:
     return raw
 
 
-def config_folder(path: Path, default: Path | None) -> Path:
+def config_folder(path: Path, default: str | Path | None) -> Path:
     """The diffusers folder whose configs `path` uses (see the module's order)."""
     named = sidecar(path).get("config")
     folder = (path.parent / named) if isinstance(named, str) else default

@@ -114,6 +114,7 @@ def train_vae(args: argparse.Namespace) -> None:
     autoencoder_loop(vae, list(vae.parameters()), ckpt, 0, args, device)
     scale = measure_latent_scale(vae, device)
     state = ckpt.load()
+    assert state is not None, "autoencoder_loop saved a checkpoint"
     state.update(scale)
     ckpt.save(state)
     print(f"vae done: latent mean {scale['latent_mean']:.3f}, std {scale['latent_std']:.3f}")
@@ -391,7 +392,9 @@ def train_lora(args: argparse.Namespace) -> None:
                        "device": str(device), "argv": sys.argv[1:],
                        "seconds": previous_seconds + time.time() - started})
     bar.close()
-    save_lora(unet, args, ckpt.load())
+    state = ckpt.load()
+    assert state is not None, "the loop saved a checkpoint at its last step"
+    save_lora(unet, args, state)
 
 
 def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
@@ -479,7 +482,8 @@ def export(args: argparse.Namespace) -> None:
         "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
         # A decoder fine-tuned in a later sitting started from the shipped one, with its own step count.
         "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
-        "decoder_seconds": previous.get("decoder_seconds", 0.0) + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
+        "decoder_seconds": previous.get("decoder_seconds", 0.0)
+        + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
         "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
         **({"loras": previous["loras"]} if "loras" in previous else {}),  # adapters trained on this model
         "history": previous.get("history", []) + [{
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the UNet stage from an exported folder (a new sitting)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors)")
+                        help="export: the model folder (model/shapes); "
+                             "lora: the adapter file (model/loras/<style>.safetensors)")
     parser.add_argument("--style", default="stripes", choices=[s for s in shapes_data.STYLES if s != "plain"],
                         help="lora: the style the adapter learns")
     parser.add_argument("--rank", type=int, default=4, help="lora: rank of the low-rank matrices")

@@ -30,7 +30,7 @@ API_DOCKERFILE = REPO / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = REPO / "docker" / "worker.Dockerfile"
 DIFFQ_SERVICES = ("api", "worker", "webhooks")
 PASSWORD = "test-password-0123456789abcdef"
-"""REDIS_PASSWORD for the tests (URL-safe, as the README asks of a real one)."""
+"""REDIS_PASSWORD for the tests (URL-safe, as docs/deployment.md asks of a real one)."""
 
 
 def _tool(name: str) -> str:

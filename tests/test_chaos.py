@@ -1,6 +1,6 @@
 """Chaos, with real processes: a worker SIGKILLed mid-job, Redis killed and restarted (AOF),
 and a worker stopped by SIGTERM mid-job. Each prints its figures (pytest -s, or in CI's log
-through `report`), which the README's reliability section quotes.
+through `report`), which docs/reliability.md quotes.
 """
 
 from __future__ import annotations

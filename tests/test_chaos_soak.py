@@ -12,8 +12,8 @@ random moments; then the chaos stops and everything is counted from Redis and th
 
 Redis runs with ``appendfsync always``, so what a kill takes away is what diffq failed to write,
 not the last second the AOF had not yet synced (``everysec`` trades that second for speed; the
-README says so). The figures are printed (``capsys.disabled()``, so CI logs show them) and the
-README's reliability section quotes them. Bounded: about three minutes on two cores.
+deployment docs say so). The figures are printed (``capsys.disabled()``, so CI logs show them) and
+docs/reliability.md quotes them. Bounded: about three minutes on two cores.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Redis high availability, with real processes: a Sentinel failover loses no acknowledged job,
 a full Redis answers 503 redis_full and leaves nothing half-written, and an evicting Redis is
-refused at start. The failover test prints its figures (the README and docs/high-availability.md
-quote them)."""
+refused at start. The failover test prints its figures (docs/high-availability.md
+quotes them)."""
 
 from __future__ import annotations
 

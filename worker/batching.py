@@ -2,8 +2,8 @@
 
 After RQ hands the worker a job (the *lead*), the runner asks ``Company.take`` for up to
 ``batch_max - 1`` more jobs from the same model queue whose requests share the engine's batch
-key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models also whether
-the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
+key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models also
+whether the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
 ``batch_wait_ms`` for them to arrive. Each one taken is
 
 - taken off RQ's queue list and claimed in diffq in one atomic step

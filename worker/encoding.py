@@ -5,7 +5,8 @@ the file extension for URLs. The generation parameters (``worker.png.png_text``)
 embedded where each format keeps them: PNG text chunks; in JPEG and WebP an EXIF
 ``UserComment`` (JSON of all parameters, ``Software``) and an XMP packet with one
 ``diffq:<name>`` property per parameter, beside the IPTC digital source type (``label``;
-``app.provenance.labels``). The C2PA signature goes on top of these bytes (``worker.marking``). Same pixels and parameters give the same bytes.
+``app.provenance.labels``). The C2PA signature goes on top of these bytes (``worker.marking``). Same pixels and
+parameters give the same bytes.
 """
 
 from __future__ import annotations

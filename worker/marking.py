@@ -2,8 +2,8 @@
 
 The order is the point: the watermark changes pixels, so it comes before encoding; the image is
 then encoded in the job's format (``worker.encoding``) with the generation parameters (unless
-the request opted out) and the IPTC "generated" label (XMP, always); the C2PA signature comes last, over the final bytes, because its hard
-binding covers every byte outside the manifest and any later write would break it.
+the request opted out) and the IPTC "generated" label (XMP, always); the C2PA signature comes last, over the final
+bytes, because its hard binding covers every byte outside the manifest and any later write would break it.
 
 Built once per worker process (``Marker.from_settings``): a signing certificate or key that
 cannot sign, or a watermark payload without its library, stops the worker at start with a

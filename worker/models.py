@@ -53,9 +53,9 @@ def model_sources(settings: Settings) -> dict[str, Path]:
     if settings.models_dir is not None:
         if not settings.models_dir.is_dir():
             raise ModelConfigError(f"DIFFQ_MODELS_DIR: {settings.models_dir} is not a folder")
-        for path in sorted(settings.models_dir.iterdir()):
-            if (path / "model_index.json").is_file() or (path.suffix == ".safetensors" and path.is_file()):
-                _add(sources, path.stem if path.is_file() else path.name, path)
+        for found in sorted(settings.models_dir.iterdir()):
+            if (found / "model_index.json").is_file() or (found.suffix == ".safetensors" and found.is_file()):
+                _add(sources, found.stem if found.is_file() else found.name, found)
     return sources  # a path that is no model fails in Engine.load, which says why
 
 
@@ -141,7 +141,8 @@ class ModelCache:
                     log.info("model %r dropped from CPU RAM", dropped)
             else:
                 log.info("model %r evicted", name)
-            engine, evicted = None, True
+            del engine  # the reference, so that gc.collect() below can free its tensors
+            evicted = True
         if evicted:  # a dropped pipeline's tensors may sit in reference cycles: free them now
             import gc
 

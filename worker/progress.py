@@ -147,6 +147,7 @@ class ProgressReporter:
     def _store_preview(self, step: int, total: int, denoised_by_request: Any) -> None:
         import hashlib
 
+        assert self.engine is not None  # previews are due only with an engine
         denoised = next(iter(denoised_by_request.values()))[:1]  # image 0 of the job
         [image] = self.engine.preview_images(denoised, self.previews.size, self.previews.decoder)
         buffer = io.BytesIO()

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from PIL import Image
 
@@ -47,7 +48,8 @@ def with_retries(write: Callable[[], object], retry_seconds: float, what: str) -
             return
         except StorageUnavailableError as error:
             if time.monotonic() + wait > deadline:
-                raise StorageUnavailableError(f"{what}: still unreachable after {retry_seconds:g} s: {error}") from error
+                raise StorageUnavailableError(
+                    f"{what}: still unreachable after {retry_seconds:g} s: {error}") from error
             log.warning("result store unreachable writing %s (%s); retrying in %.1f s", what, error, wait)
             time.sleep(wait)
             wait = min(wait * 2, LONGEST_WAIT)
@@ -65,13 +67,13 @@ def store_run(store: ResultStore, record: JobRecord, token: str, images: list[tu
         for index, (image, seed) in enumerate(images):
             encoded = encode(image, seed)
             key = objects.image(record.id, token, index, encoded.extension)
-            with_retries(lambda: store.put(key, encoded.data, encoded.content_type, ttl), retry_seconds, key)
+            with_retries(partial(store.put, key, encoded.data, encoded.content_type, ttl), retry_seconds, key)
             written.append(key)
             journey_key = None
             if index < len(journeys):
                 journey_key = objects.journey(record.id, token, index)
                 animation = encode_journey_frames(journeys[index])
-                with_retries(lambda: store.put(journey_key, animation, "image/webp", ttl), retry_seconds, journey_key)
+                with_retries(partial(store.put, journey_key, animation, "image/webp", ttl), retry_seconds, journey_key)
                 written.append(journey_key)
             records.append(ImageRecord(
                 index=index, seed=seed, width=image.width, height=image.height,

@@ -52,7 +52,7 @@ class DiffqWorker(SimpleWorker):
     _task_error: type[BaseException] | None = None  # what the task of that job raised, if it did
     chooser: QueueChooser | None = None
 
-    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):  # type: ignore[no-untyped-def]
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         if self.chooser is None:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         by_model = {queue.name.removeprefix(QUEUE_PREFIX): queue for queue in self.queues}
@@ -60,14 +60,15 @@ class DiffqWorker(SimpleWorker):
             for queue in by_model.values():
                 pipe.llen(queue.key)
             waiting = dict(zip(by_model, (bool(n) for n in pipe.execute()), strict=True))
-        loaded = context.current().models.loaded if context.current().models is not None else []
+        models = context.current().models
+        loaded = models.loaded if models is not None else []
         self._ordered_queues = [by_model[name] for name in self.chooser.order(loaded, waiting)]
         result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         if result is not None:
             self.chooser.took(result[1].name.removeprefix(QUEUE_PREFIX))
         return result
 
-    def request_stop(self, signum, frame) -> None:  # type: ignore[no-untyped-def]
+    def request_stop(self, signum, frame) -> None:
         """SIGTERM/SIGINT: RQ's warm shutdown (finish the job, then exit), with a grace period:
         past ``shutdown_grace`` the running job stops at its next step and goes back to the queue."""
         current = context.current()
@@ -138,7 +139,7 @@ class DiffqWorker(SimpleWorker):
             log.warning("job %s: its run ended by an error; %s", job_id, "failed" if failed else "queued again")
         mark_requeued(queue, job_id)
 
-    def handle_exception(self, job: Job, *exc_info) -> None:  # type: ignore[no-untyped-def]
+    def handle_exception(self, job: Job, *exc_info) -> None:
         self._task_error = exc_info[0] if exc_info else None
         super().handle_exception(job, *exc_info)
 

@@ -19,14 +19,15 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import redis.exceptions
 from PIL import Image
 from rq.timeouts import JobTimeoutException
 
-from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract import keys, metrics, replication
+from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract.store import StoredImage, WriteResult
 from app.contract.tasks import model_queue
 from app.storage.base import StorageUnavailableError
@@ -36,7 +37,6 @@ from model.engine import GenerationRequest, GenerationResult, InvalidRequestErro
 from worker import faults
 from worker.context import WorkerContext
 from worker.marking import Marked, SigningFailedError
-from worker.results import discard, read_input, store_run
 from worker.progress import (
     JobCanceledError,
     JobHandBackError,
@@ -44,6 +44,7 @@ from worker.progress import (
     ProgressReporter,
     report_step,
 )
+from worker.results import discard, read_input, store_run
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class JobRunner:
                 log.warning("job %s: Redis failed mid-run (%s); handing its job(s) back", job_id, error)
                 for job in jobs or [_Job(record=record, token=token, request=None)]:  # type: ignore[arg-type]
                     # Guarded by the attempt token: one that ended or was taken over is left as it is.
-                    self._while_redis_recovers(lambda job=job: self._hand_back(job, "redis_error"))
+                    self._while_redis_recovers(partial(self._hand_back, job, "redis_error"))
                 raise
             except Exception as error:
                 # A bug, or the job timeout striking outside generation: no job may stay `running`,
@@ -191,6 +192,7 @@ class JobRunner:
         return jobs
 
     def _reporter(self, job: _Job) -> ProgressReporter:
+        assert job.request.width is not None and job.request.height is not None  # validated: sizes resolved
         previews = PreviewSettings(
             decoder=self.settings.preview_decoder,
             interval=self.settings.preview_interval,
@@ -231,7 +233,8 @@ class JobRunner:
             for job in jobs:
                 if job.live:
                     job.live = False
-                    self._fail(job.record, job.token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s")
+                    self._fail(job.record, job.token, ErrorCode.TIMEOUT,
+                               f"ran longer than {self.settings.job_timeout} s")
             return
         except Exception as error:  # a model failure ends these jobs, never the worker
             live = [job for job in jobs if job.live]
@@ -295,7 +298,9 @@ class JobRunner:
             indices = latents_by_request.keys() if latents_by_request else range(len(jobs))
             running = [index for index in indices if jobs[index].live]
             if running:
-                runs = [(jobs[index].reporter, {index: denoised_by_request[index]} if denoised_by_request else None)
+                # a live job has its reporter (set when its run started)
+                runs = [(cast(ProgressReporter, jobs[index].reporter),
+                         {index: denoised_by_request[index]} if denoised_by_request else None)
                         for index in running]
                 for index, stop in zip(running, report_step(runs, step, total), strict=True):
                     job = jobs[index]
@@ -338,7 +343,8 @@ class JobRunner:
         restarts. The record, and with it its objects, then lives the job's retention."""
         assert values["status"] == event
         retention = self._retention(record)
-        extra = {"expires_at": (utcnow() + timedelta(seconds=retention)).isoformat(), **self._image_urls(record, values)}
+        expires_at = (utcnow() + timedelta(seconds=retention)).isoformat()
+        extra = {"expires_at": expires_at, **self._image_urls(record, values)}
 
         def finish() -> WriteResult:
             faults.at("store")
@@ -445,7 +451,8 @@ class JobRunner:
             "status": "succeeded",
             "finished_at": utcnow().isoformat(),
             "seeds": list(result.seeds),
-            "warnings": [*record.warnings, *result.warnings, *warnings],  # the API's (inputs), the model's, the marks' (watermark)
+            # the API's (inputs), the model's, the marks' (watermark)
+            "warnings": [*record.warnings, *result.warnings, *warnings],
             "parameters": _jsonable(result.parameters),
             "images": [image.model_dump(mode="json") for image in stored.images],
             "journeys": len(result.journeys),

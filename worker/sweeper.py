@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 
 import redis.exceptions
 from redis import Redis
+
 from app.contract import keys, metrics
 from app.contract.records import ErrorCode
 from app.contract.registry import Registry

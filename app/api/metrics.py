@@ -21,14 +21,15 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.contract import memory, metrics
-from app.core import backpressure
 from app.contract.registry import Registry, served_by
 from app.contract.tasks import QUEUE_PREFIX
+from app.core import backpressure
 
 log = logging.getLogger(__name__)
 
 HISTOGRAM_NAMES = {
-    "queue_wait": ("diffq_job_queue_wait_seconds", "Seconds from a job's creation to the start of the run that ended it."),
+    "queue_wait": (
+        "diffq_job_queue_wait_seconds", "Seconds from a job's creation to the start of the run that ended it."),
     "run": ("diffq_job_run_seconds", "Seconds from the start of a job's run to its end."),
 }
 
@@ -80,9 +81,9 @@ class DiffqCollector(Collector):
             serving = [w for w in workers if model in served_by(w)]
             live.add_metric([model], len(serving))
             busy.add_metric([model], sum(1 for w in serving if w.current_job is not None))
-            figure = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))
-            runs.add_metric([model], figure.running)
-            load.add_metric([model], figure.per_worker)
+            model_load = backpressure.ModelLoad(depths.get(model, 0), running.get(model, 0), len(serving))
+            runs.add_metric([model], model_load.running)
+            load.add_metric([model], model_load.per_worker)
         yield from (depth, live, busy, runs, load)
 
         gpu = GaugeMetricFamily("diffq_worker_gpu_memory_bytes",

@@ -60,7 +60,8 @@ async def until_ended(request: Request, jobs: JobService, view: JobView, timeout
             except DiffqError:
                 pass  # it ended meanwhile, or was deleted
             return None
-        reply = await blocking.xread({keys.events(job_id): last}, block=max(1, int(min(remaining, POLL_SECONDS) * 1000)))
+        block_ms = max(1, int(min(remaining, POLL_SECONDS) * 1000))
+        reply = await blocking.xread({keys.events(job_id): last}, block=block_ms)
         ended = False
         if reply:
             parsed = events.parse(reply[0][1])

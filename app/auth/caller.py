@@ -31,15 +31,15 @@ class Caller:
 
     @property
     def max_queued_jobs(self) -> int:
-        return _or(self.key and self.key.max_queued_jobs, self.settings.max_queued_jobs)
+        return _or(self.key.max_queued_jobs if self.key else None, self.settings.max_queued_jobs)
 
     @property
     def max_job_cost(self) -> int:
-        return _or(self.key and self.key.max_job_cost, self.settings.max_job_cost)
+        return _or(self.key.max_job_cost if self.key else None, self.settings.max_job_cost)
 
     @property
     def max_event_streams(self) -> int:
-        return _or(self.key and self.key.max_event_streams, self.settings.max_event_streams)
+        return _or(self.key.max_event_streams if self.key else None, self.settings.max_event_streams)
 
     @property
     def max_waits(self) -> int:

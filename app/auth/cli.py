@@ -10,9 +10,9 @@ import argparse
 import json
 import sys
 
-from app.contract import connection
 from app.auth.apikeys import PRIORITIES, ApiKey, KeyLimits, KeyStore
 from app.auth.quotas import parse_rate
+from app.contract import connection
 from app.settings import Settings
 
 
@@ -24,7 +24,8 @@ def add_commands(commands: argparse._SubParsersAction, run: object) -> None:
     create = actions.add_parser("create", help="make a key and print it (once)")
     create.add_argument("--name", required=True, help="who the key is for, e.g. shop-a")
     create.add_argument("--rate", help='requests per period, e.g. "50/second" (default: DIFFQ_RATE_LIMIT)')
-    create.add_argument("--max-queued", type=int, help="jobs it may have queued at once (default: DIFFQ_MAX_QUEUED_JOBS)")
+    create.add_argument("--max-queued", type=int,
+                        help="jobs it may have queued at once (default: DIFFQ_MAX_QUEUED_JOBS)")
     create.add_argument("--max-cost", type=int,
                         help="most width × height × steps × images per job (default: DIFFQ_MAX_JOB_COST)")
     create.add_argument("--max-streams", type=int,
@@ -89,7 +90,8 @@ def _list(args: argparse.Namespace, store: KeyStore) -> int:
     for key in found:
         state = "active" if key.active else "revoked"
         limits = ", ".join(f"{name}={value}" for name, value in _limits(key).items()) or "defaults"
-        print(f"{key.id:<12}  {key.name:<20}  {key.created_at:%Y-%m-%d %H:%M:%S}   {state:<8}  {key.priority:<8}  {limits}")
+        created = f"{key.created_at:%Y-%m-%d %H:%M:%S}"
+        print(f"{key.id:<12}  {key.name:<20}  {created}   {state:<8}  {key.priority:<8}  {limits}")
     return 0
 
 
@@ -100,7 +102,8 @@ def _revoke(args: argparse.Namespace, store: KeyStore) -> int:
         return 1
     if len(matches) > 1:
         ids = ", ".join(key.id for key in matches)
-        print(f"diffq keys revoke: {len(matches)} keys are named {args.key!r} ({ids}); revoke one by id", file=sys.stderr)
+        print(f"diffq keys revoke: {len(matches)} keys are named {args.key!r} ({ids}); revoke one by id",
+              file=sys.stderr)
         return 1
     key = store.revoke(matches[0].id)
     assert key is not None

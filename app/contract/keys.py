@@ -14,8 +14,8 @@ diffq:job:<id>                  hash    both      ``job_ttl`` from creation, ren
                                                   recreate a deleted record.
 diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based), of jobs
                                                   stored before the result store (now ``object``).
-diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation (older jobs; now ``object``). Input PNG of an editing
-                                                  job: ``image`` (RGB) and, for inpainting,
+diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation (older jobs; now ``object``). Input PNG of
+                                                  an editing job: ``image`` (RGB) and, for inpainting,
                                                   ``mask`` (greyscale, white = repaint).
 diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record; 5 minutes once
                                                   the job succeeds or fails on a worker. The job's
@@ -24,8 +24,8 @@ diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the r
 diffq:job:<id>:preview          string  worker    ``result_ttl``; 5 minutes once the job ends
                                                   (``worker.runner.PREVIEW_AFTER_END``). PNG of the
                                                   latest preview.
-diffq:job:<id>:journey:<n>      string  worker    ``result_ttl`` (older jobs; now ``object``). Animated WebP of image n's
-                                                  clean-image estimate over the steps.
+diffq:job:<id>:journey:<n>      string  worker    ``result_ttl`` (older jobs; now ``object``). Animated WebP of image
+                                                  n's clean-image estimate over the steps.
 diffq:object:<object key>       string  both      the job's retention. With ``DIFFQ_STORE=redis`` only: an
                                                   image, journey or input (``app.storage.objects``).
 diffq:store:sweeper             string  worker    a sweep interval. Lock: one store sweep at once.

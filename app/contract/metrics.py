@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from redis.exceptions import RedisError
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 
 from app.contract import keys
 from app.contract.records import JobMode, JobParams, JobRecord, utcnow

@@ -76,7 +76,7 @@ class Webhook(BaseModel):
         "deployment allows loopback or private ones. Redirects are not followed.",
     )
     events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["succeeded", "failed", "canceled"],
+        default_factory=lambda: list[WebhookEvent](["succeeded", "failed", "canceled"]),
         min_length=1,
         description="Events to send: any of queued, running, succeeded, failed, canceled (default: the three "
         "terminal ones).",

@@ -439,8 +439,9 @@ class JobStore:
         and its terminal event (``values["status"]``, with ``event_data``) together, or nothing at all."""
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
-        data = {"status": values["status"], **{key: values[key] for key in ("error", "seeds") if key in values},
-                "images": len(images) or len(values.get("images", [])), **(event_data or {})}
+        data: dict[str, Any] = {"status": values["status"],
+                                **{key: values[key] for key in ("error", "seeds") if key in values},
+                                "images": len(images) or len(values.get("images", [])), **(event_data or {})}
         job_key, stream, outbox = self._event_keys(job_id)
         reply = self._finish(
             keys=[job_key, keys.RUNNING, stream, outbox, *stored],

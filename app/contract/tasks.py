@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -206,7 +206,7 @@ def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
     job = queue.create_job(TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED,
                            **_rq_options(_TEMPLATE_ID, settings))
     job.origin = queue.name
-    job.enqueued_at = datetime.now(timezone.utc)
+    job.enqueued_at = datetime.now(UTC)
     return job.to_dict()
 
 

@@ -124,7 +124,8 @@ def placeholders(template: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier() or spec or conversion:
-            raise InvalidRequestError([FieldProblem("prompt_template", f"has {{{name}{'!' + conversion if conversion else ''}"
+            raise InvalidRequestError([FieldProblem(
+                "prompt_template", f"has {{{name}{'!' + conversion if conversion else ''}"
                                                     f"{':' + spec if spec else ''}}}; only plain {{column}} "
                                                     "placeholders are accepted")])
         names.append(name)

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from redis.exceptions import WatchError
 
@@ -27,7 +27,7 @@ from app.contract import keys
 from app.contract.batches import BatchRecord
 from app.contract.records import BatchRef, JobRecord, ModelRecord, Webhook, utcnow
 from app.contract.registry import ServedModel
-from app.contract.tasks import Place, drop_many, enqueue_many, model_queue
+from app.contract.tasks import FairQueue, Place, drop_many, enqueue_many, model_queue
 from app.core import backpressure
 from app.core.batch_items import BatchSpec
 from app.core.batch_results import ItemView, archive
@@ -56,7 +56,7 @@ class BatchView:
     expires_at: float | None
 
     @property
-    def status(self) -> str:
+    def status(self) -> Literal["in_progress", "completed", "canceling", "canceled"]:
         if self.record.completed_at is not None:
             return "canceled" if self.record.canceled_at is not None else "completed"
         return "canceling" if self.record.canceled_at is not None else "in_progress"
@@ -165,6 +165,7 @@ class BatchService:
                 pipe.rpush(keys.batch_items(batch.id), *ids[start:start + 5000])
             pipe.expire(keys.batch_items(batch.id), ttl)
             self.jobs.store.create_many(records, ttl, pipe)  # before enqueueing: no worker meets a missing record
+            assert isinstance(queue, FairQueue)  # model_queue with a place
             enqueue_many(queue, ids, self.settings, pipeline=pipe)
             index = keys.owner_batches(self.caller.scope)
             pipe.zadd(index, {batch.id: batch.created_at})

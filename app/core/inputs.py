@@ -133,7 +133,7 @@ def prepare_inputs(
     pngs = {"image": _png(image)}
     image_info = InputImage(source=image_source, width=image.width, height=image.height, sha256=_sha(pngs["image"]))
     mask_info = None
-    if mask is not None:
+    if mask is not None and mask_source is not None:  # set together
         pngs["mask"] = _png(mask)
         mask_info = InputImage(source=mask_source, width=mask.width, height=mask.height, sha256=_sha(pngs["mask"]))
     return PreparedInputs(mode=mode, size=size, image=image_info, mask=mask_info, pngs=pngs, warnings=warnings)
@@ -164,7 +164,8 @@ def _check_fields(body: JobCreate, files: Mapping[str, bytes], mode: JobMode, mo
     for name, modes in USED_BY.items():
         present = getattr(body, name) is not None or name in files
         if present and mode not in modes:
-            problems.append(FieldProblem(name, f"is only used by mode {', '.join(m.value for m in modes)}, not {mode.value}"))
+            used_by = ", ".join(m.value for m in modes)
+            problems.append(FieldProblem(name, f"is only used by mode {used_by}, not {mode.value}"))
         elif not present and mode in modes and name != "strength":
             problems.append(FieldProblem(name, f"is required by mode {mode.value}"))
     if body.resize and mode is JobMode.TXT2IMG:
@@ -183,6 +184,7 @@ def _raw(
         return files[name], "upload"
     if value is not None and value.startswith("job:"):
         return _referenced(name, value, store, can_see), value
+    assert value is not None, f"{name}: neither a file nor a value (only inputs the request has are read)"
     return decode_base64(value, name, limits), "upload"
 
 
@@ -200,7 +202,8 @@ def _referenced(name: str, value: str, store: ImageSource, can_see: CanSee) -> b
     gets (one message, one status), so references tell nothing of other tenants' jobs."""
     match = JOB_REFERENCE.match(value)
     if match is None:
-        raise _problem(name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0")
+        raise _problem(
+            name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0")
     job_id, index = match.group(1), int(match.group(2))
     record = store.get(job_id)
     png = store.image(job_id, index) if record is not None and can_see(record.owner) else None

@@ -16,11 +16,11 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app.auth.caller import Caller
+from app.auth.quotas import Quotas
 from app.contract import events, keys, metrics, replication
 from app.contract import status as job_status
 from app.contract.adapters import list_adapters
-from app.auth.caller import Caller
-from app.auth.quotas import Quotas
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
@@ -163,8 +163,9 @@ class JobService:
         try:
             replication.confirm(self.redis, settings.redis_wait_replicas, settings.redis_wait_timeout)
         except replication.ReplicationTimeout as error:
-            raise NotReplicatedError(f"the job is not yet safe against the loss of the Redis primary ({error}); "
-                                     "retry with the same Idempotency-Key to get this job, never a second one") from None
+            raise NotReplicatedError(
+                f"the job is not yet safe against the loss of the Redis primary ({error}); "
+                "retry with the same Idempotency-Key to get this job, never a second one") from None
 
     def store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
         """Write an editing job's input PNGs to the result store before its record exists (a
@@ -193,7 +194,7 @@ class JobService:
             pipe.lrange(keys.model_durations(record.model), 0, -1)
             found, durations = pipe.execute()
         position = found if isinstance(found, int) else 0  # None: a worker is already taking it
-        deliveries = [] if record.request.webhook is not None else None
+        deliveries: list[dict[str, Any]] | None = [] if record.request.webhook is not None else None
         lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
         expires = record.created_at + timedelta(seconds=lifetime)
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
@@ -318,7 +319,9 @@ class JobService:
         if result is CancelResult.MISSING:
             raise JobNotFoundError(job_id)
         if result is CancelResult.ENDED and status is not JobStatus.CANCELED:
-            raise JobFinishedError(f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
+            assert status is not None  # an ended job has its status
+            raise JobFinishedError(
+                f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
         if result is CancelResult.CANCELED:
             try:
                 self._rq_job(job_id).cancel()  # off the queue; RQ's own status says canceled too

@@ -67,7 +67,8 @@ def _summary(path: Path, report: dict[str, Any]) -> str:
         f"{path}: {report['format']} {report['width']}×{report['height']}",
         f"  C2PA content credentials: {credentials}",
         f"  IPTC digital source type: {iptc['digital_source_type'] or 'none'}",
-        f"  diffq parameters: {', '.join(f'{k}={parameters[k]}' for k in ('model', 'seed', 'steps') if k in parameters) or 'none'}",
+        "  diffq parameters: "
+        f"{', '.join(f'{k}={parameters[k]}' for k in ('model', 'seed', 'steps') if k in parameters) or 'none'}",
         f"  watermark: {watermark}",
     ]
     return "\n".join(lines)

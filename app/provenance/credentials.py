@@ -109,7 +109,8 @@ def manifest(generator_version: str, model: str, model_info: dict[str, str], *, 
         "softwareAgent": {"name": "diffq", "version": generator_version},
         "parameters": {"model": model, **model_info},
     }
-    actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [INGREDIENT_LABEL]}}, made] if edited else [made]
+    opened = {"action": "c2pa.opened", "parameters": {"ingredientIds": [INGREDIENT_LABEL]}}
+    actions = [opened, made] if edited else [made]
     return {
         "claim_generator_info": [{"name": "diffq", "version": generator_version}],
         "title": title,
@@ -132,7 +133,8 @@ def read(data: bytes, mime: str | None = None) -> dict[str, Any]:
         state = reader.get_validation_state()
         results = reader.get_validation_results() or {}
     failures = [item.get("code", "") for item in (results.get("activeManifest") or {}).get("failure", [])]
-    actions = [action for assertion in active.get("assertions", []) if assertion.get("label", "").startswith("c2pa.actions")
+    actions = [action for assertion in active.get("assertions", [])
+               if assertion.get("label", "").startswith("c2pa.actions")
                for action in assertion.get("data", {}).get("actions", [])]
     signature = active.get("signature_info", {})
     return {
@@ -144,7 +146,8 @@ def read(data: bytes, mime: str | None = None) -> dict[str, Any]:
         "signer": {"issuer": signature.get("issuer"), "common_name": signature.get("common_name")},
         "actions": [action.get("action") for action in actions],
         "digital_source_type": next((a.get("digitalSourceType") for a in actions if a.get("digitalSourceType")), None),
-        "generator": [f"{g.get('name')} {g.get('version', '')}".strip() for g in active.get("claim_generator_info", [])],
+        "generator": [
+            f"{g.get('name')} {g.get('version', '')}".strip() for g in active.get("claim_generator_info", [])],
         "parameters": next((a.get("parameters") for a in actions if a.get("parameters")), None),
         "ingredients": [i.get("title") for i in active.get("ingredients", [])],
     }

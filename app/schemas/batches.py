@@ -126,5 +126,6 @@ def _item_model(base: type[JobCreate]) -> type[JobCreate]:
         "BatchItem",
         __base__=base,
         __module__=__name__,
-        custom_id=(str | None, Field(None, pattern=CUSTOM_ID_PATTERN, description=f"The item's name: {CUSTOM_ID_RULE}.")),
+        custom_id=(str | None,
+                   Field(None, pattern=CUSTOM_ID_PATTERN, description=f"The item's name: {CUSTOM_ID_RULE}.")),
     )

@@ -34,7 +34,8 @@ class S3ResultStore:
         self.prefix = prefix
         config = Config(
             connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2},
-            s3={"addressing_style": addressing}, signature_version="s3v4",
+            # boto3's stubs want a literal style; botocore itself refuses an unknown one.
+            s3={"addressing_style": addressing}, signature_version="s3v4",  # type: ignore[arg-type]
         )
         self.client: Any = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
@@ -68,7 +69,8 @@ class S3ResultStore:
 
     def _listing(self, under: str) -> Iterator[ListedObject]:
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + under)
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + under)
             for page in pages:
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix):]
@@ -108,7 +110,8 @@ class S3ResultStore:
                     f"S3 refused a test write to bucket {self.bucket!r} ({code}): check {_CREDENTIALS} and the "
                     "bucket policy (DIFFQ_STORE_BUCKET)"
                 ) from error
-            raise StorageConfigError(f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}") from error
+            raise StorageConfigError(
+                f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}") from error
         except _DOWN as error:
             raise StorageConfigError(f"DIFFQ_STORE_ENDPOINT_URL: cannot reach the S3 store: {error}") from error
 

@@ -22,9 +22,9 @@ from redis import Redis
 
 from app.contract import keys
 from app.contract.records import JobRecord
+from app.settings import Settings
 from app.storage import objects
 from app.storage.base import ListedObject, ResultStore
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ from typing import Annotated
 
 import redis.exceptions
 from fastapi import APIRouter, Query
-from redis import Redis
 from fastapi.responses import JSONResponse
+from redis import Redis
 
 from app import __version__
 from app.core import backpressure
 from app.deps import RegistryDep, ResultsDep, SettingsDep
-from app.settings import Settings
 from app.schemas.health import Health, Readiness
+from app.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -26,7 +26,8 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis or the result store unreachable, no live worker, or the queue of `model` is full."}},
+    responses={503: {"model": Readiness, "description": (
+        "Redis or the result store unreachable, no live worker, or the queue of `model` is full.")}},
     summary="Readiness",
 )
 def readyz(

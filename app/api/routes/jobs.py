@@ -19,8 +19,8 @@ from app.api.public_urls import public_url
 from app.api.waits import WaitSlot, hold_wait
 from app.contract import events, keys
 from app.core.errors import JobListingDisabledError, JobNotFoundError
-from app.core.inputs import has_inputs
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from app.core.inputs import has_inputs
 from app.core.jobs import JobService, JobView
 from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody
 from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic

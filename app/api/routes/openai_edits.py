@@ -34,6 +34,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from app.api.public_urls import public_url
+from app.api.routes.jobs import proxy_url
 from app.api.routes.openai_images import (
     ERROR_RESPONSES,
     OPENAI_MODEL_PREFIXES,
@@ -44,8 +46,6 @@ from app.api.routes.openai_images import (
     _parameter_failure,
     _submit_failure,
 )
-from app.api.public_urls import public_url
-from app.api.routes.jobs import proxy_url
 from app.api.waiting import WaitTimedOut, until_ended
 from app.api.waits import hold_wait
 from app.contract.status import JobStatus
@@ -53,8 +53,8 @@ from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError, S
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint_multipart, validate_key
 from app.core.inputs import ALPHA_MASK
-from app.core.openai_inputs import openai_mask, png_prompt
 from app.core.jobs import JobService, JobView
+from app.core.openai_inputs import openai_mask, png_prompt
 from app.core.uploads import UploadLimits, decode_image
 from app.deps import JobServiceDep, read_form
 from app.schemas.jobs import job_create_model
@@ -161,7 +161,8 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
             key = validate_key(idempotency_key)
             if key is not None:
                 digest = fingerprint_multipart(values, files)
-                view, _ = await run_in_threadpool(jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
+                view, _ = await run_in_threadpool(
+                    jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
             else:
                 view = await run_in_threadpool(jobs.submit, body, uploads)
             await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
@@ -239,7 +240,7 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
             fields["mode"], fields["mask"] = "inpaint", ALPHA_MASK
         else:
             fields["mode"] = "img2img"
-    else:
+    elif isinstance(params, ImageVariationForm):
         fields["prompt"] = params.prompt or png_prompt(files["image"])
         fields["mode"] = "img2img"
     model = params.model

@@ -9,7 +9,8 @@ response_format="b64_json" | "url")``. The request queues an ordinary diffq job,
   ``chatgpt-image-*``) and no model mean the deployment's default model.
 - ``size``: ``"WxH"`` (the model's limits apply) or ``"auto"`` (the model's default).
 - Accepted and ignored: ``quality``, ``style``, ``user``, ``moderation``, ``safety_identifier``,
-  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` ``false``. Other values of those are a ``400``, as is any other field.
+  ``partial_images``; ``background`` ``auto``/``opaque``; ``stream`` ``false``. Other values of those are a ``400``, as
+  is any other field.
 - ``output_format`` ``png``/``webp``/``jpeg`` is diffq's ``output_format``; ``output_compression``
   (0-100, OpenAI's default 100 = best) is the webp/jpeg ``quality`` (ignored for png).
 - ``response_format=url`` gives the same URLs as the job resource (``DIFFQ_IMAGE_URLS``: proxied,
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from app.api.public_urls import public_url
+from app.api.routes.jobs import proxy_url
 from app.api.waiting import WaitTimedOut, until_ended
 from app.api.waits import WaitSlot, hold_wait
 from app.contract.status import JobStatus
@@ -50,10 +52,10 @@ from app.core.errors import (
     IdempotencyInProgressError,
     InvalidRequestError,
     JobNotFoundError,
+    QueueFullError,
     RequestTimeoutError,
     ServerBusyError,
     StoreBusyError,
-    QueueFullError,
     StoreUnavailableError,
     TooManyUploadsError,
     TooManyWaitsError,
@@ -63,7 +65,6 @@ from app.core.errors import (
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
-from app.api.routes.jobs import proxy_url
 from app.deps import JobServiceDep, SettingsDep, media_type
 from app.schemas.jobs import job_create_model
 from app.storage.urls import image_links
@@ -243,10 +244,10 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
             raise _submit_failure(error) from None
         job_id = view.record.id
         log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
-        view = await _wait(request, jobs, view, timeout, slot)
-    if view is None:  # the client hung up: nobody will read the result
+        ended = await _wait(request, jobs, view, timeout, slot)
+    if ended is None:  # the client hung up: nobody will read the result
         return JSONResponse({"error": None}, status_code=499)
-    return await _answer(request, jobs, view, params.response_format or "b64_json")
+    return await _answer(request, jobs, ended, params.response_format or "b64_json")
 
 
 def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
@@ -278,8 +279,8 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
         return job_create_model(jobs.settings).model_validate(fields)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
-        name = str(first["loc"][0]) if first["loc"] else None
-        param = PARAM_NAMES.get(name or "", name)
+        field = str(first["loc"][0]) if first["loc"] else None
+        param = PARAM_NAMES.get(field or "", field)
         raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
                             code="invalid_value") from None
 
@@ -313,9 +314,9 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
                                  type="server_error", code="no_workers", retry=True)
         return OpenAIFailure(400, f"Invalid value for 'model': {problem}", param="model", code="model_not_found")
     if isinstance(error, InvalidRequestError):
-        problem = error.problems[0] if error.problems else None
-        param = PARAM_NAMES.get(problem.field, problem.field) if problem else None
-        message = f"Invalid value for '{param}': {problem.message}" if problem else error.message
+        first_problem = error.problems[0] if error.problems else None
+        param = PARAM_NAMES.get(first_problem.field, first_problem.field) if first_problem else None
+        message = f"Invalid value for '{param}': {first_problem.message}" if first_problem else error.message
         return OpenAIFailure(400, message, param=param, code="invalid_value")
     if isinstance(error, RequestTimeoutError):
         return OpenAIFailure(408, error.message, code=error.code, retry=False)

@@ -7,8 +7,8 @@ and timeouts as ``POST /v1/jobs``; the mapping is ``app.core.a1111``), wait for 
 jobs are per API key (``app.core.a1111_session``): ``sd_model_checkpoint`` is that key's default
 model, and ``progress``/``interrupt``/``skip`` see only that key's ``/sdapi/v1`` jobs.
 
-Errors have A1111's body (``app.api.a1111_errors``), ``{"error", "detail", "body", "errors"}``: ``422`` for a request that cannot
-map (``detail`` names the field and what is accepted), ``500`` for a failed job, ``503`` when no
+Errors have A1111's body (``app.api.a1111_errors``), ``{"error", "detail", "body", "errors"}``: ``422`` for a request
+that cannot map (``detail`` names the field and what is accepted), ``500`` for a failed job, ``503`` when no
 worker is live or Redis is down, ``504`` when the job outlasts the wait (it goes on; ``detail`` names
 its URL). A job ended by ``interrupt`` answers ``200`` with no images, as A1111 does. The job's id is
 in the ``x-diffq-job-id`` header and in ``info``. Auth: HTTP Basic (the API key as the password) or
