@@ -422,7 +422,8 @@ class Engine:
             raise InvalidRequestError("guidance_scale", f"{guidance!r} is not a finite number")
         if not MIN_GUIDANCE_SCALE <= guidance <= MAX_GUIDANCE_SCALE:
             raise InvalidRequestError(
-                "guidance_scale", f"{guidance} is out of range; accepted: {MIN_GUIDANCE_SCALE:g}..{MAX_GUIDANCE_SCALE:g}"
+                "guidance_scale",
+                f"{guidance} is out of range; accepted: {MIN_GUIDANCE_SCALE:g}..{MAX_GUIDANCE_SCALE:g}",
             )
         _check_int("num_images", request.num_images, 1, info.max_images)
         _check_int("seed", request.seed, 0, MAX_SEED)
@@ -716,7 +717,7 @@ class Engine:
         import time
 
         started = time.monotonic()
-        steps = min(2, self._max_steps(self.info.default_scheduler))
+        steps = min(2, max_steps_for(self.info.default_scheduler, self.info.max_steps, self.info.scheduler_max_steps))
         for size in batch_sizes:
             self.generate([GenerationRequest(prompt="warm up", steps=steps, seed=k) for k in range(size)])
         return time.monotonic() - started
