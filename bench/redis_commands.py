@@ -14,9 +14,10 @@ Counted two ways over the measured jobs (after two warm-up jobs):
   port mapped to its process through psutil; a command run inside a script to the client whose
   EVAL/EVALSHA runs it): worker, api, or this benchmark.
 
-Prints commands per job by command (the top ones) and in total, and per process. The worker
-idles between jobs (RQ's blocking dequeue, heartbeats every `heartbeat_interval`): what it
-issues then is counted too, as it is a cost of running jobs one at a time.
+Prints commands per job by command (the top ones) and in total, and per process. What the
+processes issue with no job at all (heartbeats, sweeps, RQ's blocking dequeue: a rate per
+second, measured first for `--idle` seconds) is counted in the jobs' figures too; the line
+"per job less that rate" takes it out: what each further job costs a busy deployment.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in the worker")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=16, help="commands listed by name (the rest summed)")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds without jobs measured first")
     parser.add_argument("--log", metavar="PATH", help="write every counted command, with its process, to PATH")
     parser.add_argument("--set", action="append", default=[], metavar="DIFFQ_NAME=VALUE",
                         help="a setting for the API and worker processes (repeatable)")
@@ -139,6 +141,10 @@ def main() -> None:
             "worker": stack.processes["worker"].pid, "api": stack.processes["api"].pid, "bench": os.getpid()}, args.log)
         watcher.start()
         time.sleep(0.5)
+        idle_before = command_counts(redis)
+        time.sleep(args.idle)  # no job: heartbeats, sweeps, RQ's blocking dequeue
+        idle = command_counts(redis) - idle_before
+        idle["INFO"] -= 1
         watcher.counting = True
         before = command_counts(redis)
         started = time.perf_counter()
@@ -158,6 +164,10 @@ def main() -> None:
           f"client, keys on) settings: {' '.join(args.set) or 'defaults'}; {elapsed / jobs:.2f} s/job")
     print(f"Redis commands per job (INFO commandstats, commands inside scripts included): "
           f"{sum(total.values()) / jobs:.1f}")
+    idle_rate = sum(idle.values()) / args.idle
+    print(f"idle (no job, {args.idle:.0f} s): {idle_rate:.1f} commands/s (worker heartbeats and sweeps, RQ's dequeue, "
+          f"the API's own timers); per job less that rate over the job's {elapsed / jobs:.2f} s: "
+          f"{sum(total.values()) / jobs - idle_rate * elapsed / jobs:.1f}")
     by_process = {name: counts for name, counts in sorted(watcher.counts.items()) if name != "bench"}
     names = [name for name, _ in total.most_common() if total[name] > 0]
     shown, rest = names[:args.top], names[args.top:]
