@@ -6,8 +6,8 @@ The engine calls ``ProgressReporter`` after every step (a batch of jobs calls
 - writes progress with an ETA from the measured step times, at most once per
   ``interval`` seconds (and always the last step), and publishes it as an event;
 - stores a preview of the clean-image estimate at most once per
-  ``preview_interval`` seconds (the fitted latent projection by default, the
-  VAE when configured), and publishes that too;
+  ``preview_interval`` seconds, with a progress write (the fitted latent
+  projection by default, the VAE when configured), and publishes that too;
 - checks the record with every such write, and at any step where the worker's
   stop listener (``worker.stops``) heard that the job was canceled or deleted,
   or is not subscribed: a cancel request stops the run within the step
@@ -185,8 +185,9 @@ def report_step(
     store = runs[0][0].store
     moments = [reporter.clock() for reporter, _ in runs]
     progress = [reporter._progress_due(step, total, now) for (reporter, _), now in zip(runs, moments, strict=True)]
-    previews = [reporter._preview_due(step, total, now, denoised)
-                for (reporter, denoised), now in zip(runs, moments, strict=True)]
+    # A preview goes with a progress write (one script call, one read of the record, for both).
+    previews = [reporter._preview_due(step, total, now, denoised) if due is not None else None
+                for (reporter, denoised), now, due in zip(runs, moments, progress, strict=True)]
     looks = [reporter._must_look() for reporter, _ in runs]
     pending = [index for index in range(len(runs)) if progress[index] or previews[index] or looks[index]]
     stops: list[StopGeneration | None] = [None] * len(runs)
