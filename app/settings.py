@@ -278,14 +278,18 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Seconds a worker keeps retrying to store a finished job's result while Redis is down."
     )
     progress_interval: float = Field(
-        0.1, ge=0, description="Least seconds between two progress writes of one job (0.1 = at most 10/s)."
+        0.5, ge=0, description="Least seconds between two progress writes of one job (0.5 = at most 2/s; each "
+        "costs Redis commands, see the README's performance section)."
     )
     preview_decoder: Literal["latent", "vae", "off"] = Field(
         "latent",
         description="How running jobs' previews are made: latent (a linear projection fitted to the VAE, "
         "cheap), vae (full decode), off.",
     )
-    preview_interval: float = Field(0.5, ge=0, description="Least seconds between two previews of one job.")
+    preview_interval: float = Field(
+        0.5, ge=0, description="Least seconds between two previews of one job; a preview is stored with a progress "
+        "write, so never more often than progress_interval."
+    )
 
     # Marking outputs as generated (docs/provenance.md).
     ai_label: bool = Field(
@@ -322,7 +326,7 @@ class Settings(BaseSettings):
     )
     batch_wait_ms: float = Field(
         5.0, ge=0, description="Longest a worker waits, in milliseconds, for compatible jobs to join a batch "
-        "that is not full.",
+        "that is not full (no wait when nothing else is queued).",
     )
 
     # Idempotency-Key and webhooks ("no job lost").

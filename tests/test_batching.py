@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -194,6 +195,7 @@ def test_rq_shows_jobs_taken_along_as_started_while_they_run(client, redis, sett
 
 def test_a_job_joins_a_batch_that_waits_for_company(client, settings, engine, calls) -> None:
     first = post(client, {**TINY_JOB, "seed": 1})
+    other = post(client, {**TINY_JOB, "seed": 3, "steps": 3})  # queued, but cannot join: the lead waits
     patient = settings.model_copy(update={"batch_wait_ms": 3000.0})
 
     def post_once_running(results: dict) -> None:
@@ -201,8 +203,21 @@ def test_a_job_joins_a_batch_that_waits_for_company(client, settings, engine, ca
         results["second"] = post(client, {**TINY_JOB, "seed": 2})
 
     results = while_working(patient, engine, post_once_running)
-    assert [[request.seed for request in requests] for requests in calls] == [[1, 2]]
+    assert [[request.seed for request in requests] for requests in calls] == [[1, 2], [3]]
     assert job_of(client, results["second"])["status"] == "succeeded"
+    assert job_of(client, other)["status"] == "succeeded"
+
+
+def test_a_lone_job_does_not_wait_for_company(client, redis, engine, served) -> None:
+    lead_id = post(client, TINY_JOB)
+    store, queue = JobStore(redis), model_queue(served.name, redis)
+    queue.dequeue_any([queue], timeout=None, connection=redis, serializer=JSONSerializer)  # the queue is empty now
+    worker = DiffqWorker([queue], name="w", connection=redis, serializer=JSONSerializer)
+    company = Company(worker, queue, store, "w", engine_batch_key(engine))
+
+    started = time.monotonic()
+    assert company.take(store.get(lead_id), limit=3, wait=3.0) == []
+    assert time.monotonic() - started < 1.0  # not the 3 s a queue with jobs in it would get
 
 
 def test_deleting_a_job_of_a_batch_leaves_the_others_and_recreates_nothing(client, redis, settings, engine) -> None:
@@ -362,7 +377,7 @@ def test_store_step_checks_every_job_of_a_batch_and_writes_due_progress(redis) -
 
     runs = [("a", "t-a", progress), ("b", "t-b", progress), ("c", "t-c", None), ("d", "stale", None),
             ("d", "t-d", None)]
-    assert store.step(runs, event_ttl=100) == [RunCheck.GO_ON, RunCheck.CANCEL, RunCheck.MISSING, RunCheck.STALE,
+    assert store.step(runs) == [RunCheck.GO_ON, RunCheck.CANCEL, RunCheck.MISSING, RunCheck.STALE,
                                                RunCheck.GO_ON]
     assert store.get("a").progress.step == 3 and store.get("b").progress is None  # canceled: nothing written
     assert [(e.type, e.data) for e in events.read(redis, "a")] == [("running", {"attempt": 1}), ("progress", progress)]

@@ -63,6 +63,35 @@ def test_cancel_stops_a_running_job_within_a_step(api, watched, engine, redis: R
     assert again.status_code == 202 and again.json()["status"] == "canceled"  # harmless to repeat
 
 
+def test_cancel_is_heard_within_a_step_between_progress_writes(api, settings, engine,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Progress written at the first and last step only, no previews: no step reads the record
+    # unless the worker's stop listener heard the cancel (worker.stops).
+    quiet = settings.model_copy(update={"progress_interval": 3600.0, "preview_decoder": "off"})
+    steps: list[int] = []
+    generate = engine.generate
+
+    def counting(requests, on_step=None):
+        def step(index, *args, **kwargs):
+            steps.append(index)
+            time.sleep(0.01)  # a few ms per step at least, so the cancel lands mid-run
+            return on_step(index, *args, **kwargs)
+
+        return generate(requests, on_step=step)
+
+    monkeypatch.setattr(engine, "generate", counting)
+    job_id = api.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+
+    def cancel_mid_run(results: dict) -> None:
+        wait_for(lambda: len(steps) >= 3, timeout=60, interval=0.005)
+        assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        results["step"] = len(steps)
+
+    results = while_working(quiet, engine, cancel_mid_run)
+    assert job_of(api, job_id)["status"] == "canceled"
+    assert len(steps) <= results["step"] + 2 < SLOW_JOB["steps"]  # the step under way, and the next at most
+
+
 def test_a_canceled_queued_job_never_runs(api, watched, engine) -> None:
     job_id = api.post("/v1/jobs", json=TINY_JOB).json()["id"]
     response = api.post(f"/v1/jobs/{job_id}/cancel")

@@ -2,9 +2,10 @@
 
 After RQ hands the worker a job (the *lead*), the runner asks ``Company.take`` for up to
 ``batch_max - 1`` more jobs from the same model queue whose requests share the engine's batch
-key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models also
-whether the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
-``batch_wait_ms`` for them to arrive. Each one taken is
+key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models
+also whether the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
+``batch_wait_ms`` for them to arrive, unless the queue is empty at the first look (one client
+sending jobs one at a time never waits). Each one taken is
 
 - taken off RQ's queue list and claimed in diffq in one atomic step
   (``JobStore.claim_queued``) with its own attempt token: two workers never take the same job,
@@ -19,8 +20,9 @@ success handling (or failure handling, if the lead's run itself failed and the t
 got a result), one after the other, as if RQ had run it: ``finished``, a result, the finished
 registry, the worker's counters. The API's reconcile therefore never sees a batched job failed.
 
-During the run each job has its own progress reporter (one Redis round trip per step checks
-every job of the batch and writes the progress that is due: ``JobStore.step``). A job canceled
+During the run each job has its own progress reporter (one Redis round trip, at the steps
+where any job of the batch has a write due or must read its record, checks them all and writes
+what is due: ``JobStore.step``). A job canceled
 mid-batch ends ``canceled`` at the next step and the others go on; its rows are computed to the
 end of the call and dropped. (Stopping the call and requeueing the others would throw away their
 progress and delay them by a whole run, for the sake of the canceled job's share of the
@@ -109,7 +111,8 @@ class Company:
 
     def take(self, lead: JobRecord, limit: int, wait: float) -> list[Taken]:
         """Take up to ``limit`` queued jobs that fit ``lead``'s batch, in queue order; while fewer
-        are found, look again until ``wait`` seconds have passed."""
+        are found, look again until ``wait`` seconds have passed. With nothing at all queued at
+        the first look, none is waited for: a lone job starts at once."""
         if limit < 1:
             return []
         deadline = self.clock() + wait
@@ -117,7 +120,10 @@ class Company:
         looked_at: set[str] = {lead.id}
         found: list[Taken] = []
         while True:
-            for job_id in self._compatible(wanted, looked_at):
+            queued, compatible = self._compatible(wanted, looked_at)
+            if not queued and not found:
+                break  # nothing else is queued: no company is on its way, so no wait for it
+            for job_id in compatible:
                 taken = self._take(job_id, lead.id)
                 if taken is not None:
                     found.append(taken)
@@ -130,12 +136,13 @@ class Company:
         self.taken.extend(found)
         return found
 
-    def _compatible(self, wanted: tuple, looked_at: set[str]) -> list[str]:
-        """Ids near the front of the queue, not looked at before, whose requests have key ``wanted``."""
+    def _compatible(self, wanted: tuple, looked_at: set[str]) -> tuple[bool, list[str]]:
+        """Whether any job is queued, and the ids near the front of the queue, not looked at
+        before, whose requests have key ``wanted``."""
         ids = [raw.decode() for raw in self.redis.lrange(self.queue.key, 0, SCAN - 1)]
         fresh = [job_id for job_id in ids if job_id not in looked_at]
         if not fresh:
-            return []
+            return bool(ids), []
         looked_at.update(fresh)
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in fresh:
@@ -151,7 +158,7 @@ class Company:
                 continue  # unreadable: RQ's own path fails it
             if self.key(params) == wanted:
                 compatible.append(job_id)
-        return compatible
+        return True, compatible
 
     def _take(self, job_id: str, lead_id: str) -> Taken | None:
         rq_job = self.worker.job_class.fetch_many([job_id], connection=self.redis, serializer=self.worker.serializer)[0]

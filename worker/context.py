@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from worker.heartbeat import Heartbeat
     from worker.marking import Marker
     from worker.models import ModelCache
+    from worker.stops import StopListener
 
 
 @dataclass
@@ -67,6 +68,7 @@ class WorkerContext:
     batching: Batching = field(default_factory=Batching)
     marker: Marker = field(default_factory=lambda: _default_marker())
     models: ModelCache | None = None
+    stops: StopListener | None = None  # cancels and deletes heard by pub/sub; None: read the record every step
 
     def engine_for(self, model: str) -> Engine:
         """The loaded engine of ``model`` (loading it now, and evicting another, if need be)."""

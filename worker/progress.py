@@ -3,20 +3,24 @@
 The engine calls ``ProgressReporter`` after every step (a batch of jobs calls
 ``report_step`` with every job's reporter). It
 
-- checks the record: a cancel request stops the run within the step
-  (``JobCanceledError``); a deleted, ended or re-attempted job stops it without
-  storing anything (``JobAbandonedError``);
 - writes progress with an ETA from the measured step times, at most once per
   ``interval`` seconds (and always the last step), and publishes it as an event;
-  check, progress and event take one Redis round trip per step, for all the
-  jobs of a batch together (``JobStore.step``);
 - stores a preview of the clean-image estimate at most once per
-  ``preview_interval`` seconds (the fitted latent projection by default, the
-  VAE when configured), and publishes that too.
+  ``preview_interval`` seconds, with a progress write (the fitted latent
+  projection by default, the VAE when configured), and publishes that too;
+- checks the record with every such write, and at any step where the worker's
+  stop listener (``worker.stops``) heard that the job was canceled or deleted,
+  or is not subscribed: a cancel request stops the run within the step
+  (``JobCanceledError``); a deleted, ended or re-attempted job stops it without
+  storing anything (``JobAbandonedError``).
+
+Checks and writes take one Redis round trip at the steps that have any, for all
+the jobs of a batch together (``JobStore.step``), and none at the other steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -26,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
-from app.contract import events
-from app.contract.store import JobStore, RunCheck, WriteResult
+from app.contract.store import JobStore, PreviewWrite, RunCheck, WriteResult
 from model.engine import StopGeneration
 
 if TYPE_CHECKING:
     from model.engine import Engine
+    from worker.stops import StopListener
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,8 @@ class ProgressReporter:
         *,
         engine: Engine | None = None,
         previews: PreviewSettings | None = None,
-        event_ttl: int = 86400,
         overdue: Callable[[], bool] = lambda: False,
+        stops: StopListener | None = None,
     ) -> None:
         self.store = store
         self.job_id = job_id
@@ -89,8 +93,9 @@ class ProgressReporter:
         self.clock = clock
         self.engine = engine
         self.previews = previews if previews is not None else PreviewSettings(decoder="off")
-        self.event_ttl = event_ttl
         self.overdue = overdue
+        self.stops = stops
+        self._generation = -1  # the stop listener's generation at the last read of the record: none yet
         self.writes = 0
         self.previews_written = 0
         self._started = clock()
@@ -114,8 +119,8 @@ class ProgressReporter:
                 "eta_seconds": round(step_seconds * (total - step), 2)}
 
     def _after_check(self, check: RunCheck, step: int, total: int, now: float, progress: dict[str, Any] | None,
-                     denoised_by_request: Any) -> StopGeneration | None:
-        """What the step's check (and progress write) means for this run; stores a preview when due."""
+                     preview: PreviewWrite | None) -> StopGeneration | None:
+        """What the step's check (and the writes that came with it) means for this run."""
         if check is RunCheck.CANCEL:
             return JobCanceledError(f"job {self.job_id}: canceled at step {step} of {total}")
         if check is not RunCheck.GO_ON:
@@ -123,19 +128,19 @@ class ProgressReporter:
         if progress is not None:
             self._last_write = now
             self.writes += 1
-        if (
-            step < total
-            and self.previews.decoder != "off"
-            and self.engine is not None
-            and denoised_by_request
-            and now - self._last_preview >= self.previews.interval
-        ):
-            self._last_preview = now
-            try:
-                self._store_preview(step, total, denoised_by_request)
-            except JobAbandonedError as stop:
-                return stop
+        if preview is not None:
+            self.previews_written += 1
         return None
+
+    def _must_look(self) -> bool:
+        """Whether this step reads the record although nothing is due: always without a stop
+        listener or while it is not subscribed; else when this job's stop was heard, or the
+        listener has (re)subscribed since the last read (it may have missed one)."""
+        stops = self.stops
+        if stops is None or not stops.live:
+            return True
+        heard = stops.heard(self.job_id)
+        return heard or stops.generation != self._generation
 
     def _redis_unreachable(self, step: int, error: Exception) -> None:
         # Redis is down: keep denoising; the result is stored once it is back (see runner).
@@ -144,30 +149,34 @@ class ProgressReporter:
                         self.job_id, step, error)
         self._redis_down = True
 
-    def _store_preview(self, step: int, total: int, denoised_by_request: Any) -> None:
-        import hashlib
-
-        assert self.engine is not None  # previews are due only with an engine
+    def _preview_due(self, step: int, total: int, now: float, denoised_by_request: Any) -> PreviewWrite | None:
+        """The preview to store at this step (rendered now), or None while throttled or off."""
+        if not (
+            step < total
+            and self.previews.decoder != "off"
+            and self.engine is not None
+            and denoised_by_request
+            and now - self._last_preview >= self.previews.interval
+        ):
+            return None
+        self._last_preview = now
         denoised = next(iter(denoised_by_request.values()))[:1]  # image 0 of the job
         [image] = self.engine.preview_images(denoised, self.previews.size, self.previews.decoder)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)  # fast: previews are replaced within seconds
         png = buffer.getvalue()
         info = {"step": step, "total": total, "sha256": hashlib.sha256(png).hexdigest()}
-        result = self.store.put_preview(self.job_id, self.token, png, info, self.previews.ttl)
-        if result is not WriteResult.WRITTEN:
-            raise JobAbandonedError(self.job_id, result)
-        self.previews_written += 1
-        events.publish(self.store.redis, self.job_id, "preview", {"step": step, "total": total}, self.event_ttl)
+        return PreviewWrite(png, info, self.previews.ttl)
 
 
 def report_step(
     runs: Sequence[tuple[ProgressReporter, Any]], step: int, total: int
 ) -> list[StopGeneration | None]:
     """One denoising step of one or more jobs that run together (a batch), each with its reporter
-    and its ``denoised_by_request``: whether each may go on, in one Redis round trip for all of them
-    (the cancel check, and the progress write with its event where one is due), then the previews
-    that are due. Returns, per job, the exception that must stop it (``JobCanceledError``,
+    and its ``denoised_by_request``: whether each may go on. The jobs that have a progress or
+    preview write due, or must read their record (``ProgressReporter._must_look``), are checked
+    and written in one Redis round trip for all of them (``JobStore.step``); the others go on
+    without one. Returns, per job, the exception that must stop it (``JobCanceledError``,
     ``JobAbandonedError``) or None. Raises ``JobHandBackError`` (the whole run goes back to the
     queue) once the worker's shutdown grace is over. While Redis is unreachable every job goes on."""
     for reporter, _ in runs:
@@ -176,20 +185,25 @@ def report_step(
     store = runs[0][0].store
     moments = [reporter.clock() for reporter, _ in runs]
     progress = [reporter._progress_due(step, total, now) for (reporter, _), now in zip(runs, moments, strict=True)]
+    # A preview goes with a progress write (one script call, one read of the record, for both).
+    previews = [reporter._preview_due(step, total, now, denoised) if due is not None else None
+                for (reporter, denoised), now, due in zip(runs, moments, progress, strict=True)]
+    looks = [reporter._must_look() for reporter, _ in runs]
+    pending = [index for index in range(len(runs)) if progress[index] or previews[index] or looks[index]]
+    stops: list[StopGeneration | None] = [None] * len(runs)
+    if not pending:
+        return stops
+    generations = [runs[index][0].stops.generation if runs[index][0].stops else 0 for index in pending]
     try:
-        checks = store.step([(reporter.job_id, reporter.token, due) for (reporter, _), due in
-                             zip(runs, progress, strict=True)], runs[0][0].event_ttl)
+        checks = store.step([(runs[index][0].job_id, runs[index][0].token, progress[index], previews[index])
+                             for index in pending])
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         for reporter, _ in runs:
             reporter._redis_unreachable(step, error)
-        return [None] * len(runs)
-    stops: list[StopGeneration | None] = []
-    for (reporter, denoised), check, now, due in zip(runs, checks, moments, progress, strict=True):
-        try:
-            stops.append(reporter._after_check(check, step, total, now, due, denoised))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-            reporter._redis_unreachable(step, error)
-            stops.append(None)
-        else:
-            reporter._redis_down = False
+        return stops
+    for index, check, generation in zip(pending, checks, generations, strict=True):
+        reporter = runs[index][0]
+        reporter._redis_down = False
+        reporter._generation = generation
+        stops[index] = reporter._after_check(check, step, total, moments[index], progress[index], previews[index])
     return stops

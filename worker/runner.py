@@ -201,8 +201,7 @@ class JobRunner:
         )
         return ProgressReporter(
             self.store, job.record.id, job.token, self.settings.progress_interval,
-            engine=self.engine, previews=previews, event_ttl=self.settings.job_ttl,
-            overdue=self.context.shutdown.overdue,
+            engine=self.engine, previews=previews, overdue=self.context.shutdown.overdue, stops=self.context.stops,
         )
 
     def _run(self, jobs: list[_Job]) -> None:

@@ -34,6 +34,7 @@ from worker.heartbeat import Heartbeat
 from worker.marking import Marker
 from worker.models import ModelCache, QueueChooser, model_sources
 from worker.rq_worker import DiffqWorker
+from worker.stops import StopListener
 from worker.sweeper import Sweeper, SweeperThread
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval,
                           status)
     results = when_redis_answers(lambda: ready_store(settings, redis))  # raises, naming the setting, if unusable
+    stops = StopListener(redis)
     context.install(
         WorkerContext(
             worker_id=worker_id,
@@ -169,6 +171,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
             marker=marker,
             results=results,
             models=cache,
+            stops=stops,
         )
     )
     rq_worker = DiffqWorker(
@@ -183,6 +186,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     sweepers = [SweeperThread(Sweeper(redis, settings, name, worker_id), settings.sweep_interval) for name in names]
     store_sweeper = StoreSweeperThread(StoreSweeper(redis, results, settings), settings.store_sweep_interval)
     heartbeat.start()
+    stops.start()
     store_sweeper.start()
     for sweeper in sweepers:
         sweeper.start()
@@ -194,6 +198,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         for sweeper in sweepers:
             sweeper.stop()
         store_sweeper.stop()
+        stops.stop()
         heartbeat.stop()
         context.install(None)
         for sig, handler in handlers.items():  # RQ installed its own; give the caller's back

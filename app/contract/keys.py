@@ -140,6 +140,11 @@ BATCH_PREFIX = f"{PREFIX}:batch:"
 WORKERS = f"{PREFIX}:workers"
 """Set of worker ids; membership alone does not mean alive (see ``worker``)."""
 
+STOPS = f"{PREFIX}:stops"
+"""Pub/sub channel (no key): the id of a running job a client canceled or deleted, published by
+``app.contract.store`` with the change, so that its worker checks the record at its next
+denoising step instead of at every step (``worker.stops``)."""
+
 JOBS_INDEX_MAX = 10_000
 """Job ids an owner's ``owner_jobs`` index keeps; older ones are trimmed at submit."""
 

@@ -36,7 +36,9 @@ class Registry:
     def announce(self, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord]) -> None:
         """Register or renew a worker and its model(s) for another ``ttl`` seconds."""
         models = [model] if isinstance(model, ModelRecord) else model
-        with self.redis.pipeline() as pipe:
+        # One round trip, no MULTI/EXEC: each write renews a key on its own, and a reader that
+        # sees one renewed before the others sees a live worker either way.
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.worker(worker.id), worker.model_dump_json(), ex=self.ttl)
             pipe.sadd(keys.WORKERS, worker.id)
             for record in models:

@@ -35,6 +35,7 @@ from app.webhooks import queue as webhook_queue
 from app.webhooks.outbox import OUTBOX
 
 _TERMINAL_EVENTS_LUA = "{" + ", ".join(f"{k} = true" for k in sorted(events.TERMINAL_EVENTS)) + "}"
+_RUNNING_JSON = json.dumps(JobStatus.RUNNING.value).encode()
 _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(TERMINAL))
 
 # emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
@@ -62,11 +63,13 @@ end
 """
 
 # Shared preamble. KEYS[1]: job hash; ARGV[1]: JSON attempt token the record must
-# hold ('' to skip the check). Sets `status` for callers to use.
+# hold ('' to skip the check). Sets `status` for callers to use. One HMGET: every record has a
+# `status`, so none means no record.
 _GUARD = f"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return {{0}} end
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'attempt_token') ~= ARGV[1] then return {{-1}} end
-local status = redis.call('HGET', KEYS[1], 'status')
+local guard = redis.call('HMGET', KEYS[1], 'status', 'attempt_token')
+local status = guard[1]
+if not status then return {{0}} end
+if ARGV[1] ~= '' and guard[2] ~= ARGV[1] then return {{-1}} end
 local terminal = {{{_TERMINAL_JSON}}}
 if terminal[status] then return {{-2}} end
 """
@@ -161,8 +164,9 @@ _CLAIM_QUEUED = (
 )
 
 
-# Cancel. Queued: canceled at once, with its event. Running: flagged, the worker stops at its next
-# step. KEYS[2]: the job's event stream; KEYS[3]: the outbox. ARGV[3]: job id.
+# Cancel. Queued: canceled at once, with its event. Running: flagged, and the job id published on
+# ``keys.STOPS`` (ARGV[4]) so that its worker checks the record at its next step (``worker.stops``).
+# KEYS[2]: the job's event stream; KEYS[3]: the outbox. ARGV[3]: job id.
 # Returns {code, status JSON}: 1 canceled now, 2 flagged, -2 already ended, 0 missing.
 _CANCEL = _EMIT + f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, ''}} end
@@ -175,35 +179,39 @@ if status == '{json.dumps(JobStatus.QUEUED.value)}' then
   return {{1, status}}
 end
 redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+redis.call('PUBLISH', ARGV[4], ARGV[3])
 return {{2, status}}
 """
 
-# Guarded SET of the preview PNG (KEYS[2]) plus the record's `preview` field.
-# ARGV[2]: PNG; ARGV[3]: TTL; ARGV[4]: preview field JSON.
-_PREVIEW = (
-    _GUARD
-    + """
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('HSET', KEYS[1], 'preview', ARGV[4])
-return {1}
+# Between two denoising steps of a run: may it go on, and if so write what is due (its progress,
+# its preview), each with its event, in one step. KEYS[2]: the job's event stream (its TTL was set
+# with the `running` event and XADD keeps it); KEYS[3]: the preview PNG's key. ARGV[2]: progress
+# JSON (the record's field and the event's data), '' if none is due; ARGV[3]: events kept in the
+# stream; ARGV[4]: preview PNG, '' if none is due; ARGV[5]: the record's `preview` field JSON;
+# ARGV[6]: the preview event's data; ARGV[7]: the PNG's TTL. {2}: a client asked to cancel
+# (nothing written).
+_STEP = f"""
+local run = redis.call('HMGET', KEYS[1], 'status', 'attempt_token', 'cancel_requested')
+if not run[1] then return {{0}} end
+if run[2] ~= ARGV[1] then return {{-1}} end
+if ({{{_TERMINAL_JSON}}})[run[1]] then return {{-2}} end
+if run[3] == 'true' then return {{2}} end
+if ARGV[2] ~= '' and ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[2], 'preview', ARGV[5])
+elseif ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+elseif ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'preview', ARGV[5])
+end
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'progress', 'data', ARGV[2])
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[7])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'preview', 'data', ARGV[6])
+end
+return {{1}}
 """
-)
-
-
-# Between two denoising steps of a run: may it go on, and if so write its progress and append the
-# progress event, in one step. KEYS[2]: the job's event stream. ARGV[2]: progress JSON (the record's
-# field and the event's data); ARGV[3]: events kept in the stream; ARGV[4]: the stream's TTL.
-# {2}: a client asked to cancel (nothing written).
-_PROGRESS = (
-    _GUARD
-    + """
-if redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return {2} end
-redis.call('HSET', KEYS[1], 'progress', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'progress', 'data', ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return {1}
-"""
-)
 
 # Fail a job only while it is still queued (deadlines), with its event. KEYS[2]: the job's event
 # stream; KEYS[3]: the outbox. ARGV[1]: job id; ARGV[2]: event data; ARGV[3]: unused;
@@ -293,6 +301,15 @@ class WriteResult(IntEnum):
 
 
 @dataclass(frozen=True)
+class PreviewWrite:
+    """A running job's latest preview, to store with its ``preview`` event (``JobStore.step``)."""
+
+    png: bytes
+    info: dict[str, Any]  # the record's `preview` field: step, total, sha256
+    ttl: int
+
+
+@dataclass(frozen=True)
 class StoredImage:
     """PNG bytes to store for image ``index`` of a job."""
 
@@ -313,8 +330,7 @@ class JobStore:
         self._requeue = redis.register_script(_REQUEUE)
         self._fail_queued = redis.register_script(_FAIL_QUEUED)
         self._rescue = redis.register_script(_RESCUE)
-        self._preview = redis.register_script(_PREVIEW)
-        self._progress = redis.register_script(_PROGRESS)
+        self._step = redis.register_script(_STEP)
         self._create_many = redis.register_script(_CREATE_MANY)
 
     def create(
@@ -366,7 +382,7 @@ class JobStore:
 
     def delete(self, job_id: str) -> bool:
         """Remove the record, its inputs and all its images; ``False`` if there was no record."""
-        raw = self.redis.hget(keys.job(job_id), "request")
+        raw, status = self.redis.hmget(keys.job(job_id), "request", "status")
         if raw is None:
             return False
         num_images = int(json.loads(raw).get("num_images", 1))
@@ -379,7 +395,10 @@ class JobStore:
             *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES),
         ]
         self.redis.zrem(keys.RUNNING, job_id)
-        return bool(self.redis.delete(*names))
+        deleted = bool(self.redis.delete(*names))
+        if _is_running(status):
+            self.redis.publish(keys.STOPS, job_id)  # its worker stops at its next step (``worker.stops``)
+        return deleted
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:
         """Mark a job running under a new attempt, with its ``running`` event; ``None`` if it is
@@ -490,7 +509,7 @@ class JobStore:
         job_key, stream, outbox = self._event_keys(job_id)
         code, status = self._cancel(
             keys=[job_key, stream, outbox],
-            args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at), job_id],
+            args=[json.dumps(JobStatus.CANCELED.value), json.dumps(finished_at), job_id, keys.STOPS],
         )
         return CancelResult(int(code)), JobStatus(json.loads(status)) if status else None
 
@@ -500,7 +519,7 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 job_key, stream, outbox = self._event_keys(job_id)
-                self._cancel(keys=[job_key, stream, outbox], args=[status, json.dumps(finished_at), job_id],
+                self._cancel(keys=[job_key, stream, outbox], args=[status, json.dumps(finished_at), job_id, keys.STOPS],
                              client=pipe)
             replies = pipe.execute()
         return [CancelResult(int(reply[0])) for reply in replies]
@@ -509,10 +528,12 @@ class JobStore:
         """``delete`` each of ``job_ids`` (a batch's items) in two round trips."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hget(keys.job(job_id), "request")
+                pipe.hmget(keys.job(job_id), "request", "status")
             requests = pipe.execute()
         with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, raw in zip(job_ids, requests, strict=True):
+            for job_id, (raw, status) in zip(job_ids, requests, strict=True):
+                if _is_running(status):
+                    pipe.publish(keys.STOPS, job_id)
                 count = int(json.loads(raw).get("num_images", 1)) if raw is not None else 0
                 pipe.delete(keys.job(job_id), keys.events(job_id), keys.preview(job_id),
                             *(keys.image(job_id, n) for n in range(count)),
@@ -526,27 +547,30 @@ class JobStore:
         """One round trip between denoising steps: may this attempt go on?"""
         return _run_check(token, *self.redis.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested"))
 
-    def step(self, runs: Sequence[tuple[str, str, dict[str, Any] | None]], event_ttl: int) -> list[RunCheck]:
+    def step(self, runs: Sequence[tuple[str, str, dict[str, Any] | None] | tuple[str, str, dict[str, Any] | None,
+                                                                             PreviewWrite | None]]
+             ) -> list[RunCheck]:
         """Between two denoising steps of one or more running jobs (a batch), in one round trip:
-        for each ``(job id, attempt token, progress or None)``, may the attempt go on
-        (``check``)? Where it may and progress is given, the progress is written to the record
-        and published as a ``progress`` event (as ``update`` and ``events.publish`` would)."""
+        for each ``(job id, attempt token, progress or None[, preview or None])``, may the attempt
+        go on (``check``)? Where it may, the progress and preview given are written to the record
+        (the preview's PNG to its key) and published as ``progress`` and ``preview`` events, by one
+        guarded script per job (``_STEP``); a job with nothing to write costs one HMGET."""
         with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, token, progress in runs:
-                if progress is None:
+            for job_id, token, progress, *preview in runs:
+                if progress is None and not any(preview):
                     pipe.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested")
                 else:
                     # EVALSHA without redis-py's per-pipeline SCRIPT EXISTS round trip; see NOSCRIPT below.
-                    pipe.evalsha(self._progress.sha, 2, *self._progress_call(job_id, token, progress, event_ttl))
+                    pipe.evalsha(self._step.sha, 3, *self._step_call(job_id, token, progress, *preview))
             replies = pipe.execute(raise_on_error=False)
         checks = []
-        for (job_id, token, progress), reply in zip(runs, replies, strict=True):
+        for (job_id, token, progress, *preview), reply in zip(runs, replies, strict=True):
             if isinstance(reply, NoScriptError):  # first use, or Redis restarted: load it and run it alone
-                arguments = self._progress_call(job_id, token, progress or {}, event_ttl)
-                reply = self._progress(keys=arguments[:2], args=arguments[2:])
+                arguments = self._step_call(job_id, token, progress, *preview)
+                reply = self._step(keys=arguments[:3], args=arguments[3:])
             if isinstance(reply, Exception):
                 raise reply
-            if progress is None:
+            if progress is None and not any(preview):
                 checks.append(_run_check(token, *reply))
             else:
                 code = int(reply[0])
@@ -554,17 +578,13 @@ class JobStore:
         return checks
 
     @staticmethod
-    def _progress_call(job_id: str, token: str, progress: dict[str, Any], event_ttl: int) -> list[str]:
-        return [keys.job(job_id), keys.events(job_id), _token_arg(token),
-                json.dumps(progress, separators=(",", ":")), str(events.MAX_EVENTS), str(event_ttl)]
-
-    def put_preview(self, job_id: str, token: str, png: bytes, info: dict[str, Any], ttl: int) -> WriteResult:
-        """Store the latest preview PNG, if ``token`` still owns the running job."""
-        reply = self._preview(
-            keys=[keys.job(job_id), keys.preview(job_id)],
-            args=[_token_arg(token), png, str(ttl), json.dumps(info, separators=(",", ":"))],
-        )
-        return WriteResult(int(reply[0]))
+    def _step_call(job_id: str, token: str, progress: dict[str, Any] | None,
+                   preview: PreviewWrite | None = None) -> list[Any]:
+        shown = _compact(preview.info) if preview is not None else ""
+        event = _compact({"step": preview.info["step"], "total": preview.info["total"]}) if preview is not None else ""
+        return [keys.job(job_id), keys.events(job_id), keys.preview(job_id), _token_arg(token),
+                _compact(progress) if progress is not None else "", str(events.MAX_EVENTS),
+                preview.png if preview is not None else "", shown, event, str(preview.ttl if preview else 0)]
 
     def preview(self, job_id: str) -> bytes | None:
         """The latest preview PNG, or ``None``."""
@@ -584,6 +604,11 @@ def _run_check(token: str, status: bytes | None, owner: bytes | None, cancel: by
     if JobStatus(json.loads(status)).is_terminal:
         return RunCheck.ENDED
     return RunCheck.CANCEL if cancel is not None and json.loads(cancel) else RunCheck.GO_ON
+
+
+def _is_running(status: bytes | str | None) -> bool:
+    """Whether a record's raw ``status`` field says running (bytes, or text from a decoding client)."""
+    return status is not None and (status if isinstance(status, bytes) else status.encode()) == _RUNNING_JSON
 
 
 def _compact(value: Any) -> str:
