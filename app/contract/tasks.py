@@ -22,6 +22,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.serializers import JSONSerializer
 
 from app.contract import keys
+from app.contract.status import JobStatus
 from app.settings import Settings
 
 TASK = "worker.task.run_job"
@@ -277,8 +278,33 @@ def started_ids(queue: Queue) -> list[str]:
     return list(dict.fromkeys(job_id for job_id, _ in registry.get_job_and_execution_ids(cleanup=False)))
 
 
+def cancel_queued(redis: Redis, job_id: str) -> None:
+    """RQ's side of a job diffq has canceled while it was queued: off its queue, ``canceled`` in RQ."""
+    try:
+        Job.fetch(job_id, connection=redis, serializer=JSONSerializer).cancel()
+    except (NoSuchJobError, InvalidJobOperation):
+        pass  # RQ no longer has it, or has canceled it already
+
+
+def forget(redis: Redis, model: str, job_id: str, status: JobStatus) -> None:
+    """RQ's side of a job diffq has deleted; ``status`` is what diffq's record said just before.
+
+    A running job is left to its worker, and so is a queued one that a worker has already taken
+    off the queue list (it finds the record gone at its claim): RQ closes its own bookkeeping when
+    that run ends. Otherwise RQ's job goes too, and off the queue list, so it never runs."""
+    if status is JobStatus.RUNNING:
+        return
+    if status is JobStatus.QUEUED and not model_queue(model, redis).remove(job_id):
+        return  # in a worker's hands already
+    try:
+        Job.fetch(job_id, connection=redis, serializer=JSONSerializer).delete(remove_from_queue=True)
+    except NoSuchJobError:
+        pass
+
+
 def rq_status(job_id: str, redis: Redis) -> RQStatus | None:
-    """RQ's status of a job, or ``None`` when RQ no longer has it (deleted or expired)."""
+    """RQ's status of a job, or ``None`` when RQ no longer has it (deleted or expired). For tests and
+    dashboards only: diffq reads a job's status from its own record."""
     try:
         return Job(job_id, connection=redis).get_status(refresh=True)
     except InvalidJobOperation:
