@@ -23,11 +23,11 @@ from typing import Any
 
 import redis.exceptions
 from PIL import Image
-from rq.timeouts import JobTimeoutException
 
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
 from app.contract import keys, metrics, replication
 from app.contract.store import StoredImage, WriteResult
+from app.contract.rq_adapter import JobTimeoutException
 from app.contract.tasks import model_queue
 from app.storage.base import StorageUnavailableError
 from app.storage.objects import OBJECT_TTL_MARGIN
