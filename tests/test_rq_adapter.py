@@ -24,9 +24,11 @@ from app.contract.rq_adapter import (
     fetch_job,
     mark_requeued,
     queue_depths,
+    queue_key,
     set_dequeue_order,
     start_execution,
     started_ids,
+    taken_ids,
 )
 from app.contract.status import JobStatus
 from app.contract.tasks import cancel_queued, enqueue, forget, intermediate_key, model_queue, rq_status
@@ -62,7 +64,8 @@ def test_a_workers_dequeue_moves_the_id_to_the_intermediate_list(redis: Redis, s
     queue = queued(redis, settings, "a1", "a2")
     assert taken_by_a_worker(queue) == "a1"
     assert redis.lrange(intermediate_key(queue), 0, -1) == [b"a1"]
-    assert queue.get_job_ids() == ["a2"]
+    assert queue.get_job_ids() == ["a2"] and queue_key("shapes") == queue.key
+    assert taken_ids(queue) == ["a1"]
 
 
 def test_cancel_queued_takes_the_job_off_the_queue_and_rq_calls_it_canceled(redis: Redis, settings: Settings) -> None:
@@ -116,7 +119,7 @@ def test_a_job_taken_along_is_started_and_finished_in_rq_as_if_rq_had_run_it(red
     job = fetch_job(worker, "b2")
     assert job is not None and fetch_job(worker, "missing") is None
     execution = start_execution(worker, job)
-    assert rq_status("b2", redis) == "started" and started_ids(queue) == ["b2"]
+    assert rq_status("b2", redis) == "started" and started_ids(queue) == ["b2"] and taken_ids(queue) == ["b2"]
     assert Job.fetch("b2", connection=redis, serializer=JSONSerializer).worker_name == worker.name
 
     end_execution(worker, job, queue, execution, None)

@@ -59,6 +59,11 @@ def queue_name(model: str) -> str:
     return f"{QUEUE_PREFIX}{model}"
 
 
+def queue_key(model: str) -> str:
+    """The Redis key of RQ's queue list for ``model`` (for reads that need no ``Queue`` object)."""
+    return f"{Queue.redis_queue_namespace_prefix}{queue_name(model)}"
+
+
 def model_queue(model: str, redis: Redis, place: Place | None = None) -> Queue:
     """The RQ queue of a model, with RQ's JSON serializer (never pickle). With ``place``, jobs
     enqueued through it take their owner's fair place in the queue instead of its end."""
@@ -295,6 +300,12 @@ def intermediate_key(queue: Queue) -> str:
     return queue.intermediate_queue_key
 
 
+def taken_ids(queue: Queue) -> list[str]:
+    """Ids workers have taken off ``queue``: in RQ's intermediate list, or marked started (each once)."""
+    intermediate = [raw.decode() for raw in queue.connection.lrange(intermediate_key(queue), 0, -1)]
+    return list(dict.fromkeys([*intermediate, *started_ids(queue)]))
+
+
 def started_ids(queue: Queue) -> list[str]:
     """Ids of the jobs RQ has marked started on ``queue`` (without RQ's own cleanup)."""
     registry = StartedJobRegistry(queue.name, connection=queue.connection)
@@ -399,6 +410,6 @@ __all__ = [
     "ENQUEUE_CHUNK", "FINISHED_TTL", "QUEUE_PREFIX", "SERIALIZER", "TASK", "BaseWorker", "DeserializationError",
     "Execution", "FairQueue", "Job", "JobTimeoutException", "Place", "Queue", "SimpleWorker", "StopRequested",
     "WorkerStatus", "cancel_queued", "drop_many", "end_execution", "end_lost", "enqueue", "enqueue_many",
-    "failure_text", "fetch_job", "forget", "intermediate_key", "mark_requeued", "model_queue", "queue_depths",
-    "queue_name", "rq_status", "set_dequeue_order", "start_execution", "started_ids",
+    "failure_text", "fetch_job", "forget", "intermediate_key", "mark_requeued", "model_queue", "queue_depths", "queue_key",
+    "queue_name", "rq_status", "set_dequeue_order", "start_execution", "started_ids", "taken_ids",
 ]
