@@ -17,6 +17,7 @@ from redis import Redis
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.waiting import Waiter
 from app.auth.apikeys import KeyStore
 from app.auth.caller import Caller
 from app.contract.registry import Registry
@@ -111,6 +112,15 @@ async def get_results(request: Request) -> ResultStore:
 
 
 ResultsDep = Annotated[ResultStore, Depends(get_results)]
+
+
+async def get_waiter(request: Request) -> Waiter:
+    """The process's ``Waiter`` (``app.api.waiting``), built in the app's lifespan: long polls, event
+    streams and the synchronous endpoints all wait through it."""
+    return request.app.state.waiter
+
+
+WaiterDep = Annotated[Waiter, Depends(get_waiter)]
 
 
 async def get_job_service(redis: RedisDep, settings: SettingsDep, caller: CallerDep, results: ResultsDep) -> JobService:

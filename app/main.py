@@ -37,6 +37,7 @@ from app.api.routes import (
     verify,
 )
 from app.api.slow_clients import BodyDeadline
+from app.api.waiting import Waiter
 from app.api.waits import WaitCount
 from app.auth.quotas import RateLimiter
 from app.contract import memory
@@ -74,11 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Redis is down; /readyz says so and requests get 503 until it is back.
         clients = open_api_redis(settings)
         app.state.redis = clients.sync  # thread-pool routes and dependencies
-        # Event streams and long polls block on Redis: asyncio clients, so they hold no thread;
-        # blocking reads have their own pool (app.api.redis_clients), admitted by app.api.waits.
-        app.state.aredis = clients.quick
-        app.state.wait_redis = clients.waits
-        app.state.wait_count = WaitCount(settings.redis_wait_connections)
+        # Long polls, event streams and synchronous endpoints block on Redis: asyncio clients, so
+        # they hold no thread; blocking reads have their own pool (app.api.redis_clients), admitted
+        # by app.api.waits. Routes reach it only through app.deps.WaiterDep.
+        app.state.waiter = Waiter(clients.sync, clients.quick, clients.waits,
+                                  WaitCount(settings.redis_wait_connections))
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
         _check_memory_policy(app.state.redis, settings)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from rq.exceptions import DeserializationError
-from rq.job import Job
-
 from app.contract.records import ErrorCode, utcnow
+from app.contract.rq_adapter import DeserializationError, Job
 from app.contract.tasks import TASK
 from worker import context
 

@@ -18,7 +18,8 @@ sending jobs one at a time never waits). Each one taken is
 When the lead's RQ job has ended, ``DiffqWorker`` ends each taken job in RQ through RQ's own
 success handling (or failure handling, if the lead's run itself failed and the taken job never
 got a result), one after the other, as if RQ had run it: ``finished``, a result, the finished
-registry, the worker's counters. The API's reconcile therefore never sees a batched job failed.
+registry, the worker's counters (``app.contract.rq_adapter.end_execution``). RQ's bookkeeping is
+secondary: clients read diffq's record alone.
 
 During the run each job has its own progress reporter (one Redis round trip, at the steps
 where any job of the batch has a write due or must read its record, checks them all and writes
@@ -44,19 +45,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rq.executions import Execution
-from rq.job import Job
-from rq.queue import Queue
-from rq.utils import now
-
 from app.contract import keys
 from app.contract.records import JobParams, JobRecord
+from app.contract.rq_adapter import Execution, Job, Queue, fetch_job, start_execution
 from app.contract.store import JobStore
 from worker.allowlist import refusal_reason
 
 if TYPE_CHECKING:
-    from rq.worker import BaseWorker
-
+    from app.contract.rq_adapter import BaseWorker
     from model.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -161,24 +157,13 @@ class Company:
         return True, compatible
 
     def _take(self, job_id: str, lead_id: str) -> Taken | None:
-        rq_job = self.worker.job_class.fetch_many([job_id], connection=self.redis, serializer=self.worker.serializer)[0]
+        rq_job = fetch_job(self.worker, job_id)
         if rq_job is None or refusal_reason(rq_job) is not None:
             return None  # left on the queue: RQ dequeues it and drops or refuses it as usual
         token = uuid.uuid4().hex
         record = self.store.claim_queued(job_id, self.queue.key, self.worker_id, token)
         if record is None:
             return None  # another worker took it, or it ended meanwhile
-        execution = self._start_in_rq(rq_job)
+        execution = start_execution(self.worker, rq_job)  # as RQ marks the job it dequeued
         log.info("job %s: joins the batch of job %s", job_id, lead_id)
         return Taken(record=record, token=token, rq_job=rq_job, execution=execution)
-
-    def _start_in_rq(self, job: Job) -> Execution:
-        """What RQ's worker does for the job it dequeued (``prepare_execution`` and
-        ``prepare_job_execution``), minus the worker's own single-job fields."""
-        ttl = self.worker.get_heartbeat_ttl(job)
-        with self.redis.pipeline() as pipe:
-            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.worker.name)
-            job.heartbeat(now(), ttl, pipeline=pipe)
-            job.prepare_for_execution(self.worker.name, pipeline=pipe)
-            pipe.execute()
-        return execution

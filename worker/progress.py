@@ -193,7 +193,8 @@ def report_step(
     stops: list[StopGeneration | None] = [None] * len(runs)
     if not pending:
         return stops
-    generations = [runs[index][0].stops.generation if runs[index][0].stops else 0 for index in pending]
+    listeners = [runs[index][0].stops for index in pending]
+    generations = [listener.generation if listener is not None else 0 for listener in listeners]
     try:
         checks = store.step([(runs[index][0].job_id, runs[index][0].token, progress[index], previews[index])
                              for index in pending])

@@ -7,16 +7,23 @@ import logging
 import time
 
 import redis.exceptions
-from rq.exceptions import StopRequested
-from rq.job import Job
-from rq.job import JobStatus as RQStatus
-from rq.queue import Queue
-from rq.worker import SimpleWorker, WorkerStatus
 
 from app.contract import keys
+from app.contract.rq_adapter import (
+    QUEUE_PREFIX,
+    Job,
+    Queue,
+    SimpleWorker,
+    StopRequested,
+    WorkerStatus,
+    end_execution,
+    failure_text,
+    intermediate_key,
+    mark_requeued,
+    set_dequeue_order,
+)
 from app.contract.status import JobStatus
 from app.contract.store import WriteResult
-from app.contract.tasks import QUEUE_PREFIX, intermediate_key, mark_requeued
 from worker import context, faults
 from worker.allowlist import AllowListedJob
 from worker.batching import Company, Taken, engine_batch_key
@@ -62,7 +69,7 @@ class DiffqWorker(SimpleWorker):
             waiting = dict(zip(by_model, (bool(n) for n in pipe.execute()), strict=True))
         models = context.current().models
         loaded = models.loaded if models is not None else []
-        self._ordered_queues = [by_model[name] for name in self.chooser.order(loaded, waiting)]
+        set_dequeue_order(self, [by_model[name] for name in self.chooser.order(loaded, waiting)])
         result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         if result is not None:
             self.chooser.took(result[1].name.removeprefix(QUEUE_PREFIX))
@@ -184,20 +191,10 @@ class DiffqWorker(SimpleWorker):
         job = taken.rq_job
         if failure is not None and self._has_ended(taken.record.id):
             failure = None  # its result (or its failure) is stored: RQ has nothing to add
-        self.execution = taken.execution  # RQ's handlers end the worker's current execution
         try:
-            self.handle_execution_ended(job, queue, job.success_callback_timeout)
-            if failure is None:
-                job._status = RQStatus.FINISHED
-                self.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
-            else:
-                job._status = RQStatus.FAILED
-                self.handle_job_failure(job=job, queue=queue, started_job_registry=queue.started_job_registry,
-                                        exc_string=failure)
+            end_execution(self, job, queue, taken.execution, failure)
         except redis.exceptions.RedisError as error:  # the record holds the truth; RQ's view is secondary
             log.warning("job %s: could not end it in RQ: %s", job.id, error)
-        finally:
-            self.execution = None
 
     def _has_ended(self, job_id: str) -> bool:
         raw = self.connection.hget(keys.job(job_id), "status")
@@ -205,9 +202,5 @@ class DiffqWorker(SimpleWorker):
 
     def _failure_of(self, lead: Job) -> str:
         """What RQ recorded of the lead's failure, for the jobs that ran with it."""
-        try:
-            result = lead.latest_result()
-            detail = (result.exc_string or "") if result is not None else ""
-        except Exception:
-            detail = ""
+        detail = failure_text(lead)
         return f"ran in the batch of job {lead.id}, whose run failed:\n{detail or 'unknown failure'}"

@@ -24,10 +24,10 @@ from typing import Any, cast
 
 import redis.exceptions
 from PIL import Image
-from rq.timeouts import JobTimeoutException
 
 from app.contract import keys, metrics, replication
 from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
+from app.contract.rq_adapter import JobTimeoutException
 from app.contract.store import StoredImage, WriteResult
 from app.contract.tasks import model_queue
 from app.storage.base import StorageUnavailableError

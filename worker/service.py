@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import redis.exceptions
-from rq.serializers import JSONSerializer
 
 from app.contract import connection, memory
 from app.contract.records import ModelRecord, WorkerRecord, utcnow
 from app.contract.registry import Registry
+from app.contract.rq_adapter import SERIALIZER
 from app.contract.store import JobStore
 from app.contract.tasks import queue_name
 from app.settings import Settings
@@ -178,7 +178,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         [queue_name(name) for name in names],
         name=worker_id,
         connection=redis,
-        serializer=JSONSerializer,
+        serializer=SERIALIZER,
     )
     if len(names) > 1:
         rq_worker.chooser = QueueChooser(names, settings.model_switch_after)

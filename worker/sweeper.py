@@ -37,9 +37,10 @@ from redis import Redis
 from app.contract import keys, metrics
 from app.contract.records import ErrorCode
 from app.contract.registry import Registry
+from app.contract.rq_adapter import taken_ids
 from app.contract.status import JobStatus
 from app.contract.store import JobStore, WriteResult
-from app.contract.tasks import end_lost, intermediate_key, mark_requeued, model_queue, started_ids
+from app.contract.tasks import end_lost, intermediate_key, mark_requeued, model_queue
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,7 @@ class Sweeper:
         still queued and unclaimed: seen so for ``heartbeat_ttl`` s, their worker is gone."""
         seen_key = keys.sweeper_unclaimed(self.model)
         intermediate = intermediate_key(self.queue)
-        taken = list(dict.fromkeys([*(i.decode() for i in self.redis.lrange(intermediate, 0, -1)),
-                                    *started_ids(self.queue)]))
+        taken = taken_ids(self.queue)
         waiting = set(self.queue.get_job_ids())
         candidates = [job_id for job_id in taken if job_id not in waiting and self._unclaimed(job_id)]
         seen = {k.decode(): float(v) for k, v in self.redis.hgetall(seen_key).items()}

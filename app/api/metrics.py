@@ -17,12 +17,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis import Redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from app.contract import memory, metrics
 from app.contract.registry import Registry, served_by
-from app.contract.tasks import QUEUE_PREFIX
+from app.contract.rq_adapter import queue_depths
 from app.core import backpressure
 
 log = logging.getLogger(__name__)
@@ -52,11 +50,7 @@ class DiffqCollector(Collector):
             used = memory.read(client)
             running = backpressure.running_by_model(client)
             workers = Registry(client, self._heartbeat_ttl).live_workers()
-            depths = {
-                queue.name.removeprefix(QUEUE_PREFIX): queue.count
-                for queue in Queue.all(connection=client, serializer=JSONSerializer)
-                if queue.name.startswith(QUEUE_PREFIX)
-            }
+            depths = queue_depths(client)
         except (redis.exceptions.RedisError, OSError) as error:
             log.warning("metrics scrape: Redis unavailable: %s", error)
             up.add_metric([], 0)

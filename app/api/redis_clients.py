@@ -29,7 +29,7 @@ from app.settings import Settings
 CONNECT_TIMEOUT = 2
 #: Seconds a short command may take.
 COMMAND_TIMEOUT = 10
-#: Seconds a blocking read's socket waits: longer than the longest block (5 s XREAD).
+#: Seconds a blocking read's socket waits: far longer than the longest block (app.api.waiting.POLL_SECONDS).
 BLOCKING_TIMEOUT = 30
 
 

@@ -1,31 +1,51 @@
-"""Waiting for a job to end inside one HTTP request: what the synchronous APIs (A1111's ``/sdapi/v1``,
-OpenAI's image generations, edits and variations) are built on, inside a wait admitted by
-``app.api.waits.hold_wait``.
+"""Waiting for a job's change while a request is open: the one way the API does it, for long polls
+(``GET /v1/jobs/{id}?wait=``), event streams (``GET /v1/jobs/{id}/events``) and the synchronous
+endpoints (OpenAI's image generations, edits and variations; A1111's ``/sdapi/v1``).
 
-The wait follows the job's event stream (no polling of the record between events), re-reads
-the record every few seconds in case RQ ended the job silently, and cancels the job if the
-client hangs up: nobody would read its result.
+A route gets the process's ``Waiter`` through the ``app.deps.WaiterDep`` dependency (never from
+``app.state``), is admitted by it (``Waiter.admit``: ``app.api.waits``, 429 or 503 before any
+blocking read) and then follows the job with the ``Wait`` it is given:
+
+- ``Wait.follow``: the job's events as they are published. It blocks on the waits' own pool
+  (``app.api.redis_clients``) for at most ``POLL_SECONDS`` at a time, so a hang-up or the deadline
+  is noticed within one read; after ``RECHECK_SECONDS`` without an event it yields an empty batch,
+  the caller's cue to re-read the job (RQ may end a job without an event).
+- ``Wait.until_ended``: the job once it has ended, or as it is when the time is up; no polling of
+  the record between events.
+- ``Wait.result``: the same for a synchronous endpoint, which cancels the job if the client hangs
+  up: nobody would read its result.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from app.api.waits import WaitSlot
+from app.api.waits import WaitCount, WaitSlot, hold_wait
+from app.auth.caller import Caller
 from app.contract import events, keys
 from app.core.errors import DiffqError, JobNotFoundError
 from app.core.jobs import JobService, JobView
 
 log = logging.getLogger(__name__)
 
-#: How often the wait re-reads the job even without events, and how long one blocking read lasts.
-RECHECK_SECONDS = 5.0
+#: Longest single blocking read, in seconds: how soon a hang-up or a deadline is noticed.
 POLL_SECONDS = 1.0
+#: Seconds without an event after which the job is re-read (RQ may end a job silently).
+RECHECK_SECONDS = 5.0
+#: Most events one read returns.
+READ_COUNT = 100
+
+#: Asks whether the client has hung up (``Request.is_disconnected``).
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 class WaitTimedOut(Exception):
@@ -36,41 +56,95 @@ class WaitTimedOut(Exception):
         self.view, self.timeout = view, timeout
 
 
-async def until_ended(request: Request, jobs: JobService, view: JobView, timeout: float,
-                      slot: WaitSlot | None = None) -> JobView | None:
-    """The job once it has ended; ``None`` if the client hung up first (the job is then canceled).
-    Raises ``WaitTimedOut``, or ``JobNotFoundError`` if the job was deleted meanwhile. The caller
-    holds ``slot`` (``app.api.waits.hold_wait``): blocking reads go to the waits' own pool."""
-    job_id = view.record.id
-    aredis: AsyncRedis = request.app.state.aredis
-    blocking: AsyncRedis = request.app.state.wait_redis
-    deadline = time.monotonic() + timeout
-    last = events.last_id_text(await aredis.xrevrange(keys.events(job_id), count=1))
-    checked = time.monotonic()
-    while not view.status.is_terminal:
-        if slot is not None:
-            await slot.renew()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise WaitTimedOut(view, timeout)
-        if await request.is_disconnected():
+@dataclass(frozen=True)
+class Waiter:
+    """An API process's means of waiting: its Redis clients for it and its count of open waits.
+    Built once in the app's lifespan; routes take it through ``app.deps.WaiterDep``."""
+
+    redis: Redis  # the thread pool's client: admission claims (app.auth.quotas)
+    quick: AsyncRedis  # short reads from the event loop
+    blocking: AsyncRedis  # XREAD BLOCK only, redis_wait_connections of them
+    count: WaitCount
+
+    @asynccontextmanager
+    async def admit(self, caller: Caller, *, stream: bool = False) -> AsyncIterator[Wait]:
+        """One admitted wait of ``caller`` (``app.api.waits``: 429/503 here), held until the block exits."""
+        async with hold_wait(self.count, self.redis, caller, stream=stream) as slot:
+            yield Wait(self, slot)
+
+
+@dataclass
+class Wait:
+    """One admitted wait, following one job at a time."""
+
+    waiter: Waiter
+    slot: WaitSlot
+    hung_up: bool = False  # set once ``follow`` has seen the client gone
+
+    async def last_event_id(self, job_id: str) -> str:
+        """The id of the job's newest event ("0" if none): follow from here to miss nothing after it."""
+        return events.last_id_text(await self.waiter.quick.xrevrange(keys.events(job_id), count=1))
+
+    async def follow(self, job_id: str, after: str, *, deadline: float | None = None,
+                     disconnected: Disconnected | None = None) -> AsyncGenerator[list[events.Event], None]:
+        """The job's events after the id ``after``, a batch at a time as they are published, and an
+        empty batch after each ``RECHECK_SECONDS`` without one. Ends at ``deadline`` (monotonic), or
+        when ``disconnected`` says the client has gone (``hung_up`` is then set); otherwise it goes on
+        until the caller stops."""
+        quiet_since = time.monotonic()
+        while True:
+            await self.slot.renew()
+            block = POLL_SECONDS
+            if deadline is not None:
+                block = min(block, deadline - time.monotonic())
+                if block <= 0:
+                    return
+            if disconnected is not None and await disconnected():
+                self.hung_up = True
+                return
+            reply = await self.waiter.blocking.xread({keys.events(job_id): after}, block=max(1, int(block * 1000)),
+                                                     count=READ_COUNT)
+            if reply:
+                batch = events.parse(reply[0][1])
+                after, quiet_since = batch[-1].id, time.monotonic()
+                yield batch
+            elif time.monotonic() - quiet_since >= RECHECK_SECONDS:
+                quiet_since = time.monotonic()
+                yield []
+
+    async def until_ended(self, jobs: JobService, job_id: str, timeout: float, *,
+                          disconnected: Disconnected | None = None) -> JobView | None:
+        """The job once it has ended; ``None`` if the client hung up first. Raises ``WaitTimedOut``
+        (carrying the job as it is then) or ``JobNotFoundError`` if the job is deleted meanwhile."""
+        deadline = time.monotonic() + timeout
+        after = await self.last_event_id(job_id)
+        view = await run_in_threadpool(jobs.get, job_id)  # read after `after`: nothing ends unseen
+        if view.status.is_terminal:
+            return view
+        async with aclosing(self.follow(job_id, after, deadline=deadline, disconnected=disconnected)) as batches:
+            async for batch in batches:
+                if not batch or any(event.is_terminal for event in batch):
+                    view = await run_in_threadpool(jobs.get, job_id)
+                    if view.status.is_terminal:
+                        return view
+        if self.hung_up:
+            return None
+        view = await run_in_threadpool(jobs.get, job_id)  # as it is now, progress included
+        if view.status.is_terminal:
+            return view
+        raise WaitTimedOut(view, timeout)
+
+    async def result(self, request: Request, jobs: JobService, job_id: str, timeout: float) -> JobView | None:
+        """``until_ended`` for a synchronous endpoint: if the client hangs up first, the job is
+        canceled (nobody would read its result) and the answer is ``None``."""
+        view = await self.until_ended(jobs, job_id, timeout, disconnected=request.is_disconnected)
+        if view is None:
             log.info("client hung up while waiting; canceling job %s", job_id, extra={"job_id": job_id})
             try:
                 await run_in_threadpool(jobs.cancel, job_id)
             except DiffqError:
                 pass  # it ended meanwhile, or was deleted
-            return None
-        block_ms = max(1, int(min(remaining, POLL_SECONDS) * 1000))
-        reply = await blocking.xread({keys.events(job_id): last}, block=block_ms)
-        ended = False
-        if reply:
-            parsed = events.parse(reply[0][1])
-            last = parsed[-1].id
-            ended = any(event.is_terminal for event in parsed)
-        if ended or time.monotonic() - checked >= RECHECK_SECONDS:
-            checked = time.monotonic()
-            view = await run_in_threadpool(jobs.get, job_id)  # JobNotFoundError: deleted while running
-    return view
+        return view
 
 
-__all__ = ["JobNotFoundError", "WaitTimedOut", "until_ended"]
+__all__ = ["POLL_SECONDS", "RECHECK_SECONDS", "JobNotFoundError", "Wait", "WaitTimedOut", "Waiter"]

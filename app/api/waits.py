@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from redis import Redis
 
 from app.auth.caller import Caller
 from app.auth.quotas import STREAM_CLAIM_SECONDS, Claim, Quotas
@@ -55,9 +55,10 @@ class WaitSlot:
 
 
 @asynccontextmanager
-async def hold_wait(request: Request, caller: Caller, *, stream: bool = False) -> AsyncIterator[WaitSlot]:
-    """Admit one wait of ``caller`` (see the module docstring), held until the block exits."""
-    count: WaitCount = request.app.state.wait_count
+async def hold_wait(count: WaitCount, redis: Redis, caller: Caller, *, stream: bool = False) -> AsyncIterator[WaitSlot]:
+    """Admit one wait of ``caller`` (see the module docstring) in this process's ``count``, its claim
+    written through ``redis``; held until the block exits. Routes reach it through
+    ``app.api.waiting.Waiter.admit``."""
     if count.open >= count.most:
         raise ServerBusyError(f"this API process already serves {count.most} waits, its limit "
                               "(DIFFQ_REDIS_WAIT_CONNECTIONS); retry, or poll without wait")
@@ -65,7 +66,7 @@ async def hold_wait(request: Request, caller: Caller, *, stream: bool = False) -
     slot = WaitSlot()
     try:
         if caller.key is not None:
-            slot.quotas = Quotas(request.app.state.redis, caller.scope)
+            slot.quotas = Quotas(redis, caller.scope)
             caps = {keys.owner_waits(caller.scope): caller.max_waits}
             if stream:
                 caps[keys.owner_streams(caller.scope)] = caller.max_event_streams

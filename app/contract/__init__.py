@@ -6,7 +6,9 @@
 - ``rules``: the request rules the API checks at submit and the engine again before it runs.
 - ``store``: the atomic operations on job records (create, claim, progress, finish, delete).
 - ``registry``: worker and model registration with heartbeats.
-- ``tasks``: the single task a worker runs and the queue each model uses.
+- ``rq_adapter``: every touch of RQ: the single task a worker runs, the queue each model uses,
+  enqueue, and RQ's bookkeeping of what diffq decides (cancel, delete, requeue, batches, lost jobs).
+- ``tasks``: the task and queue names, kept at their old import path (from ``rq_adapter``).
 - ``connection``: every Redis client diffq opens, plain or through Sentinel.
 - ``replication``: ``WAIT`` for replicas before a write counts as acknowledged.
 - ``memory``: refuse an evicting Redis; its used and maximum memory.

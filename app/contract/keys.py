@@ -2,7 +2,9 @@
 
 diffq's own keys all start with ``diffq:``. RQ keeps its usual ``rq:`` keys
 (``rq:queue:<queue>``, ``rq:job:<id>``, registries); diffq reads and writes
-those only through RQ's API. A diffq job and its RQ job share one id.
+those only in ``app.contract.rq_adapter`` (through RQ's API, or, for its queue and
+intermediate lists, in the store's claim scripts with the names the adapter gives). A diffq
+job and its RQ job share one id.
 
 ==============================  ======  ========  ==================================================
 key                             type    writer    lifetime

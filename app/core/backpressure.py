@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from app.contract import keys
-from app.contract.tasks import queue_name
+from app.contract.rq_adapter import queue_key
 from app.core.errors import QueueFullError
 from app.settings import Settings
 
@@ -43,7 +43,7 @@ def max_depth(settings: Settings, model: str) -> int | None:
 
 def queued(redis: Redis, model: str) -> int:
     """Jobs in the model's queue that no worker has taken yet."""
-    return int(redis.llen(f"rq:queue:{queue_name(model)}"))
+    return int(redis.llen(queue_key(model)))
 
 
 def estimated_wait(redis: Redis, model: str, ahead: int, workers: int) -> float | None:

@@ -12,20 +12,16 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import WatchError
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from app.auth.caller import Caller
 from app.auth.quotas import Quotas
 from app.contract import events, keys, metrics, replication
-from app.contract import status as job_status
 from app.contract.adapters import list_adapters
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
 from app.contract.store import CancelResult, JobStore
-from app.contract.tasks import Place, enqueue, model_queue, rq_status
+from app.contract.tasks import Place, cancel_queued, enqueue, forget, model_queue
 from app.core import backpressure
 from app.core.errors import (
     ContentCredentialsUnavailableError,
@@ -323,10 +319,7 @@ class JobService:
             raise JobFinishedError(
                 f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
         if result is CancelResult.CANCELED:
-            try:
-                self._rq_job(job_id).cancel()  # off the queue; RQ's own status says canceled too
-            except (NoSuchJobError, InvalidJobOperation):
-                pass
+            cancel_queued(self.redis, job_id)  # off the queue; RQ's own status says canceled too
             view = self.get(job_id)
             metrics.record_finished(self.redis, view.record.model, "canceled")  # queued: it never ran
             log.info("job %s canceled while queued", job_id, extra={"job_id": job_id})
@@ -360,6 +353,7 @@ class JobService:
     def delete(self, job_id: str) -> None:
         """Remove the job and its images; a queued job will never run, a running one stops."""
         self._require(job_id)
+        model, status = self.redis.hmget(keys.job(job_id), "model", "status")  # diffq's record, before it goes
         if not self.store.delete(job_id):
             raise JobNotFoundError(job_id)
         try:
@@ -369,11 +363,8 @@ class JobService:
         self.redis.delete(attempts_key(job_id))  # its webhook delivery attempts
         # A running job is left to its worker: the worker finds the record gone at its
         # next progress write and stops, and RQ then closes its own bookkeeping.
-        if job_status.from_rq(rq_status(job_id, self.redis)) is not JobStatus.RUNNING:
-            try:
-                self._rq_job(job_id).delete(remove_from_queue=True)
-            except NoSuchJobError:
-                pass
+        if model is not None and status is not None:
+            forget(self.redis, json.loads(model), job_id, JobStatus(json.loads(status)))
 
     def image(self, job_id: str, index: int) -> ImageRecord:
         """An image's record (sha256, size); raises if the job or the image does not exist."""
@@ -413,9 +404,6 @@ class JobService:
         listing = ", ".join(sorted(served)) or "none (no live workers)"
         problem = "is required when several models are served" if name is None else f"{name!r} is not served"
         raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])
-
-    def _rq_job(self, job_id: str) -> Job:
-        return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
 
 
 class _StoredImages:

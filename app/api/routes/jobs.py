@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from redis.asyncio import Redis as AsyncRedis
 
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
 from app.api.public_urls import public_url
-from app.api.waits import WaitSlot, hold_wait
-from app.contract import events, keys
+from app.api.waiting import Wait, WaitTimedOut
+from app.contract import events
 from app.core.errors import JobListingDisabledError, JobNotFoundError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.inputs import has_inputs
 from app.core.jobs import JobService, JobView
-from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody
+from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody, WaiterDep
 from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 from app.storage.urls import image_links
 
@@ -30,18 +28,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 #: Longest long poll, in seconds; clients poll again after it.
 MAX_WAIT = 60
-#: How often a stream or long poll re-reads the job even without events (RQ may end a job silently).
-RECHECK_SECONDS = 5
 #: Most jobs one GET /v1/jobs lists.
 MAX_LIST = 100
-
-
-async def async_redis(request: Request) -> AsyncRedis:
-    """The API's asyncio Redis client, for blocking reads that must not hold a thread."""
-    return request.app.state.aredis
-
-
-AsyncRedisDep = Annotated[AsyncRedis, Depends(async_redis)]
 
 
 @router.post(
@@ -125,30 +113,25 @@ async def get_job(
     job_id: str,
     jobs: JobServiceDep,
     caller: CallerDep,
-    redis: AsyncRedisDep,
+    waiter: WaiterDep,
     request: Request,
     wait: Annotated[
         float,
         Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds. "
               "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts."),
     ] = 0,
-) -> JobPublic:
+) -> Response | JobPublic:
     view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
     if wait == 0 or view.status.is_terminal:
         return job_public(view, request)
-    deadline = time.monotonic() + wait
-    async with hold_wait(request, caller) as slot:  # 429/503 before any blocking read
-        last = events.last_id_text(await redis.xrevrange(keys.events(job_id), count=1))
-        view = await run_in_threadpool(jobs.get, job_id)  # nothing ended unseen before `last`
-        blocking: AsyncRedis = request.app.state.wait_redis
-        while not view.status.is_terminal and (remaining := deadline - time.monotonic()) > 0:
-            await slot.renew()
-            reply = await blocking.xread({keys.events(job_id): last},
-                                         block=max(1, int(min(remaining, RECHECK_SECONDS) * 1000)))
-            if reply:
-                last = events.parse(reply[0][1])[-1].id
-            view = await run_in_threadpool(jobs.get, job_id)
-    return job_public(view, request)
+    async with waiter.admit(caller) as held:  # 429/503 before any blocking read
+        try:
+            ended = await held.until_ended(jobs, job_id, wait, disconnected=request.is_disconnected)
+        except WaitTimedOut as late:
+            ended = late.view  # a long poll answers the job as it is
+    if ended is None:  # the client hung up: nobody reads this, and the job goes on
+        return Response(status_code=499)
+    return job_public(ended, request)
 
 
 def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
@@ -156,11 +139,11 @@ def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
     return jobs.get(job_id)
 
 
-async def stream_slot(request: Request, caller: CallerDep) -> AsyncIterator[WaitSlot]:
+async def stream_wait(waiter: WaiterDep, caller: CallerDep) -> AsyncIterator[Wait]:
     """One of the key's open waits and event streams, held until the stream ends; 429 if either
     is at its limit, 503 if this process is at its own."""
-    async with hold_wait(request, caller, stream=True) as slot:
-        yield slot
+    async with waiter.admit(caller, stream=True) as held:
+        yield held
 
 
 @router.get(
@@ -175,25 +158,21 @@ async def job_events(
     request: Request,
     jobs: JobServiceDep,
     _: Annotated[JobView, Depends(existing_job)],
-    slot: Annotated[WaitSlot, Depends(stream_slot)],
+    held: Annotated[Wait, Depends(stream_wait)],
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> AsyncIterable[ServerSentEvent]:
     last = last_event_id if last_event_id and events.is_event_id(last_event_id) else "0"
-    blocking: AsyncRedis = request.app.state.wait_redis
-    while not await request.is_disconnected():
-        await slot.renew()
-        reply = await blocking.xread({keys.events(job_id): last}, block=RECHECK_SECONDS * 1000, count=100)
-        if reply:
-            for event in events.parse(reply[0][1]):
-                last = event.id
+    async with aclosing(held.follow(job_id, last, disconnected=request.is_disconnected)) as batches:
+        async for batch in batches:
+            for event in batch:
                 yield ServerSentEvent(id=event.id, event=event.type, data=event.data)
                 if event.is_terminal:
                     return
-            continue
-        ended = await _ended_without_event(jobs, job_id)
-        if ended is not None:
-            yield ended
-            return
+            if not batch:  # quiet for a while: the job may have ended without an event
+                ended = await _ended_without_event(jobs, job_id)
+                if ended is not None:
+                    yield ended
+                    return
 
 
 async def _ended_without_event(jobs: JobService, job_id: str) -> ServerSentEvent | None:

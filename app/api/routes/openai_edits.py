@@ -46,8 +46,7 @@ from app.api.routes.openai_images import (
     _parameter_failure,
     _submit_failure,
 )
-from app.api.waiting import WaitTimedOut, until_ended
-from app.api.waits import hold_wait
+from app.api.waiting import Waiter, WaitTimedOut
 from app.contract.status import JobStatus
 from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError, StoreUnavailableError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -56,7 +55,7 @@ from app.core.inputs import ALPHA_MASK
 from app.core.jobs import JobService, JobView
 from app.core.openai_inputs import openai_mask, png_prompt
 from app.core.uploads import UploadLimits, decode_image
-from app.deps import JobServiceDep, read_form
+from app.deps import JobServiceDep, WaiterDep, read_form
 from app.schemas.jobs import job_create_model
 from app.storage.urls import image_links
 
@@ -121,19 +120,19 @@ _FILE = {"type": "string", "format": "binary"}
 @router.post("/edits", response_model=ImagesResponse, responses=ERROR_RESPONSES,
              openapi_extra=_form_schema(ImageEditForm, {"image": _FILE, "mask": _FILE}),
              summary="Edit an image (OpenAI Images API compatible): inpainting with a mask, else image-to-image")
-async def create_edit(request: Request, jobs: JobServiceDep,
+async def create_edit(request: Request, jobs: JobServiceDep, waiter: WaiterDep,
                       idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER,
                                                                     include_in_schema=False)] = None) -> Any:
-    return await _guarded(_run(request, jobs, ImageEditForm, idempotency_key))
+    return await _guarded(_run(request, jobs, waiter, ImageEditForm, idempotency_key))
 
 
 @router.post("/variations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
              openapi_extra=_form_schema(ImageVariationForm, {"image": _FILE}),
              summary="Variations of an image (OpenAI Images API compatible): image-to-image")
-async def create_variation(request: Request, jobs: JobServiceDep,
+async def create_variation(request: Request, jobs: JobServiceDep, waiter: WaiterDep,
                            idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER,
                                                                          include_in_schema=False)] = None) -> Any:
-    return await _guarded(_run(request, jobs, ImageVariationForm, idempotency_key))
+    return await _guarded(_run(request, jobs, waiter, ImageVariationForm, idempotency_key))
 
 
 async def _guarded(work: Any) -> Any:
@@ -146,7 +145,8 @@ async def _guarded(work: Any) -> Any:
                              retry=True).response()
 
 
-async def _run(request: Request, jobs: JobService, form_model: type[_Common], idempotency_key: str | None) -> Any:
+async def _run(request: Request, jobs: JobService, waiter: Waiter, form_model: type[_Common],
+               idempotency_key: str | None) -> Any:
     values, files = await _read_form(request, jobs, form_model is ImageEditForm)
     try:
         params = form_model.model_validate(values)
@@ -155,7 +155,7 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
     async with AsyncExitStack() as held:
         try:
             # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
-            slot = await held.enter_async_context(hold_wait(request, jobs.caller))
+            wait = await held.enter_async_context(waiter.admit(jobs.caller))
             fields, uploads = await run_in_threadpool(_job_inputs, params, files, jobs)
             body = job_create_model(jobs.settings).model_validate(fields)
             key = validate_key(idempotency_key)
@@ -178,7 +178,7 @@ async def _run(request: Request, jobs: JobService, form_model: type[_Common], id
         log.info("OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id,
                  extra={"job_id": job_id})
         try:
-            ended = await until_ended(request, jobs, view, jobs.settings.openai_timeout, slot)
+            ended = await wait.result(request, jobs, job_id, jobs.settings.openai_timeout)
         except WaitTimedOut as timeout:
             url = public_url(request, "get_job", job_id=job_id)
             raise OpenAIFailure(504, f"The image job is still {timeout.view.status.value} after "

@@ -43,8 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from app.api.public_urls import public_url
 from app.api.routes.jobs import proxy_url
-from app.api.waiting import WaitTimedOut, until_ended
-from app.api.waits import WaitSlot, hold_wait
+from app.api.waiting import Wait, Waiter, WaitTimedOut
 from app.contract.status import JobStatus
 from app.core.errors import (
     DiffqError,
@@ -65,7 +64,7 @@ from app.core.errors import (
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, SettingsDep, media_type
+from app.deps import JobServiceDep, SettingsDep, WaiterDep, media_type
 from app.schemas.jobs import job_create_model
 from app.storage.urls import image_links
 
@@ -199,10 +198,11 @@ async def create_images(
     request: Request,
     jobs: JobServiceDep,
     settings: SettingsDep,
+    waiter: WaiterDep,
     idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)] = None,
 ) -> Any:
     try:
-        return await _create_images(request, jobs, settings.openai_timeout, idempotency_key)
+        return await _create_images(request, jobs, waiter, settings.openai_timeout, idempotency_key)
     except OpenAIFailure as failure:
         return failure.response()
     except DiffqError as error:  # a wait the key or the process cannot take now
@@ -214,7 +214,8 @@ async def create_images(
                              retry=True).response()
 
 
-async def _create_images(request: Request, jobs: JobService, timeout: float, idempotency_key: str | None) -> Any:
+async def _create_images(request: Request, jobs: JobService, waiter: Waiter, timeout: float,
+                         idempotency_key: str | None) -> Any:
     content_type = request.headers.get("content-type")
     if media_type(content_type) != "application/json":
         raise OpenAIFailure(415, f"Unsupported content type: {content_type or 'none'}; send application/json.",
@@ -232,7 +233,7 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
         raise _parameter_failure(error) from None
     body = _job_create(params, jobs)
     # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
-    async with hold_wait(request, jobs.caller) as slot:
+    async with waiter.admit(jobs.caller) as held:
         try:
             key = validate_key(idempotency_key)
             if key is not None:
@@ -244,7 +245,7 @@ async def _create_images(request: Request, jobs: JobService, timeout: float, ide
             raise _submit_failure(error) from None
         job_id = view.record.id
         log.info("OpenAI images request queued job %s", job_id, extra={"job_id": job_id})
-        ended = await _wait(request, jobs, view, timeout, slot)
+        ended = await _wait(request, jobs, held, job_id, timeout)
     if ended is None:  # the client hung up: nobody will read the result
         return JSONResponse({"error": None}, status_code=499)
     return await _answer(request, jobs, ended, params.response_format or "b64_json")
@@ -340,12 +341,11 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
     return OpenAIFailure(500, error.message, type="server_error", code=error.code, retry=False)
 
 
-async def _wait(request: Request, jobs: JobService, view: JobView, timeout: float, slot: WaitSlot) -> JobView | None:
+async def _wait(request: Request, jobs: JobService, held: Wait, job_id: str, timeout: float) -> JobView | None:
     """The job once it has ended (``app.api.waiting``); ``None`` if the client hung up first (the
     job is then canceled). Its time up or the job deleted: OpenAI-shaped errors."""
-    job_id = view.record.id
     try:
-        return await until_ended(request, jobs, view, timeout, slot)
+        return await held.result(request, jobs, job_id, timeout)
     except WaitTimedOut as late:
         url = public_url(request, "get_job", job_id=job_id)
         raise OpenAIFailure(

@@ -31,8 +31,7 @@ from pydantic import ValidationError
 from app import __version__
 from app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object, problem
 from app.api.public_urls import public_url
-from app.api.waiting import WaitTimedOut, until_ended
-from app.api.waits import hold_wait
+from app.api.waiting import Waiter, WaitTimedOut
 from app.contract.status import JobStatus
 from app.core import a1111
 from app.core.a1111_session import A1111Session
@@ -41,7 +40,7 @@ from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint, validate_key
 from app.core.jobs import JobService, JobView
 from app.core.uploads import UploadLimits
-from app.deps import JobServiceDep, RedisDep
+from app.deps import JobServiceDep, RedisDep, WaiterDep
 from app.schemas.a1111 import GenerationAnswer
 from app.schemas.jobs import job_create_model
 
@@ -60,16 +59,16 @@ def session_of(redis: Any, jobs: JobService) -> A1111Session:
 
 @router.post("/txt2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=ERRORS,
              summary="A1111 txt2img: queue a job, wait, answer base64 PNGs")
-async def txt2img(request: Request, jobs: JobServiceDep, redis: RedisDep,
+async def txt2img(request: Request, jobs: JobServiceDep, redis: RedisDep, waiter: WaiterDep,
                   idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
-    return await _guarded(_generate(request, jobs, session_of(redis, jobs), False, idempotency_key))
+    return await _guarded(_generate(request, jobs, waiter, session_of(redis, jobs), False, idempotency_key))
 
 
 @router.post("/img2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=ERRORS,
              summary="A1111 img2img (inpainting with `mask`): queue a job, wait, answer base64 PNGs")
-async def img2img(request: Request, jobs: JobServiceDep, redis: RedisDep,
+async def img2img(request: Request, jobs: JobServiceDep, redis: RedisDep, waiter: WaiterDep,
                   idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
-    return await _guarded(_generate(request, jobs, session_of(redis, jobs), True, idempotency_key))
+    return await _guarded(_generate(request, jobs, waiter, session_of(redis, jobs), True, idempotency_key))
 
 
 async def _guarded(work: Any) -> Any:
@@ -81,7 +80,7 @@ async def _guarded(work: Any) -> Any:
         return A1111Failure(503, f"Redis is unreachable: {error}", "StoreUnavailableError").response()
 
 
-async def _generate(request: Request, jobs: JobService, session: A1111Session, img2img: bool,
+async def _generate(request: Request, jobs: JobService, waiter: Waiter, session: A1111Session, img2img: bool,
                     idempotency_key: str | None) -> Any:
     raw = await request.body()
     params = _parse(raw)
@@ -91,7 +90,7 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
     async with AsyncExitStack() as held:
         try:
             # The wait is admitted before the job is queued: a 429 or 503 here leaves no job behind.
-            slot = await held.enter_async_context(hold_wait(request, jobs.caller))
+            wait = await held.enter_async_context(waiter.admit(jobs.caller))
             fields = a1111.job_fields(params, img2img, default_model, limits)
             body = job_create_model(settings).model_validate(fields)
             key = validate_key(idempotency_key)
@@ -110,7 +109,7 @@ async def _generate(request: Request, jobs: JobService, session: A1111Session, i
         log.info("A1111 %s request queued job %s", "img2img" if img2img else "txt2img", job_id,
                  extra={"job_id": job_id})
         try:
-            ended = await until_ended(request, jobs, view, settings.sdapi_timeout, slot)
+            ended = await wait.result(request, jobs, job_id, settings.sdapi_timeout)
         except WaitTimedOut as timeout:
             url = public_url(request, "get_job", job_id=job_id)
             raise A1111Failure(504, f"the job is still {timeout.view.status.value} after {timeout.timeout:g} s; it "

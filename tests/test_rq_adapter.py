@@ -1,0 +1,169 @@
+"""Contract tests of diffq's touches of RQ, against a real Redis and the RQ version installed under
+pyproject's pin: what RQ must do for diffq's enqueue, cancel and delete, its workers' dequeue and
+its bookkeeping to hold. Upgrading RQ starts here."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import rq
+from packaging.requirements import Requirement
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from app.contract.rq_adapter import (
+    end_execution,
+    end_lost,
+    failure_text,
+    fetch_job,
+    mark_requeued,
+    queue_depths,
+    queue_key,
+    set_dequeue_order,
+    start_execution,
+    started_ids,
+    taken_ids,
+)
+from app.contract.status import JobStatus
+from app.contract.tasks import cancel_queued, enqueue, forget, intermediate_key, model_queue, rq_status
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = REPO / "pyproject.toml"
+#: Modules allowed to import rq: the adapter, and the one mapping of RQ's statuses to diffq's.
+RQ_IMPORTERS = {"app/contract/rq_adapter.py", "app/contract/status.py"}
+
+
+def queued(redis: Redis, settings: Settings, *ids: str) -> Queue:
+    queue = model_queue("shapes", redis)
+    for job_id in ids:
+        enqueue(queue, job_id, settings)
+    return queue
+
+
+def taken_by_a_worker(queue: Queue) -> str:
+    """What an RQ worker's dequeue does before diffq's code runs: the id moves to RQ's intermediate list."""
+    result = Queue.dequeue_any([queue], timeout=1, connection=queue.connection, serializer=JSONSerializer)
+    assert result is not None
+    return result[0].id
+
+
+def test_the_installed_rq_is_the_pinned_one() -> None:
+    pins = [Requirement(line) for line in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]]
+    pin = next(requirement for requirement in pins if requirement.name == "rq")
+    assert pin.specifier.contains(rq.__version__), f"rq {rq.__version__} is outside the pin {pin}"
+
+
+def test_a_workers_dequeue_moves_the_id_to_the_intermediate_list(redis: Redis, settings: Settings) -> None:
+    queue = queued(redis, settings, "a1", "a2")
+    assert taken_by_a_worker(queue) == "a1"
+    assert redis.lrange(intermediate_key(queue), 0, -1) == [b"a1"]
+    assert queue.get_job_ids() == ["a2"] and queue_key("shapes") == queue.key
+    assert taken_ids(queue) == ["a1"]
+
+
+def test_cancel_queued_takes_the_job_off_the_queue_and_rq_calls_it_canceled(redis: Redis, settings: Settings) -> None:
+    queue = queued(redis, settings, "c1", "c2")
+    cancel_queued(redis, "c1")
+    cancel_queued(redis, "c1")  # again: harmless
+    cancel_queued(redis, "missing")
+    assert queue.get_job_ids() == ["c2"] and rq_status("c1", redis) == "canceled"
+
+
+def test_forget_deletes_a_queued_or_ended_job_in_rq(redis: Redis, settings: Settings) -> None:
+    queue = queued(redis, settings, "f1", "f2", "f3")
+    forget(redis, "shapes", "f1", JobStatus.QUEUED)
+    forget(redis, "shapes", "f2", JobStatus.SUCCEEDED)
+    assert queue.get_job_ids() == ["f3"]
+    assert rq_status("f1", redis) is None and rq_status("f2", redis) is None
+    forget(redis, "shapes", "missing", JobStatus.FAILED)  # RQ's job already expired: nothing to do
+
+
+def test_forget_leaves_a_running_job_and_one_a_worker_has_taken_to_its_worker(redis: Redis,
+                                                                               settings: Settings) -> None:
+    queue = queued(redis, settings, "t1", "r1")
+    taken = taken_by_a_worker(queue)  # taken, not yet claimed: diffq's record still says queued
+    forget(redis, "shapes", taken, JobStatus.QUEUED)
+    forget(redis, "shapes", "r1", JobStatus.RUNNING)
+    assert Job.exists(taken, connection=redis) and Job.exists("r1", connection=redis)
+    assert redis.lrange(intermediate_key(queue), 0, -1) == [taken.encode()]
+
+
+def test_only_the_adapter_imports_rq() -> None:
+    importers = set()
+    for package in ("app", "worker", "model"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                if any(name == "rq" or name.startswith("rq.") for name in names):
+                    importers.add(path.relative_to(REPO).as_posix())
+    assert importers == RQ_IMPORTERS
+
+
+def worker_of(queue: Queue) -> SimpleWorker:
+    return SimpleWorker([queue], connection=queue.connection, serializer=JSONSerializer)
+
+
+def test_a_job_taken_along_is_started_and_finished_in_rq_as_if_rq_had_run_it(redis: Redis,
+                                                                            settings: Settings) -> None:
+    queue = queued(redis, settings, "b1", "b2")
+    worker = worker_of(queue)
+    redis.lrem(queue.key, 1, "b2")  # taken off the list by diffq's claim script
+    job = fetch_job(worker, "b2")
+    assert job is not None and fetch_job(worker, "missing") is None
+    execution = start_execution(worker, job)
+    assert rq_status("b2", redis) == "started" and started_ids(queue) == ["b2"] and taken_ids(queue) == ["b2"]
+    assert Job.fetch("b2", connection=redis, serializer=JSONSerializer).worker_name == worker.name
+
+    end_execution(worker, job, queue, execution, None)
+    assert rq_status("b2", redis) == "finished" and started_ids(queue) == []
+    assert "b2" in FinishedJobRegistry(queue.name, connection=redis).get_job_ids()
+
+
+def test_a_job_taken_along_fails_in_rq_with_the_leads_failure_text(redis: Redis, settings: Settings) -> None:
+    queue = queued(redis, settings, "b3")
+    worker = worker_of(queue)
+    redis.lrem(queue.key, 1, "b3")
+    job = fetch_job(worker, "b3")
+    assert job is not None
+    end_execution(worker, job, queue, start_execution(worker, job), "ran in the batch of job b0, whose run failed")
+    assert rq_status("b3", redis) == "failed" and started_ids(queue) == []
+    assert "b3" in FailedJobRegistry(queue.name, connection=redis).get_job_ids()
+    assert failure_text(Job.fetch("b3", connection=redis, serializer=JSONSerializer)) == \
+        "ran in the batch of job b0, whose run failed"
+
+
+def test_a_requeued_job_is_queued_again_in_rq_and_a_lost_one_failed(redis: Redis, settings: Settings) -> None:
+    queue = queued(redis, settings, "q1", "q2")
+    worker = worker_of(queue)
+    for job_id in ("q1", "q2"):
+        redis.lrem(queue.key, 1, job_id)
+        job = fetch_job(worker, job_id)
+        assert job is not None
+        start_execution(worker, job)
+    assert sorted(started_ids(queue)) == ["q1", "q2"]
+
+    redis.lpush(queue.key, "q1")  # diffq's requeue script puts it back on the list
+    assert mark_requeued(queue, "q1") and not mark_requeued(queue, "missing")
+    end_lost(queue, "q2", 60, "its worker was lost")
+    assert rq_status("q1", redis) == "queued" and rq_status("q2", redis) == "failed" and started_ids(queue) == []
+    assert "q2" in FailedJobRegistry(queue.name, connection=redis).get_job_ids()
+    assert 0 < redis.ttl(Job.key_for("q2")) <= 60
+    assert queue_depths(redis) == {"shapes": 1}
+
+
+def test_a_worker_dequeues_its_queues_in_the_order_set(redis: Redis, settings: Settings) -> None:
+    first, second = model_queue("first", redis), model_queue("second", redis)
+    enqueue(first, "o1", settings)
+    enqueue(second, "o2", settings)
+    worker = SimpleWorker([first, second], connection=redis, serializer=JSONSerializer)
+    set_dequeue_order(worker, [second, first])
+    job, queue = worker.dequeue_job_and_maintain_ttl(timeout=1)
+    assert (job.id, queue.name) == ("o2", second.name)
