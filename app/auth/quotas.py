@@ -22,6 +22,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from redis import Redis
 
 from app.contract import keys
+from app.contract.scripts import script
 
 #: Seconds a wait's claim lasts unless its wait renews it.
 STREAM_CLAIM_SECONDS = 60
@@ -121,8 +122,8 @@ class Quotas:
     def __init__(self, redis: Redis, owner: str) -> None:
         self.redis = redis
         self.owner = owner
-        self._reserve = redis.register_script(_RESERVE_QUEUED)
-        self._open = redis.register_script(_OPEN_CLAIM)
+        self._reserve = script(redis, _RESERVE_QUEUED)
+        self._open = script(redis, _OPEN_CLAIM)
 
     def reserve_queued(self, job_id: str, cap: int, ttl: int) -> bool:
         """Count ``job_id`` as queued unless the owner already has ``cap`` queued jobs."""
