@@ -17,7 +17,7 @@ from redis import Redis
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.auth.apikeys import KeyStore
+from app.auth.apikeys import KeyStore, VerifiedKeys
 from app.auth.caller import Caller
 from app.contract.registry import Registry
 from app.core.errors import (
@@ -91,11 +91,19 @@ def get_caller(
     anonymous caller."""
     if settings.auth == "off":
         return Caller(None, settings)
-    key = KeyStore(redis).verify(_token(credentials, basic))
+    token = _token(credentials, basic)
+    verified: VerifiedKeys = request.app.state.verified_keys
+    key = verified.get(token) if token is not None else None
     if key is None:
-        raise UnauthorizedError()
+        key = KeyStore(redis).verify(token)
+        if key is None:
+            raise UnauthorizedError()
+        verified.put(token or "", key)
     caller = Caller(key, settings)
-    decision = request.app.state.rate_limiter.hit(key.id, caller.rate_limit)
+    decision = request.app.state.rate_limiter.hit(key.id, caller.rate_limit)  # also: not revoked since
+    if decision is None:
+        verified.drop(token or "")
+        raise UnauthorizedError()
     if not decision.allowed:
         raise RateLimitedError(caller.rate_limit, decision.headers())
     response.headers.update(decision.headers())

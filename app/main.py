@@ -37,6 +37,7 @@ from app.api.routes import (
     sdapi_session,
     verify,
 )
+from app.auth.apikeys import VerifiedKeys
 from app.auth.quotas import RateLimiter
 from app.contract import memory
 from app.deps import get_caller
@@ -45,6 +46,9 @@ from app.settings import Settings, load_settings
 from app.storage.factory import ready_store
 
 log = logging.getLogger(__name__)
+
+#: Seconds a verified API key is remembered by an API process (``app.auth.apikeys.VerifiedKeys``).
+KEY_CACHE_SECONDS = 60.0
 
 DESCRIPTION = """\
 Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
@@ -80,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.wait_count = WaitCount(settings.redis_wait_connections)
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
+        app.state.verified_keys = VerifiedKeys(KEY_CACHE_SECONDS)  # revocation is checked with the rate
         _check_memory_policy(app.state.redis, settings)
         # The result store: an API that cannot write to it refuses to start (the message names the setting).
         app.state.results = ready_store(settings, app.state.redis)
