@@ -101,17 +101,23 @@ class RateLimiter:
 
     def hit(self, key_id: str, rate: str) -> RateDecision | None:
         """Count one request of key ``key_id``; ``None`` if the key is revoked or gone (uncounted)."""
+        item, arguments = self._arguments(key_id, rate)
+        return _decision(item, self._hit(keys=[keys.api_key(key_id)], args=arguments))
+
+    def _arguments(self, key_id: str, rate: str) -> tuple[RateLimitItem, list[object]]:
         item = self._items.get(rate)
         if item is None:
             item = self._items[rate] = parse_rate(rate)
         window = item.get_expiry()
-        prefix = f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:"
-        reply = self._hit(keys=[keys.api_key(key_id)], args=[prefix, item.amount, window])
-        if int(reply[0]) < 0:
-            return None
-        allowed, remaining, reset_ms, retry_ms = (int(value) for value in reply)
-        reset = math.ceil((retry_ms if not allowed else reset_ms) / 1000)
-        return RateDecision(bool(allowed), item.amount, max(0, remaining), reset, window)
+        return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window]
+
+
+def _decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:
+    if int(reply[0]) < 0:
+        return None
+    allowed, remaining, reset_ms, retry_ms = (int(value) for value in reply)
+    reset = math.ceil((retry_ms if not allowed else reset_ms) / 1000)
+    return RateDecision(bool(allowed), item.amount, max(0, remaining), reset, item.get_expiry())
 
 
 # KEYS[1]: the owner's queued set. ARGV: job id, cap, job-record key prefix, TTL.

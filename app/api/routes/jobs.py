@@ -86,7 +86,8 @@ async def create_job(
         gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
     async with gate:
         view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
-    await run_in_threadpool(jobs.confirm_replicated)  # a separate step: a retry with the key finds the job
+    if jobs.settings.redis_wait_replicas > 0:  # a separate step: a retry with the key finds the job
+        await run_in_threadpool(jobs.confirm_replicated)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = public_url(request, "get_job", job_id=view.record.id)
