@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api.errors import KEYED_RESPONSES, install_error_handlers
 from app.api.decode_gate import DecodeGate
+from app.api.polling import PollPacer
 from app.api.headers import SecurityHeaders
 from app.api.limits import BodySizeLimit
 from app.api.redis_clients import open_api_redis
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
         app.state.verified_keys = VerifiedKeys(KEY_CACHE_SECONDS)  # revocation is checked with the rate
+        app.state.poll_pacer = PollPacer(settings.poll_interval, settings.poll_burst)  # tight polling loops
         _check_memory_policy(app.state.redis, settings)
         # The result store: an API that cannot write to it refuses to start (the message names the setting).
         app.state.results = ready_store(settings, app.state.redis)

@@ -30,7 +30,7 @@ from app.contract.records import (
 )
 from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
-from app.contract.store import CancelResult, JobStore, Submitted
+from app.contract.store import CancelResult, JobStore, Read, Submitted
 from app.contract.tasks import Place, model_queue, rq_job_fields, rq_status
 from app.core import backpressure
 from app.core.errors import (
@@ -268,8 +268,11 @@ class JobService:
                 continue  # a concurrent request with the same key created its job first: answer with it
 
     def get(self, job_id: str) -> JobView:
-        """The job as it is now; raises ``JobNotFoundError``."""
-        return self.view(self._record(job_id))
+        """The job as it is now, read in one round trip (``JobStore.read``); raises ``JobNotFoundError``."""
+        found = self.store.read(job_id)
+        if found is None or not self.caller.can_see(found.record.owner):
+            raise JobNotFoundError(job_id)
+        return self.view(found.record, found)
 
     def _record(self, job_id: str) -> JobRecord:
         """The caller's job ``job_id``; another key's job is ``JobNotFoundError`` as a missing one is."""
@@ -286,34 +289,39 @@ class JobService:
         if raw is None or not self.caller.can_see(json.loads(raw)):
             raise JobNotFoundError(job_id)
 
-    def view(self, record: JobRecord) -> JobView:
-        """The record as a client sees it: its status, and where it waits or how far it has run."""
+    def view(self, record: JobRecord, found: Read | None = None) -> JobView:
+        """The record as a client sees it: its status, and where it waits or how far it has run.
+        ``found``: what ``JobStore.read`` returned with the record (no further round trip for
+        them), else they are read here."""
         deadline = record.request.deadline_at
         if record.status is JobStatus.QUEUED and deadline is not None and deadline < utcnow():
             # Ended here too, so a client sees deadline_exceeded even while no worker sweeps.
             if self.store.expire_if_queued(record.id, self.settings.job_ttl):
                 model_queue(record.model, self.redis).remove(record.id)
                 metrics.record_finished(self.redis, record.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
-            record = self.store.get(record.id) or record
+            record, found = self.store.get(record.id) or record, None
         status, error = record.status, record.error  # diffq's record alone: RQ's view never overrides it
         position, eta = None, None
         if status is JobStatus.QUEUED:
-            found = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
-            position = found if isinstance(found, int) else 0  # None: a worker is taking it off the queue
-            eta = self._queued_eta(record.model, position)
+            place = found.position if found is not None else self.redis.lpos(
+                model_queue(record.model, self.redis).key, record.id)
+            position = place if isinstance(place, int) else 0  # None: a worker is taking it off the queue
+            eta = self._queued_eta(record.model, position, found.durations if found is not None else None)
         elif status is JobStatus.RUNNING and record.progress is not None:
             eta = record.progress.eta_seconds
         deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
-        remaining = self.redis.pttl(keys.job(record.id))
+        remaining = found.pttl_ms if found is not None else self.redis.pttl(keys.job(record.id))
         expires = utcnow() + timedelta(milliseconds=remaining) if remaining and remaining > 0 else None
         return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
                        webhook_deliveries=deliveries, expires_at=expires)
 
-    def _queued_eta(self, model: str, position: int) -> float | None:
-        durations = self.redis.lrange(keys.model_durations(model), 0, -1)
+    def _queued_eta(self, model: str, position: int, durations: list[bytes] | None = None) -> float | None:
+        if durations is None:
+            durations = self.redis.lrange(keys.model_durations(model), 0, -1)
         if not durations:
             return None
-        workers = sum(len(entry.workers) for entry in self.registry.served_models() if entry.model.name == model)
+        served = self.registry.served_models(max_age=SERVED_MAX_AGE)
+        workers = sum(len(entry.workers) for entry in served if entry.model.name == model)
         return _eta(position, workers, durations)
 
     def cancel(self, job_id: str) -> JobView:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -15,10 +16,11 @@ from redis.asyncio import Redis as AsyncRedis
 
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
+from app.api.polling import PollPacer
 from app.api.public_urls import public_url
 from app.api.waits import WaitSlot, hold_wait
 from app.contract import events, keys
-from app.core.errors import JobListingDisabledError, JobNotFoundError
+from app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, JobNotFoundError, PollingTooFastError
 from app.core.inputs import has_inputs
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.jobs import JobService, JobView
@@ -128,15 +130,23 @@ async def get_job(
     caller: CallerDep,
     redis: AsyncRedisDep,
     request: Request,
+    response: Response,
     wait: Annotated[
         float,
         Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds. "
               "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts."),
     ] = 0,
 ) -> JobPublic:
+    if wait == 0:
+        pacer: PollPacer = request.app.state.poll_pacer
+        hold = pacer.reserve(job_id)  # a tight polling loop is held to the pace (app.api.polling)
+        if hold is None:
+            raise PollingTooFastError(job_id, pacer.retry_after(job_id))
+        if hold > 0:
+            await asyncio.sleep(hold)
     view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
     if wait == 0 or view.status.is_terminal:
-        return job_public(view, request)
+        return _polled(view, request, response)
     deadline = time.monotonic() + wait
     async with hold_wait(request, caller) as slot:  # 429/503 before any blocking read
         last = events.last_id_text(await redis.xrevrange(keys.events(job_id), count=1))
@@ -149,6 +159,13 @@ async def get_job(
             if reply:
                 last = events.parse(reply[0][1])[-1].id
             view = await run_in_threadpool(jobs.get, job_id)
+    return _polled(view, request, response)
+
+
+def _polled(view: JobView, request: Request, response: Response) -> JobPublic:
+    """The job; while it is not done, with ``Retry-After``: how long a poller should wait."""
+    if not view.status.is_terminal:
+        response.headers["Retry-After"] = str(POLL_HINT_SECONDS)
     return job_public(view, request)
 
 
