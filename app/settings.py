@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     )
     max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
     poll_interval: float = Field(
-        0.5, ge=0, description="Seconds between answered plain reads (`GET /v1/jobs/{id}` without `?wait=`) of "
+        1.0, ge=0, description="Seconds between answered plain reads (`GET /v1/jobs/{id}` without `?wait=`) of "
         "one job, past a burst of `poll_burst`: a faster read is held until its turn (at most 2 s, else 429 "
         "`polling_too_fast`), so tight polling loops cannot take the host's CPU from its workers; 0: off.",
     )
