@@ -263,3 +263,15 @@ def test_reads_beyond_the_longest_hold_are_429_with_retry_after() -> None:
     assert holds[0] == 0 and 0.9 < holds[1] <= 1.0 and 1.9 < holds[2] <= 2.0 and holds[3] is None
     assert pacer.retry_after("job") == 1
     assert pacer.reserve("other") == 0 and PollPacer(interval=0, burst=1).reserve("job") == 0
+
+
+def test_a_submit_is_refused_when_its_model_went_away_since_it_was_listed(
+    client: TestClient, served: ModelRecord, redis: Redis
+) -> None:
+    # The API lists served models at most once a second; the job's one write checks the model's
+    # registration is still the one it was validated against, and writes nothing otherwise.
+    assert client.post("/v1/jobs", json=TINY_JOB).status_code == 202  # the listing is now remembered
+    redis.delete(keys.model(served.name))  # its workers stopped
+    refused = client.post("/v1/jobs", json=TINY_JOB)
+    assert refused.status_code == 422 and refused.json()["code"] == "unknown_model", refused.text
+    assert redis.llen(model_queue(served.name, redis).key) == 1
