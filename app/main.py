@@ -20,6 +20,7 @@ from app.api.headers import SecurityHeaders
 from app.api.limits import BodySizeLimit
 from app.api.metrics import DiffqCollector
 from app.api.openapi import build_openapi
+from app.api.polling import PollPacer
 from app.api.redis_clients import open_api_redis
 from app.api.routes import (
     batches,
@@ -39,6 +40,7 @@ from app.api.routes import (
 from app.api.slow_clients import BodyDeadline
 from app.api.waiting import Waiter
 from app.api.waits import WaitCount
+from app.auth.apikeys import VerifiedKeys
 from app.auth.quotas import RateLimiter
 from app.contract import memory
 from app.deps import get_caller
@@ -47,6 +49,9 @@ from app.settings import Settings, load_settings
 from app.storage.factory import ready_store
 
 log = logging.getLogger(__name__)
+
+#: Seconds a verified API key is remembered by an API process (``app.auth.apikeys.VerifiedKeys``).
+KEY_CACHE_SECONDS = 60.0
 
 DESCRIPTION = """\
 Text-to-image and image-editing jobs (img2img, inpainting, outpainting) on latent
@@ -82,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   WaitCount(settings.redis_wait_connections))
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
+        app.state.verified_keys = VerifiedKeys(KEY_CACHE_SECONDS)  # revocation is checked with the rate
+        app.state.poll_pacer = PollPacer(settings.poll_interval, settings.poll_burst)  # tight polling loops
         _check_memory_policy(app.state.redis, settings)
         # The result store: an API that cannot write to it refuses to start (the message names the setting).
         app.state.results = ready_store(settings, app.state.redis)

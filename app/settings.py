@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         '"shapes=100,sdxl=20"; over it POST gets 429 with Retry-After; empty: no limit.',
     )
     max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
+    poll_interval: float = Field(
+        1.0, ge=0, description="Seconds between answered plain reads (`GET /v1/jobs/{id}` without `?wait=`) of "
+        "one job, past a burst of `poll_burst`: a faster read is held until its turn (at most 2 s, else 429 "
+        "`polling_too_fast`), so tight polling loops cannot take the host's CPU from its workers; 0: off.",
+    )
+    poll_burst: int = Field(10, ge=1, description="Reads of one job answered at once before `poll_interval` applies.")
     max_waits: int = Field(
         20, ge=1, description="Waits a key may hold open at once: long polls (`?wait=`), event streams and "
         "OpenAI-endpoint requests together; over it: 429 too_many_waits.",

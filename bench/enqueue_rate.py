@@ -12,6 +12,12 @@ per measurement:
 - `GET /healthz` (no Redis, no validation) on the same process: the ceiling of the HTTP stack
   itself on this machine, for scale.
 
+API keys are on (`DIFFQ_AUTH=keys`, as `_stack.Stack` sets): every POST is checked and counted
+against its key's rate. Besides requests/s, the API process's CPU time per request is printed
+(from /proc): on a machine the load generator and other work share, it says what the API
+process itself costs per request, and its ratio is what the rates' ratio would be with a core of
+its own.
+
 The two alternate for `--rounds` rounds; medians are printed, with p50/p99 latency and any
 answer that is not 2xx. The load generator is `wrk` (Debian's `apt-get install wrk`) when it is
 on PATH, else an httpx asyncio generator in this process (`--generator httpx`); either way it
@@ -33,7 +39,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _stack import HEADERS, SHAPES, Stack, percentile
+from _stack import HEADERS, SHAPES, Stack, cpu_seconds, percentile
 
 BODY = {"prompt": "a small red circle on the left, blue background", "seed": 42}
 
@@ -121,10 +127,17 @@ def main() -> None:
         register_model(stack.redis.url)
         assert httpx.post(f"{url}/v1/jobs", json=BODY, timeout=10, headers=HEADERS).status_code == 202  # the model is served
 
+        api_pid = stack.processes["api"].pid
+
         def measure(method: str, path: str, seconds: int) -> dict[str, float]:
+            before = cpu_seconds(api_pid)
             if args.generator == "wrk":
-                return run_wrk(f"{url}{path}", method, seconds, args.connections, args.wrk_threads)
-            return run_httpx(f"{url}{path}", method, seconds, args.connections)
+                result = run_wrk(f"{url}{path}", method, seconds, args.connections, args.wrk_threads)
+            else:
+                result = run_httpx(f"{url}{path}", method, seconds, args.connections)
+            # CPU the API process spent per request: what its rate would be on a core of its own.
+            result["cpu_ms"] = 1000 * (cpu_seconds(api_pid) - before) / max(1, result["requests"])
+            return result
 
         cases = {"POST /v1/jobs": ("POST", "/v1/jobs"), "GET /healthz": ("GET", "/healthz")}
         for method, path in cases.values():  # warm-up
@@ -142,15 +155,21 @@ def main() -> None:
     print(f"one `diffq api` process (uvicorn, default settings), {args.connections} connections, "
           f"{args.generator}{f' -t{args.wrk_threads}' if args.generator == 'wrk' else ''}, {args.seconds} s x "
           f"{args.rounds} rounds; load generator, API and Redis share this machine's CPUs")
-    print(f"{'request':>14} {'req/s (median)':>15} {'min':>7} {'max':>7} {'p50 ms':>7} {'p99 ms':>7} {'not 2xx':>8}")
+    print(f"{'request':>14} {'req/s (median)':>15} {'min':>7} {'max':>7} {'p50 ms':>7} {'p99 ms':>7} {'not 2xx':>8} "
+          f"{'API CPU ms/req':>15}")
     for name, runs in results.items():
         rates = [run["rate"] for run in runs]
         print(f"{name:>14} {statistics.median(rates):>15.0f} {min(rates):>7.0f} {max(rates):>7.0f} "
               f"{statistics.median(run['p50'] for run in runs):>7.1f} "
-              f"{statistics.median(run['p99'] for run in runs):>7.1f} {sum(run['bad'] for run in runs):>8.0f}")
+              f"{statistics.median(run['p99'] for run in runs):>7.1f} {sum(run['bad'] for run in runs):>8.0f} "
+              f"{statistics.median(run['cpu_ms'] for run in runs):>15.3f}")
     post = statistics.median(run["rate"] for run in results["POST /v1/jobs"])
     health = statistics.median(run["rate"] for run in results["GET /healthz"])
-    print(f"POST /v1/jobs / GET /healthz: {post / health:.2f}; jobs queued in Redis at the end: {queued}")
+    post_cpu = statistics.median(run["cpu_ms"] for run in results["POST /v1/jobs"])
+    health_cpu = statistics.median(run["cpu_ms"] for run in results["GET /healthz"])
+    print(f"POST /v1/jobs / GET /healthz: {post / health:.2f} (requests/s, target >= 0.5); "
+          f"{health_cpu / post_cpu:.2f} (by the API process's CPU per request); "
+          f"jobs queued in Redis at the end: {queued}")
 
 
 if __name__ == "__main__":

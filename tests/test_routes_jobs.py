@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import zlib
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from app.api.polling import PollPacer
 from app.contract import keys
 from app.contract.records import ModelRecord
 from app.contract.tasks import model_queue
+from app.main import create_app
 from app.settings import Settings
 from tests.helpers import TINY_JOB, stored_objects, work
 
@@ -205,3 +209,69 @@ def test_no_live_worker_means_no_model_to_run_on(client: TestClient, redis: Redi
     redis.flushall()  # the registration of the `served` fixture is gone
     fields = _fields(client.post("/v1/jobs", json=TINY_JOB))
     assert "served models: none (no live workers)" in fields["model"]
+
+
+# --- polling --------------------------------------------------------------------------------------
+
+
+def test_a_job_not_done_tells_pollers_when_to_come_back(client: TestClient, served: ModelRecord) -> None:
+    job = client.post("/v1/jobs", json=TINY_JOB).json()
+    queued = client.get(f"/v1/jobs/{job['id']}")
+    assert queued.json()["status"] == "queued" and queued.headers["retry-after"] == "1"
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    ended = client.get(f"/v1/jobs/{job['id']}")
+    assert ended.json()["status"] == "canceled" and "retry-after" not in ended.headers
+
+
+def test_a_plain_read_is_one_redis_round_trip(client: TestClient, served: ModelRecord, redis: Redis) -> None:
+    job = client.post("/v1/jobs", json=TINY_JOB).json()
+    client.get(f"/v1/jobs/{job['id']}")  # scripts loaded, models listed
+    with redis.monitor() as monitor:
+        poller = threading.Thread(target=lambda: client.get(f"/v1/jobs/{job['id']}"))
+        poller.start()
+        sent = []  # commands from clients, not from inside scripts
+        while True:
+            entry = monitor.next_command()
+            if entry.get("client_type") != "lua":
+                sent.append(entry["command"])
+            elif entry["command"].startswith("LRANGE"):
+                break  # the read script's last command (for a queued job)
+        poller.join(5)
+    assert [command.split(" ")[0] for command in sent] == ["EVALSHA"], sent
+
+
+def test_a_tight_polling_loop_is_held_to_the_pace(settings: Settings, served: ModelRecord) -> None:
+    paced = settings.model_copy(update={"poll_interval": 0.2, "poll_burst": 2})
+    with TestClient(create_app(paced)) as client:
+        job = client.post("/v1/jobs", json=TINY_JOB).json()
+        started = time.monotonic()
+        answers = [client.get(f"/v1/jobs/{job['id']}") for _ in range(7)]  # 2 at once, then every 0.2 s
+        took = time.monotonic() - started
+        assert [answer.status_code for answer in answers] == [200] * 7
+        assert took >= 0.9, took  # five held reads: 5 x 0.2 s
+        other = client.post("/v1/jobs", json=TINY_JOB).json()  # another job has its own pace
+        quick = time.monotonic()
+        assert client.get(f"/v1/jobs/{other['id']}").status_code == 200 and time.monotonic() - quick < 0.15
+        waited = time.monotonic()
+        assert client.get(f"/v1/jobs/{job['id']}", params={"wait": 0.1}).status_code == 200  # long polls: unpaced
+        assert time.monotonic() - waited < 0.19
+
+
+def test_reads_beyond_the_longest_hold_are_429_with_retry_after() -> None:
+    pacer = PollPacer(interval=1.0, burst=1)
+    holds = [pacer.reserve("job") for _ in range(4)]
+    assert holds[0] == 0 and 0.9 < holds[1] <= 1.0 and 1.9 < holds[2] <= 2.0 and holds[3] is None
+    assert pacer.retry_after("job") == 1
+    assert pacer.reserve("other") == 0 and PollPacer(interval=0, burst=1).reserve("job") == 0
+
+
+def test_a_submit_is_refused_when_its_model_went_away_since_it_was_listed(
+    client: TestClient, served: ModelRecord, redis: Redis
+) -> None:
+    # The API lists served models at most once a second; the job's one write checks the model's
+    # registration is still the one it was validated against, and writes nothing otherwise.
+    assert client.post("/v1/jobs", json=TINY_JOB).status_code == 202  # the listing is now remembered
+    redis.delete(keys.model(served.name))  # its workers stopped
+    refused = client.post("/v1/jobs", json=TINY_JOB)
+    assert refused.status_code == 422 and refused.json()["code"] == "unknown_model", refused.text
+    assert redis.llen(model_queue(served.name, redis).key) == 1

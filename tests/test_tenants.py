@@ -3,6 +3,7 @@ job budget and metadata, against the real API app and a real Redis."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.auth.apikeys import KeyLimits, KeyStore
+from app.auth.quotas import RateLimiter
+from app.contract import keys
 from app.contract.records import ModelRecord
 from app.contract.tasks import model_queue
 from app.main import create_app
@@ -145,6 +148,34 @@ def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(keyed: Te
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.headers["ratelimit-policy"] == "3;w=60"
     assert keyed.get("/v1/models", headers=other).status_code == 200  # another key has its own count
+
+
+def test_a_key_revoked_while_in_use_is_refused_at_once(keyed: TestClient, redis: Redis) -> None:
+    # The API remembers keys it has verified, but reads revocation with every request's rate check.
+    headers = new_key(redis, "soon-gone")
+    assert keyed.get("/v1/models", headers=headers).status_code == 200
+    KeyStore(redis).revoke(KeyStore(redis).find("soon-gone")[0].id)
+    refused = keyed.get("/v1/models", headers=headers)
+    assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+
+
+def test_a_key_removed_from_redis_is_refused_at_once(keyed: TestClient, redis: Redis) -> None:
+    headers = new_key(redis, "wiped")
+    assert keyed.get("/v1/models", headers=headers).status_code == 200
+    redis.delete(keys.api_key(KeyStore(redis).find("wiped")[0].id))
+    assert keyed.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_rate_window_slides_over_the_previous_window(redis: Redis) -> None:
+    # 3 a second: after 3 hits the 4th is refused until enough of the previous window has slid out.
+    key_id = KeyStore(redis).create("sliding", KeyLimits(rate_limit="3/second"))[0].id
+    limiter = RateLimiter(redis)
+    decisions = [limiter.hit(key_id, "3/second") for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    assert decisions[3].headers()["Retry-After"] == "1"
+    time.sleep(decisions[3].reset_seconds + 0.05)
+    assert limiter.hit(key_id, "3/second").allowed
 
 
 def test_queued_job_cap(keyed: TestClient, redis: Redis) -> None:

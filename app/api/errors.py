@@ -23,6 +23,7 @@ from app.core.errors import (
     JobFinishedError,
     JobListingDisabledError,
     JobNotFoundError,
+    PollingTooFastError,
     QueueFullError,
     RateLimitedError,
     RequestTimeoutError,
@@ -53,6 +54,7 @@ STATUS: dict[type[DiffqError], int] = {
     JobListingDisabledError: 403,
     UnauthorizedError: 401,
     RateLimitedError: 429,
+    PollingTooFastError: 429,
     TooManyQueuedJobsError: 429,
     QueueFullError: 429,  # not 503: the service is up, other models take jobs, and proxies do not retry 429s
     TooManyStreamsError: 429,

@@ -23,6 +23,7 @@ import hmac
 import json
 import re
 import secrets
+import time
 from datetime import datetime
 from typing import Literal
 
@@ -152,3 +153,38 @@ def _from_hash(fields: dict[bytes, bytes]) -> ApiKey | None:
     if not fields:
         return None
     return ApiKey.model_validate({k.decode(): json.loads(v) for k, v in fields.items()})
+
+
+class VerifiedKeys:
+    """Keys this process has checked lately, by the SHA-256 of the token, for ``seconds``: a
+    request with a key it has just seen skips the Redis read and the parse. Revocation is not
+    cached: the rate check reads the key's ``revoked_at`` in its own round trip
+    (``app.auth.quotas.RateLimiter``), and a revoked key is dropped from here. Only a token that
+    verified is kept, so a miss costs what it always did (``KeyStore.verify``)."""
+
+    def __init__(self, seconds: float, most: int = 10_000) -> None:
+        self.seconds = seconds
+        self.most = most
+        self._keys: dict[str, tuple[float, ApiKey]] = {}
+
+    def get(self, token: str) -> ApiKey | None:
+        if self.seconds <= 0:
+            return None
+        found = self._keys.get(_token_digest(token))
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, token: str, key: ApiKey) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._keys) >= self.most:
+            self._keys.clear()  # a flood of distinct keys: start again rather than grow
+        self._keys[_token_digest(token)] = (time.monotonic() + self.seconds, key)
+
+    def drop(self, token: str) -> None:
+        self._keys.pop(_token_digest(token), None)
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,7 +1,8 @@
 """Per-key quotas kept in Redis, so every API process enforces the same ones.
 
-- Request rate: the ``limits`` package's sliding-window counter (two Redis counters a key),
-  answered with ``RateLimit-*`` headers on every response and ``429`` + ``Retry-After`` past it.
+- Request rate: a sliding-window counter (two Redis counters a key, the ``limits`` package's
+  algorithm in one script, with the key's revocation checked in the same round trip), answered
+  with ``RateLimit-*`` headers on every response and ``429`` + ``Retry-After`` past it.
 - Queued jobs: a set of the key's queued job ids, checked and added to in one script.
 - Open waits: claims that lapse unless renewed, so a crashed API process cannot hold a key's
   waits for ever. A claim is counted in one or more sorted sets at once, each with its cap, and
@@ -17,11 +18,10 @@ import uuid
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
-from limits.storage import RedisStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 from redis import Redis
 
 from app.contract import keys
+from app.contract.scripts import script
 
 #: Seconds a wait's claim lasts unless its wait renews it.
 STREAM_CLAIM_SECONDS = 60
@@ -59,19 +59,65 @@ def parse_rate(text: str) -> RateLimitItem:
         raise ValueError(f'{text!r} is not a rate; write e.g. "50/second" or "1000/minute" ({error})') from None
 
 
+# One request against a key's rate, in one round trip: a sliding-window counter (as the ``limits``
+# package keeps one, whose hit and window stats took two): the count of the current fixed window
+# plus the previous window's count weighted by how much of it the sliding window still covers.
+# KEYS[1]: the key's record (``diffq:apikey:<id>``): a key revoked or removed since this process
+# checked its secret is refused here ({-1}), uncounted. ARGV: counter prefix, limit, window seconds.
+# The counters are named from the window's number (one Redis, no cluster: as RQ needs).
+# Returns {1 allowed or 0 refused, remaining, ms until the window resets, ms until a retry fits}.
+_HIT = """
+local revoked = redis.call('HGET', KEYS[1], 'revoked_at')
+if not revoked or revoked ~= 'null' then return {-1} end
+local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local index = math.floor(t / window)
+local left = window - (t - index * window)
+local current_key = ARGV[1] .. index
+local current = tonumber(redis.call('GET', current_key) or '0')
+local previous = tonumber(redis.call('GET', ARGV[1] .. (index - 1)) or '0')
+local weight = previous * left / window
+if weight + current + 1 > limit then
+  local wait = left
+  if current + 1 <= limit and previous > 0 then
+    wait = left - (limit - current - 1) * window / previous
+  end
+  return {0, 0, math.ceil(left * 1000), math.ceil(wait * 1000)}
+end
+redis.call('INCR', current_key)
+redis.call('EXPIRE', current_key, 2 * window)
+return {1, math.floor(limit - weight - current - 1), math.ceil(left * 1000), 0}
+"""
+
+
 class RateLimiter:
-    """Counts requests per key id in Redis."""
+    """Counts requests per key id in Redis (``_HIT``)."""
 
     def __init__(self, redis: Redis) -> None:
-        storage = RedisStorage("redis://", connection_pool=redis.connection_pool, key_prefix=keys.RATE_LIMIT_PREFIX)
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self.redis = redis
+        self._hit = script(redis, _HIT)
+        self._items: dict[str, RateLimitItem] = {}
 
-    def hit(self, key_id: str, rate: str) -> RateDecision:
-        item = parse_rate(rate)
-        allowed = self._limiter.hit(item, key_id)
-        stats = self._limiter.get_window_stats(item, key_id)
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
-        return RateDecision(allowed, item.amount, max(0, stats.remaining), reset, item.get_expiry())
+    def hit(self, key_id: str, rate: str) -> RateDecision | None:
+        """Count one request of key ``key_id``; ``None`` if the key is revoked or gone (uncounted)."""
+        item, arguments = self._arguments(key_id, rate)
+        return _decision(item, self._hit(keys=[keys.api_key(key_id)], args=arguments))
+
+    def _arguments(self, key_id: str, rate: str) -> tuple[RateLimitItem, list[object]]:
+        item = self._items.get(rate)
+        if item is None:
+            item = self._items[rate] = parse_rate(rate)
+        window = item.get_expiry()
+        return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window]
+
+
+def _decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:
+    if int(reply[0]) < 0:
+        return None
+    allowed, remaining, reset_ms, retry_ms = (int(value) for value in reply)
+    reset = math.ceil((retry_ms if not allowed else reset_ms) / 1000)
+    return RateDecision(bool(allowed), item.amount, max(0, remaining), reset, item.get_expiry())
 
 
 # KEYS[1]: the owner's queued set. ARGV: job id, cap, job-record key prefix, TTL.
@@ -121,8 +167,8 @@ class Quotas:
     def __init__(self, redis: Redis, owner: str) -> None:
         self.redis = redis
         self.owner = owner
-        self._reserve = redis.register_script(_RESERVE_QUEUED)
-        self._open = redis.register_script(_OPEN_CLAIM)
+        self._reserve = script(redis, _RESERVE_QUEUED)
+        self._open = script(redis, _OPEN_CLAIM)
 
     def reserve_queued(self, job_id: str, cap: int, ttl: int) -> bool:
         """Count ``job_id`` as queued unless the owner already has ``cap`` queued jobs."""

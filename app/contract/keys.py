@@ -93,8 +93,9 @@ diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open ev
 diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open waits of every kind
                                                       (long polls, event streams, OpenAI-endpoint
                                                       requests) -> unix time their claim lapses.
-diffq:ratelimit:...                 string  API       one rate window. The ``limits`` package's
-                                                      sliding-window counters, per key id.
+diffq:ratelimit:<id>:<n>/<w>:<k>    string  API       two rate windows. Requests of key <id> in
+                                                      window <k> of <w> seconds (rate <n> per <w>):
+                                                      sliding-window counters (``app.auth.quotas``).
 diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
                                                       (``app.core.a1111_session``): field -> JSON
                                                       value; ``sd_model_checkpoint`` is its default

@@ -8,9 +8,11 @@ hosts with skewed clocks still agree.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 from redis import Redis
 
@@ -24,6 +26,11 @@ class ServedModel:
 
     model: ModelRecord
     workers: list[WorkerRecord]
+    registration: bytes | None = None  # the model's registration as stored (what a submit checks is unchanged)
+
+
+#: ``served_models(max_age=...)``'s listings, per client: (monotonic time read, listing).
+_listings: WeakKeyDictionary[Redis, tuple[float, list[ServedModel]]] = WeakKeyDictionary()
 
 
 class Registry:
@@ -73,18 +80,32 @@ class Registry:
         raw = self.redis.get(keys.model(name))
         return ModelRecord.model_validate_json(raw) if raw is not None else None
 
-    def served_models(self) -> list[ServedModel]:
-        """Models with at least one live worker, by name."""
+    def served_models(self, max_age: float = 0) -> list[ServedModel]:
+        """Models with at least one live worker, by name. ``max_age`` > 0: a listing this process
+        read at most that many seconds ago will do (the API's submits: a job is then queued only
+        if the model's registration is still the one it was checked against, ``JobStore.submit``)."""
+        if max_age > 0:
+            cached = _listings.get(self.redis)
+            if cached is not None and time.monotonic() - cached[0] < max_age:
+                return cached[1]
+        read_at = time.monotonic()
         by_model: dict[str, list[WorkerRecord]] = defaultdict(list)
         for worker in self.live_workers():
             for name in served_by(worker):
                 by_model[name].append(worker)
+        names = sorted(by_model)
         served = []
-        for name in sorted(by_model):
-            model = self.model(name)
-            if model is not None:
-                served.append(ServedModel(model=model, workers=by_model[name]))
+        for name, raw in zip(names, self.redis.mget([keys.model(name) for name in names]) if names else [],
+                             strict=True):
+            if raw is not None:
+                served.append(ServedModel(model=ModelRecord.model_validate_json(raw), workers=by_model[name],
+                                          registration=raw))
+        _listings[self.redis] = (read_at, served)
         return served
+
+    def forget(self) -> None:
+        """Drop this process's cached listing: the next ``served_models`` reads Redis."""
+        _listings.pop(self.redis, None)
 
 
 def served_by(worker: WorkerRecord) -> list[str]:

@@ -42,6 +42,7 @@ from rq.utils import now
 from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
 
 from app.contract import keys
+from app.contract.scripts import script
 from app.contract.status import JobStatus
 from app.settings import Settings
 
@@ -135,6 +136,9 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
 end
 """
 
+#: ``fair_push(queue, zset, state, id, owner, rank, ttl, prefix)`` for other scripts that queue a job.
+FAIR_PUSH_FN = _FAIR_PUSH_FN
+
 _FAIR_PUSH = _FAIR_PUSH_FN + """
 return fair_push(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
@@ -148,7 +152,7 @@ class FairQueue(Queue):
     def __init__(self, *args: Any, place: Place, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.place = place
-        self._fair_push = self.connection.register_script(_FAIR_PUSH)
+        self._fair_push = script(self.connection, _FAIR_PUSH)
 
     def push_job_id(self, job_id: str, pipeline: Pipeline | None = None, at_front: bool = False) -> None:
         if at_front:
@@ -218,7 +222,7 @@ def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipel
     packed = zlib.decompress(template.pop("data"))
     description = str(template.pop("description"))
     fields = [item for pair in template.items() for item in pair]
-    script = queue.connection.register_script(_ENQUEUE_MANY)
+    run = script(queue.connection, _ENQUEUE_MANY)
     head = [queue.place.owner, queue.place.rank, queue.place.ttl, keys.job(""), Job.redis_job_namespace_prefix,
             settings.job_ttl, len(fields), *fields]
     pipeline.sadd(queue.redis_queues_keys, queue.key)  # as RQ's enqueue does: the queue is known to RQ
@@ -227,7 +231,34 @@ def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipel
         for job_id in job_ids[start:start + ENQUEUE_CHUNK]:
             args += [job_id, zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
                      description.replace(_TEMPLATE_ID, job_id)]
-        script(keys=[queue.key, keys.fair(queue.name), keys.fair_state(queue.name)], args=args, client=pipeline)
+        run(keys=[queue.key, keys.fair(queue.name), keys.fair_state(queue.name)], args=args, client=pipeline)
+
+
+#: RQ's own timestamp format (``rq.utils.utcformat``).
+_RQ_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+_templates: dict[tuple[str, int, int], tuple[bytes, str, dict[str, Any]]] = {}
+
+
+def rq_job_fields(queue: Queue, job_id: str, settings: Settings) -> list[Any]:
+    """The field/value strings of the hash RQ writes for job ``job_id`` when ``enqueue`` queues it,
+    for a script that writes it with the job (``JobStore.submit``): ``enqueue_many``'s template,
+    made once per queue and settings, with this job's id and times."""
+    cache_key = (queue.name, settings.job_timeout, settings.job_ttl)
+    found = _templates.get(cache_key)
+    if found is None:
+        template = _rq_template(queue, settings)
+        packed = zlib.decompress(template.pop("data"))
+        description = str(template.pop("description"))
+        for name in ("created_at", "enqueued_at"):
+            template.pop(name)
+        template = {name: getattr(value, "value", value) for name, value in template.items()}  # enums: their text
+        found = _templates[cache_key] = (packed, description, template)
+    packed, description, template = found
+    now = datetime.now(UTC).strftime(_RQ_TIME)
+    fields: dict[str, Any] = {"data": zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
+                              "description": description.replace(_TEMPLATE_ID, job_id),
+                              "created_at": now, "enqueued_at": now, **template}
+    return [item for pair in fields.items() for item in pair]
 
 
 def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
@@ -260,8 +291,7 @@ def drop_many(queue: Queue, job_ids: list[str]) -> int:
     hashes are left to expire (``job_ttl``). Returns how many were on the list."""
     if not job_ids:
         return 0
-    script = queue.connection.register_script(_DROP_MANY)
-    return int(script(keys=[queue.key, keys.fair(queue.name)], args=job_ids))
+    return int(script(queue.connection, _DROP_MANY)(keys=[queue.key, keys.fair(queue.name)], args=job_ids))
 
 
 def mark_requeued(queue: Queue, job_id: str) -> bool:
@@ -411,5 +441,6 @@ __all__ = [
     "Execution", "FairQueue", "Job", "JobTimeoutException", "Place", "Queue", "SimpleWorker", "StopRequested",
     "WorkerStatus", "cancel_queued", "drop_many", "end_execution", "end_lost", "enqueue", "enqueue_many",
     "failure_text", "fetch_job", "forget", "intermediate_key", "mark_requeued", "model_queue", "queue_depths",
-    "queue_key", "queue_name", "rq_status", "set_dequeue_order", "start_execution", "started_ids", "taken_ids",
+    "queue_key", "queue_name", "rq_job_fields", "rq_status", "set_dequeue_order", "start_execution", "started_ids",
+    "taken_ids",
 ]

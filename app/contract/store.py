@@ -28,8 +28,9 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from app.contract import batches, events, keys
+from app.contract import batches, events, keys, rq_adapter, tasks
 from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
+from app.contract.scripts import script
 from app.contract.status import TERMINAL, JobStatus
 from app.webhooks import queue as webhook_queue
 from app.webhooks.outbox import OUTBOX
@@ -264,6 +265,79 @@ end
 return made
 """
 
+# Submit one job (``JobStore.submit``): every check and write of an accepted job in one round trip.
+# Refuses, writing nothing, if its Idempotency-Key is taken ({'taken', stored JSON}), its model has
+# no live worker or another registration than the one checked ({'unserved'}), the model's queue is
+# at its depth ({'full', depth}) or the owner has its cap of queued jobs ({'quota'}). Else writes the key,
+# the owner's queued set, the record,
+# RQ's job hash and its fair place in RQ's queue list, the ``queued`` event (and its webhook's
+# outbox entry), the owner's job index; returns {'ok', position in the queue list (-1: taken
+# already), the model's recent durations...}.
+# KEYS: 1 record, 2 event stream, 3 outbox, 4 RQ queue list, 5 fair zset, 6 fair state, 7 RQ job
+# hash, 8 RQ's set of queues, 9 owner's queued set, 10 owner's job index, 11 Idempotency-Key,
+# 12 model's durations, 13 model's registration.
+# ARGV: 1 job id, 2 record TTL, 3 queue depth (0: none), 4 queued cap (0: none), 5 owner, 6 class,
+# 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
+# score, 12 index size, 13 queued event data, 14 the model's registration as checked ('': any),
+# 15 n record strings, then them, then RQ's strings.
+_SUBMIT = _EMIT + rq_adapter.FAIR_PUSH_FN + """
+local id, ttl = ARGV[1], ARGV[2]
+if ARGV[9] ~= '' then
+  local existing = redis.call('GET', KEYS[11])
+  if existing then return {'taken', existing} end
+end
+local registered = redis.call('GET', KEYS[13])
+if not registered or (ARGV[14] ~= '' and registered ~= ARGV[14]) then return {'unserved'} end
+local depth = tonumber(ARGV[3])
+if depth > 0 then
+  local queued = redis.call('LLEN', KEYS[4])
+  if queued >= depth then return {'full', queued} end
+end
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  if redis.call('SCARD', KEYS[9]) >= cap then
+    for _, other in ipairs(redis.call('SMEMBERS', KEYS[9])) do
+      if redis.call('HGET', ARGV[7] .. other, 'status') ~= '"queued"' then redis.call('SREM', KEYS[9], other) end
+    end
+    if redis.call('SCARD', KEYS[9]) >= cap then return {'quota'} end
+  end
+  redis.call('SADD', KEYS[9], id)
+  redis.call('EXPIRE', KEYS[9], ttl)
+end
+if ARGV[9] ~= '' then redis.call('SET', KEYS[11], ARGV[9], 'EX', ARGV[10]) end
+local n = tonumber(ARGV[15])
+redis.call('HSET', KEYS[1], unpack(ARGV, 16, 15 + n))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('HSET', KEYS[7], unpack(ARGV, 16 + n))
+redis.call('EXPIRE', KEYS[7], ARGV[8])
+redis.call('SADD', KEYS[8], KEYS[4])
+fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7])
+emit(KEYS[1], KEYS[2], KEYS[3], id, 'queued', ARGV[13])
+redis.call('ZADD', KEYS[10], ARGV[11], id)
+redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
+redis.call('EXPIRE', KEYS[10], ttl)
+local result = {'ok', redis.call('LPOS', KEYS[4], id) or -1}
+for _, d in ipairs(redis.call('LRANGE', KEYS[12], 0, -1)) do result[#result + 1] = d end
+return result
+"""
+
+# Read a job for a client (``JobStore.read``) in one round trip: the record's fields, its TTL in ms,
+# and, while it is queued, its place in its model's RQ queue list (-1: being taken) and the
+# model's recent job durations. KEYS[1]: the record. ARGV: 1 job id, 2 RQ queue-list key prefix,
+# 3 and 4 the durations key's prefix and suffix (around the model's name).
+# Returns {} for no record, else {pttl, position, n field strings, them..., durations...}.
+_READ = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {} end
+local result = {redis.call('PTTL', KEYS[1]), -1, #fields}
+for _, v in ipairs(fields) do result[#result + 1] = v end
+if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return result end
+local model = cjson.decode(redis.call('HGET', KEYS[1], 'model'))
+result[2] = redis.call('LPOS', ARGV[2] .. model, ARGV[1]) or -1
+for _, d in ipairs(redis.call('LRANGE', ARGV[3] .. model .. ARGV[4], 0, -1)) do result[#result + 1] = d end
+return result
+"""
+
 #: Records per ``_CREATE_MANY`` call.
 CREATE_CHUNK = 500
 
@@ -310,6 +384,28 @@ class PreviewWrite:
 
 
 @dataclass(frozen=True)
+class Submitted:
+    """What ``JobStore.submit`` did: ``outcome`` "ok", or why nothing was written ("taken": the
+    Idempotency-Key's stored JSON in ``detail``; "unserved"; "full": the queue's depth in
+    ``detail``; "quota")."""
+
+    outcome: str
+    detail: bytes | int | None = None
+    position: int | None = None  # in RQ's queue list; None: a worker is already taking it
+    durations: list[bytes] | None = None  # the model's recent job durations
+
+
+@dataclass(frozen=True)
+class Read:
+    """A record as ``JobStore.read`` found it."""
+
+    record: JobRecord
+    pttl_ms: int | None  # until the record expires; None: no TTL
+    position: int | None  # in its queue list while queued; None: not queued, or being taken
+    durations: list[bytes]  # the model's recent job durations, while queued
+
+
+@dataclass(frozen=True)
 class StoredImage:
     """PNG bytes to store for image ``index`` of a job."""
 
@@ -322,16 +418,18 @@ class JobStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._update = redis.register_script(_UPDATE)
-        self._finish = redis.register_script(_FINISH)
-        self._claim = redis.register_script(_CLAIM)
-        self._claim_queued = redis.register_script(_CLAIM_QUEUED)
-        self._cancel = redis.register_script(_CANCEL)
-        self._requeue = redis.register_script(_REQUEUE)
-        self._fail_queued = redis.register_script(_FAIL_QUEUED)
-        self._rescue = redis.register_script(_RESCUE)
-        self._step = redis.register_script(_STEP)
-        self._create_many = redis.register_script(_CREATE_MANY)
+        self._update = script(redis, _UPDATE)
+        self._finish = script(redis, _FINISH)
+        self._claim = script(redis, _CLAIM)
+        self._claim_queued = script(redis, _CLAIM_QUEUED)
+        self._cancel = script(redis, _CANCEL)
+        self._requeue = script(redis, _REQUEUE)
+        self._fail_queued = script(redis, _FAIL_QUEUED)
+        self._rescue = script(redis, _RESCUE)
+        self._step = script(redis, _STEP)
+        self._create_many = script(redis, _CREATE_MANY)
+        self._submit = script(redis, _SUBMIT)
+        self._read = script(redis, _READ)
 
     def create(
         self, record: JobRecord, ttl: int, pipeline: Pipeline | None = None, inputs: dict[str, bytes] | None = None
@@ -366,6 +464,47 @@ class JobStore:
                                            events.webhook_data(record.id, "queued", queued),
                                            events.webhook_id(record.id, "queued", queued))
             self._create_many(keys=[], args=args, client=pipeline)
+
+    def submit(self, record: JobRecord, ttl: int, queue: tasks.FairQueue, rq_fields: Sequence[Any], *,
+               registration: bytes | None, max_depth: int | None, queued_cap: int | None,
+               idempotency: tuple[str, str, int] | None, rq_ttl: int) -> Submitted:
+        """Create a new job and queue it (``_SUBMIT``), or refuse and write nothing. ``max_depth``:
+        most jobs the model's queue may hold; ``queued_cap``: most queued jobs of the owner (the
+        owner's queued set is ``queue.place.owner``'s); ``idempotency``: (Redis key, value, TTL) of
+        an Idempotency-Key to reserve with the job; ``rq_fields``: RQ's job hash
+        (``tasks.rq_job_fields``)."""
+        place = queue.place
+        fields = _flatten(record.to_hash())
+        # Without a key, KEYS[11] is a placeholder the script never touches.
+        key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
+        reply = self._submit(
+            keys=[keys.job(record.id), keys.events(record.id), OUTBOX, queue.key, keys.fair(queue.name),
+                  keys.fair_state(queue.name), queue.job_class.key_for(record.id), queue.redis_queues_keys,
+                  keys.owner_queued(place.owner), keys.owner_jobs(place.owner), key,
+                  keys.model_durations(record.model), keys.model(record.model)],
+            args=[record.id, ttl, max_depth or 0, queued_cap or 0, place.owner, place.rank, keys.job(""), rq_ttl,
+                  value, key_ttl, record.created_at.timestamp(), keys.JOBS_INDEX_MAX,
+                  _compact({"status": "queued"}), registration or "", len(fields), *fields, *rq_fields],
+        )
+        outcome = reply[0].decode()
+        if outcome != "ok":
+            return Submitted(outcome, detail=reply[1] if len(reply) > 1 else None)
+        position = int(reply[1])
+        return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[2:]))
+
+    def read(self, job_id: str) -> Read | None:
+        """The record with what a client's view of it needs (``_READ``), in one round trip; ``None``
+        if there is no record."""
+        reply = self._read(keys=[keys.job(job_id)],
+                           args=[job_id, f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
+                                 *keys.model_durations("\n").split("\n")])
+        if not reply:
+            return None
+        pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
+        pairs = reply[3:3 + count]
+        record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+        return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None,
+                    list(reply[3 + count:]))
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or ``None`` if there is none (never created, deleted or expired)."""

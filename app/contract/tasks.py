@@ -21,6 +21,7 @@ from app.contract.rq_adapter import (
     mark_requeued,
     model_queue,
     queue_name,
+    rq_job_fields,
     rq_status,
     started_ids,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "mark_requeued",
     "model_queue",
     "queue_name",
+    "rq_job_fields",
     "rq_status",
     "started_ids",
 ]

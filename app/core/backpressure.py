@@ -3,9 +3,10 @@
 A model's queue may hold at most ``max_queue_depth`` jobs that no worker has
 taken yet; a submit past that is refused (``QueueFullError``, 429 with the
 current estimated wait) instead of queueing hours of work whose clients will
-have given up. The check reads the queue's length before the job is written,
-so concurrent submits may pass it together: the bound is exact to within the
-API's concurrent requests, which is what a bound on hours of work needs.
+have given up. A single job's submit checks the queue's length in the script
+that queues it (``JobStore.submit``), so the bound is exact; a batch checks it
+before its chunks are written (``app.core.batches``), exact to within the API's
+concurrent requests, which is what a bound on hours of work needs.
 """
 
 from __future__ import annotations

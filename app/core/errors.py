@@ -180,6 +180,21 @@ class RateLimitedError(DiffqError):
         self.headers = headers
 
 
+#: Seconds between two reads of a job that is not done, as the API tells clients (``Retry-After``).
+POLL_HINT_SECONDS = 1
+
+
+class PollingTooFastError(DiffqError):
+    """Plain reads of one job come faster than this API answers them (``app.api.polling``)."""
+
+    code = "polling_too_fast"
+
+    def __init__(self, job_id: str, retry_after: int) -> None:
+        super().__init__(f"job {job_id!r} is being read faster than every {POLL_HINT_SECONDS} s; retry after "
+                         f"{retry_after} s, long-poll it with ?wait=, or stream its events")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class TooManyQueuedJobsError(DiffqError):
     """The key already has as many queued jobs as it may."""
 

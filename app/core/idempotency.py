@@ -48,6 +48,7 @@ from redis.client import Pipeline
 
 from app.contract import keys
 from app.contract.records import utcnow
+from app.contract.scripts import script
 from app.core.errors import FieldProblem, IdempotencyConflictError, InvalidRequestError
 
 HEADER = "Idempotency-Key"
@@ -175,8 +176,8 @@ class IdempotencyStore:
     def __init__(self, redis: Redis, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
-        self._reserve = redis.register_script(_RESERVE)
-        self._release = redis.register_script(_RELEASE)
+        self._reserve = script(redis, _RESERVE)
+        self._release = script(redis, _RELEASE)
 
     def reserve(self, key: str, body_fingerprint: str, new_job_id: str, scope: str = "") -> Reservation:
         """Reserve ``key`` for ``new_job_id``, or return the job it already stands for.

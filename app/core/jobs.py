@@ -8,20 +8,19 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import WatchError
 
 from app.auth.caller import Caller
-from app.auth.quotas import Quotas
-from app.contract import events, keys, metrics, replication
+from app.contract import keys, metrics, replication
 from app.contract.adapters import list_adapters
 from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from app.contract.registry import Registry, ServedModel
 from app.contract.status import JobStatus
-from app.contract.store import CancelResult, JobStore
-from app.contract.tasks import Place, cancel_queued, enqueue, forget, model_queue
+from app.contract.store import CancelResult, JobStore, Read, Submitted
+from app.contract.tasks import FairQueue, Place, cancel_queued, forget, model_queue, rq_job_fields
 from app.core import backpressure
 from app.core.errors import (
     ContentCredentialsUnavailableError,
@@ -31,6 +30,7 @@ from app.core.errors import (
     JobFinishedError,
     JobNotFoundError,
     NotReplicatedError,
+    QueueFullError,
     ResultStoreUnavailableError,
     TooManyQueuedJobsError,
     UnknownModelError,
@@ -47,6 +47,10 @@ from app.webhooks.deliver import attempts, attempts_key
 from app.webhooks.urls import AllowList, check_url
 
 log = logging.getLogger(__name__)
+
+
+#: Seconds a submit may rely on this process's last listing of served models (``Registry.served_models``).
+SERVED_MAX_AGE = 1.0
 
 
 def new_job_id() -> str:
@@ -88,34 +92,36 @@ class JobService:
         if body.webhook is not None:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         served = self._served(body.model)
-        model = served.model
-        files = files or {}
-        backpressure.check_room(self.redis, self.settings, model.name, len(served.workers))
-        record, ttl = self.build(body, files, served, job_id or (idempotency.job_id if idempotency else None))
-        caller = self.caller
-        quotas = Quotas(self.redis, caller.scope) if caller.key is not None else None
-        if quotas is not None and not quotas.reserve_queued(record.id, caller.max_queued_jobs, ttl):
+        record, ttl = self.build(body, files or {}, served, job_id or (idempotency.job_id if idempotency else None))
+        submitted = self._write(record, ttl, served, idempotency)
+        if submitted.outcome == "unserved":  # its workers stopped since the registry was read
+            self.registry.forget()
+            served = self._served(body.model)  # UnknownModelError unless another worker serves it now
+            submitted = self._write(record, ttl, served, idempotency)
+        log.info("job %s queued on model %s", record.id, record.model, extra={"job_id": record.id})
+        return self._queued_view(record, submitted, len(served.workers))
+
+    def _write(self, record: JobRecord, ttl: int, served: ServedModel, idempotency: Entry | None) -> Submitted:
+        """Create and queue the job in one round trip (``JobStore.submit``: the Idempotency-Key, the
+        queue's depth, the owner's queued cap, the record, RQ's job, the fair place in the queue
+        and the ``queued`` event, all or nothing); raises what refused it, if anything did."""
+        caller, model = self.caller, served.model.name
+        queue = cast(FairQueue, model_queue(model, self.redis, Place(caller.scope, caller.priority_rank, ttl)))
+        submitted = self.store.submit(
+            record, ttl, queue, rq_job_fields(queue, record.id, self.settings), registration=served.registration,
+            max_depth=backpressure.max_depth(self.settings, model),
+            queued_cap=caller.max_queued_jobs if caller.key is not None else None,
+            idempotency=(idempotency.redis_key, idempotency.value, idempotency.ttl) if idempotency else None,
+            rq_ttl=self.settings.job_ttl)
+        if submitted.outcome == "taken":
+            raise KeyTakenError(idempotency.redis_key if idempotency else "")
+        if submitted.outcome == "full":
+            depth = int(submitted.detail or 0)
+            raise QueueFullError(model, depth, backpressure.estimated_wait(self.redis, model, depth,
+                                                                           len(served.workers)))
+        if submitted.outcome == "quota":
             raise TooManyQueuedJobsError(caller.max_queued_jobs)
-        queue = model_queue(model.name, self.redis, Place(caller.scope, caller.priority_rank, ttl))
-        index = keys.owner_jobs(caller.scope)
-        try:
-            with self.redis.pipeline() as pipe:
-                if idempotency is not None:
-                    idempotency.write(pipe)  # WATCH the key, then the MULTI begins with its SET
-                # One MULTI: a worker can never dequeue a job whose record (or inputs) are not there yet.
-                enqueue(queue, record.id, self.settings, pipeline=pipe)  # RQ opens the MULTI itself
-                self.store.create(record, ttl, pipeline=pipe)  # inputs: in the result store (store_inputs)
-                events.publish(pipe, record.id, "queued", {"status": "queued"}, ttl, webhook=record.request.webhook)
-                pipe.zadd(index, {record.id: record.created_at.timestamp()})  # GET /v1/jobs: newest first
-                pipe.zremrangebyrank(index, 0, -keys.JOBS_INDEX_MAX - 1)
-                pipe.expire(index, ttl)
-                pipe.execute()
-        except BaseException:
-            if quotas is not None:
-                quotas.release_queued(record.id)
-            raise
-        log.info("job %s queued on model %s", record.id, model.name, extra={"job_id": record.id})
-        return self._queued_view(record, queue.key, len(served.workers))
+        return submitted
 
     def build(self, body: JobCreate, files: Mapping[str, bytes], served: ServedModel, job_id: str | None,
               inputs: PreparedInputs | None = None, store_inputs: bool = True) -> tuple[JobRecord, int]:
@@ -182,19 +188,14 @@ class JobService:
             return record
         return record.model_copy(update={"request": record.request.model_copy(update=update)})
 
-    def _queued_view(self, record: JobRecord, queue_key: str, workers: int) -> JobView:
-        """``view`` of a job this request has just queued, in one round trip: its status is known
-        (nothing to reconcile with RQ yet), and so are the model's workers."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lpos(queue_key, record.id)
-            pipe.lrange(keys.model_durations(record.model), 0, -1)
-            found, durations = pipe.execute()
-        position = found if isinstance(found, int) else 0  # None: a worker is already taking it
+    def _queued_view(self, record: JobRecord, submitted: Submitted, workers: int) -> JobView:
+        """``view`` of a job this request has just queued, from what its one write returned."""
+        position = submitted.position if submitted.position is not None else 0  # None: a worker is taking it
         deliveries: list[dict[str, Any]] | None = [] if record.request.webhook is not None else None
         lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
         expires = record.created_at + timedelta(seconds=lifetime)
         return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
-                       eta_seconds=_eta(position, workers, durations), webhook_deliveries=deliveries,
+                       eta_seconds=_eta(position, workers, submitted.durations or []), webhook_deliveries=deliveries,
                        expires_at=expires)
 
     def _check_cost(self, width: int, height: int, steps: int, num_images: int) -> None:
@@ -257,8 +258,11 @@ class JobService:
                 continue  # a concurrent request with the same key created its job first: answer with it
 
     def get(self, job_id: str) -> JobView:
-        """The job as it is now; raises ``JobNotFoundError``."""
-        return self.view(self._record(job_id))
+        """The job as it is now, read in one round trip (``JobStore.read``); raises ``JobNotFoundError``."""
+        found = self.store.read(job_id)
+        if found is None or not self.caller.can_see(found.record.owner):
+            raise JobNotFoundError(job_id)
+        return self.view(found.record, found)
 
     def _record(self, job_id: str) -> JobRecord:
         """The caller's job ``job_id``; another key's job is ``JobNotFoundError`` as a missing one is."""
@@ -275,34 +279,39 @@ class JobService:
         if raw is None or not self.caller.can_see(json.loads(raw)):
             raise JobNotFoundError(job_id)
 
-    def view(self, record: JobRecord) -> JobView:
-        """The record as a client sees it: its status, and where it waits or how far it has run."""
+    def view(self, record: JobRecord, found: Read | None = None) -> JobView:
+        """The record as a client sees it: its status, and where it waits or how far it has run.
+        ``found``: what ``JobStore.read`` returned with the record (no further round trip for
+        them), else they are read here."""
         deadline = record.request.deadline_at
         if record.status is JobStatus.QUEUED and deadline is not None and deadline < utcnow():
             # Ended here too, so a client sees deadline_exceeded even while no worker sweeps.
             if self.store.expire_if_queued(record.id, self.settings.job_ttl):
                 model_queue(record.model, self.redis).remove(record.id)
                 metrics.record_finished(self.redis, record.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
-            record = self.store.get(record.id) or record
+            record, found = self.store.get(record.id) or record, None
         status, error = record.status, record.error  # diffq's record alone: RQ's view never overrides it
         position, eta = None, None
         if status is JobStatus.QUEUED:
-            found = self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
-            position = found if isinstance(found, int) else 0  # None: a worker is taking it off the queue
-            eta = self._queued_eta(record.model, position)
+            place = found.position if found is not None else self.redis.lpos(
+                model_queue(record.model, self.redis).key, record.id)
+            position = place if isinstance(place, int) else 0  # None: a worker is taking it off the queue
+            eta = self._queued_eta(record.model, position, found.durations if found is not None else None)
         elif status is JobStatus.RUNNING and record.progress is not None:
             eta = record.progress.eta_seconds
         deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
-        remaining = self.redis.pttl(keys.job(record.id))
+        remaining = found.pttl_ms if found is not None else self.redis.pttl(keys.job(record.id))
         expires = utcnow() + timedelta(milliseconds=remaining) if remaining and remaining > 0 else None
         return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
                        webhook_deliveries=deliveries, expires_at=expires)
 
-    def _queued_eta(self, model: str, position: int) -> float | None:
-        durations = self.redis.lrange(keys.model_durations(model), 0, -1)
+    def _queued_eta(self, model: str, position: int, durations: list[bytes] | None = None) -> float | None:
+        if durations is None:
+            durations = self.redis.lrange(keys.model_durations(model), 0, -1)
         if not durations:
             return None
-        workers = sum(len(entry.workers) for entry in self.registry.served_models() if entry.model.name == model)
+        served = self.registry.served_models(max_age=SERVED_MAX_AGE)
+        workers = sum(len(entry.workers) for entry in served if entry.model.name == model)
         return _eta(position, workers, durations)
 
     def cancel(self, job_id: str) -> JobView:
@@ -394,13 +403,13 @@ class JobService:
         return self._served(name).model
 
     def _served(self, name: str | None) -> ServedModel:
-        served = {entry.model.name: entry for entry in self.registry.served_models()}
-        if name is None:
-            name = self.settings.default_model
-        if name is None and len(served) == 1:
-            name = next(iter(served))
-        if name is not None and name in served:
-            return served[name]
+        # A listing read within SERVED_MAX_AGE will do when it names the model; else a fresh one.
+        asked = name if name is not None else self.settings.default_model
+        for max_age in (SERVED_MAX_AGE, 0):
+            served = {entry.model.name: entry for entry in self.registry.served_models(max_age=max_age)}
+            name = next(iter(served)) if asked is None and len(served) == 1 else asked
+            if name is not None and name in served:
+                return served[name]
         listing = ", ".join(sorted(served)) or "none (no live workers)"
         problem = "is required when several models are served" if name is None else f"{name!r} is not served"
         raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])

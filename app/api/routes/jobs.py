@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from functools import partial
@@ -13,10 +14,11 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.errors import ERROR_RESPONSES
 from app.api.openapi import JOB_CREATE_BODY
+from app.api.polling import PollPacer
 from app.api.public_urls import public_url
 from app.api.waiting import Wait, WaitTimedOut
 from app.contract import events
-from app.core.errors import JobListingDisabledError, JobNotFoundError
+from app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, JobNotFoundError, PollingTooFastError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.inputs import has_inputs
 from app.core.jobs import JobService, JobView
@@ -74,7 +76,8 @@ async def create_job(
         gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
     async with gate:
         view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
-    await run_in_threadpool(jobs.confirm_replicated)  # a separate step: a retry with the key finds the job
+    if jobs.settings.redis_wait_replicas > 0:  # a separate step: a retry with the key finds the job
+        await run_in_threadpool(jobs.confirm_replicated)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = public_url(request, "get_job", job_id=view.record.id)
@@ -115,15 +118,23 @@ async def get_job(
     caller: CallerDep,
     waiter: WaiterDep,
     request: Request,
+    response: Response,
     wait: Annotated[
         float,
         Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds. "
               "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts."),
     ] = 0,
 ) -> Response | JobPublic:
+    if wait == 0:
+        pacer: PollPacer = request.app.state.poll_pacer
+        hold = pacer.reserve(job_id)  # a tight polling loop is held to the pace (app.api.polling)
+        if hold is None:
+            raise PollingTooFastError(job_id, pacer.retry_after(job_id))
+        if hold > 0:
+            await asyncio.sleep(hold)
     view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
     if wait == 0 or view.status.is_terminal:
-        return job_public(view, request)
+        return _polled(view, request, response)
     async with waiter.admit(caller) as held:  # 429/503 before any blocking read
         try:
             ended = await held.until_ended(jobs, job_id, wait, disconnected=request.is_disconnected)
@@ -131,7 +142,14 @@ async def get_job(
             ended = late.view  # a long poll answers the job as it is
     if ended is None:  # the client hung up: nobody reads this, and the job goes on
         return Response(status_code=499)
-    return job_public(ended, request)
+    return _polled(ended, request, response)
+
+
+def _polled(view: JobView, request: Request, response: Response) -> JobPublic:
+    """The job; while it is not done, with ``Retry-After``: how long a poller should wait."""
+    if not view.status.is_terminal:
+        response.headers["Retry-After"] = str(POLL_HINT_SECONDS)
+    return job_public(view, request)
 
 
 def existing_job(job_id: str, jobs: JobServiceDep) -> JobView:
