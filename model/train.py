@@ -10,9 +10,12 @@ picked up again by running the same command):
    latents with v-prediction on a zero-terminal-SNR schedule, classifier-free-guidance
    dropout, and an exponential moving average of the weights.
 3. `export`: writes the diffusers folder (EMA weights) that the service loads.
-4. `lora`: a LoRA adapter (peft, on the UNet's attention and convolutions) that teaches an
-   exported model a style it never draws (`--style stripes`), the text encoder and the base
-   weights frozen; written as a diffusers LoRA `.safetensors` file (`--out`).
+4. `lora`: a LoRA adapter (peft, on the UNet's attention and convolutions, or `--targets
+   attention`) that teaches an exported model a style it never draws (`--style stripes`), the
+   text encoder and the base weights frozen; written as a diffusers LoRA `.safetensors` file
+   (`--out`). `--latent-pool N` trains on N scenes whose latents were inverted through the
+   frozen decoder (the encoder's latents of a striped scene decode faded), `--lr-schedule
+   cosine` decays the learning rate to 10% at `--steps`.
 
 Data is procedural: step s uses scenes with seeds from a range no evaluation uses, so a
 run is reproducible from its seed and the data never repeats.
@@ -319,18 +322,63 @@ def init_from_folder(folder: Path, unet, text_encoder) -> None:
 # ------------------------------------------------------------------------------------------
 # Stage 4: a LoRA adapter for a style
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+LORA_TARGETS = {
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+
+
+def invert_latents(vae, images: torch.Tensor, iterations: int, device) -> torch.Tensor:
+    """Latents that the frozen decoder turns into `images`: the encoder's, then `iterations` Adam
+    steps on the decoder's reconstruction loss. The VAE saw only flat palette colours; it encodes
+    a striped background so that it decodes faded (the stripe detector finds a quarter of the
+    reconstructions plain) with off-palette pixels the scorer reads as shapes. Ten steps give
+    latents whose decodings are all striped and score like plain scenes (docs/models.md)."""
+    images = images.to(device)
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mode()
+    if not iterations:
+        return z
+    z = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(iterations):
+        with torch.enable_grad():
+            loss = reconstruction_loss(vae.decode(z).sample, images)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    return z.detach()
+
+
+def latent_pool(vae, args, device) -> tuple[torch.Tensor, list[str]]:
+    """`--latent-pool` scenes of the style as inverted latents (`invert_latents`), with captions;
+    computed once per run (`<run>/latents-<style>.pt`) and reused by every sitting."""
+    path = args.run / f"latents-{args.style}.pt"
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached["n"] == args.latent_pool and cached["iterations"] == args.invert_steps:
+            return cached["latents"], cached["captions"]
+    # stage 4's seeds: a range neither the other stages nor evaluation use
+    images, captions = scene_batch(4, 0, args.latent_pool, args.seed, args.style)
+    latents = torch.cat([invert_latents(vae, chunk, args.invert_steps, device).cpu()
+                         for chunk in tqdm(images.split(32), desc="inverting latents", dynamic_ncols=True)])
+    torch.save({"n": args.latent_pool, "iterations": args.invert_steps, "latents": latents,
+                "captions": captions}, path)
+    return latents, captions
 
 
 def v_loss(unet, text_encoder, vae, tokenizer, images, captions, step: int, args, generator, alphas,
-           device) -> torch.Tensor:
-    """The v-prediction loss of the UNet stage on one batch (captions dropped for guidance)."""
+           device, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """The v-prediction loss of the UNet stage on one batch (captions dropped for guidance);
+    `latents` (unscaled) instead of encoding `images`."""
     rng = random.Random(args.seed * 1_000_003 + step)
     captions = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
     ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
-        latents = vae.encode(images.to(device)).latent_dist.mode() * vae.config.scaling_factor
+        if latents is None:
+            latents = vae.encode(images.to(device)).latent_dist.mode()
+        latents = latents.to(device) * vae.config.scaling_factor
         hidden = text_encoder(ids).last_hidden_state
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = sample_timesteps(latents.shape[0], args.high_noise_share, generator).to(device)
@@ -356,7 +404,7 @@ def train_lora(args: argparse.Namespace) -> None:
     unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
+                                target_modules=LORA_TARGETS[args.targets]))
     unet.to(device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -367,18 +415,27 @@ def train_lora(args: argparse.Namespace) -> None:
         opt.load_state_dict(state["optimizer"])
         step, previous_seconds = state["step"], state.get("seconds", 0.0)
         print(f"resumed lora at step {step}")
+    pool = latent_pool(vae, args, device) if args.latent_pool else None
     generator = torch.Generator().manual_seed(args.seed * 7919 + step)
     alphas = build_scheduler().alphas_cumprod.to(device)
     started = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=f"lora {args.style}", dynamic_ncols=True)
     while step < args.steps:
-        images, captions = scene_batch(3, step, args.batch, args.seed, args.style)
-        loss = v_loss(unet, text_encoder, vae, tokenizer, images, captions, step, args, generator, alphas, device)
+        if pool is None:
+            images, captions = scene_batch(3, step, args.batch, args.seed, args.style)
+            latents = None
+        else:  # the pool in a fresh order each pass, a pure function of (seed, step)
+            picks = [pool_index(len(pool[1]), step * args.batch + j, args.seed) for j in range(args.batch)]
+            images, latents, captions = None, pool[0][picks], [pool[1][i] for i in picks]
+        loss = v_loss(unet, text_encoder, vae, tokenizer, images, captions, step, args, generator, alphas,
+                      device, latents)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            if args.lr_schedule == "cosine":  # to 10% at --steps (a later sitting with more steps re-plans it)
+                group["lr"] *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
         opt.step()
         step += 1
         bar.update(1)
@@ -395,6 +452,12 @@ def train_lora(args: argparse.Namespace) -> None:
     state = ckpt.load()
     assert state is not None, "the loop saved a checkpoint at its last step"
     save_lora(unet, args, state)
+
+
+def pool_index(n: int, k: int, seed: int) -> int:
+    """The k-th pick from a pool of n: pass k // n visits every entry once, in its own order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 104_729 + k // n))
+    return int(order[k % n])
 
 
 def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
@@ -414,7 +477,8 @@ def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
                                               unet_lora_adapter_metadata=config)
     base = json.loads((args.init_from / "diffq.json").read_text())["name"]
     out.with_suffix(".json").write_text(json.dumps({
-        "base_model": base, "style": args.style, "rank": args.rank, "steps": state["step"],
+        "base_model": base, "style": args.style, "rank": args.rank, "targets": LORA_TARGETS[args.targets],
+        "latent_pool": args.latent_pool, "invert_steps": args.invert_steps, "steps": state["step"],
         "seconds": state.get("seconds", 0.0), "seed": args.seed, "device": state.get("device"),
         "argv": state.get("argv"), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -528,6 +592,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--style", default="stripes", choices=[s for s in shapes_data.STYLES if s != "plain"],
                         help="lora: the style the adapter learns")
     parser.add_argument("--rank", type=int, default=4, help="lora: rank of the low-rank matrices")
+    parser.add_argument("--targets", default="all", choices=sorted(LORA_TARGETS),
+                        help="lora: attention projections, proj_in/proj_out and resnet convolutions (all), "
+                             "or the attention projections alone")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="lora: after warm-up, constant or cosine decay to 10%% at --steps")
+    parser.add_argument("--latent-pool", type=int, default=0,
+                        help="lora: train on this many scenes' inverted latents (0: encode fresh scenes each step)")
+    parser.add_argument("--invert-steps", type=int, default=10,
+                        help="lora: decoder-inversion steps per pooled latent (0: the encoder's latents)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
