@@ -25,6 +25,7 @@ up: install
 # Lint and type checks of app/, worker/ and model/ (settings in pyproject.toml); must be clean.
 check: install
 	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
 test: check

@@ -28,28 +28,42 @@ def add_command(commands: Any, run: Any) -> None:
     batch = commands.add_parser("batch", help="many jobs as one batch: submit a CSV/JSONL, follow it, get results")
     actions = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
     submit = actions.add_parser(
-        "submit", help="submit a JSONL file of jobs, or a CSV/JSON list of rows with --template")
+        "submit", help="submit a JSONL file of jobs, or a CSV/JSON list of rows with --template"
+    )
     submit.add_argument("file", type=Path, help="products.csv (with --template), jobs.jsonl, or rows.json")
     submit.add_argument("--template", help='prompt with {column} placeholders, e.g. "a {colour} mug, {bg} background"')
-    submit.add_argument("--defaults", default="{}", help='JSON job fields for every item, e.g. \'{"steps": 20}\'')
+    submit.add_argument("--defaults", default="{}", help="JSON job fields for every item, e.g. '{\"steps\": 20}'")
     submit.add_argument("--steps", type=int, help="denoising steps of every item")
     submit.add_argument("--model", help="served model name")
-    submit.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                        help="a shared input image, uploaded once; items use it as input:NAME (repeatable)")
+    submit.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a shared input image, uploaded once; items use it as input:NAME (repeatable)",
+    )
     submit.add_argument("--webhook", help="URL for the signed batch.completed webhook")
     submit.add_argument("--priority", choices=["high", "normal", "low"], help="default low")
     submit.add_argument("--idempotency-key", help="makes the submit safe to retry")
     submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, help_text in (("status", "counts, progress and ETA"), ("cancel", "cancel every unended item"),
-                            ("delete", "delete the batch, its jobs and images"),
-                            ("results", "results.jsonl: custom_id, status, image URLs, seeds, error"),
-                            ("download", "the succeeded images: a folder (resumable) or a .zip")):
+    for name, help_text in (
+        ("status", "counts, progress and ETA"),
+        ("cancel", "cancel every unended item"),
+        ("delete", "delete the batch, its jobs and images"),
+        ("results", "results.jsonl: custom_id, status, image URLs, seeds, error"),
+        ("download", "the succeeded images: a folder (resumable) or a .zip"),
+    ):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("batch_id")
         if name in ("results", "download"):
-            action.add_argument("-o", "--output", type=Path, required=name == "download",
-                                help="file (results) or folder / .zip (download)")
+            action.add_argument(
+                "-o",
+                "--output",
+                type=Path,
+                required=name == "download",
+                help="file (results) or folder / .zip (download)",
+            )
     actions.add_parser("list", help="the API key's newest batches")
     for action in actions.choices.values():
         action.add_argument("--url", help="API base URL (default: DIFFQ_URL, else http://DIFFQ_HOST:DIFFQ_PORT)")
@@ -77,9 +91,15 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"diffq batch submit: --input takes NAME=PATH, not {spec!r}")
         inputs[name] = Path(path)
-    batch = client.submit_batch(file=args.file, prompt_template=args.template, defaults=defaults or None,
-                                inputs=inputs or None, webhook={"url": args.webhook} if args.webhook else None,
-                                priority=args.priority, idempotency_key=args.idempotency_key)
+    batch = client.submit_batch(
+        file=args.file,
+        prompt_template=args.template,
+        defaults=defaults or None,
+        inputs=inputs or None,
+        webhook={"url": args.webhook} if args.webhook else None,
+        priority=args.priority,
+        idempotency_key=args.idempotency_key,
+    )
     print(f"diffq: batch {batch['id']} queued: {batch['counts']['total']} items", file=sys.stderr, flush=True)
     if args.no_wait:
         print(batch["id"])
@@ -154,5 +174,12 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-ACTIONS = {"submit": _submit, "status": _status, "cancel": _cancel, "delete": _delete, "results": _results,
-           "download": _download, "list": _list}
+ACTIONS = {
+    "submit": _submit,
+    "status": _status,
+    "cancel": _cancel,
+    "delete": _delete,
+    "results": _results,
+    "download": _download,
+    "list": _list,
+}

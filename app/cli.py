@@ -42,8 +42,14 @@ def run_api(args: argparse.Namespace) -> int:
     if not _store_ready(settings, "api"):
         return 2
     # Header and body deadlines, keep-alive and a cap on concurrent connections (app.api.slow_clients).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                log_config=None, **uvicorn_options(settings))  # uvicorn's lines go through app.logs too
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        **uvicorn_options(settings),
+    )  # uvicorn's lines go through app.logs too
     return 0
 
 

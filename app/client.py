@@ -68,8 +68,9 @@ class JobFailed(Exception):
 
     def __init__(self, job: Job) -> None:
         error = job.error or {}
-        super().__init__(f"job {job.id} {job.status}" + (f": {error.get('code')}: {error.get('message')}"
-                                                          if error else ""))
+        super().__init__(
+            f"job {job.id} {job.status}" + (f": {error.get('code')}: {error.get('message')}" if error else "")
+        )
         self.job = job
 
 
@@ -192,8 +193,12 @@ def _check(response: httpx.Response) -> httpx.Response:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    raise APIError(response.status_code, str(body.get("code", "http_error")),
-                   str(body.get("message", response.text[:500] or response.reason_phrase)), body.get("fields"))
+    raise APIError(
+        response.status_code,
+        str(body.get("code", "http_error")),
+        str(body.get("message", response.text[:500] or response.reason_phrase)),
+        body.get("fields"),
+    )
 
 
 def _no_image_yet(response: httpx.Response) -> bool:
@@ -244,12 +249,20 @@ class Client(BatchMethods):
     """Synchronous client (with the batch methods of ``app.client_batches``). ``base_url`` defaults to ``$DIFFQ_URL`` or
     ``http://127.0.0.1:8000``, ``api_key`` (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,
-                 transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key),
-                                 transport=transport)
+        self.http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key), transport=transport
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -277,13 +290,15 @@ class Client(BatchMethods):
             if remaining <= 0:
                 raise WaitTimeout(current, timeout or 0)
             wait = min(remaining, MAX_WAIT)
-            response = self.http.get(f"/v1/jobs/{current.id}", params={"wait": f"{wait:.3f}"},
-                                     timeout=wait + self.timeout)
+            response = self.http.get(
+                f"/v1/jobs/{current.id}", params={"wait": f"{wait:.3f}"}, timeout=wait + self.timeout
+            )
             current = Job(_check(response).json())
         return current
 
-    def events(self, job: JobRef, last_event_id: str | None = None, *, timeout: float | None = None,
-               reconnect: bool = True) -> Iterator[Event]:
+    def events(
+        self, job: JobRef, last_event_id: str | None = None, *, timeout: float | None = None, reconnect: bool = True
+    ) -> Iterator[Event]:
         """The job's server-sent events from the start (or after ``last_event_id``), until its final
         one. A dropped connection is resumed with ``Last-Event-ID`` (up to 5 times in a row);
         ``WaitTimeout`` after ``timeout`` seconds."""
@@ -294,11 +309,15 @@ class Client(BatchMethods):
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
-            read = STREAM_READ_TIMEOUT if deadline is None else max(0.1, min(STREAM_READ_TIMEOUT,
-                                                                             deadline - time.monotonic()))
+            read = (
+                STREAM_READ_TIMEOUT
+                if deadline is None
+                else max(0.1, min(STREAM_READ_TIMEOUT, deadline - time.monotonic()))
+            )
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                      timeout=httpx.Timeout(self.timeout, read=read)) as response:
+                with self.http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(self.timeout, read=read)
+                ) as response:
                     if not response.is_success:
                         response.read()
                         _check(response)
@@ -351,8 +370,14 @@ class Client(BatchMethods):
         response = self.http.get(f"/v1/jobs/{_job_id(job)}/preview.png")
         return None if _no_image_yet(response) else _check(response).content
 
-    def generate(self, prompt: str, *, timeout: float | None = None, on_event: Callable[[Event], None] | None = None,
-                 **params: Any) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        **params: Any,
+    ) -> Generation:
         """Submit, wait (watching the events if ``on_event`` is given), download the images.
         Raises ``JobFailed`` if the job failed or was canceled, ``WaitTimeout`` after ``timeout`` s."""
         job = self.submit(prompt=prompt, **params)
@@ -370,12 +395,20 @@ class Client(BatchMethods):
 class AsyncClient:
     """asyncio client: the same methods as ``Client``, awaited (``events`` is an async iterator)."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, headers: Mapping[str, str] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.base_url = _base_url(base_url)
         self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key),
-                                      transport=transport)
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=_headers(headers, api_key), transport=transport
+        )
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -401,13 +434,15 @@ class AsyncClient:
             if remaining <= 0:
                 raise WaitTimeout(current, timeout or 0)
             wait = min(remaining, MAX_WAIT)
-            response = await self.http.get(f"/v1/jobs/{current.id}", params={"wait": f"{wait:.3f}"},
-                                           timeout=wait + self.timeout)
+            response = await self.http.get(
+                f"/v1/jobs/{current.id}", params={"wait": f"{wait:.3f}"}, timeout=wait + self.timeout
+            )
             current = Job(_check(response).json())
         return current
 
-    async def events(self, job: JobRef, last_event_id: str | None = None, *, timeout: float | None = None,
-                     reconnect: bool = True) -> AsyncIterator[Event]:
+    async def events(
+        self, job: JobRef, last_event_id: str | None = None, *, timeout: float | None = None, reconnect: bool = True
+    ) -> AsyncIterator[Event]:
         import asyncio
 
         job_id = _job_id(job)
@@ -417,11 +452,15 @@ class AsyncClient:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
-            read = STREAM_READ_TIMEOUT if deadline is None else max(0.1, min(STREAM_READ_TIMEOUT,
-                                                                             deadline - time.monotonic()))
+            read = (
+                STREAM_READ_TIMEOUT
+                if deadline is None
+                else max(0.1, min(STREAM_READ_TIMEOUT, deadline - time.monotonic()))
+            )
             try:
-                async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                            timeout=httpx.Timeout(self.timeout, read=read)) as response:
+                async with self.http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(self.timeout, read=read)
+                ) as response:
                     if not response.is_success:
                         await response.aread()
                         _check(response)
@@ -470,8 +509,14 @@ class AsyncClient:
         response = await self.http.get(f"/v1/jobs/{_job_id(job)}/preview.png")
         return None if _no_image_yet(response) else _check(response).content
 
-    async def generate(self, prompt: str, *, timeout: float | None = None,
-                       on_event: Callable[[Event], Any] | None = None, **params: Any) -> Generation:
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Event], Any] | None = None,
+        **params: Any,
+    ) -> Generation:
         job = await self.submit(prompt=prompt, **params)
         if on_event is None:
             job = await self.wait(job, timeout)

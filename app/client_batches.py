@@ -29,11 +29,19 @@ class BatchMethods:
 
     http: httpx.Client
 
-    def submit_batch(self, items: list[Mapping[str, Any]] | None = None, *, file: Path | None = None,
-                     prompt_template: str | None = None, rows: list[Mapping[str, Any]] | None = None,
-                     defaults: Mapping[str, Any] | None = None, inputs: Mapping[str, Path | bytes] | None = None,
-                     webhook: Mapping[str, Any] | None = None, priority: str | None = None,
-                     idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit_batch(
+        self,
+        items: list[Mapping[str, Any]] | None = None,
+        *,
+        file: Path | None = None,
+        prompt_template: str | None = None,
+        rows: list[Mapping[str, Any]] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Path | bytes] | None = None,
+        webhook: Mapping[str, Any] | None = None,
+        priority: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         """``POST /v1/batches``: ``items`` (job requests with ``custom_id``), or ``file`` (JSONL; CSV
         or a JSON list of rows with ``prompt_template``), or ``prompt_template`` with ``rows``.
         ``inputs``: shared images by name, uploaded once (items say ``"image": "input:<name>"``)."""
@@ -41,11 +49,15 @@ class BatchMethods:
         options = {"defaults": defaults, "webhook": webhook, "priority": priority}
         if file is None and not inputs:
             body = {"items": items, "prompt_template": prompt_template, "rows": rows, **options}
-            response = self.http.post("/v1/batches", json={k: v for k, v in body.items() if v is not None},
-                                      headers=headers)
+            response = self.http.post(
+                "/v1/batches", json={k: v for k, v in body.items() if v is not None}, headers=headers
+            )
             return self._checked(response).json()
-        data = {k: v if isinstance(v, str) else json.dumps(v) for k, v in
-                {"prompt_template": prompt_template, **options}.items() if v is not None}
+        data = {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in {"prompt_template": prompt_template, **options}.items()
+            if v is not None
+        }
         files: dict[str, tuple[str, bytes]] = {}
         if file is not None:
             files["file"] = (file.name, file.read_bytes())
@@ -76,8 +88,13 @@ class BatchMethods:
                 if line.strip():
                     yield json.loads(line)
 
-    def wait_batch(self, batch_id: str, timeout: float | None = None, interval: float = 1.0,
-                   on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait_batch(
+        self,
+        batch_id: str,
+        timeout: float | None = None,
+        interval: float = 1.0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until every item has ended; ``TimeoutError`` after ``timeout`` seconds (the batch goes on)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

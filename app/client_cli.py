@@ -39,8 +39,13 @@ def add_commands(commands: Any, run_generate: Any, run_jobs: Any, run_cancel: An
         "generate", help="make an image with a running API: live progress, then the PNG(s) written to -o"
     )
     generate.add_argument("prompt", help='what to draw, e.g. "a red circle, blue background"')
-    generate.add_argument("-o", "--output", type=Path, default=Path("image.png"),
-                          help="PNG to write (default image.png); with --n > 1: NAME-0.png, NAME-1.png, ...")
+    generate.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("image.png"),
+        help="PNG to write (default image.png); with --n > 1: NAME-0.png, NAME-1.png, ...",
+    )
     generate.add_argument("--n", "--num-images", dest="num_images", type=int, help="images to make (default 1)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     generate.add_argument("--seed", type=int, help="seed of image 0 (default: random, printed)")
@@ -71,9 +76,20 @@ def add_commands(commands: Any, run_generate: Any, run_jobs: Any, run_cancel: An
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {name: getattr(args, name) for name in (
-        "num_images", "steps", "seed", "negative_prompt", "guidance_scale", "scheduler", "model", "mode", "strength",
-    )}
+    params: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in (
+            "num_images",
+            "steps",
+            "seed",
+            "negative_prompt",
+            "guidance_scale",
+            "scheduler",
+            "model",
+            "mode",
+            "strength",
+        )
+    }
     if args.size:
         width, sep, height = args.size.lower().partition("x")
         if not sep or not width.isdigit() or not height.isdigit():
@@ -100,8 +116,14 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, unit="step", desc="queued", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+            self.bar = tqdm(
+                total=None,
+                unit="step",
+                desc="queued",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
+            )
 
     def update(self, event_type: str, data: Any) -> None:
         if self.bar is None:
@@ -156,8 +178,11 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
             progress.close()
         if job.status != "succeeded":
             failure = job.error or {}
-            print(f"diffq: job {job.id} {job.status}" + (f": {failure.get('code')}: {failure.get('message')}"
-                                                         if failure else ""), file=sys.stderr)
+            print(
+                f"diffq: job {job.id} {job.status}"
+                + (f": {failure.get('code')}: {failure.get('message')}" if failure else ""),
+                file=sys.stderr,
+            )
             return EXIT_FAILED
         paths = _outputs(args.output, len(job.image_urls))
         for path, url in zip(paths, job.image_urls, strict=True):

@@ -197,14 +197,14 @@ async def read_form(request: Request, *, max_files: int, max_fields: int, max_pa
     except StarletteHTTPException as error:
         if error.status_code != 400:
             raise
-        raise InvalidRequestError([FieldProblem("body", f"is not valid multipart/form-data: {error.detail}")]) \
-            from None
+        raise InvalidRequestError([FieldProblem("body", f"is not valid multipart/form-data: {error.detail}")]) from None
 
 
 async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[dict[str, Any], dict[str, bytes]]:
     # A text field may carry a base64 image, so it may be as large as an upload in base64.
-    form = await read_form(request, max_files=len(FILE_FIELDS), max_fields=64,
-                           max_part_size=settings.max_upload_bytes * 4 // 3 + 4096)
+    form = await read_form(
+        request, max_files=len(FILE_FIELDS), max_fields=64, max_part_size=settings.max_upload_bytes * 4 // 3 + 4096
+    )
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     problems = []

@@ -74,12 +74,18 @@ class EmbeddedRedis:
             self.port = self.requested_port or free_port()
             command = [
                 executable,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(self.directory / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
             ]
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **popen_kwargs)  # type: ignore[call-overload]
             if self._wait_until_up():

@@ -118,8 +118,9 @@ def resolve_format(format: str, stream: IO[str]) -> str:
         return "json"
 
 
-def setup(settings: Any | None = None, *, format: str | None = None, level: str | None = None,
-          stream: IO[str] | None = None) -> logging.Handler:
+def setup(
+    settings: Any | None = None, *, format: str | None = None, level: str | None = None, stream: IO[str] | None = None
+) -> logging.Handler:
     """Send the root logger's lines to ``stream`` (stderr) as ``format``, at ``level``; both default
     to the settings' ``log_format`` and ``log_level``. Replaces a handler an earlier call installed,
     so calling it again (tests, a CLI command in a process) does not double lines. uvicorn's loggers

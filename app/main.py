@@ -83,8 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Long polls, event streams and synchronous endpoints block on Redis: asyncio clients, so
         # they hold no thread; blocking reads have their own pool (app.api.redis_clients), admitted
         # by app.api.waits. Routes reach it only through app.deps.WaiterDep.
-        app.state.waiter = Waiter(clients.sync, clients.quick, clients.waits,
-                                  WaitCount(settings.redis_wait_connections))
+        app.state.waiter = Waiter(
+            clients.sync, clients.quick, clients.waits, WaitCount(settings.redis_wait_connections)
+        )
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
         app.state.rate_limiter = RateLimiter(app.state.redis)
         app.state.verified_keys = VerifiedKeys(KEY_CACHE_SECONDS)  # revocation is checked with the rate

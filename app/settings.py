@@ -47,27 +47,37 @@ class Settings(BaseSettings):
     redis_sentinel_password: str | None = Field(None, description="Password of the sentinels themselves.")
     redis_sentinel_tls: bool = Field(False, description="Speak TLS to the sentinels (CA as DIFFQ_REDIS_URL's).")
     redis_wait_replicas: int = Field(
-        0, ge=0, description="Replicas that must hold a new job (and a job's result) before it is acknowledged "
+        0,
+        ge=0,
+        description="Replicas that must hold a new job (and a job's result) before it is acknowledged "
         "(Redis WAIT); 0: no wait.",
     )
     redis_wait_timeout: float = Field(
-        1.0, gt=0, description="Seconds to wait for redis_wait_replicas; past it POST /v1/jobs answers 503 "
+        1.0,
+        gt=0,
+        description="Seconds to wait for redis_wait_replicas; past it POST /v1/jobs answers 503 "
         "(retry with the same Idempotency-Key).",
     )
     redis_allow_eviction: bool = Field(
-        False, description="Start even if Redis's maxmemory-policy may evict keys (it could drop queued jobs).",
+        False,
+        description="Start even if Redis's maxmemory-policy may evict keys (it could drop queued jobs).",
     )
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     public_url: str | None = Field(
-        None, description="Base of the URLs the API hands out (Location, image URLs), e.g. https://api.example.com; "
+        None,
+        description="Base of the URLs the API hands out (Location, image URLs), e.g. https://api.example.com; "
         "unset: built from the request's Host.",
     )
     redis_max_connections: int = Field(
-        64, ge=1, description="Connections of each of an API process's two pools for short Redis commands (one for "
+        64,
+        ge=1,
+        description="Connections of each of an API process's two pools for short Redis commands (one for "
         "its threads, one for its event loop); when all are busy: 503 store_busy.",
     )
     redis_wait_connections: int = Field(
-        200, ge=1, description="Connections an API process keeps for blocking reads (long polls, event streams, "
+        200,
+        ge=1,
+        description="Connections an API process keeps for blocking reads (long polls, event streams, "
         "OpenAI waits): the most waits it serves at once; over it: 503 too_many_waits.",
     )
     http_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
@@ -75,8 +85,9 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Seconds a client has to send a request's headers; then the connection is closed."
     )
     http_body_timeout: float = Field(
-        60.0, gt=0, description="Seconds a client has to send a request's whole body; then 408 and the connection "
-        "is closed.",
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's whole body; then 408 and the connection is closed.",
     )
     http_max_connections: int = Field(
         1000, ge=1, description="Connections and requests an API process serves at once; beyond: 503 at once."
@@ -100,27 +111,36 @@ class Settings(BaseSettings):
         "and outpaint jobs; without it the model inpaints with its own UNet.",
     )
     models: str = Field(
-        "", description="More models one worker serves beside DIFFQ_MODEL_PATH's: comma-separated name=path, each a "
+        "",
+        description="More models one worker serves beside DIFFQ_MODEL_PATH's: comma-separated name=path, each a "
         "diffusers folder or a single-file .safetensors checkpoint.",
     )
     models_dir: Path | None = Field(
-        None, description="A folder of models one worker serves: each diffusers subfolder and each .safetensors file "
+        None,
+        description="A folder of models one worker serves: each diffusers subfolder and each .safetensors file "
         "is a model named after it.",
     )
     single_file_config: Path | None = Field(
-        None, description="Local diffusers folder (configs and tokenizer; weights not needed) whose architecture "
+        None,
+        description="Local diffusers folder (configs and tokenizer; weights not needed) whose architecture "
         "single-file checkpoints use when they have no <name>.json naming one.",
     )
     model_memory_bytes: int = Field(
-        0, ge=0, description="Device memory a multi-model worker's loaded pipelines may take; the least recently "
+        0,
+        ge=0,
+        description="Device memory a multi-model worker's loaded pipelines may take; the least recently "
         "used is evicted beyond it (at least one stays). 0: keep every model loaded.",
     )
     model_cpu_memory_bytes: int = Field(
-        0, ge=0, description="CPU RAM for pipelines evicted from the device, so a switch back does not re-read the "
+        0,
+        ge=0,
+        description="CPU RAM for pipelines evicted from the device, so a switch back does not re-read the "
         "disk; 0: off (evicted pipelines are dropped).",
     )
     model_switch_after: int = Field(
-        4, ge=1, description="Multi-model worker: jobs it takes in a row for loaded models while another served "
+        4,
+        ge=1,
+        description="Multi-model worker: jobs it takes in a row for loaded models while another served "
         "model's queue waits, before it loads that model (the bound on a queue's extra wait).",
     )
     lora_dir: Path | None = Field(
@@ -179,13 +199,17 @@ class Settings(BaseSettings):
     )
     max_event_streams: int = Field(10, ge=1, description="Event streams (`/events`) a key may hold open at once.")
     poll_interval: float = Field(
-        1.0, ge=0, description="Seconds between answered plain reads (`GET /v1/jobs/{id}` without `?wait=`) of "
+        1.0,
+        ge=0,
+        description="Seconds between answered plain reads (`GET /v1/jobs/{id}` without `?wait=`) of "
         "one job, past a burst of `poll_burst`: a faster read is held until its turn (at most 2 s, else 429 "
         "`polling_too_fast`), so tight polling loops cannot take the host's CPU from its workers; 0: off.",
     )
     poll_burst: int = Field(10, ge=1, description="Reads of one job answered at once before `poll_interval` applies.")
     max_waits: int = Field(
-        20, ge=1, description="Waits a key may hold open at once: long polls (`?wait=`), event streams and "
+        20,
+        ge=1,
+        description="Waits a key may hold open at once: long polls (`?wait=`), event streams and "
         "OpenAI-endpoint requests together; over it: 429 too_many_waits.",
     )
 
@@ -210,7 +234,9 @@ class Settings(BaseSettings):
         4, ge=1, description="Input images one API process decodes at once; more wait their turn without a thread."
     )
     decode_concurrency_per_key: int = Field(
-        2, ge=1, description="Input images one key may have decoding at once per API process; 8 times as many may "
+        2,
+        ge=1,
+        description="Input images one key may have decoding at once per API process; 8 times as many may "
         "wait, more get 429 too_many_uploads.",
     )
     max_upload_side: int = Field(8192, ge=1, description="Longest width or height of an input image, in pixels.")
@@ -240,14 +266,17 @@ class Settings(BaseSettings):
         "auto", description="With store=s3: bucket in the path or the host name (path for most self-hosted stores)."
     )
     store_retry: float = Field(
-        30.0, ge=0, description="Seconds a worker retries a store write (with backoff) before the job fails "
-        "storage_unavailable.",
+        30.0,
+        ge=0,
+        description="Seconds a worker retries a store write (with backoff) before the job fails storage_unavailable.",
     )
     store_sweep_interval: float = Field(
         60.0, gt=0, description="Seconds between sweeps of the file or s3 store for objects no live job references."
     )
     store_sweep_grace: float = Field(
-        600.0, ge=0, description="Least age, in seconds, of an unreferenced object before the sweeper removes it "
+        600.0,
+        ge=0,
+        description="Least age, in seconds, of an unreferenced object before the sweeper removes it "
         "(uploads of jobs being submitted or finished are not yet referenced).",
     )
     image_urls: Literal["proxy", "signed", "public"] = Field(
@@ -284,8 +313,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Seconds a worker keeps retrying to store a finished job's result while Redis is down."
     )
     progress_interval: float = Field(
-        0.5, ge=0, description="Least seconds between two progress writes of one job (0.5 = at most 2/s; each "
-        "costs Redis commands, see the README's performance section)."
+        0.5,
+        ge=0,
+        description="Least seconds between two progress writes of one job (0.5 = at most 2/s; each "
+        "costs Redis commands, see the README's performance section).",
     )
     preview_decoder: Literal["latent", "vae", "off"] = Field(
         "latent",
@@ -293,8 +324,10 @@ class Settings(BaseSettings):
         "cheap), vae (full decode), off.",
     )
     preview_interval: float = Field(
-        0.5, ge=0, description="Least seconds between two previews of one job; a preview is stored with a progress "
-        "write, so never more often than progress_interval."
+        0.5,
+        ge=0,
+        description="Least seconds between two previews of one job; a preview is stored with a progress "
+        "write, so never more often than progress_interval.",
     )
 
     # Marking outputs as generated (docs/provenance.md).
@@ -311,8 +344,9 @@ class Settings(BaseSettings):
         "es256", description="Signature algorithm of c2pa_key."
     )
     c2pa_timestamp_url: str | None = Field(
-        None, description="RFC 3161 time-stamp authority for C2PA signatures (unset: none; the signature then "
-        "validates only while the certificate does)."
+        None,
+        description="RFC 3161 time-stamp authority for C2PA signatures (unset: none; the signature then "
+        "validates only while the certificate does).",
     )
     content_credentials: Literal["required", "optional", "off"] = Field(
         "optional",
@@ -320,18 +354,23 @@ class Settings(BaseSettings):
         "unsigned; refused at submit without c2pa_cert), optional (signed when c2pa_cert is set), off.",
     )
     watermark_payload: str | None = Field(
-        None, max_length=32,
+        None,
+        max_length=32,
         description="Text (≤ 32 bytes) hidden as an invisible watermark in every output of at least 256×256; "
         "unset: no watermark. Needs the worker extra (invisible-watermark).",
     )
 
     # Cross-request batching in the worker.
     batch_max: int = Field(
-        4, ge=1, description="Most jobs a worker runs as one pipeline call (the one it took plus compatible "
+        4,
+        ge=1,
+        description="Most jobs a worker runs as one pipeline call (the one it took plus compatible "
         "queued ones: same size, steps, scheduler, guidance, mode and strength); 1 turns batching off.",
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, description="Longest a worker waits, in milliseconds, for compatible jobs to join a batch "
+        5.0,
+        ge=0,
+        description="Longest a worker waits, in milliseconds, for compatible jobs to join a batch "
         "that is not full (no wait when nothing else is queued).",
     )
 
@@ -360,12 +399,15 @@ class Settings(BaseSettings):
 
     # Where users already are: the OpenAI-compatible endpoint, job listing, client commands, logs.
     openai_timeout: float = Field(
-        300.0, gt=0, description="Seconds POST /v1/images/generations (and edits, variations) waits for its job, "
-        "then 504 (the job goes on)."
+        300.0,
+        gt=0,
+        description="Seconds POST /v1/images/generations (and edits, variations) waits for its job, "
+        "then 504 (the job goes on).",
     )
     sdapi_timeout: float = Field(
-        600.0, gt=0, description="Seconds POST /sdapi/v1/txt2img and img2img wait for their job, then 504 (the job "
-        "goes on)."
+        600.0,
+        gt=0,
+        description="Seconds POST /sdapi/v1/txt2img and img2img wait for their job, then 504 (the job goes on).",
     )
     job_listing: bool = Field(
         False,
@@ -373,7 +415,8 @@ class Settings(BaseSettings):
         "access control.",
     )
     url: str | None = Field(
-        None, description="API base URL for the client commands (diffq generate, jobs, cancel); default http://host:port."
+        None,
+        description="API base URL for the client commands (diffq generate, jobs, cancel); default http://host:port.",
     )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="Log lines: json (one object a line, with job_id), text, or auto (json unless a terminal)."

@@ -75,8 +75,12 @@ class Adapters:
         for name, weight in loras:
             if name not in available:
                 return f"unknown adapter {name!r}; available: {', '.join(available) or 'none'}"
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
-                    or abs(weight) > MAX_WEIGHT:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not math.isfinite(weight)
+                or abs(weight) > MAX_WEIGHT
+            ):
                 return f"weight of {name!r} is {weight!r}; accepted: -{MAX_WEIGHT} to {MAX_WEIGHT}"
         return None
 
@@ -145,4 +149,3 @@ class Adapters:
         if self.folder is None or not NAME_PATTERN.match(name):
             raise FileNotFoundError(f"no adapter {name!r}")
         return self.folder / f"{name}{SUFFIX}"
-

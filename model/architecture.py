@@ -25,14 +25,24 @@ class Architecture:
 
 PRESETS: dict[str, Architecture] = {
     "shapes": Architecture(
-        text_width=128, text_layers=3, text_heads=4,
-        vae_channels=(16, 32, 64), latent_channels=8,
-        unet_channels=(64, 128, 192), unet_layers=1, unet_head_dim=32,
+        text_width=128,
+        text_layers=3,
+        text_heads=4,
+        vae_channels=(16, 32, 64),
+        latent_channels=8,
+        unet_channels=(64, 128, 192),
+        unet_layers=1,
+        unet_head_dim=32,
     ),
     "tiny": Architecture(
-        text_width=32, text_layers=1, text_heads=2,
-        vae_channels=(8, 16), latent_channels=4,
-        unet_channels=(16, 32), unet_layers=1, unet_head_dim=8,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        vae_channels=(8, 16),
+        latent_channels=4,
+        unet_channels=(16, 32),
+        unet_layers=1,
+        unet_head_dim=8,
     ),
 }
 

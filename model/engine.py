@@ -373,12 +373,18 @@ class Engine:
             if inpaint_pipe is not None:
                 applied += [f"inpaint model: {item}" for item in _apply_fast_path(inpaint_pipe, compile_mode=None)]
             if vae_tiling_pixels:
-                applied.append(f"VAE tiling above {vae_tiling_pixels} pixels per image, slicing above "
-                               f"{vae_tiling_pixels} pixels per call")
+                applied.append(
+                    f"VAE tiling above {vae_tiling_pixels} pixels per image, slicing above "
+                    f"{vae_tiling_pixels} pixels per call"
+                )
         info = dataclasses.replace(info, load_seconds=round(time.monotonic() - started, 3))
         return cls(
-            pipe, info, built, inpaint_pipe,
-            vae_tiling_pixels=vae_tiling_pixels if fast else 0, fast_path=applied,
+            pipe,
+            info,
+            built,
+            inpaint_pipe,
+            vae_tiling_pixels=vae_tiling_pixels if fast else 0,
+            fast_path=applied,
             adapters=Adapters(lora_dir, lora_cache_size),
         )
 
@@ -471,8 +477,9 @@ class Engine:
                 raise InvalidRequestError("mask", f"must be a PIL image, got {type(mask).__name__}")
             if mask.size != size:
                 raise InvalidRequestError(
-                    "mask", f"is {mask.width}×{mask.height} but the image is {image.width}×{image.height}; "
-                    "they must be the same size"
+                    "mask",
+                    f"is {mask.width}×{mask.height} but the image is {image.width}×{image.height}; "
+                    "they must be the same size",
                 )
         if mode is Mode.OUTPAINT:
             padding = request.outpaint
@@ -487,15 +494,17 @@ class Engine:
         for requested, actual, name in ((request.width, size[0], "width"), (request.height, size[1], "height")):
             if requested is not None and requested != actual:
                 raise InvalidRequestError(
-                    name, f"is {requested} but {mode.value} makes an image {size[0]}×{size[1]} (the input's "
-                    "size); omit width and height, or resize the input"
+                    name,
+                    f"is {requested} but {mode.value} makes an image {size[0]}×{size[1]} (the input's "
+                    "size); omit width and height, or resize the input",
                 )
         info = self.info
         for actual in size:
             if not info.min_size <= actual <= info.max_size or actual % info.size_multiple:
                 raise InvalidRequestError(
-                    field, f"makes an image {size[0]}×{size[1]}; width and height must be multiples of "
-                    f"{info.size_multiple} in {info.min_size}..{info.max_size}"
+                    field,
+                    f"makes an image {size[0]}×{size[1]}; width and height must be multiples of "
+                    f"{info.size_multiple} in {info.min_size}..{info.max_size}",
                 )
         return size
 
@@ -566,8 +575,14 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
             key: tuple = (
-                request.width, request.height, request.steps, request.scheduler, request.guidance_scale,
-                request.mode, request.strength, request.loras,
+                request.width,
+                request.height,
+                request.steps,
+                request.scheduler,
+                request.guidance_scale,
+                request.mode,
+                request.strength,
+                request.loras,
             )
             if self._empty_negative_is_special:
                 key += (request.negative_prompt == "",)
@@ -620,8 +635,11 @@ class Engine:
         if masked and self._inpaint_pipe is not None:
             kwargs["mask_image"] = [mask for _, mask in inputs]
         elif masked:
-            known = _KnownRegion.encode(pipe, inputs, [request.seed + k for request in (requests[i] for i in indices)
-                                                        for k in range(request.num_images)])
+            known = _KnownRegion.encode(
+                pipe,
+                inputs,
+                [request.seed + k for request in (requests[i] for i in indices) for k in range(request.num_images)],
+            )
         if self._takes_negative_prompt:
             # None (not [""] * n) when no request has one: SDXL then uses zeros.
             kwargs["negative_prompt"] = negative_prompts if any(negative_prompts) else None
@@ -633,12 +651,17 @@ class Engine:
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}  # img2img takes no size
-        with self._scheduler_in_place(pipe, first.scheduler, tap), self._vae_memory(pipe, first, len(prompts)), \
-                self.adapters.applied(pipe, first.loras):
+        with (
+            self._scheduler_in_place(pipe, first.scheduler, tap),
+            self._vae_memory(pipe, first, len(prompts)),
+            self.adapters.applied(pipe, first.loras),
+        ):
             images = [image.convert("RGB") for image in pipe(**kwargs).images]
         if masked:
-            images = [paste_back(image, original, mask)  # type: ignore[arg-type]  # masked: every input has one
-                      for image, (original, mask) in zip(images, inputs, strict=False)]
+            images = [
+                paste_back(image, original, mask)  # type: ignore[arg-type]  # masked: every input has one
+                for image, (original, mask) in zip(images, inputs, strict=False)
+            ]
 
         # 3. Split the images back per request.
         results = []
@@ -739,11 +762,10 @@ class Engine:
         seen: set[int] = set()
         total = 0
         for pipe in (self.pipe, self._inpaint_pipe):
-            for component in (pipe.components.values() if pipe is not None else ()):
+            for component in pipe.components.values() if pipe is not None else ():
                 if isinstance(component, torch.nn.Module) and id(component) not in seen:
                     seen.add(id(component))
-                    total += sum(t.numel() * t.element_size()
-                                 for t in [*component.parameters(), *component.buffers()])
+                    total += sum(t.numel() * t.element_size() for t in [*component.parameters(), *component.buffers()])
         return total
 
     def to_cpu(self) -> None:
@@ -768,8 +790,9 @@ class Engine:
         """Fit the latent projection now (a few VAE encodes), not during the first job's run."""
         self._projector.prepare()
 
-    def preview_images(self, latents: torch.Tensor, size: tuple[int, int],
-                       decoder: str = "latent") -> list[Image.Image]:
+    def preview_images(
+        self, latents: torch.Tensor, size: tuple[int, int], decoder: str = "latent"
+    ) -> list[Image.Image]:
         """Pictures of latents (or of x̂0) during a run: "latent" is a fitted linear projection
         (cheap, blurry, at most 256 px), "vae" the full decode at the output size."""
         if decoder == "vae":
@@ -788,8 +811,9 @@ class Engine:
             elif field.name == "outpaint":
                 value = None if value is None else value.model_dump()
             elif field.name == "loras":  # which weights exactly: the file's hash
-                value = [{"name": name, "weight": weight, "sha256": self.adapters.sha256(name)}
-                         for name, weight in value]
+                value = [
+                    {"name": name, "weight": weight, "sha256": self.adapters.sha256(name)} for name, weight in value
+                ]
             parameters[field.name] = value
         return parameters
 
@@ -883,8 +907,9 @@ class _KnownRegion:
     noise: torch.Tensor  # one fixed noise per image, from its own seed
 
     @classmethod
-    def encode(cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image | None]],
-               seeds: Sequence[int]):
+    def encode(
+        cls, pipe: DiffusionPipeline, inputs: Sequence[tuple[Image.Image, Image.Image | None]], seeds: Sequence[int]
+    ):
         import numpy as np
         import torch
         import torch.nn.functional as F
@@ -896,9 +921,9 @@ class _KnownRegion:
         # masked area, and paste-back restores the kept pixels exactly.
         factor = pixels.shape[-1] // latents.shape[-1]
         repaint = F.max_pool2d(masks, kernel_size=factor).to(latents.device, latents.dtype)
-        noise = torch.stack([
-            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds
-        ]).to(latents.device, latents.dtype)
+        noise = torch.stack(
+            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        ).to(latents.device, latents.dtype)
         return cls(latents=latents, repaint=repaint, noise=noise)
 
     def reimpose(self, pipe: DiffusionPipeline, step_index: int, latents: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,13 @@ def arrangements(image: Image.Image, scene: shapes_data.Scene, found: shapes_dat
     yield scene, found
     if "position" not in scene.mentions:
         for pair in shapes_data.PAIRS:
-            placed = dataclasses.replace(scene, shapes=tuple(
-                dataclasses.replace(shape, position=position)
-                for shape, position in zip(scene.shapes, pair, strict=True)))
+            placed = dataclasses.replace(
+                scene,
+                shapes=tuple(
+                    dataclasses.replace(shape, position=position)
+                    for shape, position in zip(scene.shapes, pair, strict=True)
+                ),
+            )
             if placed != scene:
                 yield placed, shapes_data.analyse(image, placed)
 
@@ -88,8 +92,9 @@ def generate(model: Path, prompts: list[str], seeds: list[int], args) -> list[Im
     images: list[Image.Image] = []
     for start in range(0, len(prompts), args.batch):
         requests = [
-            GenerationRequest(prompt=p, seed=s, steps=args.steps, guidance_scale=args.guidance,
-                              scheduler=args.scheduler, loras=loras)
+            GenerationRequest(
+                prompt=p, seed=s, steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler, loras=loras
+            )
             for p, s in zip(prompts[start : start + args.batch], seeds[start : start + args.batch], strict=True)
         ]
         with torch.inference_mode():
@@ -174,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
             shapes_found[scene.shapes[0].kind, scene.shapes[0].size][found.shapes[0]["kind"]] += 1
 
     checks = list(TARGETS)
-    print(f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
-          f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)")
+    print(
+        f"source={args.source} model={args.model} n={args.n} steps={args.steps} "
+        f"scheduler={args.scheduler} guidance={args.guidance} ({elapsed:.1f}s)"
+    )
     print(f"{'prompt kind':<18}{'n':>5}" + "".join(f"{c:>14}" for c in checks))
     report: dict[str, Any] = {}  # per kind: {check: rate}; "stripes": a rate
     for kind in sorted(by_kind, key=lambda k: (k == "all", k)):
@@ -196,8 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.grid:
         grid(images[:16], captions[:16], args.grid)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "report": report, "seconds": elapsed}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "report": report, "seconds": elapsed}, indent=2
+            )
+        )
     return report
 
 

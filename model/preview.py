@@ -89,8 +89,10 @@ class LatentProjector:
         pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         scale = min(1.0, PREVIEW_MAX_SIDE / max(size))
         shown = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        return [Image.fromarray(np.ascontiguousarray(p), mode="RGB").resize(shown, Image.Resampling.BILINEAR)
-                for p in pixels]
+        return [
+            Image.fromarray(np.ascontiguousarray(p), mode="RGB").resize(shown, Image.Resampling.BILINEAR)
+            for p in pixels
+        ]
 
     def prepare(self) -> None:
         """Fit now rather than at the first preview."""

@@ -49,7 +49,7 @@ def config_folder(path: Path, default: str | Path | None) -> Path:
         where = f"{folder} has no model_index.json" if folder is not None else "none is configured"
         raise FileNotFoundError(
             f"{path}: a single-file checkpoint needs a local diffusers folder of the same architecture for its "
-            f"configs ({where}); name one in {path.with_suffix('.json').name} as {{\"config\": \"<folder>\"}} "
+            f'configs ({where}); name one in {path.with_suffix(".json").name} as {{"config": "<folder>"}} '
             "or set DIFFQ_SINGLE_FILE_CONFIG"
         )
     return Path(folder)

@@ -135,8 +135,9 @@ def train_decoder(args: argparse.Namespace) -> None:
     autoencoder_loop(vae, trainable, Checkpoints(args.run, "decoder"), 2, args, device)
 
 
-def autoencoder_loop(vae, params: list, ckpt: Checkpoints, stage: int, args: argparse.Namespace,
-                     device: torch.device) -> None:
+def autoencoder_loop(
+    vae, params: list, ckpt: Checkpoints, stage: int, args: argparse.Namespace, device: torch.device
+) -> None:
     """Reconstruction training of `params` (all of the VAE, or its decoder), resumable."""
     name = ckpt.path.stem
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -175,12 +176,22 @@ def autoencoder_loop(vae, params: list, ckpt: Checkpoints, stage: int, args: arg
             with torch.no_grad():
                 val = psnr(vae(val_images, sample_posterior=False).sample, val_images)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{val:.2f}")
-            log_line(args.run, {"stage": name, "step": step, "loss": loss.item(), "psnr": val,
-                                "elapsed_s": time.time() - started})
+            log_line(
+                args.run,
+                {"stage": name, "step": step, "loss": loss.item(), "psnr": val, "elapsed_s": time.time() - started},
+            )
         if step % args.save_every == 0 or step == args.steps:
-            ckpt.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "preset": args.preset, "device": str(device), "argv": sys.argv[1:],
-                       "seconds": previous_seconds + time.time() - started})
+            ckpt.save(
+                {
+                    "model": vae.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "preset": args.preset,
+                    "device": str(device),
+                    "argv": sys.argv[1:],
+                    "seconds": previous_seconds + time.time() - started,
+                }
+            )
     bar.close()
 
 
@@ -189,8 +200,11 @@ def measure_latent_scale(vae, device, n: int = 1024) -> dict:
     """SD's `scaling_factor`: 1 / std of the latents, so diffusion sees unit variance."""
     images = torch.from_numpy(shapes_data.batch(range(TRAIN_SEED_BASE - n, TRAIN_SEED_BASE))[0])
     latents = torch.cat([vae.encode(chunk.to(device)).latent_dist.mode() for chunk in images.split(128)])
-    return {"latent_mean": latents.mean().item(), "latent_std": latents.std().item(),
-            "scaling_factor": 1.0 / latents.std().item()}
+    return {
+        "latent_mean": latents.mean().item(),
+        "latent_std": latents.std().item(),
+        "scaling_factor": 1.0 / latents.std().item(),
+    }
 
 
 def load_vae(args: argparse.Namespace, device: torch.device):
@@ -206,8 +220,10 @@ def load_vae(args: argparse.Namespace, device: torch.device):
 
         vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
     else:
-        raise SystemExit(f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first, "
-                         "or pass --init-from model/shapes to continue from the shipped model")
+        raise SystemExit(
+            f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first, "
+            "or pass --init-from model/shapes to continue from the shipped model"
+        )
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -267,8 +283,9 @@ def train_unet(args: argparse.Namespace) -> None:
         images, captions = scene_batch(1, step, args.batch, args.seed)
         rng = random.Random(args.seed * 1_000_003 + step)
         captions = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         with torch.no_grad():
             latents = vae.encode(images.to(device)).latent_dist.mode()
             latents = latents * vae.config.scaling_factor
@@ -293,13 +310,21 @@ def train_unet(args: argparse.Namespace) -> None:
         bar.update(1)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log_line(args.run, {"stage": "unet", "step": step, "loss": loss.item(),
-                                "elapsed_s": time.time() - started})
+            log_line(args.run, {"stage": "unet", "step": step, "loss": loss.item(), "elapsed_s": time.time() - started})
         if step % args.save_every == 0 or step == args.steps:
-            ckpt.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                       "optimizer": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-                       "preset": args.preset, "device": str(device), "argv": sys.argv[1:],
-                       "seconds": previous_seconds + time.time() - started})
+            ckpt.save(
+                {
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "ema": ema.state_dict(),
+                    "step": step,
+                    "preset": args.preset,
+                    "device": str(device),
+                    "argv": sys.argv[1:],
+                    "seconds": previous_seconds + time.time() - started,
+                }
+            )
     bar.close()
 
 
@@ -360,21 +385,37 @@ def latent_pool(vae, args, device) -> tuple[torch.Tensor, list[str]]:
             return cached["latents"], cached["captions"]
     # stage 4's seeds: a range neither the other stages nor evaluation use
     images, captions = scene_batch(4, 0, args.latent_pool, args.seed, args.style)
-    latents = torch.cat([invert_latents(vae, chunk, args.invert_steps, device).cpu()
-                         for chunk in tqdm(images.split(32), desc="inverting latents", dynamic_ncols=True)])
-    torch.save({"n": args.latent_pool, "iterations": args.invert_steps, "latents": latents,
-                "captions": captions}, path)
+    latents = torch.cat(
+        [
+            invert_latents(vae, chunk, args.invert_steps, device).cpu()
+            for chunk in tqdm(images.split(32), desc="inverting latents", dynamic_ncols=True)
+        ]
+    )
+    torch.save({"n": args.latent_pool, "iterations": args.invert_steps, "latents": latents, "captions": captions}, path)
     return latents, captions
 
 
-def v_loss(unet, text_encoder, vae, tokenizer, images, captions, step: int, args, generator, alphas,
-           device, latents: torch.Tensor | None = None) -> torch.Tensor:
+def v_loss(
+    unet,
+    text_encoder,
+    vae,
+    tokenizer,
+    images,
+    captions,
+    step: int,
+    args,
+    generator,
+    alphas,
+    device,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The v-prediction loss of the UNet stage on one batch (captions dropped for guidance);
     `latents` (unscaled) instead of encoding `images`."""
     rng = random.Random(args.seed * 1_000_003 + step)
     captions = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
     with torch.no_grad():
         if latents is None:
             latents = vae.encode(images.to(device)).latent_dist.mode()
@@ -403,8 +444,11 @@ def train_lora(args: argparse.Namespace) -> None:
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS[args.targets]))
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[args.targets]
+        )
+    )
     unet.to(device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -427,8 +471,9 @@ def train_lora(args: argparse.Namespace) -> None:
         else:  # the pool in a fresh order each pass, a pure function of (seed, step)
             picks = [pool_index(len(pool[1]), step * args.batch + j, args.seed) for j in range(args.batch)]
             images, latents, captions = None, pool[0][picks], [pool[1][i] for i in picks]
-        loss = v_loss(unet, text_encoder, vae, tokenizer, images, captions, step, args, generator, alphas,
-                      device, latents)
+        loss = v_loss(
+            unet, text_encoder, vae, tokenizer, images, captions, step, args, generator, alphas, device, latents
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -441,13 +486,22 @@ def train_lora(args: argparse.Namespace) -> None:
         bar.update(1)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log_line(args.run, {"stage": f"lora-{args.style}", "step": step, "loss": loss.item(),
-                                "elapsed_s": time.time() - started})
+            log_line(
+                args.run,
+                {"stage": f"lora-{args.style}", "step": step, "loss": loss.item(), "elapsed_s": time.time() - started},
+            )
         if step % args.save_every == 0 or step == args.steps:
             trainable = {k: v for k, v in unet.state_dict().items() if "lora_" in k}
-            ckpt.save({"unet": trainable, "optimizer": opt.state_dict(), "step": step,
-                       "device": str(device), "argv": sys.argv[1:],
-                       "seconds": previous_seconds + time.time() - started})
+            ckpt.save(
+                {
+                    "unet": trainable,
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "device": str(device),
+                    "argv": sys.argv[1:],
+                    "seconds": previous_seconds + time.time() - started,
+                }
+            )
     bar.close()
     state = ckpt.load()
     assert state is not None, "the loop saved a checkpoint at its last step"
@@ -473,16 +527,32 @@ def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
     # The LoraConfig goes into the file's metadata, so loaders target exactly the same modules.
     config = unet.peft_config["default"].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    StableDiffusionPipeline.save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name,
-                                              unet_lora_adapter_metadata=config)
+    StableDiffusionPipeline.save_lora_weights(
+        out.parent, unet_lora_layers=layers, weight_name=out.name, unet_lora_adapter_metadata=config
+    )
     base = json.loads((args.init_from / "diffq.json").read_text())["name"]
-    out.with_suffix(".json").write_text(json.dumps({
-        "base_model": base, "style": args.style, "rank": args.rank, "targets": LORA_TARGETS[args.targets],
-        "latent_pool": args.latent_pool, "invert_steps": args.invert_steps, "steps": state["step"],
-        "seconds": state.get("seconds", 0.0), "seed": args.seed, "device": state.get("device"),
-        "argv": state.get("argv"), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "base_model": base,
+                "style": args.style,
+                "rank": args.rank,
+                "targets": LORA_TARGETS[args.targets],
+                "latent_pool": args.latent_pool,
+                "invert_steps": args.invert_steps,
+                "steps": state["step"],
+                "seconds": state.get("seconds", 0.0),
+                "seed": args.seed,
+                "device": state.get("device"),
+                "argv": state.get("argv"),
+                "torch": torch.__version__,
+                "cpu_threads": torch.get_num_threads(),
+                "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out} ({out.stat().st_size} bytes) for base model {base!r}")
 
 
@@ -519,8 +589,14 @@ def export(args: argparse.Namespace) -> None:
         build_scheduler().config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -532,32 +608,62 @@ def export(args: argparse.Namespace) -> None:
     index = json.loads((out / "model_index.json").read_text())
     index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]  # loadable by transformers 4 and 5
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out / "diffq.json").write_text(json.dumps({
-        "name": "shapes",
-        "default_width": 64, "default_height": 64, "min_size": 32, "max_size": 128,
-        "default_steps": 20, "default_guidance_scale": 5.0, "default_scheduler": "dpmpp_2m",
-        "lcm": False,
-    }, indent=2) + "\n")
+    (out / "diffq.json").write_text(
+        json.dumps(
+            {
+                "name": "shapes",
+                "default_width": 64,
+                "default_height": 64,
+                "min_size": 32,
+                "max_size": 128,
+                "default_steps": 20,
+                "default_guidance_scale": 5.0,
+                "default_scheduler": "dpmpp_2m",
+                "lcm": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     vae_state = Checkpoints(args.run, "vae").load()
     previous = json.loads((args.init_from / "training.json").read_text()) if args.init_from else {}
     record = {
-        "preset": args.preset, "architecture": dataclasses.asdict(arch), "seed": args.seed,
+        "preset": args.preset,
+        "architecture": dataclasses.asdict(arch),
+        "seed": args.seed,
         "vae_steps": vae_state["step"] if vae_state else previous["vae_steps"],
         "vae_seconds": vae_state.get("seconds", 0.0) if vae_state else previous.get("vae_seconds", 0.0),
         # A decoder fine-tuned in a later sitting started from the shipped one, with its own step count.
         "decoder_steps": previous.get("decoder_steps", 0) + (decoder_state["step"] if decoder_state else 0),
         "decoder_seconds": previous.get("decoder_seconds", 0.0)
         + (decoder_state.get("seconds", 0.0) if decoder_state else 0.0),
-        "unet_steps": state["step"], "unet_seconds": state.get("seconds", 0.0),
+        "unet_steps": state["step"],
+        "unet_seconds": state.get("seconds", 0.0),
         **({"loras": previous["loras"]} if "loras" in previous else {}),  # adapters trained on this model
-        "history": previous.get("history", []) + [{
-            "unet_steps": state["step"], "device": state.get("device"), "argv": state.get("argv"),
-            "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
-            **({"decoder": {"steps": decoder_state["step"], "seconds": decoder_state.get("seconds", 0.0),
-                            "device": decoder_state.get("device"), "argv": decoder_state.get("argv")}}
-               if decoder_state else {}),
-        }],
+        "history": previous.get("history", [])
+        + [
+            {
+                "unet_steps": state["step"],
+                "device": state.get("device"),
+                "argv": state.get("argv"),
+                "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "torch": torch.__version__,
+                "cpu_threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                **(
+                    {
+                        "decoder": {
+                            "steps": decoder_state["step"],
+                            "seconds": decoder_state.get("seconds", 0.0),
+                            "device": decoder_state.get("device"),
+                            "argv": decoder_state.get("argv"),
+                        }
+                    }
+                    if decoder_state
+                    else {}
+                ),
+            }
+        ],
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"exported to {out}: {record}")
@@ -578,29 +684,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--high-noise-share", type=float, default=0.3)
-    parser.add_argument("--edge-weight", type=float, default=0.0,
-                        help="vae/decoder: extra loss weight of pixels near edges (0: plain L1 + MSE)")
+    parser.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="vae/decoder: extra loss weight of pixels near edges (0: plain L1 + MSE)",
+    )
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start the UNet stage from an exported folder (a new sitting)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="export: the model folder (model/shapes); "
-                             "lora: the adapter file (model/loras/<style>.safetensors)")
-    parser.add_argument("--style", default="stripes", choices=[s for s in shapes_data.STYLES if s != "plain"],
-                        help="lora: the style the adapter learns")
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="start the UNet stage from an exported folder (a new sitting)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors)",
+    )
+    parser.add_argument(
+        "--style",
+        default="stripes",
+        choices=[s for s in shapes_data.STYLES if s != "plain"],
+        help="lora: the style the adapter learns",
+    )
     parser.add_argument("--rank", type=int, default=4, help="lora: rank of the low-rank matrices")
-    parser.add_argument("--targets", default="all", choices=sorted(LORA_TARGETS),
-                        help="lora: attention projections, proj_in/proj_out and resnet convolutions (all), "
-                             "or the attention projections alone")
-    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                        help="lora: after warm-up, constant or cosine decay to 10%% at --steps")
-    parser.add_argument("--latent-pool", type=int, default=0,
-                        help="lora: train on this many scenes' inverted latents (0: encode fresh scenes each step)")
-    parser.add_argument("--invert-steps", type=int, default=10,
-                        help="lora: decoder-inversion steps per pooled latent (0: the encoder's latents)")
+    parser.add_argument(
+        "--targets",
+        default="all",
+        choices=sorted(LORA_TARGETS),
+        help="lora: attention projections, proj_in/proj_out and resnet convolutions (all), "
+        "or the attention projections alone",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="lora: after warm-up, constant or cosine decay to 10%% at --steps",
+    )
+    parser.add_argument(
+        "--latent-pool",
+        type=int,
+        default=0,
+        help="lora: train on this many scenes' inverted latents (0: encode fresh scenes each step)",
+    )
+    parser.add_argument(
+        "--invert-steps",
+        type=int,
+        default=10,
+        help="lora: decoder-inversion steps per pooled latent (0: the encoder's latents)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

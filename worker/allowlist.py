@@ -41,10 +41,14 @@ def _fail_record(job_id: str, reason: str) -> None:
     """A diffq job whose RQ job was tampered with ends ``failed``/``refused`` in its own record
     (the record alone says how a job ended), unless it has ended already."""
     current = context.current()
-    values = {"status": "failed", "finished_at": utcnow().isoformat(),
-              "error": {"code": ErrorCode.REFUSED.value, "message": f"refused RQ job {job_id}: {reason}"}}
-    current.store.finish(job_id, None, values, [], job_ttl=current.settings.job_ttl,
-                         result_ttl=current.settings.result_ttl)
+    values = {
+        "status": "failed",
+        "finished_at": utcnow().isoformat(),
+        "error": {"code": ErrorCode.REFUSED.value, "message": f"refused RQ job {job_id}: {reason}"},
+    }
+    current.store.finish(
+        job_id, None, values, [], job_ttl=current.settings.job_ttl, result_ttl=current.settings.result_ttl
+    )
 
 
 class AllowListedJob(Job):

@@ -64,8 +64,14 @@ SCAN = 64
 def batch_key(params: JobParams, empty_negative_is_special: bool) -> tuple:
     """The fields that must be equal for two jobs to share one pipeline call (the engine's key)."""
     key: tuple = (
-        params.width, params.height, params.steps, params.scheduler, float(params.guidance_scale),
-        params.mode.value, params.strength, tuple((lora.name, float(lora.weight)) for lora in params.loras),
+        params.width,
+        params.height,
+        params.steps,
+        params.scheduler,
+        float(params.guidance_scale),
+        params.mode.value,
+        params.strength,
+        tuple((lora.name, float(lora.weight)) for lora in params.loras),
     )
     if empty_negative_is_special:
         key += (params.negative_prompt == "",)
@@ -94,8 +100,15 @@ class Company:
     ``taken`` collects what ``take`` took during the lead's run; the worker ends them in RQ after.
     """
 
-    def __init__(self, worker: BaseWorker, queue: Queue, store: JobStore, worker_id: str,
-                 key: Callable[[JobParams], tuple], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        worker: BaseWorker,
+        queue: Queue,
+        store: JobStore,
+        worker_id: str,
+        key: Callable[[JobParams], tuple],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.worker = worker
         self.queue = queue
         self.store = store

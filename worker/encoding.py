@@ -38,8 +38,13 @@ class EncodedImage:
     extension: str
 
 
-def encode_image(image: Image.Image, output_format: str, quality: int | None,
-                 metadata: dict[str, str] | None, label: str | None = None) -> EncodedImage:
+def encode_image(
+    image: Image.Image,
+    output_format: str,
+    quality: int | None,
+    metadata: dict[str, str] | None,
+    label: str | None = None,
+) -> EncodedImage:
     """``image`` as ``output_format`` (png, webp, jpeg) with ``metadata`` embedded (None: none)
     and ``label``, an IPTC digital source type, stated in its XMP (None: none)."""
     if output_format not in FORMATS:

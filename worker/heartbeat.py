@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Announce now, renew periodically, withdraw on stop."""
 
-    def __init__(self, registry: Registry, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord],
-                 interval: float, status: Callable[[], dict] | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        worker: WorkerRecord,
+        model: ModelRecord | Sequence[ModelRecord],
+        interval: float,
+        status: Callable[[], dict] | None = None,
+    ) -> None:
         self.registry = registry
         self.worker = worker
         models = [model] if isinstance(model, ModelRecord) else list(model)

@@ -56,25 +56,36 @@ class Marker:
         if (settings.c2pa_cert is None) != (settings.c2pa_key is None):
             raise CredentialsError("DIFFQ_C2PA_CERT and DIFFQ_C2PA_KEY go together: set both, or neither")
         if settings.c2pa_cert is not None and settings.c2pa_key is not None:
-            signer = ContentSigner.from_files(settings.c2pa_cert, settings.c2pa_key, settings.c2pa_alg,
-                                              settings.c2pa_timestamp_url)
+            signer = ContentSigner.from_files(
+                settings.c2pa_cert, settings.c2pa_key, settings.c2pa_alg, settings.c2pa_timestamp_url
+            )
             log.info("signing C2PA content credentials as %r", signer.issuer)
         payload = settings.watermark_payload.encode() if settings.watermark_payload else None
         if payload is not None and not watermark.available():
-            raise CredentialsError("DIFFQ_WATERMARK_PAYLOAD needs the invisible-watermark package (diffq's worker "
-                                   "extra): install it, or unset DIFFQ_WATERMARK_PAYLOAD")
+            raise CredentialsError(
+                "DIFFQ_WATERMARK_PAYLOAD needs the invisible-watermark package (diffq's worker "
+                "extra): install it, or unset DIFFQ_WATERMARK_PAYLOAD"
+            )
         return cls(label=settings.ai_label, signer=signer, payload=payload)
 
-    def finish(self, image: Image.Image, params: JobParams, seed: int, model: ModelRecord,
-               inputs: Mapping[str, bytes] | None = None) -> Marked:
+    def finish(
+        self,
+        image: Image.Image,
+        params: JobParams,
+        seed: int,
+        model: ModelRecord,
+        inputs: Mapping[str, bytes] | None = None,
+    ) -> Marked:
         """The stored bytes of one output image, in the job's format, every mark applied in order."""
         warnings: list[str] = []
         if self.payload is not None:
             if watermark.fits(image.width, image.height):
                 image = watermark.embed(image, self.payload)
             else:
-                warnings.append(f"watermark: not applied to images smaller than {watermark.MIN_SIDE}×"
-                                f"{watermark.MIN_SIDE} (this one is {image.width}×{image.height})")
+                warnings.append(
+                    f"watermark: not applied to images smaller than {watermark.MIN_SIDE}×"
+                    f"{watermark.MIN_SIDE} (this one is {image.width}×{image.height})"
+                )
         edited = params.mode is not JobMode.TXT2IMG
         text = png_text(params, seed, model) if params.metadata else None
         label = labels.source_type(edited) if self.label else None
@@ -82,11 +93,18 @@ class Marker:
         data = encoded.data
         policy = params.content_credentials
         if policy == "required" and self.signer is None:
-            raise SigningFailedError("content credentials are required for this API key and this worker has no "
-                                     "signing certificate (DIFFQ_C2PA_CERT, DIFFQ_C2PA_KEY)")
+            raise SigningFailedError(
+                "content credentials are required for this API key and this worker has no "
+                "signing certificate (DIFFQ_C2PA_CERT, DIFFQ_C2PA_KEY)"
+            )
         if policy != "off" and self.signer is not None:
-            manifest = credentials.manifest(__version__, model.name, {"weights_hash": model.weights_hash},
-                                            edited=edited, title=f"diffq-{seed}.{encoded.extension}")
+            manifest = credentials.manifest(
+                __version__,
+                model.name,
+                {"weights_hash": model.weights_hash},
+                edited=edited,
+                title=f"diffq-{seed}.{encoded.extension}",
+            )
             source = (inputs or {}).get("image") if edited else None
             ingredient = Ingredient(source, "image/png", "input.png") if source is not None else None
             try:
@@ -95,6 +113,7 @@ class Marker:
                 if policy == "required":
                     raise SigningFailedError(f"could not sign content credentials: {error}") from None
                 log.warning("could not sign content credentials: %s", error)
-                warnings.append("content credentials: not signed (the signer failed); the image carries the "
-                                "IPTC label only")
+                warnings.append(
+                    "content credentials: not signed (the signer failed); the image carries the IPTC label only"
+                )
         return Marked(data, encoded.content_type, encoded.extension, tuple(warnings))

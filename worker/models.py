@@ -84,8 +84,13 @@ def _add(sources: dict[str, Path], name: str, path: Path) -> None:
 class ModelCache:
     """Loaded engines by name, bounded by device memory, with an optional CPU-RAM tier."""
 
-    def __init__(self, load: Callable[[str], Engine], device_budget: int = 0, cpu_budget: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        load: Callable[[str], Engine],
+        device_budget: int = 0,
+        cpu_budget: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._load = load
         self.device_budget = device_budget  # bytes; 0: unbounded
         self.cpu_budget = cpu_budget  # bytes; 0: no second tier
@@ -166,8 +171,10 @@ class QueueChooser:
         """Model names in the order to look at their queues: overdue ones (longest passed over
         first), then loaded ones (most recently used first), then the rest as configured."""
         self._waiting = dict(waiting)
-        overdue = sorted((m for m in self.models if waiting.get(m) and self.passed_over[m] >= self.switch_after),
-                         key=lambda m: -self.passed_over[m])
+        overdue = sorted(
+            (m for m in self.models if waiting.get(m) and self.passed_over[m] >= self.switch_after),
+            key=lambda m: -self.passed_over[m],
+        )
         hot = [m for m in loaded if m in self.passed_over and m not in overdue]
         return overdue + hot + [m for m in self.models if m not in overdue and m not in hot]
 

@@ -72,6 +72,7 @@ def encode_journey(frames: list[Image.Image]) -> bytes:
     """An animated WebP of the clean-image estimate over the steps, looping."""
     durations = [JOURNEY_FRAME_MS] * (len(frames) - 1) + [JOURNEY_LAST_FRAME_MS]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=durations,
-                   loop=0, lossless=True)
+    frames[0].save(
+        buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0, lossless=True
+    )
     return buffer.getvalue()

@@ -66,8 +66,11 @@ class PreviewSettings:
     size: tuple[int, int] = (64, 64)  # the output's width and height
 
 
-_RUN_CHECK_TO_WRITE = {RunCheck.MISSING: WriteResult.MISSING, RunCheck.STALE: WriteResult.STALE,
-                       RunCheck.ENDED: WriteResult.ENDED}
+_RUN_CHECK_TO_WRITE = {
+    RunCheck.MISSING: WriteResult.MISSING,
+    RunCheck.STALE: WriteResult.STALE,
+    RunCheck.ENDED: WriteResult.ENDED,
+}
 
 
 class ProgressReporter:
@@ -103,9 +106,7 @@ class ProgressReporter:
         self._last_preview = clock()  # the first preview after one interval: step 1 is mostly noise
         self._redis_down = False
 
-    def __call__(
-        self, step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None
-    ) -> None:
+    def __call__(self, step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None) -> None:
         stop = report_step([(self, denoised_by_request)], step, total)[0]
         if stop is not None:
             raise stop
@@ -115,11 +116,22 @@ class ProgressReporter:
         if not (step == total or now - self._last_write >= self.interval):
             return None
         step_seconds = (now - self._started) / step
-        return {"step": step, "total": total, "step_seconds": round(step_seconds, 4),
-                "eta_seconds": round(step_seconds * (total - step), 2)}
+        return {
+            "step": step,
+            "total": total,
+            "step_seconds": round(step_seconds, 4),
+            "eta_seconds": round(step_seconds * (total - step), 2),
+        }
 
-    def _after_check(self, check: RunCheck, step: int, total: int, now: float, progress: dict[str, Any] | None,
-                     preview: PreviewWrite | None) -> StopGeneration | None:
+    def _after_check(
+        self,
+        check: RunCheck,
+        step: int,
+        total: int,
+        now: float,
+        progress: dict[str, Any] | None,
+        preview: PreviewWrite | None,
+    ) -> StopGeneration | None:
         """What the step's check (and the writes that came with it) means for this run."""
         if check is RunCheck.CANCEL:
             return JobCanceledError(f"job {self.job_id}: canceled at step {step} of {total}")
@@ -145,8 +157,7 @@ class ProgressReporter:
     def _redis_unreachable(self, step: int, error: Exception) -> None:
         # Redis is down: keep denoising; the result is stored once it is back (see runner).
         if not self._redis_down:
-            log.warning("job %s: Redis unreachable at step %d, going on without progress: %s",
-                        self.job_id, step, error)
+            log.warning("job %s: Redis unreachable at step %d, going on without progress: %s", self.job_id, step, error)
         self._redis_down = True
 
     def _preview_due(self, step: int, total: int, now: float, denoised_by_request: Any) -> PreviewWrite | None:
@@ -169,9 +180,7 @@ class ProgressReporter:
         return PreviewWrite(png, info, self.previews.ttl)
 
 
-def report_step(
-    runs: Sequence[tuple[ProgressReporter, Any]], step: int, total: int
-) -> list[StopGeneration | None]:
+def report_step(runs: Sequence[tuple[ProgressReporter, Any]], step: int, total: int) -> list[StopGeneration | None]:
     """One denoising step of one or more jobs that run together (a batch), each with its reporter
     and its ``denoised_by_request``: whether each may go on. The jobs that have a progress or
     preview write due, or must read their record (``ProgressReporter._must_look``), are checked
@@ -186,8 +195,10 @@ def report_step(
     moments = [reporter.clock() for reporter, _ in runs]
     progress = [reporter._progress_due(step, total, now) for (reporter, _), now in zip(runs, moments, strict=True)]
     # A preview goes with a progress write (one script call, one read of the record, for both).
-    previews = [reporter._preview_due(step, total, now, denoised) if due is not None else None
-                for (reporter, denoised), now, due in zip(runs, moments, progress, strict=True)]
+    previews = [
+        reporter._preview_due(step, total, now, denoised) if due is not None else None
+        for (reporter, denoised), now, due in zip(runs, moments, progress, strict=True)
+    ]
     looks = [reporter._must_look() for reporter, _ in runs]
     pending = [index for index in range(len(runs)) if progress[index] or previews[index] or looks[index]]
     stops: list[StopGeneration | None] = [None] * len(runs)
@@ -196,8 +207,9 @@ def report_step(
     listeners = [runs[index][0].stops for index in pending]
     generations = [listener.generation if listener is not None else 0 for listener in listeners]
     try:
-        checks = store.step([(runs[index][0].job_id, runs[index][0].token, progress[index], previews[index])
-                             for index in pending])
+        checks = store.step(
+            [(runs[index][0].job_id, runs[index][0].token, progress[index], previews[index]) for index in pending]
+        )
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         for reporter, _ in runs:
             reporter._redis_unreachable(step, error)

@@ -49,15 +49,23 @@ def with_retries(write: Callable[[], object], retry_seconds: float, what: str) -
         except StorageUnavailableError as error:
             if time.monotonic() + wait > deadline:
                 raise StorageUnavailableError(
-                    f"{what}: still unreachable after {retry_seconds:g} s: {error}") from error
+                    f"{what}: still unreachable after {retry_seconds:g} s: {error}"
+                ) from error
             log.warning("result store unreachable writing %s (%s); retrying in %.1f s", what, error, wait)
             time.sleep(wait)
             wait = min(wait * 2, LONGEST_WAIT)
 
 
-def store_run(store: ResultStore, record: JobRecord, token: str, images: list[tuple[Image.Image, int]],
-              encode: Callable[[Image.Image, int], EncodedImage], journeys: list[list[Image.Image]], ttl: int,
-              retry_seconds: float) -> StoredRun:
+def store_run(
+    store: ResultStore,
+    record: JobRecord,
+    token: str,
+    images: list[tuple[Image.Image, int]],
+    encode: Callable[[Image.Image, int], EncodedImage],
+    journeys: list[list[Image.Image]],
+    ttl: int,
+    retry_seconds: float,
+) -> StoredRun:
     """Encode (``encode(image, seed)``: the worker's marks and format) and write a run's images
     (``(image, seed)``) and journeys; raises ``StorageUnavailableError`` once the store has been
     down for ``retry_seconds``, and whatever ``encode`` raises, having removed what it wrote."""
@@ -75,11 +83,20 @@ def store_run(store: ResultStore, record: JobRecord, token: str, images: list[tu
                 animation = encode_journey_frames(journeys[index])
                 with_retries(partial(store.put, journey_key, animation, "image/webp", ttl), retry_seconds, journey_key)
                 written.append(journey_key)
-            records.append(ImageRecord(
-                index=index, seed=seed, width=image.width, height=image.height,
-                sha256=hashlib.sha256(encoded.data).hexdigest(), size_bytes=len(encoded.data), key=key,
-                content_type=encoded.content_type, extension=encoded.extension, journey_key=journey_key,
-            ))
+            records.append(
+                ImageRecord(
+                    index=index,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    sha256=hashlib.sha256(encoded.data).hexdigest(),
+                    size_bytes=len(encoded.data),
+                    key=key,
+                    content_type=encoded.content_type,
+                    extension=encoded.extension,
+                    journey_key=journey_key,
+                )
+            )
     except BaseException:
         discard(store, written)
         raise

@@ -139,8 +139,15 @@ class DiffqWorker(SimpleWorker):
                 return
             limit = current.settings.max_attempts
             message = f"its run was lost {limit} times (last on {current.worker_id}, to an error); giving up"
-            result, _, failed = current.store.requeue(job_id, record.attempt_token, queue.key, lost=True,
-                                                      reason="worker_error", max_attempts=limit, lost_message=message)
+            result, _, failed = current.store.requeue(
+                job_id,
+                record.attempt_token,
+                queue.key,
+                lost=True,
+                reason="worker_error",
+                max_attempts=limit,
+                lost_message=message,
+            )
             if result is not WriteResult.WRITTEN:
                 return
             log.warning("job %s: its run ended by an error; %s", job_id, "failed" if failed else "queued again")

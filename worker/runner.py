@@ -161,8 +161,11 @@ class JobRunner:
             source = getattr(record.request, name)
             if source is not None:
                 try:
-                    png = (read_input(self.context.results, source.key, self.settings.store_retry)
-                           if source.key is not None else self.store.job_input(record.id, name))
+                    png = (
+                        read_input(self.context.results, source.key, self.settings.store_retry)
+                        if source.key is not None
+                        else self.store.job_input(record.id, name)
+                    )
                 except StorageUnavailableError as error:
                     self._fail(record, token, ErrorCode.STORAGE_UNAVAILABLE, f"{name}: {error}")
                     return None
@@ -200,8 +203,14 @@ class JobRunner:
             size=(job.request.width, job.request.height),
         )
         return ProgressReporter(
-            self.store, job.record.id, job.token, self.settings.progress_interval,
-            engine=self.engine, previews=previews, overdue=self.context.shutdown.overdue, stops=self.context.stops,
+            self.store,
+            job.record.id,
+            job.token,
+            self.settings.progress_interval,
+            engine=self.engine,
+            previews=previews,
+            overdue=self.context.shutdown.overdue,
+            stops=self.context.stops,
         )
 
     def _run(self, jobs: list[_Job]) -> None:
@@ -232,8 +241,9 @@ class JobRunner:
             for job in jobs:
                 if job.live:
                     job.live = False
-                    self._fail(job.record, job.token, ErrorCode.TIMEOUT,
-                               f"ran longer than {self.settings.job_timeout} s")
+                    self._fail(
+                        job.record, job.token, ErrorCode.TIMEOUT, f"ran longer than {self.settings.job_timeout} s"
+                    )
             return
         except Exception as error:  # a model failure ends these jobs, never the worker
             live = [job for job in jobs if job.live]
@@ -242,8 +252,9 @@ class JobRunner:
                 # the failed run's tensors, which must be freed before anything runs again.
                 out_of_memory = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
             elif len(live) > 1:
-                log.warning("batch of %d jobs failed (%s: %s); running each alone", len(live),
-                            type(error).__name__, error)
+                log.warning(
+                    "batch of %d jobs failed (%s: %s); running each alone", len(live), type(error).__name__, error
+                )
                 for job in live:
                     self._run([job])
                 return
@@ -256,8 +267,9 @@ class JobRunner:
                         self._fail(job.record, job.token, ErrorCode.INVALID_REQUEST, str(error))
                     else:
                         log.exception("job %s: generation failed", job.record.id)
-                        self._fail(job.record, job.token, ErrorCode.GENERATION_ERROR,
-                                   f"{type(error).__name__}: {error}")
+                        self._fail(
+                            job.record, job.token, ErrorCode.GENERATION_ERROR, f"{type(error).__name__}: {error}"
+                        )
                 return
         if out_of_memory is not None:
             self._out_of_memory([job for job in jobs if job.live], out_of_memory)
@@ -276,8 +288,15 @@ class JobRunner:
         if len(live) > 1:
             half = (len(live) + 1) // 2
             images = sum(job.request.num_images for job in live)
-            log.warning("batch of %d jobs (%d images) ran out of device memory (%s); running it again in halves "
-                        "of %d and %d jobs", len(live), images, detail, half, len(live) - half)
+            log.warning(
+                "batch of %d jobs (%d images) ran out of device memory (%s); running it again in halves "
+                "of %d and %d jobs",
+                len(live),
+                images,
+                detail,
+                half,
+                len(live) - half,
+            )
             self._run(live[:half])
             self._run(live[half:])
             return
@@ -285,7 +304,9 @@ class JobRunner:
             job.live = False
             request = job.request
             self._fail(
-                job.record, job.token, ErrorCode.OUT_OF_MEMORY,
+                job.record,
+                job.token,
+                ErrorCode.OUT_OF_MEMORY,
                 f"{request.num_images} image(s) of {request.width}×{request.height} do not fit in this worker's "
                 f"{self.model.device} memory, even run alone ({detail}); ask for fewer images or a smaller size",
             )
@@ -298,16 +319,24 @@ class JobRunner:
             running = [index for index in indices if jobs[index].live]
             if running:
                 # a live job has its reporter (set when its run started)
-                runs = [(cast(ProgressReporter, jobs[index].reporter),
-                         {index: denoised_by_request[index]} if denoised_by_request else None)
-                        for index in running]
+                runs = [
+                    (
+                        cast(ProgressReporter, jobs[index].reporter),
+                        {index: denoised_by_request[index]} if denoised_by_request else None,
+                    )
+                    for index in running
+                ]
                 for index, stop in zip(running, report_step(runs, step, total), strict=True):
                     job = jobs[index]
                     if isinstance(stop, JobCanceledError):
                         log.info("job %s: %s", job.record.id, stop)
                         job.live = False
-                        self._end(job.record, job.token, "canceled",
-                                  {"status": "canceled", "finished_at": utcnow().isoformat()})
+                        self._end(
+                            job.record,
+                            job.token,
+                            "canceled",
+                            {"status": "canceled", "finished_at": utcnow().isoformat()},
+                        )
                     elif stop is not None:  # deleted, or taken over by another attempt
                         log.info("job %s: %s", job.record.id, stop)
                         job.live = False
@@ -335,8 +364,15 @@ class JobRunner:
             pipe.ltrim(key, 0, 19)
             pipe.execute()
 
-    def _end(self, record: JobRecord, token: str, event: str, values: dict[str, Any],
-             images: Sequence[StoredImage] = (), blobs: Mapping[str, bytes] | None = None) -> WriteResult:
+    def _end(
+        self,
+        record: JobRecord,
+        token: str,
+        event: str,
+        values: dict[str, Any],
+        images: Sequence[StoredImage] = (),
+        blobs: Mapping[str, bytes] | None = None,
+    ) -> WriteResult:
         """Store the job's final fields, results and terminal event (``event``: the status it ends
         in, with the job's ``expires_at`` and image URLs) in one guarded step, retried while Redis
         restarts. The record, and with it its objects, then lives the job's retention."""
@@ -347,8 +383,9 @@ class JobRunner:
 
         def finish() -> WriteResult:
             faults.at("store")
-            return self.store.finish(record.id, token, values, images, job_ttl=retention, result_ttl=retention,
-                                     blobs=blobs, event_data=extra)
+            return self.store.finish(
+                record.id, token, values, images, job_ttl=retention, result_ttl=retention, blobs=blobs, event_data=extra
+            )
 
         outcome = self._replicated(finish)
         faults.at("stored")
@@ -372,14 +409,19 @@ class JobRunner:
                 return outcome
             written = True
             try:
-                replication.confirm(self.store.redis, self.settings.redis_wait_replicas,
-                                    self.settings.redis_wait_timeout)
+                replication.confirm(
+                    self.store.redis, self.settings.redis_wait_replicas, self.settings.redis_wait_timeout
+                )
                 return outcome
-            except (replication.ReplicationTimeout, redis.exceptions.ConnectionError,
-                    redis.exceptions.TimeoutError) as error:
+            except (
+                replication.ReplicationTimeout,
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+            ) as error:
                 if time.monotonic() > deadline:
-                    log.warning("result stored but not confirmed by replicas within %s s: %s",
-                                self.settings.redis_retry, error)
+                    log.warning(
+                        "result stored but not confirmed by replicas within %s s: %s", self.settings.redis_retry, error
+                    )
                     return outcome
                 log.warning("result not yet on a replica (%s); storing it again", error)
                 time.sleep(0.2)
@@ -437,9 +479,16 @@ class JobRunner:
             return marked
 
         try:
-            stored = store_run(self.context.results, record, token, list(zip(result.images, result.seeds, strict=True)),
-                               encode, result.journeys, self._retention(record) + OBJECT_TTL_MARGIN,
-                               self.settings.store_retry)
+            stored = store_run(
+                self.context.results,
+                record,
+                token,
+                list(zip(result.images, result.seeds, strict=True)),
+                encode,
+                result.journeys,
+                self._retention(record) + OBJECT_TTL_MARGIN,
+                self.settings.store_retry,
+            )
         except SigningFailedError as error:
             self._fail(record, token, ErrorCode.SIGNING_FAILED, str(error))
             return

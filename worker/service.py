@@ -94,8 +94,13 @@ def load_engine(settings: Settings, path: Path | None = None, name: str | None =
         # dimension dynamic, so batches of any size run without compiling again.
         batch_sizes = (1, 2) if settings.compile and settings.batch_max * settings.max_images_per_job > 1 else (1,)
         seconds = engine.warm_up(batch_sizes)
-        log.info("warm-up at %dx%d, batch sizes %s: %.1f s", engine.info.default_width, engine.info.default_height,
-                 list(batch_sizes), seconds)
+        log.info(
+            "warm-up at %dx%d, batch sizes %s: %.1f s",
+            engine.info.default_width,
+            engine.info.default_height,
+            list(batch_sizes),
+            seconds,
+        )
     else:
         log.info("fast path off on %s (%s)", engine.info.device, engine.info.dtype)
     if settings.preview_decoder == "latent":
@@ -116,14 +121,23 @@ def load_models(settings: Settings, engine: Engine | None = None) -> tuple[Model
         cache.get(engine.info.name)
         return cache, [model_record(engine)]
     sources = model_sources(settings)
-    cache = ModelCache(lambda name: load_engine(settings, sources[name], name), settings.model_memory_bytes,
-                       settings.model_cpu_memory_bytes)
+    cache = ModelCache(
+        lambda name: load_engine(settings, sources[name], name),
+        settings.model_memory_bytes,
+        settings.model_cpu_memory_bytes,
+    )
     records = [model_record(cache.get(name)) for name in reversed(sources)]  # the main model loads last
     return cache, records[::-1]
 
 
-def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
-               models: tuple[ModelCache, list[ModelRecord]] | None = None, marker: Marker | None = None) -> bool:
+def run_worker(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    burst: bool = False,
+    models: tuple[ModelCache, list[ModelRecord]] | None = None,
+    marker: Marker | None = None,
+) -> bool:
     """Serve jobs of its models until stopped (SIGTERM/SIGINT) or, with ``burst``, until their queues are empty.
 
     ``engine`` lets tests share one loaded model between workers; ``models`` is what
@@ -156,8 +170,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     def status() -> dict:
         return {"loaded": cache.loaded, "load_seconds": dict(cache.load_seconds)}
 
-    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval,
-                          status)
+    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval, status)
     results = when_redis_answers(lambda: ready_store(settings, redis))  # raises, naming the setting, if unusable
     stops = StopListener(redis)
     context.install(
@@ -190,8 +203,14 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     store_sweeper.start()
     for sweeper in sweepers:
         sweeper.start()
-    log.info("worker %s serving model(s) %s on %s (%s); loaded: %s", worker_id, ", ".join(map(repr, names)),
-             model.device, model.dtype, ", ".join(cache.loaded))
+    log.info(
+        "worker %s serving model(s) %s on %s (%s); loaded: %s",
+        worker_id,
+        ", ".join(map(repr, names)),
+        model.device,
+        model.dtype,
+        ", ".join(cache.loaded),
+    )
     try:
         return rq_worker.serve(burst=burst, logging_level=settings.log_level.upper())
     finally:

@@ -59,8 +59,9 @@ class SweepReport:
 class Sweeper:
     """Sweeps the jobs of one model."""
 
-    def __init__(self, redis: Redis, settings: Settings, model: str, owner: str,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, model: str, owner: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.model = model
@@ -95,10 +96,19 @@ class Sweeper:
             self._recover(record.id, record.attempt_token, record.worker, record.attempt, report)
 
     def _recover(self, job_id: str, token: str | None, worker: str | None, attempt: int, report: SweepReport) -> None:
-        message = (f"its worker was lost {self.settings.max_attempts} times (last: {worker}); giving up after "
-                   f"{self.settings.max_attempts} lost attempts")
-        result, lost, failed = self.store.requeue(job_id, token, self.queue.key, lost=True, reason="worker_lost",
-                                                  max_attempts=self.settings.max_attempts, lost_message=message)
+        message = (
+            f"its worker was lost {self.settings.max_attempts} times (last: {worker}); giving up after "
+            f"{self.settings.max_attempts} lost attempts"
+        )
+        result, lost, failed = self.store.requeue(
+            job_id,
+            token,
+            self.queue.key,
+            lost=True,
+            reason="worker_lost",
+            max_attempts=self.settings.max_attempts,
+            lost_message=message,
+        )
         if result is not WriteResult.WRITTEN:
             return
         if failed:
@@ -152,6 +162,7 @@ class Sweeper:
                 metrics.record_finished(self.redis, self.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
                 self.queue.remove(job_id)
                 report.expired.append(job_id)
+
 
 class SweeperThread:
     """Runs ``Sweeper.sweep`` every ``sweep_interval`` seconds in the background; survives Redis outages."""

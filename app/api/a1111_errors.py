@@ -17,11 +17,18 @@ from app.core.errors import DiffqError, FieldProblem, InvalidRequestError, Unkno
 from app.schemas.a1111 import A1111Error
 
 #: diffq field names as A1111 calls them, for naming the field in errors.
-A1111_NAMES = {"num_images": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
-               "strength": "denoising_strength", "image": "init_images"}
+A1111_NAMES = {
+    "num_images": "batch_size",
+    "guidance_scale": "cfg_scale",
+    "scheduler": "sampler_name",
+    "strength": "denoising_strength",
+    "image": "init_images",
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    422: {"model": A1111Error, "description": "A field cannot map onto diffq (`detail` names it and what is "
-          "accepted)."},
+    422: {
+        "model": A1111Error,
+        "description": "A field cannot map onto diffq (`detail` names it and what is accepted).",
+    },
     500: {"model": A1111Error, "description": "The job failed (`detail` says why)."},
     503: {"model": A1111Error, "description": "No live worker, or Redis is unreachable: retry."},
     504: {"model": A1111Error, "description": "The job did not end within `DIFFQ_SDAPI_TIMEOUT`; it goes on."},
@@ -71,8 +78,9 @@ def failure(error: DiffqError) -> A1111Failure:
     """A domain error as A1111's answer: no live worker is a 503 (retry), a bad field a 422 under A1111's
     name for it, anything else the status ``app.api.errors`` gives it."""
     if isinstance(error, UnknownModelError) and any("no live workers" in p.message for p in error.problems):
-        return A1111Failure(503, "no live worker serves a model right now; start one (diffq worker)",
-                            "UnknownModelError")
+        return A1111Failure(
+            503, "no live worker serves a model right now; start one (diffq worker)", "UnknownModelError"
+        )
     if isinstance(error, InvalidRequestError):
         renamed = [FieldProblem(A1111_NAMES.get(p.field, p.field), p.message) for p in error.problems]
         if isinstance(error, UnknownModelError):

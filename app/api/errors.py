@@ -77,14 +77,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": Error, "description": "An uploaded image is larger than the deployment accepts."},
     422: {"model": Error, "description": "A field is invalid; `fields` names each one and what is accepted."},
     415: {"model": Error, "description": "The body is neither `application/json` nor `multipart/form-data`."},
-    429: {"model": Error, "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
-           "(`too_many_queued_jobs`), open event streams (`too_many_streams`), open waits (`too_many_waits`) or "
-           "uploads being decoded (`too_many_uploads`), or the model's queue is full (`queue_full`); retry after "
-           "`Retry-After` seconds."},
-    503: {"model": Error, "description": "Redis is unreachable or failing over (`store_unavailable`), full "
-           "(`redis_full`), too few replicas confirmed the job (`not_replicated`), or this API process is at its "
-           "own limit (`store_busy`, `server_busy`); retry after `Retry-After` seconds (with the same "
-           "`Idempotency-Key`: never a second job)."},
+    429: {
+        "model": Error,
+        "description": "Over the API key's request rate (`rate_limited`), queued-job cap "
+        "(`too_many_queued_jobs`), open event streams (`too_many_streams`), open waits (`too_many_waits`) or "
+        "uploads being decoded (`too_many_uploads`), or the model's queue is full (`queue_full`); retry after "
+        "`Retry-After` seconds.",
+    },
+    503: {
+        "model": Error,
+        "description": "Redis is unreachable or failing over (`store_unavailable`), full "
+        "(`redis_full`), too few replicas confirmed the job (`not_replicated`), or this API process is at its "
+        "own limit (`store_busy`, `server_busy`); retry after `Retry-After` seconds (with the same "
+        "`Idempotency-Key`: never a second job).",
+    },
 }
 
 

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 HISTOGRAM_NAMES = {
     "queue_wait": (
-        "diffq_job_queue_wait_seconds", "Seconds from a job's creation to the start of the run that ended it."),
+        "diffq_job_queue_wait_seconds",
+        "Seconds from a job's creation to the start of the run that ended it.",
+    ),
     "run": ("diffq_job_run_seconds", "Seconds from the start of a job's run to its end."),
 }
 
@@ -59,17 +61,24 @@ class DiffqCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield GaugeMetricFamily("diffq_redis_memory_used_bytes", "Redis's used_memory.", value=used.used_bytes)
-        yield GaugeMetricFamily("diffq_redis_memory_max_bytes", "Redis's maxmemory (0: no limit; a full Redis "
-                                "refuses new jobs with 503 redis_full).", value=used.max_bytes)
+        yield GaugeMetricFamily(
+            "diffq_redis_memory_max_bytes",
+            "Redis's maxmemory (0: no limit; a full Redis refuses new jobs with 503 redis_full).",
+            value=used.max_bytes,
+        )
         models = sorted({*depths, *figures, *running, *(name for w in workers for name in served_by(w))})
 
         depth = GaugeMetricFamily("diffq_queue_depth", "Jobs waiting in the model's queue.", labels=["model"])
-        live = GaugeMetricFamily("diffq_workers", "Live workers serving the model (heartbeat not expired).",
-                                 labels=["model"])
+        live = GaugeMetricFamily(
+            "diffq_workers", "Live workers serving the model (heartbeat not expired).", labels=["model"]
+        )
         busy = GaugeMetricFamily("diffq_workers_busy", "Live workers running a job now.", labels=["model"])
         runs = GaugeMetricFamily("diffq_jobs_running", "Jobs claimed by a worker and not ended.", labels=["model"])
-        load = GaugeMetricFamily("diffq_load_per_worker", "(queued + running) / live workers, the figure to "
-                                 "autoscale on (no worker: counted as one).", labels=["model"])
+        load = GaugeMetricFamily(
+            "diffq_load_per_worker",
+            "(queued + running) / live workers, the figure to autoscale on (no worker: counted as one).",
+            labels=["model"],
+        )
         for model in models:
             depth.add_metric([model], depths.get(model, 0))
             serving = [w for w in workers if model in served_by(w)]
@@ -80,9 +89,11 @@ class DiffqCollector(Collector):
             load.add_metric([model], model_load.per_worker)
         yield from (depth, live, busy, runs, load)
 
-        gpu = GaugeMetricFamily("diffq_worker_gpu_memory_bytes",
-                                "GPU memory of a worker's device at its latest heartbeat, where the worker reports it.",
-                                labels=["worker", "model", "device", "type"])
+        gpu = GaugeMetricFamily(
+            "diffq_worker_gpu_memory_bytes",
+            "GPU memory of a worker's device at its latest heartbeat, where the worker reports it.",
+            labels=["worker", "model", "device", "type"],
+        )
         for worker in workers:
             for kind in ("allocated", "reserved", "total"):
                 value = getattr(worker, f"gpu_memory_{kind}_bytes")
@@ -90,15 +101,18 @@ class DiffqCollector(Collector):
                     gpu.add_metric([worker.id, worker.model, worker.device, kind], value)
         yield gpu
 
-        finished = CounterMetricFamily("diffq_jobs_finished", "Jobs that ended, by final status.",
-                                       labels=["model", "status"])
+        finished = CounterMetricFamily(
+            "diffq_jobs_finished", "Jobs that ended, by final status.", labels=["model", "status"]
+        )
         failures = CounterMetricFamily("diffq_job_failures", "Failed jobs by error code.", labels=["model", "code"])
         images = CounterMetricFamily("diffq_images_generated", "Images made.", labels=["model"])
-        steps = CounterMetricFamily("diffq_denoising_steps", "Denoising steps run by succeeded jobs.",
-                                    labels=["model"])
-        rate = GaugeMetricFamily("diffq_denoising_steps_per_second",
-                                 "Mean denoising steps per second over all succeeded runs (per job: a batch of "
-                                 "jobs run together counts each job's own steps).", labels=["model"])
+        steps = CounterMetricFamily("diffq_denoising_steps", "Denoising steps run by succeeded jobs.", labels=["model"])
+        rate = GaugeMetricFamily(
+            "diffq_denoising_steps_per_second",
+            "Mean denoising steps per second over all succeeded runs (per job: a batch of "
+            "jobs run together counts each job's own steps).",
+            labels=["model"],
+        )
         histograms = {
             kind: HistogramMetricFamily(name, documentation, labels=["model"])
             for kind, (name, documentation) in HISTOGRAM_NAMES.items()
@@ -116,4 +130,3 @@ class DiffqCollector(Collector):
                 buckets = [(floatToGoString(bound), count) for bound, count in histogram.buckets]
                 histograms[kind].add_metric([model], buckets, histogram.sum)
         yield from (finished, failures, images, steps, rate, *histograms.values())
-

@@ -28,21 +28,29 @@ BATCH_CREATE_BODY: dict[str, Any] = {
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
             "application/jsonl": {"schema": {"type": "string", "description": "One job object per line."}},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "properties": {
-                    "file": {"type": "string", "format": "binary",
-                             "description": "JSONL of jobs; with prompt_template, a CSV (or JSON list) of rows."},
-                    "prompt_template": {"type": "string"},
-                    "defaults": {"type": "string", "description": "JSON object of job fields."},
-                    "webhook": {"type": "string", "description": "JSON object: url, item_events."},
-                    "priority": {"type": "string", "enum": ["high", "normal", "low"]},
-                    "metadata": {"type": "string", "description": "JSON object of strings."},
-                },
-                "required": ["file"],
-                "additionalProperties": {"type": "string", "format": "binary",
-                                         "description": "A shared input image, used by items as input:<name>."},
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL of jobs; with prompt_template, a CSV (or JSON list) of rows.",
+                        },
+                        "prompt_template": {"type": "string"},
+                        "defaults": {"type": "string", "description": "JSON object of job fields."},
+                        "webhook": {"type": "string", "description": "JSON object: url, item_events."},
+                        "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+                        "metadata": {"type": "string", "description": "JSON object of strings."},
+                    },
+                    "required": ["file"],
+                    "additionalProperties": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "A shared input image, used by items as input:<name>.",
+                    },
+                }
+            },
         },
     }
 }

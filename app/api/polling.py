@@ -58,8 +58,11 @@ class PollPacer:
         return max(1, int((1 - tokens) * self.interval - MAX_HOLD_SECONDS + 0.999))
 
     def _forget_idle(self, now: float) -> None:
-        idle = [job_id for job_id, (tokens, then) in self._buckets.items()
-                if tokens + (now - then) / self.interval >= self.burst]
+        idle = [
+            job_id
+            for job_id, (tokens, then) in self._buckets.items()
+            if tokens + (now - then) / self.interval >= self.burst
+        ]
         for job_id in idle:
             del self._buckets[job_id]
         if len(self._buckets) >= MAX_TRACKED:  # all busy: start again rather than grow

@@ -52,11 +52,18 @@ class ApiRedis:
 
 def open_api_redis(settings: Settings) -> ApiRedis:
     """The clients; connections are opened lazily, so the API starts even while Redis is down."""
-    short = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
-             "max_connections": settings.redis_max_connections}
+    short = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT,
+        "max_connections": settings.redis_max_connections,
+    }
     return ApiRedis(
         sync=connection.sync_client(settings, **short),
         quick=connection.async_client(settings, **short),
-        waits=connection.async_client(settings, socket_connect_timeout=CONNECT_TIMEOUT,
-                                      socket_timeout=BLOCKING_TIMEOUT, max_connections=settings.redis_wait_connections),
+        waits=connection.async_client(
+            settings,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=BLOCKING_TIMEOUT,
+            max_connections=settings.redis_wait_connections,
+        ),
     )

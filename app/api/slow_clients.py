@@ -71,8 +71,10 @@ class HeaderDeadline(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        body = (b'{"code":"request_timeout","message":"the request headers did not arrive within %g s",'
-                b'"fields":[]}' % self.header_timeout)
+        body = (
+            b'{"code":"request_timeout","message":"the request headers did not arrive within %g s",'
+            b'"fields":[]}' % self.header_timeout
+        )
         self.transport.write(_TIMEOUT_RESPONSE % (len(body), body))
         self.transport.close()
 

@@ -85,8 +85,9 @@ class Wait:
         """The id of the job's newest event ("0" if none): follow from here to miss nothing after it."""
         return events.last_id_text(await self.waiter.quick.xrevrange(keys.events(job_id), count=1))
 
-    async def follow(self, job_id: str, after: str, *, deadline: float | None = None,
-                     disconnected: Disconnected | None = None) -> AsyncGenerator[list[events.Event], None]:
+    async def follow(
+        self, job_id: str, after: str, *, deadline: float | None = None, disconnected: Disconnected | None = None
+    ) -> AsyncGenerator[list[events.Event], None]:
         """The job's events after the id ``after``, a batch at a time as they are published, and an
         empty batch after each ``RECHECK_SECONDS`` without one. Ends at ``deadline`` (monotonic), or
         when ``disconnected`` says the client has gone (``hung_up`` is then set); otherwise it goes on
@@ -102,8 +103,9 @@ class Wait:
             if disconnected is not None and await disconnected():
                 self.hung_up = True
                 return
-            reply = await self.waiter.blocking.xread({keys.events(job_id): after}, block=max(1, int(block * 1000)),
-                                                     count=READ_COUNT)
+            reply = await self.waiter.blocking.xread(
+                {keys.events(job_id): after}, block=max(1, int(block * 1000)), count=READ_COUNT
+            )
             if reply:
                 batch = events.parse(reply[0][1])
                 after, quiet_since = batch[-1].id, time.monotonic()
@@ -112,8 +114,9 @@ class Wait:
                 quiet_since = time.monotonic()
                 yield []
 
-    async def until_ended(self, jobs: JobService, job_id: str, timeout: float, *,
-                          disconnected: Disconnected | None = None) -> JobView | None:
+    async def until_ended(
+        self, jobs: JobService, job_id: str, timeout: float, *, disconnected: Disconnected | None = None
+    ) -> JobView | None:
         """The job once it has ended; ``None`` if the client hung up first. Raises ``WaitTimedOut``
         (carrying the job as it is then) or ``JobNotFoundError`` if the job is deleted meanwhile."""
         deadline = time.monotonic() + timeout

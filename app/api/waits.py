@@ -60,8 +60,10 @@ async def hold_wait(count: WaitCount, redis: Redis, caller: Caller, *, stream: b
     written through ``redis``; held until the block exits. Routes reach it through
     ``app.api.waiting.Waiter.admit``."""
     if count.open >= count.most:
-        raise ServerBusyError(f"this API process already serves {count.most} waits, its limit "
-                              "(DIFFQ_REDIS_WAIT_CONNECTIONS); retry, or poll without wait")
+        raise ServerBusyError(
+            f"this API process already serves {count.most} waits, its limit "
+            "(DIFFQ_REDIS_WAIT_CONNECTIONS); retry, or poll without wait"
+        )
     count.open += 1
     slot = WaitSlot()
     try:

@@ -53,8 +53,10 @@ class KeyLimits(BaseModel):
     priority: Priority = "normal"
     strip_metadata: bool = Field(False, description="Never write generation parameters into its PNGs.")
     content_credentials: Literal["required", "optional", "off"] | None = Field(
-        None, description="C2PA signing of its images: required, optional (when the deployment signs), off; "
-        "None: the deployment's DIFFQ_CONTENT_CREDENTIALS.")
+        None,
+        description="C2PA signing of its images: required, optional (when the deployment signs), off; "
+        "None: the deployment's DIFFQ_CONTENT_CREDENTIALS.",
+    )
 
     @field_validator("rate_limit")
     @classmethod

@@ -24,18 +24,27 @@ def add_commands(commands: argparse._SubParsersAction, run: object) -> None:
     create = actions.add_parser("create", help="make a key and print it (once)")
     create.add_argument("--name", required=True, help="who the key is for, e.g. shop-a")
     create.add_argument("--rate", help='requests per period, e.g. "50/second" (default: DIFFQ_RATE_LIMIT)')
-    create.add_argument("--max-queued", type=int,
-                        help="jobs it may have queued at once (default: DIFFQ_MAX_QUEUED_JOBS)")
-    create.add_argument("--max-cost", type=int,
-                        help="most width × height × steps × images per job (default: DIFFQ_MAX_JOB_COST)")
-    create.add_argument("--max-streams", type=int,
-                        help="event streams it may hold open (default: DIFFQ_MAX_EVENT_STREAMS)")
-    create.add_argument("--priority", choices=PRIORITIES, default="normal",
-                        help="its jobs' class: every queued high job runs before any normal one (default: normal)")
-    create.add_argument("--strip-metadata", action="store_true",
-                        help="never write generation parameters into its PNGs")
-    create.add_argument("--content-credentials", choices=("required", "optional", "off"),
-                        help="C2PA signing of its images (default: DIFFQ_CONTENT_CREDENTIALS)")
+    create.add_argument(
+        "--max-queued", type=int, help="jobs it may have queued at once (default: DIFFQ_MAX_QUEUED_JOBS)"
+    )
+    create.add_argument(
+        "--max-cost", type=int, help="most width × height × steps × images per job (default: DIFFQ_MAX_JOB_COST)"
+    )
+    create.add_argument(
+        "--max-streams", type=int, help="event streams it may hold open (default: DIFFQ_MAX_EVENT_STREAMS)"
+    )
+    create.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="normal",
+        help="its jobs' class: every queued high job runs before any normal one (default: normal)",
+    )
+    create.add_argument("--strip-metadata", action="store_true", help="never write generation parameters into its PNGs")
+    create.add_argument(
+        "--content-credentials",
+        choices=("required", "optional", "off"),
+        help="C2PA signing of its images (default: DIFFQ_CONTENT_CREDENTIALS)",
+    )
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
 
     listing = actions.add_parser("list", help="the keys (ids, names, limits; never the secrets)")
@@ -64,9 +73,15 @@ def _create(args: argparse.Namespace, store: KeyStore) -> int:
     try:
         if args.rate is not None:
             parse_rate(args.rate)
-        limits = KeyLimits(rate_limit=args.rate, max_queued_jobs=args.max_queued, max_job_cost=args.max_cost,
-                           max_event_streams=args.max_streams, priority=args.priority,
-                           strip_metadata=args.strip_metadata, content_credentials=args.content_credentials)
+        limits = KeyLimits(
+            rate_limit=args.rate,
+            max_queued_jobs=args.max_queued,
+            max_job_cost=args.max_cost,
+            max_event_streams=args.max_streams,
+            priority=args.priority,
+            strip_metadata=args.strip_metadata,
+            content_credentials=args.content_credentials,
+        )
         key, token = store.create(args.name, limits)
     except ValueError as error:  # pydantic's ValidationError too
         print(f"diffq keys create: {error}", file=sys.stderr)
@@ -75,8 +90,10 @@ def _create(args: argparse.Namespace, store: KeyStore) -> int:
         print(json.dumps({"key": token, **_public(key)}))
     else:
         print(token)
-        print(f"key {key.id} ({key.name}): shown once, keep it secret; send it as `Authorization: Bearer <key>`",
-              file=sys.stderr)
+        print(
+            f"key {key.id} ({key.name}): shown once, keep it secret; send it as `Authorization: Bearer <key>`",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -102,8 +119,9 @@ def _revoke(args: argparse.Namespace, store: KeyStore) -> int:
         return 1
     if len(matches) > 1:
         ids = ", ".join(key.id for key in matches)
-        print(f"diffq keys revoke: {len(matches)} keys are named {args.key!r} ({ids}); revoke one by id",
-              file=sys.stderr)
+        print(
+            f"diffq keys revoke: {len(matches)} keys are named {args.key!r} ({ids}); revoke one by id", file=sys.stderr
+        )
         return 1
     key = store.revoke(matches[0].id)
     assert key is not None
@@ -112,8 +130,9 @@ def _revoke(args: argparse.Namespace, store: KeyStore) -> int:
 
 
 def _limits(key: ApiKey) -> dict[str, object]:
-    chosen = key.model_dump(include={"rate_limit", "max_queued_jobs", "max_job_cost", "max_event_streams",
-                                     "content_credentials"})
+    chosen = key.model_dump(
+        include={"rate_limit", "max_queued_jobs", "max_job_cost", "max_event_streams", "content_credentials"}
+    )
     if key.strip_metadata:
         chosen["strip_metadata"] = True
     return {name: value for name, value in chosen.items() if value is not None}

@@ -184,8 +184,9 @@ class Quotas:
         claim = uuid.uuid4().hex
         now = time.time()
         sets = list(caps)
-        full = self._open(keys=sets, args=[claim, now, now + STREAM_CLAIM_SECONDS, STREAM_CLAIM_SECONDS,
-                                           *caps.values()])
+        full = self._open(
+            keys=sets, args=[claim, now, now + STREAM_CLAIM_SECONDS, STREAM_CLAIM_SECONDS, *caps.values()]
+        )
         return Claim(claim, tuple(sets)) if not full else sets[int(full) - 1]
 
     def renew_claim(self, claim: Claim) -> None:

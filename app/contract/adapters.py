@@ -50,8 +50,11 @@ def list_adapters(folder: str | Path | None) -> list[AdapterInfo]:
     adapters = []
     for path in sorted(Path(folder).glob(f"*{SUFFIX}")):
         if NAME_PATTERN.match(path.stem) and path.is_file():
-            adapters.append(AdapterInfo(name=path.stem, base_model=_base_model(path), sha256=_sha256(path),
-                                        size_bytes=path.stat().st_size))
+            adapters.append(
+                AdapterInfo(
+                    name=path.stem, base_model=_base_model(path), sha256=_sha256(path), size_bytes=path.stat().st_size
+                )
+            )
     return adapters
 
 

@@ -88,8 +88,9 @@ def publish(
 
 def _write(pipe: Pipeline, job_id: str, type: str, data: dict[str, Any], ttl: int, webhook: Webhook | None) -> None:
     stream = keys.events(job_id)
-    pipe.xadd(stream, {"type": type, "data": json.dumps(data, separators=(",", ":"))},
-              maxlen=MAX_EVENTS, approximate=True)
+    pipe.xadd(
+        stream, {"type": type, "data": json.dumps(data, separators=(",", ":"))}, maxlen=MAX_EVENTS, approximate=True
+    )
     pipe.expire(stream, ttl)
     if webhook is not None and type in STATUS_EVENTS and type in webhook.events:
         webhook_queue.schedule(

@@ -46,8 +46,10 @@ def check_policy(redis: Redis, allow_eviction: bool) -> MemoryUse:
     if use.policy == SAFE_POLICY:
         return use
     if allow_eviction:
-        log.warning("Redis maxmemory-policy is %s: a full Redis may evict queued jobs "
-                    "(allowed by DIFFQ_REDIS_ALLOW_EVICTION)", use.policy)
+        log.warning(
+            "Redis maxmemory-policy is %s: a full Redis may evict queued jobs (allowed by DIFFQ_REDIS_ALLOW_EVICTION)",
+            use.policy,
+        )
         return use
     raise EvictionPolicyError(
         f"Redis maxmemory-policy is {use.policy!r}: when full it would evict keys, queued jobs and job records "

@@ -102,8 +102,14 @@ def effective_steps(params: JobParams) -> int:
 
 
 def _write(
-    pipe: Pipeline, model: str, status: str, error_code: str | None, queue_wait_s: float | None,
-    run_s: float | None, steps: int, images: int,
+    pipe: Pipeline,
+    model: str,
+    status: str,
+    error_code: str | None,
+    queue_wait_s: float | None,
+    run_s: float | None,
+    steps: int,
+    images: int,
 ) -> None:
     key = keys.metrics(model)
     pipe.sadd(keys.METRICS_MODELS, model)
@@ -162,8 +168,9 @@ class ModelFigures:
 
 def read(redis: Redis) -> dict[str, ModelFigures]:
     """Every model's figures, by model name (one round trip)."""
-    models = sorted(member.decode() if isinstance(member, bytes) else member
-                    for member in redis.smembers(keys.METRICS_MODELS))
+    models = sorted(
+        member.decode() if isinstance(member, bytes) else member for member in redis.smembers(keys.METRICS_MODELS)
+    )
     if not models:
         return {}
     with redis.pipeline(transaction=False) as pipe:
@@ -209,6 +216,7 @@ def parse(fields: Mapping[bytes | str, bytes | str]) -> ModelFigures:
         for upper in (*bounds, math.inf):
             running += per_bound[upper]
             cumulative.append((upper, running))
-        figures.histograms[kind] = Histogram(buckets=cumulative, count=int(totals[kind]["count"]),
-                                             sum=totals[kind]["sum"])
+        figures.histograms[kind] = Histogram(
+            buckets=cumulative, count=int(totals[kind]["count"]), sum=totals[kind]["sum"]
+        )
     return figures

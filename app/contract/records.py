@@ -203,9 +203,7 @@ class JobRecord(BaseModel):
     @classmethod
     def from_hash(cls, fields: dict[bytes, bytes] | dict[str, str]) -> JobRecord:
         """Parse ``HGETALL`` output; unknown fields (from newer versions) are ignored."""
-        decoded = {
-            (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in fields.items()
-        }
+        decoded = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in fields.items()}
         return cls.model_validate(decoded)
 
 

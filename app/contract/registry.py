@@ -95,11 +95,13 @@ class Registry:
                 by_model[name].append(worker)
         names = sorted(by_model)
         served = []
-        for name, raw in zip(names, self.redis.mget([keys.model(name) for name in names]) if names else [],
-                             strict=True):
+        for name, raw in zip(
+            names, self.redis.mget([keys.model(name) for name in names]) if names else [], strict=True
+        ):
             if raw is not None:
-                served.append(ServedModel(model=ModelRecord.model_validate_json(raw), workers=by_model[name],
-                                          registration=raw))
+                served.append(
+                    ServedModel(model=ModelRecord.model_validate_json(raw), workers=by_model[name], registration=raw)
+                )
         _listings[self.redis] = (read_at, served)
         return served
 

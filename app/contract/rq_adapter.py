@@ -139,9 +139,12 @@ end
 #: ``fair_push(queue, zset, state, id, owner, rank, ttl, prefix)`` for other scripts that queue a job.
 FAIR_PUSH_FN = _FAIR_PUSH_FN
 
-_FAIR_PUSH = _FAIR_PUSH_FN + """
+_FAIR_PUSH = (
+    _FAIR_PUSH_FN
+    + """
 return fair_push(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
+)
 
 
 class FairQueue(Queue):
@@ -193,7 +196,9 @@ def _rq_options(job_id: str, settings: Settings) -> dict[str, Any]:
 # fair place (``fair_push``). KEYS: as _FAIR_PUSH. ARGV[1..6]: owner, class, fair TTL, job record
 # key prefix, RQ job key prefix, RQ job TTL; ARGV[7]: number of template strings that follow;
 # then those field/value strings; then per job: id, data, description.
-_ENQUEUE_MANY = _FAIR_PUSH_FN + """
+_ENQUEUE_MANY = (
+    _FAIR_PUSH_FN
+    + """
 local n = tonumber(ARGV[7])
 local first = 8 + n
 for i = first, #ARGV, 3 do
@@ -207,6 +212,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return (#ARGV - first + 1) / 3
 """
+)
 
 #: Jobs per ``_ENQUEUE_MANY`` call: each call holds Redis for a few milliseconds at most.
 ENQUEUE_CHUNK = 500
@@ -223,14 +229,25 @@ def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipel
     description = str(template.pop("description"))
     fields = [item for pair in template.items() for item in pair]
     run = script(queue.connection, _ENQUEUE_MANY)
-    head = [queue.place.owner, queue.place.rank, queue.place.ttl, keys.job(""), Job.redis_job_namespace_prefix,
-            settings.job_ttl, len(fields), *fields]
+    head = [
+        queue.place.owner,
+        queue.place.rank,
+        queue.place.ttl,
+        keys.job(""),
+        Job.redis_job_namespace_prefix,
+        settings.job_ttl,
+        len(fields),
+        *fields,
+    ]
     pipeline.sadd(queue.redis_queues_keys, queue.key)  # as RQ's enqueue does: the queue is known to RQ
     for start in range(0, len(job_ids), ENQUEUE_CHUNK):
         args: list[Any] = list(head)
-        for job_id in job_ids[start:start + ENQUEUE_CHUNK]:
-            args += [job_id, zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
-                     description.replace(_TEMPLATE_ID, job_id)]
+        for job_id in job_ids[start : start + ENQUEUE_CHUNK]:
+            args += [
+                job_id,
+                zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
+                description.replace(_TEMPLATE_ID, job_id),
+            ]
         run(keys=[queue.key, keys.fair(queue.name), keys.fair_state(queue.name)], args=args, client=pipeline)
 
 
@@ -255,16 +272,21 @@ def rq_job_fields(queue: Queue, job_id: str, settings: Settings) -> list[Any]:
         found = _templates[cache_key] = (packed, description, template)
     packed, description, template = found
     now = datetime.now(UTC).strftime(_RQ_TIME)
-    fields: dict[str, Any] = {"data": zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
-                              "description": description.replace(_TEMPLATE_ID, job_id),
-                              "created_at": now, "enqueued_at": now, **template}
+    fields: dict[str, Any] = {
+        "data": zlib.compress(packed.replace(_TEMPLATE_ID.encode(), job_id.encode())),
+        "description": description.replace(_TEMPLATE_ID, job_id),
+        "created_at": now,
+        "enqueued_at": now,
+        **template,
+    }
     return [item for pair in fields.items() for item in pair]
 
 
 def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
     """The hash RQ writes for a job ``enqueue`` queues, for a placeholder id."""
-    job = queue.create_job(TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED,
-                           **_rq_options(_TEMPLATE_ID, settings))
+    job = queue.create_job(
+        TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED, **_rq_options(_TEMPLATE_ID, settings)
+    )
     job.origin = queue.name
     job.enqueued_at = datetime.now(UTC)
     return job.to_dict()
@@ -377,8 +399,11 @@ def rq_status(job_id: str, redis: Redis) -> RQStatus | None:
 
 def queue_depths(redis: Redis) -> dict[str, int]:
     """Jobs waiting in each model's queue list, by model name (for ``GET /metrics``)."""
-    return {queue.name.removeprefix(QUEUE_PREFIX): queue.count
-            for queue in Queue.all(connection=redis, serializer=SERIALIZER) if queue.name.startswith(QUEUE_PREFIX)}
+    return {
+        queue.name.removeprefix(QUEUE_PREFIX): queue.count
+        for queue in Queue.all(connection=redis, serializer=SERIALIZER)
+        if queue.name.startswith(QUEUE_PREFIX)
+    }
 
 
 # -- a worker's bookkeeping in RQ ------------------------------------------------------------------------------
@@ -421,8 +446,9 @@ def end_execution(worker: BaseWorker, job: Job, queue: Queue, execution: Executi
             worker.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
         else:
             job._status = RQStatus.FAILED
-            worker.handle_job_failure(job=job, queue=queue, started_job_registry=queue.started_job_registry,
-                                      exc_string=failure)
+            worker.handle_job_failure(
+                job=job, queue=queue, started_job_registry=queue.started_job_registry, exc_string=failure
+            )
     finally:
         worker.execution = None
 
@@ -437,10 +463,41 @@ def failure_text(job: Job) -> str:
 
 
 __all__ = [
-    "ENQUEUE_CHUNK", "FINISHED_TTL", "QUEUE_PREFIX", "SERIALIZER", "TASK", "BaseWorker", "DeserializationError",
-    "Execution", "FairQueue", "Job", "JobTimeoutException", "Place", "Queue", "SimpleWorker", "StopRequested",
-    "WorkerStatus", "cancel_queued", "drop_many", "end_execution", "end_lost", "enqueue", "enqueue_many",
-    "failure_text", "fetch_job", "forget", "intermediate_key", "mark_requeued", "model_queue", "queue_depths",
-    "queue_key", "queue_name", "rq_job_fields", "rq_status", "set_dequeue_order", "start_execution", "started_ids",
+    "ENQUEUE_CHUNK",
+    "FINISHED_TTL",
+    "QUEUE_PREFIX",
+    "SERIALIZER",
+    "TASK",
+    "BaseWorker",
+    "DeserializationError",
+    "Execution",
+    "FairQueue",
+    "Job",
+    "JobTimeoutException",
+    "Place",
+    "Queue",
+    "SimpleWorker",
+    "StopRequested",
+    "WorkerStatus",
+    "cancel_queued",
+    "drop_many",
+    "end_execution",
+    "end_lost",
+    "enqueue",
+    "enqueue_many",
+    "failure_text",
+    "fetch_job",
+    "forget",
+    "intermediate_key",
+    "mark_requeued",
+    "model_queue",
+    "queue_depths",
+    "queue_key",
+    "queue_name",
+    "rq_job_fields",
+    "rq_status",
+    "set_dequeue_order",
+    "start_execution",
+    "started_ids",
     "taken_ids",
 ]

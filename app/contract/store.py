@@ -42,7 +42,9 @@ _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(T
 # emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
 # the job's stream (which lives as long as the record) and, if the job's webhook subscribes to
 # it, to the webhook outbox (``app.webhooks.outbox``), which the deliverer turns into deliveries.
-_EMIT = batches.TALLY + f"""
+_EMIT = (
+    batches.TALLY
+    + f"""
 local function emit(job_key, stream, outbox, job_id, kind, data)
   redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
   local ttl = redis.call('TTL', job_key)
@@ -62,6 +64,7 @@ local function emit(job_key, stream, outbox, job_id, kind, data)
   end
 end
 """
+)
 
 # Shared preamble. KEYS[1]: job hash; ARGV[1]: JSON attempt token the record must
 # hold ('' to skip the check). Sets `status` for callers to use. One HMGET: every record has a
@@ -169,7 +172,9 @@ _CLAIM_QUEUED = (
 # ``keys.STOPS`` (ARGV[4]) so that its worker checks the record at its next step (``worker.stops``).
 # KEYS[2]: the job's event stream; KEYS[3]: the outbox. ARGV[3]: job id.
 # Returns {code, status JSON}: 1 canceled now, 2 flagged, -2 already ended, 0 missing.
-_CANCEL = _EMIT + f"""
+_CANCEL = (
+    _EMIT
+    + f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{0, ''}} end
 local status = redis.call('HGET', KEYS[1], 'status')
 local terminal = {{{_TERMINAL_JSON}}}
@@ -183,6 +188,7 @@ redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 return {{2, status}}
 """
+)
 
 # Between two denoising steps of a run: may it go on, and if so write what is due (its progress,
 # its preview), each with its event, in one step. KEYS[2]: the job's event stream (its TTL was set
@@ -217,12 +223,15 @@ return {{1}}
 # Fail a job only while it is still queued (deadlines), with its event. KEYS[2]: the job's event
 # stream; KEYS[3]: the outbox. ARGV[1]: job id; ARGV[2]: event data; ARGV[3]: unused;
 # ARGV[4..]: field, value pairs.
-_FAIL_QUEUED = _EMIT + f"""
+_FAIL_QUEUED = (
+    _EMIT
+    + f"""
 if redis.call('HGET', KEYS[1], 'status') ~= '{json.dumps(JobStatus.QUEUED.value)}' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 emit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'failed', ARGV[2])
 return 1
 """
+)
 
 # Set a job going again that a worker took off its queue list but never claimed (it died in
 # between): still queued, no attempt token, in RQ's intermediate list (KEYS[2]) or only in RQ's
@@ -280,7 +289,10 @@ return made
 # 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
 # score, 12 index size, 13 queued event data, 14 the model's registration as checked ('': any),
 # 15 n record strings, then them, then RQ's strings.
-_SUBMIT = _EMIT + rq_adapter.FAIR_PUSH_FN + """
+_SUBMIT = (
+    _EMIT
+    + rq_adapter.FAIR_PUSH_FN
+    + """
 local id, ttl = ARGV[1], ARGV[2]
 if ARGV[9] ~= '' then
   local existing = redis.call('GET', KEYS[11])
@@ -320,6 +332,7 @@ local result = {'ok', redis.call('LPOS', KEYS[4], id) or -1}
 for _, d in ipairs(redis.call('LRANGE', KEYS[12], 0, -1)) do result[#result + 1] = d end
 return result
 """
+)
 
 # Read a job for a client (``JobStore.read``) in one round trip: the record's fields, its TTL in ms,
 # and, while it is queued, its place in its model's RQ queue list (-1: being taken) and the
@@ -452,7 +465,7 @@ class JobStore:
         data = json.dumps({"status": "queued"}, separators=(",", ":"))
         for start in range(0, len(records), CREATE_CHUNK):
             args: list[Any] = [ttl, keys.job(""), data]
-            for record in records[start:start + CREATE_CHUNK]:
+            for record in records[start : start + CREATE_CHUNK]:
                 own = encode_fields(record.model_dump(mode="json", include=_PER_ITEM))
                 own["request"] = record.request.model_dump_json()  # the big one: pydantic's encoder, not json's
                 fields = _flatten({**shared, **own})
@@ -460,14 +473,29 @@ class JobStore:
                 hook = record.request.webhook
                 if hook is not None and "queued" in hook.events:  # the event itself is the script's
                     queued = {"status": "queued"}
-                    webhook_queue.schedule(pipeline, record.id, hook.url, "job.queued",
-                                           events.webhook_data(record.id, "queued", queued),
-                                           events.webhook_id(record.id, "queued", queued))
+                    webhook_queue.schedule(
+                        pipeline,
+                        record.id,
+                        hook.url,
+                        "job.queued",
+                        events.webhook_data(record.id, "queued", queued),
+                        events.webhook_id(record.id, "queued", queued),
+                    )
             self._create_many(keys=[], args=args, client=pipeline)
 
-    def submit(self, record: JobRecord, ttl: int, queue: tasks.FairQueue, rq_fields: Sequence[Any], *,
-               registration: bytes | None, max_depth: int | None, queued_cap: int | None,
-               idempotency: tuple[str, str, int] | None, rq_ttl: int) -> Submitted:
+    def submit(
+        self,
+        record: JobRecord,
+        ttl: int,
+        queue: tasks.FairQueue,
+        rq_fields: Sequence[Any],
+        *,
+        registration: bytes | None,
+        max_depth: int | None,
+        queued_cap: int | None,
+        idempotency: tuple[str, str, int] | None,
+        rq_ttl: int,
+    ) -> Submitted:
         """Create a new job and queue it (``_SUBMIT``), or refuse and write nothing. ``max_depth``:
         most jobs the model's queue may hold; ``queued_cap``: most queued jobs of the owner (the
         owner's queued set is ``queue.place.owner``'s); ``idempotency``: (Redis key, value, TTL) of
@@ -478,13 +506,40 @@ class JobStore:
         # Without a key, KEYS[11] is a placeholder the script never touches.
         key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
         reply = self._submit(
-            keys=[keys.job(record.id), keys.events(record.id), OUTBOX, queue.key, keys.fair(queue.name),
-                  keys.fair_state(queue.name), queue.job_class.key_for(record.id), queue.redis_queues_keys,
-                  keys.owner_queued(place.owner), keys.owner_jobs(place.owner), key,
-                  keys.model_durations(record.model), keys.model(record.model)],
-            args=[record.id, ttl, max_depth or 0, queued_cap or 0, place.owner, place.rank, keys.job(""), rq_ttl,
-                  value, key_ttl, record.created_at.timestamp(), keys.JOBS_INDEX_MAX,
-                  _compact({"status": "queued"}), registration or "", len(fields), *fields, *rq_fields],
+            keys=[
+                keys.job(record.id),
+                keys.events(record.id),
+                OUTBOX,
+                queue.key,
+                keys.fair(queue.name),
+                keys.fair_state(queue.name),
+                queue.job_class.key_for(record.id),
+                queue.redis_queues_keys,
+                keys.owner_queued(place.owner),
+                keys.owner_jobs(place.owner),
+                key,
+                keys.model_durations(record.model),
+                keys.model(record.model),
+            ],
+            args=[
+                record.id,
+                ttl,
+                max_depth or 0,
+                queued_cap or 0,
+                place.owner,
+                place.rank,
+                keys.job(""),
+                rq_ttl,
+                value,
+                key_ttl,
+                record.created_at.timestamp(),
+                keys.JOBS_INDEX_MAX,
+                _compact({"status": "queued"}),
+                registration or "",
+                len(fields),
+                *fields,
+                *rq_fields,
+            ],
         )
         outcome = reply[0].decode()
         if outcome != "ok":
@@ -495,16 +550,20 @@ class JobStore:
     def read(self, job_id: str) -> Read | None:
         """The record with what a client's view of it needs (``_READ``), in one round trip; ``None``
         if there is no record."""
-        reply = self._read(keys=[keys.job(job_id)],
-                           args=[job_id, f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
-                                 *keys.model_durations("\n").split("\n")])
+        reply = self._read(
+            keys=[keys.job(job_id)],
+            args=[
+                job_id,
+                f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
+                *keys.model_durations("\n").split("\n"),
+            ],
+        )
         if not reply:
             return None
         pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
-        pairs = reply[3:3 + count]
+        pairs = reply[3 : 3 + count]
         record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
-        return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None,
-                    list(reply[3 + count:]))
+        return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None, list(reply[3 + count :]))
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or ``None`` if there is none (never created, deleted or expired)."""
@@ -550,11 +609,13 @@ class JobStore:
         (a worker batching it with the job it runs). ``None``, leaving the list as it was, if another
         worker took it first or its record is gone or ended."""
         job_key, stream, outbox = self._event_keys(job_id)
-        return self._claimed(self._claim_queued, [job_key, keys.RUNNING, stream, outbox, queue_key], job_id, worker_id,
-                             token)
+        return self._claimed(
+            self._claim_queued, [job_key, keys.RUNNING, stream, outbox, queue_key], job_id, worker_id, token
+        )
 
-    def _claimed(self, script: Any, script_keys: list[str], job_id: str, worker_id: str,
-                 token: str) -> JobRecord | None:
+    def _claimed(
+        self, script: Any, script_keys: list[str], job_id: str, worker_id: str, token: str
+    ) -> JobRecord | None:
         fields = encode_fields(
             {
                 "status": JobStatus.RUNNING.value,
@@ -565,8 +626,7 @@ class JobStore:
                 "error": None,
             }
         )
-        reply = script(keys=script_keys,
-                       args=[json.dumps(token), str(time.time()), job_id, "", *_flatten(fields)])
+        reply = script(keys=script_keys, args=[json.dumps(token), str(time.time()), job_id, "", *_flatten(fields)])
         if int(reply[0]) != WriteResult.WRITTEN:
             return None
         pairs = reply[1:]
@@ -597,19 +657,40 @@ class JobStore:
         and its terminal event (``values["status"]``, with ``event_data``) together, or nothing at all."""
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
-        data: dict[str, Any] = {"status": values["status"],
-                                **{key: values[key] for key in ("error", "seeds") if key in values},
-                                "images": len(images) or len(values.get("images", [])), **(event_data or {})}
+        data: dict[str, Any] = {
+            "status": values["status"],
+            **{key: values[key] for key in ("error", "seeds") if key in values},
+            "images": len(images) or len(values.get("images", [])),
+            **(event_data or {}),
+        }
         job_key, stream, outbox = self._event_keys(job_id)
         reply = self._finish(
             keys=[job_key, keys.RUNNING, stream, outbox, *stored],
-            args=[_token_arg(token), str(job_ttl), str(result_ttl), job_id, values["status"], _compact(data),
-                  str(len(fields)), *fields, *stored.values()],
+            args=[
+                _token_arg(token),
+                str(job_ttl),
+                str(result_ttl),
+                job_id,
+                values["status"],
+                _compact(data),
+                str(len(fields)),
+                *fields,
+                *stored.values(),
+            ],
         )
         return WriteResult(int(reply[0]))
 
-    def requeue(self, job_id: str, token: str | None, queue_key: str, *, lost: bool, reason: str,
-                max_attempts: int = 0, lost_message: str = "") -> tuple[WriteResult, int, bool]:
+    def requeue(
+        self,
+        job_id: str,
+        token: str | None,
+        queue_key: str,
+        *,
+        lost: bool,
+        reason: str,
+        max_attempts: int = 0,
+        lost_message: str = "",
+    ) -> tuple[WriteResult, int, bool]:
         """Put a running job back to ``queued`` and onto the front of RQ's queue list ``queue_key``,
         with its ``queued`` event, in one step. ``lost`` counts the attempt towards ``max_attempts``
         (0: no limit); the attempt that reaches it fails the job ``worker_lost`` (``lost_message``)
@@ -617,8 +698,16 @@ class JobStore:
         job_key, stream, outbox = self._event_keys(job_id)
         reply = self._requeue(
             keys=[job_key, keys.RUNNING, stream, outbox, queue_key],
-            args=[_token_arg(token), job_id, "1" if lost else "0", reason, str(max_attempts), "",
-                  json.dumps(utcnow().isoformat()), lost_message],
+            args=[
+                _token_arg(token),
+                job_id,
+                "1" if lost else "0",
+                reason,
+                str(max_attempts),
+                "",
+                json.dumps(utcnow().isoformat()),
+                lost_message,
+            ],
         )
         result = WriteResult(int(reply[0]))
         return result, int(reply[1]) if len(reply) > 1 else 0, len(reply) > 2 and int(reply[2]) == 1
@@ -630,8 +719,9 @@ class JobStore:
         values = {"status": "failed", "finished_at": utcnow().isoformat(), "error": error}
         job_key, stream, outbox = self._event_keys(job_id)
         data = _compact({"status": "failed", "error": error, "images": 0})
-        return bool(self._fail_queued(keys=[job_key, stream, outbox],
-                                      args=[job_id, data, "", *_flatten(encode_fields(values))]))
+        return bool(
+            self._fail_queued(keys=[job_key, stream, outbox], args=[job_id, data, "", *_flatten(encode_fields(values))])
+        )
 
     def rescue(self, job_id: str, intermediate_key: str, queue_key: str) -> bool:
         """Put a job that a dead worker took off its queue list but never claimed back on the list
@@ -658,8 +748,11 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 job_key, stream, outbox = self._event_keys(job_id)
-                self._cancel(keys=[job_key, stream, outbox], args=[status, json.dumps(finished_at), job_id, keys.STOPS],
-                             client=pipe)
+                self._cancel(
+                    keys=[job_key, stream, outbox],
+                    args=[status, json.dumps(finished_at), job_id, keys.STOPS],
+                    client=pipe,
+                )
             replies = pipe.execute()
         return [CancelResult(int(reply[0])) for reply in replies]
 
@@ -674,10 +767,14 @@ class JobStore:
                 if _is_running(status):
                     pipe.publish(keys.STOPS, job_id)
                 count = int(json.loads(raw).get("num_images", 1)) if raw is not None else 0
-                pipe.delete(keys.job(job_id), keys.events(job_id), keys.preview(job_id),
-                            *(keys.image(job_id, n) for n in range(count)),
-                            *(keys.journey(job_id, n) for n in range(count)),
-                            *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES))
+                pipe.delete(
+                    keys.job(job_id),
+                    keys.events(job_id),
+                    keys.preview(job_id),
+                    *(keys.image(job_id, n) for n in range(count)),
+                    *(keys.journey(job_id, n) for n in range(count)),
+                    *(keys.job_input(job_id, name) for name in keys.INPUT_NAMES),
+                )
             if job_ids:
                 pipe.zrem(keys.RUNNING, *job_ids)
             pipe.execute()
@@ -686,9 +783,12 @@ class JobStore:
         """One round trip between denoising steps: may this attempt go on?"""
         return _run_check(token, *self.redis.hmget(keys.job(job_id), "status", "attempt_token", "cancel_requested"))
 
-    def step(self, runs: Sequence[tuple[str, str, dict[str, Any] | None] | tuple[str, str, dict[str, Any] | None,
-                                                                             PreviewWrite | None]]
-             ) -> list[RunCheck]:
+    def step(
+        self,
+        runs: Sequence[
+            tuple[str, str, dict[str, Any] | None] | tuple[str, str, dict[str, Any] | None, PreviewWrite | None]
+        ],
+    ) -> list[RunCheck]:
         """Between two denoising steps of one or more running jobs (a batch), in one round trip:
         for each ``(job id, attempt token, progress or None[, preview or None])``, may the attempt
         go on (``check``)? Where it may, the progress and preview given are written to the record
@@ -717,13 +817,23 @@ class JobStore:
         return checks
 
     @staticmethod
-    def _step_call(job_id: str, token: str, progress: dict[str, Any] | None,
-                   preview: PreviewWrite | None = None) -> list[Any]:
+    def _step_call(
+        job_id: str, token: str, progress: dict[str, Any] | None, preview: PreviewWrite | None = None
+    ) -> list[Any]:
         shown = _compact(preview.info) if preview is not None else ""
         event = _compact({"step": preview.info["step"], "total": preview.info["total"]}) if preview is not None else ""
-        return [keys.job(job_id), keys.events(job_id), keys.preview(job_id), _token_arg(token),
-                _compact(progress) if progress is not None else "", str(events.MAX_EVENTS),
-                preview.png if preview is not None else "", shown, event, str(preview.ttl if preview else 0)]
+        return [
+            keys.job(job_id),
+            keys.events(job_id),
+            keys.preview(job_id),
+            _token_arg(token),
+            _compact(progress) if progress is not None else "",
+            str(events.MAX_EVENTS),
+            preview.png if preview is not None else "",
+            shown,
+            event,
+            str(preview.ttl if preview else 0),
+        ]
 
     def preview(self, job_id: str) -> bytes | None:
         """The latest preview PNG, or ``None``."""

@@ -111,8 +111,13 @@ def sampler_for(name: str | None) -> Sampler | None:
         if wanted in (sampler.name.lower(), sampler.scheduler, *sampler.aliases):
             return sampler
     accepted = ", ".join(sampler.name for sampler in SAMPLERS)
-    raise InvalidRequestError([FieldProblem("sampler_name", f"{name!r} is not a sampler diffq runs; accepted: "
-                                            f"{accepted} (GET /sdapi/v1/samplers)")])
+    raise InvalidRequestError(
+        [
+            FieldProblem(
+                "sampler_name", f"{name!r} is not a sampler diffq runs; accepted: {accepted} (GET /sdapi/v1/samplers)"
+            )
+        ]
+    )
 
 
 def checkpoint_name(title: str) -> str:
@@ -125,12 +130,14 @@ def checkpoint_name(title: str) -> str:
     return name
 
 
-def job_fields(request: A1111Request, img2img: bool, default_model: str | None,
-               limits: UploadLimits) -> dict[str, Any]:
+def job_fields(request: A1111Request, img2img: bool, default_model: str | None, limits: UploadLimits) -> dict[str, Any]:
     """The diffq ``JobCreate`` fields for an A1111 request; ``InvalidRequestError`` names what cannot map."""
     _refuse_unsupported(request, img2img)
-    fields: dict[str, Any] = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                              "num_images": request.batch_size * request.n_iter}
+    fields: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "num_images": request.batch_size * request.n_iter,
+    }
     model = _model(request.override_settings or {}) or default_model
     if model is not None:
         fields["model"] = model
@@ -139,8 +146,12 @@ def job_fields(request: A1111Request, img2img: bool, default_model: str | None,
     sampler = sampler_for(request.sampler_name or request.sampler_index)
     if sampler is not None:
         fields["scheduler"] = sampler.scheduler
-    for name, diffq_name in (("steps", "steps"), ("cfg_scale", "guidance_scale"), ("width", "width"),
-                             ("height", "height")):
+    for name, diffq_name in (
+        ("steps", "steps"),
+        ("cfg_scale", "guidance_scale"),
+        ("width", "width"),
+        ("height", "height"),
+    ):
         value = getattr(request, name)
         if value is not None:
             fields[diffq_name] = value
@@ -164,8 +175,9 @@ def _refuse_unsupported(request: A1111Request, img2img: bool) -> None:
         problems.append(FieldProblem("alwayson_scripts", f"extensions are not supported by diffq: {names}"))
     if request.scheduler is not None and request.scheduler.strip().lower() not in _schedule_names():
         accepted = ", ".join(label for _, label in SCHEDULES)
-        problems.append(FieldProblem("scheduler", f"{request.scheduler!r} is not a noise schedule diffq runs; "
-                                     f"accepted: {accepted}"))
+        problems.append(
+            FieldProblem("scheduler", f"{request.scheduler!r} is not a noise schedule diffq runs; accepted: {accepted}")
+        )
     problems += override_problems(request.override_settings or {})
     if img2img and request.resize_mode != 0:
         problems.append(FieldProblem("resize_mode", "only 0 (just resize) is supported"))
@@ -205,9 +217,11 @@ def _model(overrides: dict[str, Any]) -> str | None:
 def _image_fields(request: A1111Request, limits: UploadLimits) -> dict[str, Any]:
     """img2img or inpainting; width/height given: the image (and mask) are scaled to them, as A1111 does."""
     assert request.init_images
-    fields: dict[str, Any] = {"image": request.init_images[0], "mode": "img2img",
-                              "strength": request.denoising_strength if request.denoising_strength is not None
-                              else 0.75}
+    fields: dict[str, Any] = {
+        "image": request.init_images[0],
+        "mode": "img2img",
+        "strength": request.denoising_strength if request.denoising_strength is not None else 0.75,
+    }
     if request.mask:
         fields["mode"] = "inpaint"
         fields["mask"] = _inverted(request.mask, limits) if request.inpainting_mask_invert else request.mask
@@ -223,8 +237,9 @@ def _inverted(mask: str, limits: UploadLimits) -> str:
         with Image.open(io.BytesIO(data)) as image:
             inverted = ImageOps.invert(image.convert("L"))
     except (OSError, ValueError):
-        raise InvalidRequestError([FieldProblem("mask", "is not a readable image (accepted: PNG, JPEG, WebP)")]) \
-            from None
+        raise InvalidRequestError(
+            [FieldProblem("mask", "is not a readable image (accepted: PNG, JPEG, WebP)")]
+        ) from None
     buffer = io.BytesIO()
     inverted.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -242,33 +257,72 @@ def info(record: JobRecord, request: A1111Request, version: str) -> str:
     seed = seeds[0] if seeds else -1
     sampler = sampler_label(params.scheduler)
     size = f"{params.width}x{params.height}"
-    texts = [_infotext(params.prompt, params.negative_prompt, params.steps, sampler, params.guidance_scale, s, size,
-                       record.model, version) for s in seeds]
+    texts = [
+        _infotext(
+            params.prompt,
+            params.negative_prompt,
+            params.steps,
+            sampler,
+            params.guidance_scale,
+            s,
+            size,
+            record.model,
+            version,
+        )
+        for s in seeds
+    ]
     body = {
-        "prompt": params.prompt, "all_prompts": [params.prompt] * len(seeds),
-        "negative_prompt": params.negative_prompt, "all_negative_prompts": [params.negative_prompt] * len(seeds),
-        "seed": seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
-        "width": params.width, "height": params.height, "sampler_name": sampler, "scheduler": "Automatic",
-        "cfg_scale": params.guidance_scale, "steps": params.steps, "batch_size": request.batch_size,
-        "n_iter": request.n_iter, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": record.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": params.strength,
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
-        "job_timestamp": record.created_at.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
-        "is_using_inpainting_conditioning": False, "version": f"diffq {version}",
-        "diffq_job_id": record.id, "diffq_warnings": record.warnings,
+        "prompt": params.prompt,
+        "all_prompts": [params.prompt] * len(seeds),
+        "negative_prompt": params.negative_prompt,
+        "all_negative_prompts": [params.negative_prompt] * len(seeds),
+        "seed": seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": params.width,
+        "height": params.height,
+        "sampler_name": sampler,
+        "scheduler": "Automatic",
+        "cfg_scale": params.guidance_scale,
+        "steps": params.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": record.model,
+        "sd_model_hash": None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": params.strength,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "styles": [],
+        "job_timestamp": record.created_at.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"diffq {version}",
+        "diffq_job_id": record.id,
+        "diffq_warnings": record.warnings,
     }
     return json.dumps(body)
 
 
-def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, size: str, model: str,
-              version: str) -> str:
+def _infotext(
+    prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, size: str, model: str, version: str
+) -> str:
     """A1111's one-image parameter text (what it writes into PNGs and ``infotexts``)."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, Schedule type: Automatic, CFG scale: {cfg:g}, Seed: {seed}, "
-                 f"Size: {size}, Model: {model}, Version: diffq {version}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {sampler}, Schedule type: Automatic, CFG scale: {cfg:g}, Seed: {seed}, "
+        f"Size: {size}, Model: {model}, Version: diffq {version}"
+    )
     return "\n".join(lines)
 
 
@@ -277,8 +331,14 @@ def parameters(request: A1111Request, record: JobRecord) -> dict[str, Any]:
     unless ``include_init_images``."""
     params = record.request
     body = request.model_dump()
-    body.update(steps=params.steps, cfg_scale=params.guidance_scale, width=params.width, height=params.height,
-                sampler_name=sampler_label(params.scheduler), seed=record.seeds[0] if record.seeds else request.seed)
+    body.update(
+        steps=params.steps,
+        cfg_scale=params.guidance_scale,
+        width=params.width,
+        height=params.height,
+        sampler_name=sampler_label(params.scheduler),
+        seed=record.seeds[0] if record.seeds else request.seed,
+    )
     if not request.include_init_images:
         body.update(init_images=None, mask=None)
     return body

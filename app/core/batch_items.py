@@ -35,9 +35,14 @@ class BatchSpec:
 
     @classmethod
     def from_body(cls, body: BatchCreate, items: list[RawItem]) -> BatchSpec:
-        return cls(items=items, defaults=body.defaults, inputs=dict(body.inputs),
-                   webhook=body.webhook.model_dump() if body.webhook else None, priority=body.priority,
-                   metadata=body.metadata)
+        return cls(
+            items=items,
+            defaults=body.defaults,
+            inputs=dict(body.inputs),
+            webhook=body.webhook.model_dump() if body.webhook else None,
+            priority=body.priority,
+            metadata=body.metadata,
+        )
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,13 @@ def from_jsonl(data: bytes, field: str = "file") -> list[RawItem]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            problems.append(FieldProblem(f"line {number}", f"is not valid JSON ({error.msg}); each line must be "
-                                         'one job object, e.g. {"custom_id": "a", "prompt": "a red circle"}'))
+            problems.append(
+                FieldProblem(
+                    f"line {number}",
+                    f"is not valid JSON ({error.msg}); each line must be "
+                    'one job object, e.g. {"custom_id": "a", "prompt": "a red circle"}',
+                )
+            )
             continue
         if not isinstance(value, dict):
             problems.append(FieldProblem(f"line {number}", "must be a JSON object (one job per line)"))
@@ -83,8 +93,9 @@ def csv_rows(data: bytes, field: str = "file") -> list[tuple[str, dict[str, str]
     rows = []
     for row in reader:
         if None in row:
-            raise InvalidRequestError([FieldProblem(f"line {reader.line_num}",
-                                                    f"has more values than the {len(reader.fieldnames)} columns")])
+            raise InvalidRequestError(
+                [FieldProblem(f"line {reader.line_num}", f"has more values than the {len(reader.fieldnames)} columns")]
+            )
         rows.append((f"line {reader.line_num}", {k: v for k, v in row.items() if v is not None}))
     return rows
 
@@ -102,8 +113,15 @@ def from_template(template: str, rows: Iterable[tuple[str, Mapping[str, Any]]]) 
     for where, row in rows:
         missing = [name for name in names if name not in row]
         if missing:
-            raise InvalidRequestError([FieldProblem(where, f"has no {', '.join(missing)} for the template's "
-                                                    f"placeholders; its columns: {', '.join(row) or 'none'}")])
+            raise InvalidRequestError(
+                [
+                    FieldProblem(
+                        where,
+                        f"has no {', '.join(missing)} for the template's "
+                        f"placeholders; its columns: {', '.join(row) or 'none'}",
+                    )
+                ]
+            )
         fields: dict[str, Any] = {"prompt": template.format_map({name: row[name] for name in names})}
         for name in ROW_FIELDS:
             if name in row and row[name] != "":
@@ -118,20 +136,39 @@ def placeholders(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as error:
-        raise InvalidRequestError([FieldProblem("prompt_template", f"is not a valid template ({error}); write "
-                                                "{column} for a value and {{ }} for a literal brace")]) from None
+        raise InvalidRequestError(
+            [
+                FieldProblem(
+                    "prompt_template",
+                    f"is not a valid template ({error}); write "
+                    "{column} for a value and {{ }} for a literal brace",
+                )
+            ]
+        ) from None
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name.isidentifier() or spec or conversion:
-            raise InvalidRequestError([FieldProblem(
-                "prompt_template", f"has {{{name}{'!' + conversion if conversion else ''}"
-                                                    f"{':' + spec if spec else ''}}}; only plain {{column}} "
-                                                    "placeholders are accepted")])
+            raise InvalidRequestError(
+                [
+                    FieldProblem(
+                        "prompt_template",
+                        f"has {{{name}{'!' + conversion if conversion else ''}"
+                        f"{':' + spec if spec else ''}}}; only plain {{column}} "
+                        "placeholders are accepted",
+                    )
+                ]
+            )
         names.append(name)
     if not names:
-        raise InvalidRequestError([FieldProblem("prompt_template", "has no {column} placeholder; with the same "
-                                                "prompt for every item, send items instead")])
+        raise InvalidRequestError(
+            [
+                FieldProblem(
+                    "prompt_template",
+                    "has no {column} placeholder; with the same prompt for every item, send items instead",
+                )
+            ]
+        )
     return names
 
 

@@ -34,11 +34,24 @@ def item_result(item: ItemView, image_urls: list[str]) -> dict[str, Any]:
     """One line of results.jsonl (and one entry of /items)."""
     record = item.record
     if record is None:
-        return {"index": item.index, "custom_id": item.custom_id, "job_id": item.job_id, "status": "expired",
-                "seeds": [], "images": [], "error": None}
-    return {"index": item.index, "custom_id": item.custom_id, "job_id": item.job_id, "status": record.status.value,
-            "seeds": record.seeds, "images": image_urls,
-            "error": record.error.model_dump() if record.error is not None else None}
+        return {
+            "index": item.index,
+            "custom_id": item.custom_id,
+            "job_id": item.job_id,
+            "status": "expired",
+            "seeds": [],
+            "images": [],
+            "error": None,
+        }
+    return {
+        "index": item.index,
+        "custom_id": item.custom_id,
+        "job_id": item.job_id,
+        "status": record.status.value,
+        "seeds": record.seeds,
+        "images": image_urls,
+        "error": record.error.model_dump() if record.error is not None else None,
+    }
 
 
 def archive(items: Iterable[ItemView], read: Callable[[str, int, ImageRecord], bytes]) -> Iterator[bytes]:

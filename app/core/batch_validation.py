@@ -35,8 +35,9 @@ def validated(spec: BatchSpec, settings: Settings) -> list[tuple[str, JobCreate]
     first bad items at once, naming each item's line or index."""
     count, most = len(spec.items), settings.max_batch_items
     if not 1 <= count <= most:
-        raise InvalidRequestError([FieldProblem("items", f"has {count} items; a batch holds 1 to {most} "
-                                                "(DIFFQ_MAX_BATCH_ITEMS)")])
+        raise InvalidRequestError(
+            [FieldProblem("items", f"has {count} items; a batch holds 1 to {most} (DIFFQ_MAX_BATCH_ITEMS)")]
+        )
     model = batch_item_model(settings)
     problems: list[FieldProblem] = []
     items: list[tuple[str, JobCreate]] = []
@@ -53,8 +54,12 @@ def validated(spec: BatchSpec, settings: Settings) -> list[tuple[str, JobCreate]
             continue
         custom_id = item.custom_id  # type: ignore[attr-defined]
         if custom_id in seen:
-            problems.append(FieldProblem(f"{raw.where}.custom_id", f"{custom_id!r} is also the custom_id of "
-                                         f"{seen[custom_id]}; each item needs its own"))
+            problems.append(
+                FieldProblem(
+                    f"{raw.where}.custom_id",
+                    f"{custom_id!r} is also the custom_id of {seen[custom_id]}; each item needs its own",
+                )
+            )
         seen[custom_id] = raw.where
         items.append((custom_id, item))  # a JobCreate; build reads the job fields, never custom_id
     if problems:
@@ -62,8 +67,9 @@ def validated(spec: BatchSpec, settings: Settings) -> list[tuple[str, JobCreate]
     return items
 
 
-def shared_inputs(body: JobCreate, spec: BatchSpec, model: ModelRecord,
-                  cache: dict[tuple[Any, ...], PreparedInputs], prepare: Prepare) -> PreparedInputs | None:
+def shared_inputs(
+    body: JobCreate, spec: BatchSpec, model: ModelRecord, cache: dict[tuple[Any, ...], PreparedInputs], prepare: Prepare
+) -> PreparedInputs | None:
     """An item's inputs when its image or mask names a shared input: decoded once per distinct
     use (the same image, mask, size and mode), however many items use it."""
     refs = {name: getattr(body, name) for name in ("image", "mask")}
@@ -73,16 +79,29 @@ def shared_inputs(body: JobCreate, spec: BatchSpec, model: ModelRecord,
     update: dict[str, Any] = {}
     for name, ref in refs.items():
         if isinstance(ref, str) and ref.startswith(SHARED):
-            shared = spec.inputs.get(ref[len(SHARED):])
+            shared = spec.inputs.get(ref[len(SHARED) :])
             if shared is None:
-                raise InvalidRequestError([FieldProblem(name, f"{ref!r} names no shared input; the batch's "
-                                                        f"inputs: {', '.join(spec.inputs) or 'none'}")])
+                raise InvalidRequestError(
+                    [
+                        FieldProblem(
+                            name,
+                            f"{ref!r} names no shared input; the batch's inputs: {', '.join(spec.inputs) or 'none'}",
+                        )
+                    ]
+                )
             if isinstance(shared, bytes):
                 files[name], update[name] = shared, None
             else:
                 update[name] = shared
-    key = (refs["image"], refs["mask"], body.mode, body.width, body.height, getattr(body, "resize", None),
-           body.outpaint.model_dump_json() if body.outpaint else None)
+    key = (
+        refs["image"],
+        refs["mask"],
+        body.mode,
+        body.width,
+        body.height,
+        getattr(body, "resize", None),
+        body.outpaint.model_dump_json() if body.outpaint else None,
+    )
     if key not in cache:
         cache[key] = prepare(body.model_copy(update=update), files, model)
     return cache[key]

@@ -80,22 +80,37 @@ class BatchService:
         model = served.model
         self._check_room(model.name, len(items), len(served.workers))
         webhook = Webhook.model_validate({"url": spec.webhook["url"]}) if spec.webhook else None
-        item_hook = (Webhook.model_validate({"url": spec.webhook["url"], "events": spec.webhook["item_events"]})
-                     if spec.webhook and spec.webhook.get("item_events") else None)
+        item_hook = (
+            Webhook.model_validate({"url": spec.webhook["url"], "events": spec.webhook["item_events"]})
+            if spec.webhook and spec.webhook.get("item_events")
+            else None
+        )
         for url in {hook.url for hook in (webhook, item_hook) if hook} | {b.webhook.url for _, b in items if b.webhook}:
             check_url(url, AllowList.from_settings(self.settings))  # resolves DNS: once per distinct URL
         batch_id = idempotency.job_id if idempotency is not None else (batch_id or uuid.uuid4().hex)
         records, ttl = self._records(items, served, spec, batch_id, item_hook)
         rank = max(self.caller.priority_rank, PRIORITIES.index(spec.priority))
         retention = max((r.request.retention_seconds or 0) for r in records)
-        batch = BatchRecord(id=batch_id, owner=self.caller.owner, model=model.name, total=len(records),
-                            created_at=time.time(), priority=PRIORITIES[rank], retention=retention,
-                            webhook=webhook, metadata=spec.metadata)
+        batch = BatchRecord(
+            id=batch_id,
+            owner=self.caller.owner,
+            model=model.name,
+            total=len(records),
+            created_at=time.time(),
+            priority=PRIORITIES[rank],
+            retention=retention,
+            webhook=webhook,
+            metadata=spec.metadata,
+        )
         self._write(batch, records, ttl, Place(self.caller.scope, rank, ttl), idempotency)
         log.info("batch %s: %d jobs queued on model %s", batch_id, len(records), model.name)
-        return BatchView(record=batch, queued=len(records), running=0,
-                         eta_seconds=self._eta(model.name, len(records), len(served.workers)),
-                         expires_at=batch.created_at + ttl)
+        return BatchView(
+            record=batch,
+            queued=len(records),
+            running=0,
+            eta_seconds=self._eta(model.name, len(records), len(served.workers)),
+            expires_at=batch.created_at + ttl,
+        )
 
     def submit_once(self, key: str, fingerprint: str, spec: BatchSpec) -> tuple[BatchView, bool]:
         """``submit`` under an Idempotency-Key, as ``JobService.submit_once`` does for one job."""
@@ -110,8 +125,14 @@ class BatchService:
             except (KeyTakenError, WatchError):
                 continue
 
-    def _records(self, items: list[tuple[str, JobCreate]], served: ServedModel, spec: BatchSpec, batch_id: str,
-                 item_hook: Webhook | None) -> tuple[list[JobRecord], int]:
+    def _records(
+        self,
+        items: list[tuple[str, JobCreate]],
+        served: ServedModel,
+        spec: BatchSpec,
+        batch_id: str,
+        item_hook: Webhook | None,
+    ) -> tuple[list[JobRecord], int]:
         """Each item's job record, built by ``JobService.build``; shared inputs prepared once per
         distinct use. A refusal names the item. Input images are stored only once all have passed."""
         records, pngs, ttl = [], [], 0
@@ -124,8 +145,9 @@ class BatchService:
                 inputs = shared_inputs(body, spec, served.model, cache, self._prepare)
                 record, item_ttl = self.jobs.build(body, {}, served, None, inputs=inputs, store_inputs=False)
             except InvalidRequestError as error:
-                raise InvalidRequestError([FieldProblem(f"{wheres[n]}.{p.field}", p.message)
-                                           for p in error.problems]) from None
+                raise InvalidRequestError(
+                    [FieldProblem(f"{wheres[n]}.{p.field}", p.message) for p in error.problems]
+                ) from None
             records.append(record.model_copy(update={"batch": BatchRef(id=batch_id, index=n, custom_id=custom_id)}))
             pngs.append(inputs.pngs if inputs is not None else {})
             ttl = max(ttl, item_ttl)
@@ -162,7 +184,7 @@ class BatchService:
             pipe.hset(keys.batch(batch.id), mapping=batch.to_hash())
             pipe.expire(keys.batch(batch.id), ttl)
             for start in range(0, len(ids), 5000):
-                pipe.rpush(keys.batch_items(batch.id), *ids[start:start + 5000])
+                pipe.rpush(keys.batch_items(batch.id), *ids[start : start + 5000])
             pipe.expire(keys.batch_items(batch.id), ttl)
             self.jobs.store.create_many(records, ttl, pipe)  # before enqueueing: no worker meets a missing record
             assert isinstance(queue, FairQueue)  # model_queue with a place
@@ -182,11 +204,18 @@ class BatchService:
         unended = record.total - record.ended
         workers = len(next((s.workers for s in self.jobs.registry.served_models() if s.model.name == record.model), []))
         # As the keys' TTLs are set: at creation (the items' lifetime), and by the last item's end.
-        expires = (record.completed_at + record.retention if record.completed_at is not None
-                   else record.created_at + max(self.settings.job_ttl, record.retention))
-        return BatchView(record=record, queued=max(0, unended - running), running=running,
-                         eta_seconds=self._eta(record.model, unended, workers) if unended else None,
-                         expires_at=expires)
+        expires = (
+            record.completed_at + record.retention
+            if record.completed_at is not None
+            else record.created_at + max(self.settings.job_ttl, record.retention)
+        )
+        return BatchView(
+            record=record,
+            queued=max(0, unended - running),
+            running=running,
+            eta_seconds=self._eta(record.model, unended, workers) if unended else None,
+            expires_at=expires,
+        )
 
     def recent(self, limit: int) -> list[BatchView]:
         """The caller's newest batches that still exist, newest first."""
@@ -261,7 +290,7 @@ class BatchService:
         finished = utcnow().isoformat()
         canceled: list[str] = []
         for start in range(0, len(ids), CHUNK):
-            chunk = ids[start:start + CHUNK]
+            chunk = ids[start : start + CHUNK]
             results = self.jobs.store.cancel_many(chunk, finished)
             canceled += [job_id for job_id, result in zip(chunk, results, strict=True) if result == 1]
         drop_many(model_queue(record.model, self.redis), canceled)
@@ -274,7 +303,7 @@ class BatchService:
         ids = self._ids(batch_id)
         drop_many(model_queue(record.model, self.redis), ids)
         for start in range(0, len(ids), CHUNK):
-            self.jobs.store.delete_many(ids[start:start + CHUNK])
+            self.jobs.store.delete_many(ids[start : start + CHUNK])
         for job_id in ids:
             try:
                 self.jobs.results.delete_job(job_id)

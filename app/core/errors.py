@@ -155,8 +155,10 @@ class JobListingDisabledError(DiffqError):
     code = "job_listing_disabled"
 
     def __init__(self) -> None:
-        super().__init__("listing jobs is off on this deployment (job ids are its only access control); "
-                         "set DIFFQ_JOB_LISTING=true on the API to turn it on")
+        super().__init__(
+            "listing jobs is off on this deployment (job ids are its only access control); "
+            "set DIFFQ_JOB_LISTING=true on the API to turn it on"
+        )
 
 
 class UnauthorizedError(DiffqError):
@@ -166,8 +168,9 @@ class UnauthorizedError(DiffqError):
     headers = {"WWW-Authenticate": 'Bearer realm="diffq"'}
 
     def __init__(self) -> None:
-        super().__init__("a valid API key is required: send `Authorization: Bearer <key>` (keys are made with "
-                         "`diffq keys create`)")
+        super().__init__(
+            "a valid API key is required: send `Authorization: Bearer <key>` (keys are made with `diffq keys create`)"
+        )
 
 
 class RateLimitedError(DiffqError):
@@ -190,8 +193,10 @@ class PollingTooFastError(DiffqError):
     code = "polling_too_fast"
 
     def __init__(self, job_id: str, retry_after: int) -> None:
-        super().__init__(f"job {job_id!r} is being read faster than every {POLL_HINT_SECONDS} s; retry after "
-                         f"{retry_after} s, long-poll it with ?wait=, or stream its events")
+        super().__init__(
+            f"job {job_id!r} is being read faster than every {POLL_HINT_SECONDS} s; retry after "
+            f"{retry_after} s, long-poll it with ?wait=, or stream its events"
+        )
         self.headers = {"Retry-After": str(retry_after)}
 
 
@@ -211,8 +216,10 @@ class ContentCredentialsUnavailableError(DiffqError):
     code = "content_credentials_unavailable"
 
     def __init__(self) -> None:
-        super().__init__("this API key requires C2PA content credentials, and the deployment sets no signing "
-                         "certificate (DIFFQ_C2PA_CERT and DIFFQ_C2PA_KEY); ask its operator")
+        super().__init__(
+            "this API key requires C2PA content credentials, and the deployment sets no signing "
+            "certificate (DIFFQ_C2PA_CERT and DIFFQ_C2PA_KEY); ask its operator"
+        )
 
 
 class TooManyStreamsError(DiffqError):
@@ -222,8 +229,10 @@ class TooManyStreamsError(DiffqError):
     headers = {"Retry-After": "5"}
 
     def __init__(self, most: int) -> None:
-        super().__init__(f"this API key already has {most} event streams open, its limit; close one, or poll "
-                         "GET /v1/jobs/{id}?wait=N instead")
+        super().__init__(
+            f"this API key already has {most} event streams open, its limit; close one, or poll "
+            "GET /v1/jobs/{id}?wait=N instead"
+        )
 
 
 class TooManyWaitsError(DiffqError):
@@ -233,9 +242,11 @@ class TooManyWaitsError(DiffqError):
     headers = {"Retry-After": "5"}
 
     def __init__(self, most: int) -> None:
-        super().__init__(f"this API key already has {most} waits open (long polls, event streams and "
-                         "/v1/images/generations requests together), its limit (DIFFQ_MAX_WAITS); let one end, or "
-                         "poll without wait")
+        super().__init__(
+            f"this API key already has {most} waits open (long polls, event streams and "
+            "/v1/images/generations requests together), its limit (DIFFQ_MAX_WAITS); let one end, or "
+            "poll without wait"
+        )
 
 
 class TooManyUploadsError(DiffqError):
@@ -245,9 +256,11 @@ class TooManyUploadsError(DiffqError):
     headers = {"Retry-After": "2"}
 
     def __init__(self, most: int) -> None:
-        super().__init__(f"this API key already has {most} requests with input images being decoded or waiting "
-                         "to be, its limit on this API process (8 × DIFFQ_DECODE_CONCURRENCY_PER_KEY); retry once "
-                         "some have been answered")
+        super().__init__(
+            f"this API key already has {most} requests with input images being decoded or waiting "
+            "to be, its limit on this API process (8 × DIFFQ_DECODE_CONCURRENCY_PER_KEY); retry once "
+            "some have been answered"
+        )
 
 
 class ServerBusyError(DiffqError):
@@ -283,5 +296,7 @@ class StoreBusyError(ServerBusyError):
     code = "store_busy"
 
     def __init__(self) -> None:
-        super().__init__("all of this API process's Redis connections for short commands are in use "
-                         "(DIFFQ_REDIS_MAX_CONNECTIONS); Redis itself is reachable; retry in a moment")
+        super().__init__(
+            "all of this API process's Redis connections for short commands are in use "
+            "(DIFFQ_REDIS_MAX_CONNECTIONS); Redis itself is reachable; retry in a moment"
+        )

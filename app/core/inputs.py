@@ -150,8 +150,10 @@ def upload_limits(body: JobCreate, model: ModelRecord, settings: Settings) -> Up
     if body.resize:
         return UploadLimits(settings.max_upload_bytes, settings.max_resize_pixels, settings.max_upload_side)
     side = max(1, min(settings.max_upload_side, model.max_size))
-    hint = (f"model {model.name!r} makes images of at most {model.max_size}×{model.max_size}; send resize: true "
-            f"(with width and height) to scale a larger image, up to {settings.max_resize_pixels} pixels")
+    hint = (
+        f"model {model.name!r} makes images of at most {model.max_size}×{model.max_size}; send resize: true "
+        f"(with width and height) to scale a larger image, up to {settings.max_resize_pixels} pixels"
+    )
     return UploadLimits(settings.max_upload_bytes, min(settings.max_upload_pixels, side * side), side, hint)
 
 
@@ -203,13 +205,15 @@ def _referenced(name: str, value: str, store: ImageSource, can_see: CanSee) -> b
     match = JOB_REFERENCE.match(value)
     if match is None:
         raise _problem(
-            name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0")
+            name, f"{value!r} is not a job reference; write job:<job id>/<image index>, e.g. job:{'0' * 32}/0"
+        )
     job_id, index = match.group(1), int(match.group(2))
     record = store.get(job_id)
     png = store.image(job_id, index) if record is not None and can_see(record.owner) else None
     if png is None:
-        raise _problem(name, f"job {job_id!r} has no image {index} (never created, not finished, out of range, "
-                       "expired or deleted)")
+        raise _problem(
+            name, f"job {job_id!r} has no image {index} (never created, not finished, out of range, expired or deleted)"
+        )
     return png
 
 
@@ -248,15 +252,17 @@ def _fit(
 
     if mask is not None and mask.size != image.size:
         raise _problem(
-            "mask", f"is {mask.width}×{mask.height} but the image is {image.width}×{image.height}; send a mask "
-            "of the image's size, or resize: true to scale both"
+            "mask",
+            f"is {mask.width}×{mask.height} but the image is {image.width}×{image.height}; send a mask "
+            "of the image's size, or resize: true to scale both",
         )
     size = (image.width + extra[0], image.height + extra[1])
     for name, asked, actual in (("width", body.width, size[0]), ("height", body.height, size[1])):
         if asked is not None and asked != actual:
             raise _problem(
-                name, f"is {asked} but {mode.value} of a {image.width}×{image.height} image makes "
-                f"{size[0]}×{size[1]}; omit width and height, or send resize: true to scale the image"
+                name,
+                f"is {asked} but {mode.value} of a {image.width}×{image.height} image makes "
+                f"{size[0]}×{size[1]}; omit width and height, or send resize: true to scale the image",
             )
     _check_size(size, model, "outpaint" if mode is JobMode.OUTPAINT else "image")
     return image, mask, size
@@ -267,10 +273,10 @@ def _check_size(size: tuple[int, int], model: ModelRecord, name: str) -> None:
     if all(lo <= side <= hi and side % multiple == 0 for side in size):
         return
     raise _problem(
-        name, f"makes a {size[0]}×{size[1]} image; model {model.name!r} makes widths and heights that are "
-        f"multiples of {multiple} between {lo} and {hi} (resize: true with width and height scales the input)"
+        name,
+        f"makes a {size[0]}×{size[1]} image; model {model.name!r} makes widths and heights that are "
+        f"multiples of {multiple} between {lo} and {hi} (resize: true with width and height scales the input)",
     )
-
 
 
 def _png(image: Image.Image) -> bytes:

@@ -74,8 +74,9 @@ class JobView:
 class JobService:
     """The operations behind the job endpoints, against Redis and RQ."""
 
-    def __init__(self, redis: Redis, settings: Settings, caller: Caller | None = None,
-                 results: ResultStore | None = None) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, caller: Caller | None = None, results: ResultStore | None = None
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.caller = caller if caller is not None else Caller(None, settings)
@@ -83,8 +84,13 @@ class JobService:
         self.results = results if results is not None else open_store(settings, redis)
         self.registry = Registry(redis, settings.heartbeat_ttl)
 
-    def submit(self, body: JobCreate, files: Mapping[str, bytes] | None = None, job_id: str | None = None,
-               idempotency: Entry | None = None) -> JobView:
+    def submit(
+        self,
+        body: JobCreate,
+        files: Mapping[str, bytes] | None = None,
+        job_id: str | None = None,
+        idempotency: Entry | None = None,
+    ) -> JobView:
         """Validate against the served model, then write the record (and input images) and
         enqueue it atomically. ``files`` holds multipart uploads by field name ("image", "mask");
         ``job_id`` is the id to create, else a new one; ``idempotency`` an Idempotency-Key's
@@ -108,23 +114,36 @@ class JobService:
         caller, model = self.caller, served.model.name
         queue = cast(FairQueue, model_queue(model, self.redis, Place(caller.scope, caller.priority_rank, ttl)))
         submitted = self.store.submit(
-            record, ttl, queue, rq_job_fields(queue, record.id, self.settings), registration=served.registration,
+            record,
+            ttl,
+            queue,
+            rq_job_fields(queue, record.id, self.settings),
+            registration=served.registration,
             max_depth=backpressure.max_depth(self.settings, model),
             queued_cap=caller.max_queued_jobs if caller.key is not None else None,
             idempotency=(idempotency.redis_key, idempotency.value, idempotency.ttl) if idempotency else None,
-            rq_ttl=self.settings.job_ttl)
+            rq_ttl=self.settings.job_ttl,
+        )
         if submitted.outcome == "taken":
             raise KeyTakenError(idempotency.redis_key if idempotency else "")
         if submitted.outcome == "full":
             depth = int(submitted.detail or 0)
-            raise QueueFullError(model, depth, backpressure.estimated_wait(self.redis, model, depth,
-                                                                           len(served.workers)))
+            raise QueueFullError(
+                model, depth, backpressure.estimated_wait(self.redis, model, depth, len(served.workers))
+            )
         if submitted.outcome == "quota":
             raise TooManyQueuedJobsError(caller.max_queued_jobs)
         return submitted
 
-    def build(self, body: JobCreate, files: Mapping[str, bytes], served: ServedModel, job_id: str | None,
-              inputs: PreparedInputs | None = None, store_inputs: bool = True) -> tuple[JobRecord, int]:
+    def build(
+        self,
+        body: JobCreate,
+        files: Mapping[str, bytes],
+        served: ServedModel,
+        job_id: str | None,
+        inputs: PreparedInputs | None = None,
+        store_inputs: bool = True,
+    ) -> tuple[JobRecord, int]:
         """Everything ``submit`` does before its one write: validate ``body`` against ``served``'s
         model and the caller's budget and policies, store its input images, and make its record;
         returns the record and the TTL it is written with. ``inputs``: already prepared (a batch's
@@ -152,8 +171,9 @@ class JobService:
             request = request.model_copy(update={"content_credentials": policy})
         # Waiting and running, the job lives job_ttl (or its retention, if longer); its retention counts from its end.
         caller, ttl = self.caller, max(self.settings.job_ttl, retention)
-        record = JobRecord(id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings,
-                           owner=caller.owner)
+        record = JobRecord(
+            id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings, owner=caller.owner
+        )
         if store_inputs:
             record = self.store_inputs(record, inputs.pngs, ttl)
         return record, ttl
@@ -167,7 +187,8 @@ class JobService:
         except replication.ReplicationTimeout as error:
             raise NotReplicatedError(
                 f"the job is not yet safe against the loss of the Redis primary ({error}); "
-                "retry with the same Idempotency-Key to get this job, never a second one") from None
+                "retry with the same Idempotency-Key to get this job, never a second one"
+            ) from None
 
     def store_inputs(self, record: JobRecord, pngs: Mapping[str, bytes], ttl: int) -> JobRecord:
         """Write an editing job's input PNGs to the result store before its record exists (a
@@ -194,18 +215,26 @@ class JobService:
         deliveries: list[dict[str, Any]] | None = [] if record.request.webhook is not None else None
         lifetime = max(self.settings.job_ttl, retention_seconds(record.request.retention_seconds, self.settings))
         expires = record.created_at + timedelta(seconds=lifetime)
-        return JobView(record=record, status=JobStatus.QUEUED, error=None, queue_position=position,
-                       eta_seconds=_eta(position, workers, submitted.durations or []), webhook_deliveries=deliveries,
-                       expires_at=expires)
+        return JobView(
+            record=record,
+            status=JobStatus.QUEUED,
+            error=None,
+            queue_position=position,
+            eta_seconds=_eta(position, workers, submitted.durations or []),
+            webhook_deliveries=deliveries,
+            expires_at=expires,
+        )
 
     def _check_cost(self, width: int, height: int, steps: int, num_images: int) -> None:
         """Refuse a job bigger than the caller's budget of width × height × steps × images."""
         cost = width * height * steps * num_images
         budget = self.caller.max_job_cost
         if cost > budget:
-            message = (f"width × height × steps × num_images = {width} × {height} × {steps} × "
-                       f"{num_images} = {cost}, over this deployment's budget of {budget} per job; ask for "
-                       "fewer steps, images or pixels")
+            message = (
+                f"width × height × steps × num_images = {width} × {height} × {steps} × "
+                f"{num_images} = {cost}, over this deployment's budget of {budget} per job; ask for "
+                "fewer steps, images or pixels"
+            )
             raise InvalidRequestError([FieldProblem("steps", message)])
 
     def recent(self, limit: int) -> list[JobView]:
@@ -230,7 +259,11 @@ class JobService:
         return views[:limit]
 
     def submit_once(
-        self, key: str, body_fingerprint: str, body: JobCreate, files: Mapping[str, bytes] | None = None,
+        self,
+        key: str,
+        body_fingerprint: str,
+        body: JobCreate,
+        files: Mapping[str, bytes] | None = None,
         endpoint: str = "",
     ) -> tuple[JobView, bool]:
         """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
@@ -293,8 +326,11 @@ class JobService:
         status, error = record.status, record.error  # diffq's record alone: RQ's view never overrides it
         position, eta = None, None
         if status is JobStatus.QUEUED:
-            place = found.position if found is not None else self.redis.lpos(
-                model_queue(record.model, self.redis).key, record.id)
+            place = (
+                found.position
+                if found is not None
+                else self.redis.lpos(model_queue(record.model, self.redis).key, record.id)
+            )
             position = place if isinstance(place, int) else 0  # None: a worker is taking it off the queue
             eta = self._queued_eta(record.model, position, found.durations if found is not None else None)
         elif status is JobStatus.RUNNING and record.progress is not None:
@@ -302,8 +338,15 @@ class JobService:
         deliveries = attempts(self.redis, record.id) if record.request.webhook is not None else None
         remaining = found.pttl_ms if found is not None else self.redis.pttl(keys.job(record.id))
         expires = utcnow() + timedelta(milliseconds=remaining) if remaining and remaining > 0 else None
-        return JobView(record=record, status=status, error=error, queue_position=position, eta_seconds=eta,
-                       webhook_deliveries=deliveries, expires_at=expires)
+        return JobView(
+            record=record,
+            status=status,
+            error=error,
+            queue_position=position,
+            eta_seconds=eta,
+            webhook_deliveries=deliveries,
+            expires_at=expires,
+        )
 
     def _queued_eta(self, model: str, position: int, durations: list[bytes] | None = None) -> float | None:
         if durations is None:
@@ -326,7 +369,8 @@ class JobService:
         if result is CancelResult.ENDED and status is not JobStatus.CANCELED:
             assert status is not None  # an ended job has its status
             raise JobFinishedError(
-                f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled")
+                f"job {job_id!r} already {status.value}; only queued or running jobs can be canceled"
+            )
         if result is CancelResult.CANCELED:
             cancel_queued(self.redis, job_id)  # off the queue; RQ's own status says canceled too
             view = self.get(job_id)

@@ -17,8 +17,9 @@ from app.core.errors import FieldProblem
 from app.schemas.jobs import LoraRequest
 
 
-def resolve_loras(prompt: str, requested: Sequence[LoraRequest], model: ModelRecord,
-                  adapters: Sequence[AdapterInfo]) -> tuple[str, list[LoraParam], list[FieldProblem]]:
+def resolve_loras(
+    prompt: str, requested: Sequence[LoraRequest], model: ModelRecord, adapters: Sequence[AdapterInfo]
+) -> tuple[str, list[LoraParam], list[FieldProblem]]:
     """The prompt without tags, the adapters to apply, and what is wrong with them."""
     cleaned, tags = parse_prompt(prompt)
     wanted: list[tuple[str, str, float | None]] = [
@@ -28,25 +29,40 @@ def resolve_loras(prompt: str, requested: Sequence[LoraRequest], model: ModelRec
     for name, text in tags:
         weight = _tag_weight(text)
         if weight is None:
-            problems.append(FieldProblem("prompt", f"<lora:{name}:{text}>: the weight must be a number from "
-                                                   f"-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}"))
+            problems.append(
+                FieldProblem(
+                    "prompt",
+                    f"<lora:{name}:{text}>: the weight must be a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}",
+                )
+            )
         wanted.append(("prompt", name, weight))
     if tags and not cleaned.strip():
         problems.append(FieldProblem("prompt", "holds only <lora:…> tags; say what to draw too"))
     if len(wanted) > MAX_PER_REQUEST:
-        problems.append(FieldProblem("loras", f"at most {MAX_PER_REQUEST} adapters per job (the list and the "
-                                              f"prompt's <lora:…> tags together); got {len(wanted)}"))
+        problems.append(
+            FieldProblem(
+                "loras",
+                f"at most {MAX_PER_REQUEST} adapters per job (the list and the "
+                f"prompt's <lora:…> tags together); got {len(wanted)}",
+            )
+        )
     by_name = {adapter.name: adapter for adapter in adapters}
     usable = ", ".join(a.name for a in adapters if fits(a, model.family)) or "none"
     resolved: list[LoraParam] = []
     for field, name, weight in wanted:
         adapter = by_name.get(name)
         if adapter is None:
-            problems.append(FieldProblem(field, f"unknown adapter {name!r}; available for model {model.name!r}: "
-                                                f"{usable}"))
+            problems.append(
+                FieldProblem(field, f"unknown adapter {name!r}; available for model {model.name!r}: {usable}")
+            )
         elif not fits(adapter, model.family):
-            problems.append(FieldProblem(field, f"adapter {name!r} is for base model {adapter.base_model!r}, not "
-                                                f"model {model.name!r} ({model.family}); available for it: {usable}"))
+            problems.append(
+                FieldProblem(
+                    field,
+                    f"adapter {name!r} is for base model {adapter.base_model!r}, not "
+                    f"model {model.name!r} ({model.family}); available for it: {usable}",
+                )
+            )
         elif any(p.name == name for p in resolved):
             problems.append(FieldProblem(field, f"adapter {name!r} is asked for twice"))
         elif weight is not None:

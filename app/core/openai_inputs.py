@@ -19,8 +19,15 @@ def openai_mask(data: bytes, limits: UploadLimits) -> bytes:
     """OpenAI's mask as diffq's: a greyscale PNG, white where the mask is fully transparent."""
     mask = decode_image(data, "mask", limits)
     if not mask.has_alpha:
-        raise InvalidRequestError([FieldProblem("mask", "has no transparent pixels; the mask is a PNG the image's "
-                                                "size whose fully transparent pixels mark where to edit")])
+        raise InvalidRequestError(
+            [
+                FieldProblem(
+                    "mask",
+                    "has no transparent pixels; the mask is a PNG the image's "
+                    "size whose fully transparent pixels mark where to edit",
+                )
+            ]
+        )
     with Image.open(io.BytesIO(mask.png)) as image:
         alpha = image.getchannel("A")
     repaint = alpha.point(lambda value: 255 if value == 0 else 0)
@@ -37,7 +44,14 @@ def png_prompt(data: bytes) -> str:
     except OSError:
         prompt = None
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequestError([FieldProblem("prompt", "is required: diffq makes variations by image-to-image, "
-                                                "which needs a prompt; send `prompt` as an extra field, or an image "
-                                                "diffq made (its PNG carries its prompt)")])
+        raise InvalidRequestError(
+            [
+                FieldProblem(
+                    "prompt",
+                    "is required: diffq makes variations by image-to-image, "
+                    "which needs a prompt; send `prompt` as an extra field, or an image "
+                    "diffq made (its PNG carries its prompt)",
+                )
+            ]
+        )
     return prompt

@@ -156,9 +156,21 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"MZ", "Windows executable"),
 )
 _FTYP_BRANDS = {
-    b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
-    b"hevc": "HEIC", b"hevx": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"crx ": "Canon CR3",
-    b"qt  ": "QuickTime", b"isom": "MP4", b"mp41": "MP4", b"mp42": "MP4",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
+    b"heic": "HEIC",
+    b"heix": "HEIC",
+    b"heim": "HEIC",
+    b"heis": "HEIC",
+    b"hevc": "HEIC",
+    b"hevx": "HEIC",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"crx ": "Canon CR3",
+    b"qt  ": "QuickTime",
+    b"isom": "MP4",
+    b"mp41": "MP4",
+    b"mp42": "MP4",
 }
 _TEXT_MARKUP = (
     (re.compile(rb"<svg[\s>]", re.I), "SVG"),
@@ -304,9 +316,7 @@ class _JpegWalk:
             if marker in (0x00, 0xD8):
                 raise _Refused(f"JPEG data has a stray marker FF{marker:02X} at byte {start} (damaged); {_COMPLETE}")
             if self.pos + 2 > len(data):
-                raise _Refused(
-                    f"JPEG data ends at byte {len(data)}, inside a segment header (truncated); {_COMPLETE}"
-                )
+                raise _Refused(f"JPEG data ends at byte {len(data)}, inside a segment header (truncated); {_COMPLETE}")
             (length,) = struct.unpack_from(">H", data, self.pos)
             if length < 2 or self.pos + length > len(data):
                 raise _Refused(
@@ -356,9 +366,7 @@ def _webp_header(data: bytes) -> _Header:
     if riff_size < 4 + 8 + 10:  # "WEBP", one chunk header, the smallest image header
         raise _Refused(f"WebP data declares a RIFF size of {riff_size} bytes, too small for an image; {_COMPLETE}")
     if end > len(data):
-        raise _Refused(
-            f"WebP data is {len(data)} bytes but its RIFF header declares {end} (truncated); {_COMPLETE}"
-        )
+        raise _Refused(f"WebP data is {len(data)} bytes but its RIFF header declares {end} (truncated); {_COMPLETE}")
     if len(data) == end + 1 and riff_size % 2 == 1:  # the pad byte of an odd-sized last chunk, left uncounted
         end += 1
     _nothing_after(data, end, "WebP")
@@ -456,8 +464,7 @@ def _check_opened(image: Image.Image, fmt: str, declared: tuple[int, int], image
         raise _Refused(f"starts like {_display(fmt)} but reads as {image.format}; {_COMPLETE}")
     if image.size != declared:
         raise _Refused(
-            f"declares {declared[0]}×{declared[1]} but decodes as {image.width}×{image.height} (damaged); "
-            f"{_COMPLETE}"
+            f"declares {declared[0]}×{declared[1]} but decodes as {image.width}×{image.height} (damaged); {_COMPLETE}"
         )
     frames = getattr(image, "n_frames", 1)
     if frames > 1 and image.format != "MPO":
@@ -471,8 +478,7 @@ def _check_opened(image: Image.Image, fmt: str, declared: tuple[int, int], image
         )
     if image.format == "MPO" and frames != images:  # Pillow counts the MPO index; the walk counts what is there
         raise _Refused(
-            f"is an MPO whose index lists {frames} images but which holds {images} (truncated or damaged); "
-            f"{_COMPLETE}"
+            f"is an MPO whose index lists {frames} images but which holds {images} (truncated or damaged); {_COMPLETE}"
         )
 
 

@@ -47,8 +47,9 @@ def check_before_decode(body: JobCreate, model: ModelRecord, mode: JobMode) -> t
     return size
 
 
-def resolve_request(body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None,
-                    adapters: Sequence[AdapterInfo] = ()) -> JobParams:
+def resolve_request(
+    body: JobCreate, model: ModelRecord, inputs: PreparedInputs | None = None, adapters: Sequence[AdapterInfo] = ()
+) -> JobParams:
     """The request as it will run: model defaults filled in, a seed chosen if none was given.
 
     ``inputs`` (from ``app.core.inputs.prepare_inputs``) gives an editing job's
@@ -108,10 +109,13 @@ def _parameter_problems(body: JobCreate, model: ModelRecord, mode: JobMode) -> l
     if steps > model.max_steps:
         problems.append(_range_problem("steps", steps, model.max_steps, model))
     elif steps > most:
-        problems.append(FieldProblem(
-            "steps", f"must be between 1 and {most} for model {model.name!r} with scheduler {scheduler!r}; got {steps}"
-        ))
-    if (problem := negative_prompt_problem(body.negative_prompt, model.negative_prompt, model.pipeline_class)):
+        problems.append(
+            FieldProblem(
+                "steps",
+                f"must be between 1 and {most} for model {model.name!r} with scheduler {scheduler!r}; got {steps}",
+            )
+        )
+    if problem := negative_prompt_problem(body.negative_prompt, model.negative_prompt, model.pipeline_class):
         problems.append(FieldProblem("negative_prompt", problem))
     if body.num_images > model.max_images:
         problems.append(_range_problem("num_images", body.num_images, model.max_images, model))

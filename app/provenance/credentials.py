@@ -44,26 +44,31 @@ class Ingredient:
 class ContentSigner:
     """Signs images with one certificate chain and key, loaded once per process."""
 
-    def __init__(self, cert_pem: bytes, key_pem: bytes, algorithm: Algorithm = "es256",
-                 timestamp_url: str | None = None) -> None:
+    def __init__(
+        self, cert_pem: bytes, key_pem: bytes, algorithm: Algorithm = "es256", timestamp_url: str | None = None
+    ) -> None:
         try:
             self._signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(algorithm, cert_pem, key_pem, timestamp_url))
         except c2pa.C2paError as error:
-            raise CredentialsError(f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY / DIFFQ_C2PA_ALG: not a usable "
-                                   f"{algorithm} certificate chain and key: {error}") from None
+            raise CredentialsError(
+                f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY / DIFFQ_C2PA_ALG: not a usable "
+                f"{algorithm} certificate chain and key: {error}"
+            ) from None
         self._context = c2pa.Context(settings=c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
         self.issuer = ""
         self.check()
 
     @classmethod
-    def from_files(cls, cert: Path, key: Path, algorithm: Algorithm = "es256",
-                   timestamp_url: str | None = None) -> ContentSigner:
+    def from_files(
+        cls, cert: Path, key: Path, algorithm: Algorithm = "es256", timestamp_url: str | None = None
+    ) -> ContentSigner:
         """A signer from PEM files (``DIFFQ_C2PA_CERT``: the chain, signer first; ``DIFFQ_C2PA_KEY``)."""
         try:
             cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
         except OSError as error:
-            raise CredentialsError(f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY: cannot read {error.filename}: "
-                                   f"{error.strerror}") from None
+            raise CredentialsError(
+                f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY: cannot read {error.filename}: {error.strerror}"
+            ) from None
         return cls(cert_pem, key_pem, algorithm, timestamp_url)
 
     def check(self) -> None:
@@ -78,25 +83,37 @@ class ContentSigner:
             raise CredentialsError(f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY cannot sign: {error}") from None
         report = read(signed, "image/png")
         if not report.get("valid"):
-            raise CredentialsError(f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY: a test signature does not validate "
-                                   f"({', '.join(report.get('failures', []))})")
+            raise CredentialsError(
+                f"DIFFQ_C2PA_CERT / DIFFQ_C2PA_KEY: a test signature does not validate "
+                f"({', '.join(report.get('failures', []))})"
+            )
         self.issuer = report.get("signer", {}).get("common_name") or ""
 
-    def sign(self, data: bytes, mime: str, manifest_json: dict[str, Any],
-             ingredient: Ingredient | None = None) -> bytes:
+    def sign(
+        self, data: bytes, mime: str, manifest_json: dict[str, Any], ingredient: Ingredient | None = None
+    ) -> bytes:
         """``data`` with a signed manifest embedded; raises ``c2pa.C2paError`` if it cannot be signed."""
         with c2pa.Builder(manifest_json, context=self._context) as builder:
             if ingredient is not None:
-                builder.add_ingredient({"title": ingredient.title, "relationship": "parentOf",
-                                        "label": INGREDIENT_LABEL},
-                                       ingredient.mime, io.BytesIO(ingredient.data))
+                builder.add_ingredient(
+                    {"title": ingredient.title, "relationship": "parentOf", "label": INGREDIENT_LABEL},
+                    ingredient.mime,
+                    io.BytesIO(ingredient.data),
+                )
             out = io.BytesIO()
             builder.sign(self._signer, mime, io.BytesIO(data), out)
         return out.getvalue()
 
 
-def manifest(generator_version: str, model: str, model_info: dict[str, str], *, edited: bool,
-             title: str = "image", digital_source_type: str | None = None) -> dict[str, Any]:
+def manifest(
+    generator_version: str,
+    model: str,
+    model_info: dict[str, str],
+    *,
+    edited: bool,
+    title: str = "image",
+    digital_source_type: str | None = None,
+) -> dict[str, Any]:
     """The manifest of one output: who made it (``diffq <version>``), how, with which model.
 
     An edit opens its input (the ingredient added by ``sign``) and then edits it: C2PA 2 wants
@@ -133,9 +150,12 @@ def read(data: bytes, mime: str | None = None) -> dict[str, Any]:
         state = reader.get_validation_state()
         results = reader.get_validation_results() or {}
     failures = [item.get("code", "") for item in (results.get("activeManifest") or {}).get("failure", [])]
-    actions = [action for assertion in active.get("assertions", [])
-               if assertion.get("label", "").startswith("c2pa.actions")
-               for action in assertion.get("data", {}).get("actions", [])]
+    actions = [
+        action
+        for assertion in active.get("assertions", [])
+        if assertion.get("label", "").startswith("c2pa.actions")
+        for action in assertion.get("data", {}).get("actions", [])
+    ]
     signature = active.get("signature_info", {})
     return {
         "present": True,
@@ -147,7 +167,8 @@ def read(data: bytes, mime: str | None = None) -> dict[str, Any]:
         "actions": [action.get("action") for action in actions],
         "digital_source_type": next((a.get("digitalSourceType") for a in actions if a.get("digitalSourceType")), None),
         "generator": [
-            f"{g.get('name')} {g.get('version', '')}".strip() for g in active.get("claim_generator_info", [])],
+            f"{g.get('name')} {g.get('version', '')}".strip() for g in active.get("claim_generator_info", [])
+        ],
         "parameters": next((a.get("parameters") for a in actions if a.get("parameters")), None),
         "ingredients": [i.get("title") for i in active.get("ingredients", [])],
     }

@@ -39,8 +39,7 @@ def source_type(edited: bool) -> str:
     return EDITED if edited else GENERATED
 
 
-def xmp_packet(digital_source_type: str | None, creator_tool: str,
-               properties: Mapping[str, str] | None = None) -> str:
+def xmp_packet(digital_source_type: str | None, creator_tool: str, properties: Mapping[str, str] | None = None) -> str:
     """An XMP packet with the digital source type (``None``: none), the generator's name and
     ``properties`` as ``diffq:<name>`` (names that are not XML names are left out)."""
     meta = ET.Element(f"{{{_NS['x']}}}xmpmeta")
@@ -70,7 +69,7 @@ def digital_source_type_of(xmp: str) -> str | None:
     if start < 0 or end < 0:
         start, end = xmp.find("<"), len(xmp) - len("</x:xmpmeta>")
     try:
-        root = SafeET.fromstring(xmp[start:end + len("</x:xmpmeta>")])
+        root = SafeET.fromstring(xmp[start : end + len("</x:xmpmeta>")])
     except Exception:  # noqa: BLE001 - a malformed packet carries no label
         return None
     name = f"{{{_NS['Iptc4xmpExt']}}}DigitalSourceType"

@@ -17,8 +17,9 @@ class NotAnImageError(ValueError):
     """The bytes are not an image this verifier reads (PNG, JPEG or WebP)."""
 
 
-def verify(data: bytes, watermark_payload: bytes | None = None, check_watermark: bool = True,
-           max_pixels: int | None = None) -> dict[str, Any]:
+def verify(
+    data: bytes, watermark_payload: bytes | None = None, check_watermark: bool = True, max_pixels: int | None = None
+) -> dict[str, Any]:
     """A report on ``data``; ``watermark_payload`` is what the deployment hides (``None``: none);
     an image of more than ``max_pixels`` (read from its header) is refused before decoding."""
     try:
@@ -40,15 +41,17 @@ def verify(data: bytes, watermark_payload: bytes | None = None, check_watermark:
         "width": pixels.width,
         "height": pixels.height,
         "c2pa": credentials.read(data, MIME[kind]),
-        "iptc": {"digital_source_type": source_type,
-                 "ai_generated": source_type in (labels.GENERATED, labels.EDITED)},
+        "iptc": {"digital_source_type": source_type, "ai_generated": source_type in (labels.GENERATED, labels.EDITED)},
         "parameters": text or None,
     }
     if watermark_payload is None:
         report["watermark"] = {"checked": False, "reason": "this deployment sets no DIFFQ_WATERMARK_PAYLOAD"}
     elif not check_watermark:
-        report["watermark"] = {"checked": False, "reason": "the API process does not load the watermark decoder "
-                               "(it imports torch); run `diffq verify FILE` where the worker extra is installed"}
+        report["watermark"] = {
+            "checked": False,
+            "reason": "the API process does not load the watermark decoder "
+            "(it imports torch); run `diffq verify FILE` where the worker extra is installed",
+        }
     else:
         report["watermark"] = watermark.read(pixels, watermark_payload)
     return report

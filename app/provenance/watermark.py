@@ -76,13 +76,16 @@ def read(image: Image.Image, expected: bytes) -> dict[str, Any]:
         return {"checked": False, "reason": "invisible-watermark is not installed here (diffq's worker extra)"}
     best = 0.0
     for scale in (1, 2):
-        candidate = image if scale == 1 else image.resize((image.width * 2, image.height * 2),
-                                                          Image.Resampling.BICUBIC)
+        candidate = image if scale == 1 else image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC)
         if not fits(*candidate.size):
             continue
         accuracy = bit_accuracy(decode(candidate, len(expected)), expected)
         best = max(best, accuracy)
         if accuracy == 1.0:
             break
-    return {"checked": True, "found": best >= 0.9, "bit_accuracy": round(best, 4),
-            "payload": expected.decode("utf-8", "replace") if best >= 0.9 else None}
+    return {
+        "checked": True,
+        "found": best >= 0.9,
+        "bit_accuracy": round(best, 4),
+        "payload": expected.decode("utf-8", "replace") if best >= 0.9 else None,
+    }

@@ -58,8 +58,9 @@ class BatchCreate(BaseModel):
     )
     webhook: BatchWebhook | None = None
     priority: Literal["high", "normal", "low"] = Field(
-        "low", description="The items' priority class; never above the API key's own. Default low, so the key's "
-        "single jobs go first."
+        "low",
+        description="The items' priority class; never above the API key's own. Default low, so the key's "
+        "single jobs go first.",
     )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16, description="Kept and shown back.")
 
@@ -126,6 +127,8 @@ def _item_model(base: type[JobCreate]) -> type[JobCreate]:
         "BatchItem",
         __base__=base,
         __module__=__name__,
-        custom_id=(str | None,
-                   Field(None, pattern=CUSTOM_ID_PATTERN, description=f"The item's name: {CUSTOM_ID_RULE}.")),
+        custom_id=(
+            str | None,
+            Field(None, pattern=CUSTOM_ID_PATTERN, description=f"The item's name: {CUSTOM_ID_RULE}."),
+        ),
     )

@@ -100,14 +100,17 @@ class JobCreate(BaseModel):
         "refusing an input whose size does not fit.",
     )
     output_format: Literal["png", "webp", "jpeg"] = Field(
-        "png", description="png (default), webp (lossless, or lossy with `quality`) or jpeg (`quality`, default 90); "
+        "png",
+        description="png (default), webp (lossless, or lossy with `quality`) or jpeg (`quality`, default 90); "
         "the generation parameters are embedded in each (PNG text chunks; EXIF and XMP in WebP and JPEG).",
     )
     quality: int | None = Field(
         None, ge=1, le=100, description="Lossy quality of webp or jpeg output, 1-100; not accepted for png."
     )
     retention_seconds: int | None = Field(
-        None, ge=1, description="How long the job, its images and all its keys are kept after it ends (default "
+        None,
+        ge=1,
+        description="How long the job, its images and all its keys are kept after it ends (default "
         "DIFFQ_JOB_TTL); `expires_at` says when. At most DIFFQ_MAX_RETENTION.",
     )
     loras: list[LoraRequest] = Field(
@@ -138,8 +141,9 @@ class JobCreate(BaseModel):
 
 
 @lru_cache(maxsize=8)
-def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadline: int,
-             max_retention: int) -> type[JobCreate]:
+def _limited(
+    max_prompt_length: int, max_steps: int, max_images: int, max_deadline: int, max_retention: int
+) -> type[JobCreate]:
     base = JobCreate.model_fields
 
     def limited(name: str, **limits: Any) -> Any:
@@ -160,8 +164,13 @@ def _limited(max_prompt_length: int, max_steps: int, max_images: int, max_deadli
 
 def job_create_model(settings: Settings) -> type[JobCreate]:
     """``JobCreate`` with this deployment's limits from settings."""
-    return _limited(settings.max_prompt_length, settings.max_steps, settings.max_images_per_job, settings.max_deadline,
-                    settings.max_retention)
+    return _limited(
+        settings.max_prompt_length,
+        settings.max_steps,
+        settings.max_images_per_job,
+        settings.max_deadline,
+        settings.max_retention,
+    )
 
 
 class Timings(BaseModel):
@@ -237,8 +246,9 @@ class JobPublic(BaseModel):
     error: ErrorInfo | None = None
     images: list[ImagePublic]
     expires_at: datetime | None = Field(
-        None, description="When the job, its images and all its keys are removed (`retention_seconds` after it "
-        "ends; while it waits or runs, the time its record would lapse)."
+        None,
+        description="When the job, its images and all its keys are removed (`retention_seconds` after it "
+        "ends; while it waits or runs, the time its record would lapse).",
     )
     webhook: WebhookPublic | None = Field(
         None, description="Only with a webhook: its URL and events, and every delivery attempt (oldest first)."

@@ -24,8 +24,13 @@ def open_store(settings: Settings, redis: Redis) -> ResultStore:
         from app.storage.s3_store import S3ResultStore
 
         assert settings.store_bucket is not None
-        return S3ResultStore(settings.store_bucket, settings.store_prefix, settings.store_endpoint_url,
-                             settings.store_region, settings.store_addressing)
+        return S3ResultStore(
+            settings.store_bucket,
+            settings.store_prefix,
+            settings.store_endpoint_url,
+            settings.store_region,
+            settings.store_addressing,
+        )
     from app.storage.redis_store import RedisResultStore
 
     return RedisResultStore(redis)

@@ -97,7 +97,8 @@ class FileResultStore:
     def check(self) -> None:
         if not self.root.is_dir():
             raise StorageConfigError(
-                f"DIFFQ_STORE_DIR: {self.root} is not a directory (create it, or mount the volume)")
+                f"DIFFQ_STORE_DIR: {self.root} is not a directory (create it, or mount the volume)"
+            )
         probe = self.root / TMP / f"probe-{uuid.uuid4().hex}"
         try:
             probe.parent.mkdir(exist_ok=True)

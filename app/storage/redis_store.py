@@ -48,7 +48,7 @@ class RedisResultStore:
     def list(self) -> Iterator[ListedObject]:
         prefix = keys.stored_object("")
         for name in self.redis.scan_iter(match=f"{prefix}*", count=500):
-            yield ListedObject(key=name.decode()[len(prefix):], modified=0.0)
+            yield ListedObject(key=name.decode()[len(prefix) :], modified=0.0)
 
     def signed_url(self, key: str, seconds: int, content_type: str) -> str | None:
         return None

@@ -28,14 +28,23 @@ _CREDENTIALS = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the 
 class S3ResultStore:
     name = "s3"
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-                 addressing: str = "auto") -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        addressing: str = "auto",
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix
         config = Config(
-            connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2},
+            connect_timeout=2,
+            read_timeout=10,
+            retries={"mode": "standard", "max_attempts": 2},
             # boto3's stubs want a literal style; botocore itself refuses an unknown one.
-            s3={"addressing_style": addressing}, signature_version="s3v4",  # type: ignore[arg-type]
+            s3={"addressing_style": addressing},  # type: ignore[arg-type]
+            signature_version="s3v4",
         )
         self.client: Any = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
@@ -58,7 +67,7 @@ class S3ResultStore:
     def delete(self, keys: Iterable[str]) -> None:
         names = [self.prefix + key for key in keys]
         for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
-            chunk = [{"Key": name} for name in names[start:start + 1000]]
+            chunk = [{"Key": name} for name in names[start : start + 1000]]
             self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
 
     def delete_job(self, job_id: str) -> None:
@@ -73,7 +82,7 @@ class S3ResultStore:
             pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + under)
             for page in pages:
                 for item in page.get("Contents", []):
-                    key = item["Key"][len(self.prefix):]
+                    key = item["Key"][len(self.prefix) :]
                     yield ListedObject(key=key, modified=item["LastModified"].timestamp())
         except _DOWN as error:
             raise StorageUnavailableError(f"S3 unreachable: {error}") from error
@@ -111,7 +120,8 @@ class S3ResultStore:
                     "bucket policy (DIFFQ_STORE_BUCKET)"
                 ) from error
             raise StorageConfigError(
-                f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}") from error
+                f"S3 refused a test write to DIFFQ_STORE_BUCKET={self.bucket!r}: {code}"
+            ) from error
         except _DOWN as error:
             raise StorageConfigError(f"DIFFQ_STORE_ENDPOINT_URL: cannot reach the S3 store: {error}") from error
 

@@ -39,8 +39,9 @@ class StoreSweepReport:
 
 
 class StoreSweeper:
-    def __init__(self, redis: Redis, store: ResultStore, settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, redis: Redis, store: ResultStore, settings: Settings, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = redis
         self.store = store
         self.grace = settings.store_sweep_grace
@@ -64,7 +65,7 @@ class StoreSweeper:
                 report.removed.append(listed.key)
         ids = list(by_job)
         for start in range(0, len(ids), 200):
-            chunk = ids[start:start + 200]
+            chunk = ids[start : start + 200]
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in chunk:
                     pipe.hgetall(keys.job(job_id))

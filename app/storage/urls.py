@@ -37,8 +37,9 @@ def relative_proxy_url(kind: str, job_id: str, index: int, extension: str) -> st
     return f"/v1/jobs/{job_id}/images/{index}.{extension}"
 
 
-def image_links(record: JobRecord, image: ImageRecord, settings: Settings, store: ResultStore,
-                proxy: ProxyUrl) -> ImageLinks:
+def image_links(
+    record: JobRecord, image: ImageRecord, settings: Settings, store: ResultStore, proxy: ProxyUrl
+) -> ImageLinks:
     """Where a client fetches one image (and its journey) now."""
     if image.key is None or settings.image_urls == "proxy":
         journey = proxy("journey", record.id, image.index, "webp") if image.index < record.journeys else None

@@ -182,8 +182,12 @@ class Deliverer:
         poll_interval: float = 0.5,
     ) -> None:
         if settings.webhook_lease <= settings.webhook_timeout * 3:
-            log.warning("webhook_lease (%s s) should be well above 3 × webhook_timeout (%s s): a slow send "
-                        "may outlive its lease and be sent twice", settings.webhook_lease, settings.webhook_timeout)
+            log.warning(
+                "webhook_lease (%s s) should be well above 3 × webhook_timeout (%s s): a slow send "
+                "may outlive its lease and be sent twice",
+                settings.webhook_lease,
+                settings.webhook_timeout,
+            )
         self.redis = redis
         self.settings = settings
         self.allow = AllowList.from_settings(settings)
@@ -278,8 +282,9 @@ class Deliverer:
             response = self.client.send(request, stream=True, follow_redirects=False)
             response.close()  # only the status matters; an endless body cannot hold us
         except httpx.HTTPError as exc:
-            return Outcome(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                           time.monotonic() - started)
+            return Outcome(
+                None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, time.monotonic() - started
+            )
         return Outcome(response.status_code, _status_problem(response), time.monotonic() - started)
 
     def _record(self, delivery_id: str, delivery: dict[str, Any], token: str, outcome: Outcome, now: float) -> None:
@@ -308,14 +313,37 @@ class Deliverer:
         updated = {**delivery, "attempts": attempt, "first_attempt_at": first}
         keep = int(deadline - now) + self.settings.webhook_lease + 3600
         written = self._finish(
-            keys=[DUE, INFLIGHT, OWNERS, delivery_key(delivery_id), attempts_key(delivery["job_id"]),
-                  keys.job(delivery["job_id"])],
-            args=[delivery_id, token, "retry" if next_at is not None else "done", json.dumps(record),
-                  json.dumps(updated), next_at or 0, keep, self.settings.job_ttl, MAX_RECORDED],
+            keys=[
+                DUE,
+                INFLIGHT,
+                OWNERS,
+                delivery_key(delivery_id),
+                attempts_key(delivery["job_id"]),
+                keys.job(delivery["job_id"]),
+            ],
+            args=[
+                delivery_id,
+                token,
+                "retry" if next_at is not None else "done",
+                json.dumps(record),
+                json.dumps(updated),
+                next_at or 0,
+                keep,
+                self.settings.job_ttl,
+                MAX_RECORDED,
+            ],
         )
         level = logging.INFO if result != "gave_up" else logging.WARNING
-        log.log(level, "webhook %s (job %s, %s) attempt %d: %s%s", delivery_id, delivery["job_id"], delivery["type"],
-                attempt, result, f" ({outcome.error})" if outcome.error else "")
+        log.log(
+            level,
+            "webhook %s (job %s, %s) attempt %d: %s%s",
+            delivery_id,
+            delivery["job_id"],
+            delivery["type"],
+            attempt,
+            result,
+            f" ({outcome.error})" if outcome.error else "",
+        )
         if not int(written):
             log.warning("webhook %s: lease lost during the attempt; another deliverer owns it now", delivery_id)
 
@@ -330,8 +358,12 @@ def pinned_request(
     host = original.raw_host.decode("ascii")
     extensions = {"sni_hostname": host} if original.scheme == "https" else {}
     request = client.build_request(
-        "POST", target, content=body.encode(), headers={**headers, "host": original.netloc.decode("ascii")},
-        timeout=timeout, extensions=extensions,
+        "POST",
+        target,
+        content=body.encode(),
+        headers={**headers, "host": original.netloc.decode("ascii")},
+        timeout=timeout,
+        extensions=extensions,
     )
     return request
 

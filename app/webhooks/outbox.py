@@ -76,11 +76,18 @@ def relay(redis: Redis, now: float, batch: int = BATCH) -> int:
             redis.xdel(OUTBOX, entry_id)
             continue
         if kind.startswith("batch."):  # written by a batch's last item (app.contract.batches); job_id: the batch
-            delivery = prepare(job_id, webhook.url, kind, batches.webhook_data(job_id, data),
-                               batches.webhook_id(job_id, kind), now=now)
+            delivery = prepare(
+                job_id, webhook.url, kind, batches.webhook_data(job_id, data), batches.webhook_id(job_id, kind), now=now
+            )
         else:
-            delivery = prepare(job_id, webhook.url, f"job.{kind}", webhook_data(job_id, kind, data),
-                               webhook_id(job_id, kind, data), now=now)
+            delivery = prepare(
+                job_id,
+                webhook.url,
+                f"job.{kind}",
+                webhook_data(job_id, kind, data),
+                webhook_id(job_id, kind, data),
+                now=now,
+            )
         args += [_text(entry_id), delivery.key, delivery.body]
     if not args:
         return 0

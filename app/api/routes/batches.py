@@ -36,17 +36,27 @@ JSON_FORM_FIELDS = ("defaults", "webhook", "metadata")
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines")
 
 
-@router.post("", status_code=202, response_model=BatchPublic, summary="Submit a batch of jobs",
-             openapi_extra=BATCH_CREATE_BODY,
-             response_description="The batch, every item queued; `Location` is its URL.",
-             responses={409: ERROR_RESPONSES[422], 415: ERROR_RESPONSES[415]})
+@router.post(
+    "",
+    status_code=202,
+    response_model=BatchPublic,
+    summary="Submit a batch of jobs",
+    openapi_extra=BATCH_CREATE_BODY,
+    response_description="The batch, every item queued; `Location` is its URL.",
+    responses={409: ERROR_RESPONSES[422], 415: ERROR_RESPONSES[415]},
+)
 async def create_batch(
     request: Request,
     response: Response,
     jobs: JobServiceDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, description="Makes the whole batch safe "
-                                                  "to retry: the same key and body get the same batch.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_HEADER,
+            description="Makes the whole batch safe to retry: the same key and body get the same batch.",
+        ),
+    ] = None,
 ) -> BatchPublic:
     spec, digest = await _read_batch(request, settings)
     batches = BatchService(jobs)
@@ -63,8 +73,13 @@ async def create_batch(
 
 
 @router.get("", response_model=BatchList, summary="List the API key's newest batches")
-def list_batches(jobs: JobServiceDep, settings: SettingsDep, caller: CallerDep, request: Request,
-                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
+def list_batches(
+    jobs: JobServiceDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
     if caller.key is None and not settings.job_listing:
         raise JobListingDisabledError()
     return BatchList(batches=[batch_public(v, request) for v in BatchService(jobs).recent(limit)])
@@ -76,16 +91,24 @@ def get_batch(batch_id: str, jobs: JobServiceDep, request: Request) -> BatchPubl
 
 
 @router.get("/{batch_id}/items", response_model=BatchItems, summary="A page of a batch's items")
-def get_batch_items(batch_id: str, jobs: JobServiceDep, request: Request,
-                    offset: Annotated[int, Query(ge=0)] = 0,
-                    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> BatchItems:
+def get_batch_items(
+    batch_id: str,
+    jobs: JobServiceDep,
+    request: Request,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> BatchItems:
     views = BatchService(jobs).items(batch_id, offset, limit)
     items = [BatchItemPublic.model_validate(_result(item, request)) for item in views]
     return BatchItems(items=items, next_offset=offset + len(views) if len(views) == limit else None)
 
 
-@router.get("/{batch_id}/results.jsonl", summary="One JSON line per item: custom_id, status, image URLs, seeds, error",
-            response_class=StreamingResponse, responses={200: {"content": {"application/jsonl": {}}}})
+@router.get(
+    "/{batch_id}/results.jsonl",
+    summary="One JSON line per item: custom_id, status, image URLs, seeds, error",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/jsonl": {}}}},
+)
 def get_batch_results(batch_id: str, jobs: JobServiceDep, request: Request) -> StreamingResponse:
     items = BatchService(jobs).each_item(batch_id)
     first = next(items, None)  # a missing batch is a 404 before the response starts
@@ -99,13 +122,20 @@ def get_batch_results(batch_id: str, jobs: JobServiceDep, request: Request) -> S
     return StreamingResponse(lines(), media_type="application/jsonl")
 
 
-@router.get("/{batch_id}/images.zip", summary="The succeeded items' images, named by custom_id, streamed",
-            response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
+@router.get(
+    "/{batch_id}/images.zip",
+    summary="The succeeded items' images, named by custom_id, streamed",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
 def get_batch_images(batch_id: str, jobs: JobServiceDep) -> StreamingResponse:
     batches = BatchService(jobs)
     batches.get(batch_id)  # 404 before the response starts
-    return StreamingResponse(batches.zip_chunks(batch_id), media_type="application/zip",
-                             headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'})
+    return StreamingResponse(
+        batches.zip_chunks(batch_id),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.zip"'},
+    )
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic, summary="Cancel every unended item")
@@ -121,14 +151,30 @@ def delete_batch(batch_id: str, jobs: JobServiceDep) -> Response:
 
 def batch_public(view: BatchView, request: Request) -> BatchPublic:
     record = view.record
-    counts = BatchCounts(total=record.total, queued=view.queued, running=view.running, succeeded=record.succeeded,
-                         failed=record.failed, canceled=record.canceled)
+    counts = BatchCounts(
+        total=record.total,
+        queued=view.queued,
+        running=view.running,
+        succeeded=record.succeeded,
+        failed=record.failed,
+        canceled=record.canceled,
+    )
     url = public_url(request, "get_batch", batch_id=record.id)
     return BatchPublic(
-        id=record.id, status=view.status, model=record.model, priority=record.priority, counts=counts,
-        progress=round(record.ended / record.total, 4) if record.total else 1.0, eta_seconds=view.eta_seconds,
-        created_at=record.created_at, completed_at=record.completed_at, expires_at=view.expires_at,
-        metadata=record.metadata, url=url, items_url=f"{url}/items", results_url=f"{url}/results.jsonl",
+        id=record.id,
+        status=view.status,
+        model=record.model,
+        priority=record.priority,
+        counts=counts,
+        progress=round(record.ended / record.total, 4) if record.total else 1.0,
+        eta_seconds=view.eta_seconds,
+        created_at=record.created_at,
+        completed_at=record.completed_at,
+        expires_at=view.expires_at,
+        metadata=record.metadata,
+        url=url,
+        items_url=f"{url}/items",
+        results_url=f"{url}/results.jsonl",
         images_url=f"{url}/images.zip",
     )
 
@@ -137,8 +183,10 @@ def _result(item: ItemView, request: Request) -> dict[str, Any]:
     urls: list[str] = []
     if item.record is not None:
         state = request.app.state
-        urls = [image_links(item.record, image, state.settings, state.results, partial(proxy_url, request)).url
-                for image in item.record.images]
+        urls = [
+            image_links(item.record, image, state.settings, state.results, partial(proxy_url, request)).url
+            for image in item.record.images
+        ]
     return item_result(item, urls)
 
 
@@ -177,8 +225,9 @@ def _json_items(body: BatchCreate) -> list[batch_items.RawItem]:
 
 
 async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[BatchSpec, str]:
-    form = await read_form(request, max_files=9, max_fields=len(FORM_FIELDS) + 9,
-                           max_part_size=settings.max_request_bytes)
+    form = await read_form(
+        request, max_files=9, max_fields=len(FORM_FIELDS) + 9, max_part_size=settings.max_request_bytes
+    )
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     names: dict[str, str] = {}
@@ -189,8 +238,15 @@ async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[Batc
         elif name in FORM_FIELDS:
             values[name] = value
         else:
-            raise InvalidRequestError([FieldProblem(name, f"is not a batch field; fields: {', '.join(FORM_FIELDS)}, "
-                                                    "a `file` part, and shared input images as other file parts")])
+            raise InvalidRequestError(
+                [
+                    FieldProblem(
+                        name,
+                        f"is not a batch field; fields: {', '.join(FORM_FIELDS)}, "
+                        "a `file` part, and shared input images as other file parts",
+                    )
+                ]
+            )
     await form.close()
     for name in JSON_FORM_FIELDS:
         if name in values:
@@ -199,8 +255,13 @@ async def _read_multipart(request: Request, settings: SettingsDep) -> tuple[Batc
             except json.JSONDecodeError:
                 raise InvalidRequestError([FieldProblem(name, "must be a JSON object")]) from None
     if "file" not in files:
-        raise InvalidRequestError([FieldProblem("file", "is required: a JSONL file of jobs, or a CSV (or JSON list) "
-                                                "of rows with prompt_template")])
+        raise InvalidRequestError(
+            [
+                FieldProblem(
+                    "file", "is required: a JSONL file of jobs, or a CSV (or JSON list) of rows with prompt_template"
+                )
+            ]
+        )
     data, filename = files.pop("file"), names.pop("file")
     template = values.get("prompt_template")
     if template is None:

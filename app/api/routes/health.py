@@ -26,8 +26,12 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": (
-        "Redis or the result store unreachable, no live worker, or the queue of `model` is full.")}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": ("Redis or the result store unreachable, no live worker, or the queue of `model` is full."),
+        }
+    },
     summary="Readiness",
 )
 def readyz(
@@ -35,8 +39,11 @@ def readyz(
     results: ResultsDep,
     settings: SettingsDep,
     model: Annotated[
-        str | None, Query(description="Also not ready (503) while this model's queue is full: for a load "
-                          "balancer in front of one model's traffic.")
+        str | None,
+        Query(
+            description="Also not ready (503) while this model's queue is full: for a load "
+            "balancer in front of one model's traffic."
+        ),
     ] = None,
 ) -> JSONResponse:
     try:

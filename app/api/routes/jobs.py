@@ -44,9 +44,7 @@ MAX_LIST = 100
     "the same body: that key's job, as it is now, with `Idempotent-Replayed: true`.",
     responses={
         409: ERROR_RESPONSES[422]
-        | {
-            "description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`)."
-        },
+        | {"description": "The `Idempotency-Key` was used with a different body (`idempotency_key_reused`)."},
         408: ERROR_RESPONSES[422] | {"description": "The body did not arrive within `DIFFQ_HTTP_BODY_TIMEOUT`."},
         415: ERROR_RESPONSES[415],
     },
@@ -121,8 +119,12 @@ async def get_job(
     response: Response,
     wait: Annotated[
         float,
-        Query(ge=0, le=MAX_WAIT, description="Long poll: answer once the job has ended or after this many seconds. "
-              "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts."),
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            description="Long poll: answer once the job has ended or after this many seconds. "
+            "Counts against the key's open waits (`DIFFQ_MAX_WAITS`) while it lasts.",
+        ),
     ] = 0,
 ) -> Response | JobPublic:
     if wait == 0:
@@ -202,8 +204,9 @@ async def _ended_without_event(jobs: JobService, job_id: str) -> ServerSentEvent
     if not view.status.is_terminal:
         return None
     error = view.error.model_dump() if view.error else None
-    return ServerSentEvent(event=view.status.value, data={"status": view.status.value, "error": error,
-                                                          "images": len(view.record.images)})
+    return ServerSentEvent(
+        event=view.status.value, data={"status": view.status.value, "error": error, "images": len(view.record.images)}
+    )
 
 
 @router.post(
@@ -233,9 +236,18 @@ def job_public(view: JobView, request: Request) -> JobPublic:
     images = []
     for image in record.images:
         links = image_links(record, image, state.settings, state.results, partial(proxy_url, request))
-        images.append(ImagePublic(index=image.index, url=links.url, seed=image.seed, width=image.width,
-                                  height=image.height, journey_url=links.journey_url,
-                                  content_type=image.content_type, url_expires_at=links.expires_at))
+        images.append(
+            ImagePublic(
+                index=image.index,
+                url=links.url,
+                seed=image.seed,
+                width=image.width,
+                height=image.height,
+                journey_url=links.journey_url,
+                content_type=image.content_type,
+                url_expires_at=links.expires_at,
+            )
+        )
     return JobPublic(
         id=record.id,
         status=view.status,

@@ -32,5 +32,8 @@ def metrics_registry(collector: DiffqCollector) -> CollectorRegistry:
 def get_metrics(request: Request, accept: Annotated[str | None, Header()] = None) -> Response:
     # A plain `def`: the collector's Redis reads run in a worker thread, off the event loop.
     encoder, content_type = choose_encoder(accept or "")
-    return Response(encoder(request.app.state.metrics_registry), media_type=None,
-                    headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+    return Response(
+        encoder(request.app.state.metrics_registry),
+        media_type=None,
+        headers={"Content-Type": content_type, "Cache-Control": "no-store"},
+    )

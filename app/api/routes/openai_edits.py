@@ -117,21 +117,35 @@ def _form_schema(model: type[BaseModel], files: dict[str, Any]) -> dict[str, Any
 _FILE = {"type": "string", "format": "binary"}
 
 
-@router.post("/edits", response_model=ImagesResponse, responses=ERROR_RESPONSES,
-             openapi_extra=_form_schema(ImageEditForm, {"image": _FILE, "mask": _FILE}),
-             summary="Edit an image (OpenAI Images API compatible): inpainting with a mask, else image-to-image")
-async def create_edit(request: Request, jobs: JobServiceDep, waiter: WaiterDep,
-                      idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER,
-                                                                    include_in_schema=False)] = None) -> Any:
+@router.post(
+    "/edits",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_form_schema(ImageEditForm, {"image": _FILE, "mask": _FILE}),
+    summary="Edit an image (OpenAI Images API compatible): inpainting with a mask, else image-to-image",
+)
+async def create_edit(
+    request: Request,
+    jobs: JobServiceDep,
+    waiter: WaiterDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)] = None,
+) -> Any:
     return await _guarded(_run(request, jobs, waiter, ImageEditForm, idempotency_key))
 
 
-@router.post("/variations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
-             openapi_extra=_form_schema(ImageVariationForm, {"image": _FILE}),
-             summary="Variations of an image (OpenAI Images API compatible): image-to-image")
-async def create_variation(request: Request, jobs: JobServiceDep, waiter: WaiterDep,
-                           idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER,
-                                                                         include_in_schema=False)] = None) -> Any:
+@router.post(
+    "/variations",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_form_schema(ImageVariationForm, {"image": _FILE}),
+    summary="Variations of an image (OpenAI Images API compatible): image-to-image",
+)
+async def create_variation(
+    request: Request,
+    jobs: JobServiceDep,
+    waiter: WaiterDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)] = None,
+) -> Any:
     return await _guarded(_run(request, jobs, waiter, ImageVariationForm, idempotency_key))
 
 
@@ -141,12 +155,14 @@ async def _guarded(work: Any) -> Any:
     except OpenAIFailure as failure:
         return failure.response()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        return OpenAIFailure(503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable",
-                             retry=True).response()
+        return OpenAIFailure(
+            503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable", retry=True
+        ).response()
 
 
-async def _run(request: Request, jobs: JobService, waiter: Waiter, form_model: type[_Common],
-               idempotency_key: str | None) -> Any:
+async def _run(
+    request: Request, jobs: JobService, waiter: Waiter, form_model: type[_Common], idempotency_key: str | None
+) -> Any:
     values, files = await _read_form(request, jobs, form_model is ImageEditForm)
     try:
         params = form_model.model_validate(values)
@@ -162,7 +178,8 @@ async def _run(request: Request, jobs: JobService, waiter: Waiter, form_model: t
             if key is not None:
                 digest = fingerprint_multipart(values, files)
                 view, _ = await run_in_threadpool(
-                    jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}")
+                    jobs.submit_once, key, digest, body, uploads, f"POST {request.url.path}"
+                )
             else:
                 view = await run_in_threadpool(jobs.submit, body, uploads)
             await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
@@ -170,23 +187,36 @@ async def _run(request: Request, jobs: JobService, waiter: Waiter, form_model: t
             first = error.errors(include_url=False)[0]
             name = str(first["loc"][0]) if first["loc"] else None
             param = PARAM_NAMES.get(name or "", name)
-            raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                                code="invalid_value") from None
+            raise OpenAIFailure(
+                400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value"
+            ) from None
         except DiffqError as error:
             raise _submit_failure(error) from None
         job_id = view.record.id
-        log.info("OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id,
-                 extra={"job_id": job_id})
+        log.info(
+            "OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id, extra={"job_id": job_id}
+        )
         try:
             ended = await wait.result(request, jobs, job_id, jobs.settings.openai_timeout)
         except WaitTimedOut as timeout:
             url = public_url(request, "get_job", job_id=job_id)
-            raise OpenAIFailure(504, f"The image job is still {timeout.view.status.value} after "
-                                f"{timeout.timeout:g} s; it goes on: {url}", type="server_error", code="timeout",
-                                retry=False, job_id=job_id) from None
+            raise OpenAIFailure(
+                504,
+                f"The image job is still {timeout.view.status.value} after {timeout.timeout:g} s; it goes on: {url}",
+                type="server_error",
+                code="timeout",
+                retry=False,
+                job_id=job_id,
+            ) from None
         except JobNotFoundError:
-            raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
-                                code="job_deleted", retry=False, job_id=job_id) from None
+            raise OpenAIFailure(
+                500,
+                f"The image job {job_id} was deleted while running.",
+                type="server_error",
+                code="job_deleted",
+                retry=False,
+                job_id=job_id,
+            ) from None
     if ended is None:
         return JSONResponse({"error": None}, status_code=499)
     return await _answer(request, jobs, ended, params.response_format or "b64_json")
@@ -195,14 +225,19 @@ async def _run(request: Request, jobs: JobService, waiter: Waiter, form_model: t
 async def _read_form(request: Request, jobs: JobService, edit: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Form fields and the uploaded files; ``image[]`` is ``image``."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise OpenAIFailure(400, "The request must be multipart/form-data with an 'image' file.", param="image",
-                            code="invalid_request")
+        raise OpenAIFailure(
+            400, "The request must be multipart/form-data with an 'image' file.", param="image", code="invalid_request"
+        )
     limit = jobs.settings.max_upload_bytes
     try:
         form = await read_form(request, max_files=8, max_fields=64, max_part_size=limit * 4 // 3 + 4096)
     except InvalidRequestError as error:
-        raise OpenAIFailure(400, f"We could not parse the multipart body of your request: "
-                            f"{error.problems[0].message}.", param="image", code="invalid_request") from None
+        raise OpenAIFailure(
+            400,
+            f"We could not parse the multipart body of your request: {error.problems[0].message}.",
+            param="image",
+            code="invalid_request",
+        ) from None
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     try:
@@ -219,8 +254,9 @@ async def _read_form(request: Request, jobs: JobService, edit: bool) -> tuple[di
     finally:
         await form.close()
     if "image" not in files:
-        raise OpenAIFailure(400, "Missing required parameter: 'image'.", param="image",
-                            code="missing_required_parameter")
+        raise OpenAIFailure(
+            400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+        )
     return values, files
 
 
@@ -251,8 +287,13 @@ def _job_inputs(params: _Common, files: dict[str, bytes], jobs: JobService) -> t
     if params.size is not None and params.size.strip().lower() != "auto":
         match = SIZE.match(params.size)
         if match is None:
-            raise OpenAIFailure(400, f"Invalid value: {params.size!r}. Supported values are 'auto' and 'WIDTHxHEIGHT' "
-                                "in pixels, e.g. '64x64'.", param="size", code="invalid_value")
+            raise OpenAIFailure(
+                400,
+                f"Invalid value: {params.size!r}. Supported values are 'auto' and 'WIDTHxHEIGHT' "
+                "in pixels, e.g. '64x64'.",
+                param="size",
+                code="invalid_value",
+            )
         fields["width"], fields["height"], fields["resize"] = int(match.group(1)), int(match.group(2)), True
     output_format = getattr(params, "output_format", None)
     if output_format is not None:
@@ -275,8 +316,14 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
         message = error.message if error is not None else f"the job was {view.status.value}"
         if code == "invalid_request":
             raise OpenAIFailure(400, message, code=code, retry=False, job_id=record.id)
-        raise OpenAIFailure(500, f"The image job {record.id} {view.status.value}: {message}", type="server_error",
-                            code=code, retry=False, job_id=record.id)
+        raise OpenAIFailure(
+            500,
+            f"The image job {record.id} {view.status.value}: {message}",
+            type="server_error",
+            code=code,
+            retry=False,
+            job_id=record.id,
+        )
     data = []
     for image in record.images:
         if response_format == "url":
@@ -286,11 +333,13 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
             try:
                 png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
             except StoreUnavailableError as error:
-                raise OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
-                                    job_id=record.id) from None
+                raise OpenAIFailure(
+                    503, error.message, type="server_error", code=error.code, retry=True, job_id=record.id
+                ) from None
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))
     first = record.images[0] if record.images else None
     size = f"{first.width}x{first.height}" if first else f"{record.request.width}x{record.request.height}"
-    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size,
-                          output_format=record.request.output_format)
+    body = ImagesResponse(
+        created=int(record.created_at.timestamp()), data=data, size=size, output_format=record.request.output_format
+    )
     return JSONResponse(body.model_dump(exclude_none=True), headers={"x-diffq-job-id": record.id})

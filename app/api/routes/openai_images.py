@@ -114,7 +114,8 @@ class ImageGenerationRequest(BaseModel):
     scheduler: StrictStr | None = Field(None, description="diffq: scheduler name.")
     metadata: StrictBool | None = Field(None, description="diffq: write generation parameters into the PNGs.")
     loras: list[dict[str, Any]] | None = Field(
-        None, description='diffq: LoRA adapters, e.g. [{"name": "stripes", "weight": 0.8}] (GET /v1/loras); '
+        None,
+        description='diffq: LoRA adapters, e.g. [{"name": "stripes", "weight": 0.8}] (GET /v1/loras); '
         "`<lora:name:weight>` in the prompt works too.",
     )
 
@@ -149,9 +150,18 @@ class OpenAIError(BaseModel):
 class OpenAIFailure(Exception):
     """An answer in OpenAI's error format."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry: bool | None = None, job_id: str | None = None,
-                 retry_after: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry: bool | None = None,
+        job_id: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.retry, self.job_id, self.retry_after = retry, job_id, retry_after
@@ -166,8 +176,9 @@ class OpenAIFailure(Exception):
             headers["Connection"] = "close"  # the rest of a late body is not waited for
         if self.job_id is not None:
             headers["x-diffq-job-id"] = self.job_id
-        body = OpenAIError(error=OpenAIErrorDetail(message=self.message, type=self.type, param=self.param,
-                                                   code=self.code))
+        body = OpenAIError(
+            error=OpenAIErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
         return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
@@ -210,16 +221,21 @@ async def create_images(
     except redis.exceptions.MaxConnectionsError:
         return _submit_failure(StoreBusyError()).response()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        return OpenAIFailure(503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable",
-                             retry=True).response()
+        return OpenAIFailure(
+            503, f"Redis is unreachable: {error}", type="server_error", code="store_unavailable", retry=True
+        ).response()
 
 
-async def _create_images(request: Request, jobs: JobService, waiter: Waiter, timeout: float,
-                         idempotency_key: str | None) -> Any:
+async def _create_images(
+    request: Request, jobs: JobService, waiter: Waiter, timeout: float, idempotency_key: str | None
+) -> Any:
     content_type = request.headers.get("content-type")
     if media_type(content_type) != "application/json":
-        raise OpenAIFailure(415, f"Unsupported content type: {content_type or 'none'}; send application/json.",
-                            code="unsupported_media_type")
+        raise OpenAIFailure(
+            415,
+            f"Unsupported content type: {content_type or 'none'}; send application/json.",
+            code="unsupported_media_type",
+        )
     raw = await request.body()
     try:
         payload = json.loads(raw)
@@ -264,9 +280,13 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
     if params.size is not None and params.size.strip().lower() != "auto":
         match = SIZE.match(params.size)
         if match is None:
-            raise OpenAIFailure(400, f"Invalid value: {params.size!r}. Supported values are 'auto' and "
-                                "'WIDTHxHEIGHT' in pixels, e.g. '64x64' (GET /v1/models lists each model's sizes).",
-                                param="size", code="invalid_value")
+            raise OpenAIFailure(
+                400,
+                f"Invalid value: {params.size!r}. Supported values are 'auto' and "
+                "'WIDTHxHEIGHT' in pixels, e.g. '64x64' (GET /v1/models lists each model's sizes).",
+                param="size",
+                code="invalid_value",
+            )
         fields["width"], fields["height"] = int(match.group(1)), int(match.group(2))
     if params.output_format is not None:
         fields["output_format"] = params.output_format
@@ -282,8 +302,9 @@ def _job_create(params: ImageGenerationRequest, jobs: JobService) -> Any:
         first = error.errors(include_url=False)[0]
         field = str(first["loc"][0]) if first["loc"] else None
         param = PARAM_NAMES.get(field or "", field)
-        raise OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
-                            code="invalid_value") from None
+        raise OpenAIFailure(
+            400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value"
+        ) from None
 
 
 def _parameter_failure(error: ValidationError) -> OpenAIFailure:
@@ -292,18 +313,25 @@ def _parameter_failure(error: ValidationError) -> OpenAIFailure:
     param = ".".join(str(part) for part in first["loc"]) or None
     kind = first["type"]
     if kind == "missing":
-        return OpenAIFailure(400, f"Missing required parameter: '{param}'.", param=param,
-                             code="missing_required_parameter")
+        return OpenAIFailure(
+            400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     if kind == "extra_forbidden":
-        return OpenAIFailure(400, f"Unrecognized request argument supplied: {param}", param=param,
-                             code="unknown_parameter")
+        return OpenAIFailure(
+            400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+        )
     if kind == "literal_error":
         expected = first.get("ctx", {}).get("expected", "")
-        return OpenAIFailure(400, f"Invalid value: {first.get('input')!r}. Supported values are: {expected}.",
-                             param=param, code="invalid_value")
+        return OpenAIFailure(
+            400,
+            f"Invalid value: {first.get('input')!r}. Supported values are: {expected}.",
+            param=param,
+            code="invalid_value",
+        )
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return OpenAIFailure(400, f"Invalid type for '{param}': {first['msg'].lower()}.", param=param,
-                             code="invalid_type")
+        return OpenAIFailure(
+            400, f"Invalid type for '{param}': {first['msg'].lower()}.", param=param, code="invalid_type"
+        )
     return OpenAIFailure(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
 
 
@@ -311,8 +339,13 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
     if isinstance(error, UnknownModelError):
         problem = error.problems[0].message if error.problems else error.message
         if "no live workers" in problem:
-            return OpenAIFailure(503, "No live worker serves a model right now; start one (diffq worker).",
-                                 type="server_error", code="no_workers", retry=True)
+            return OpenAIFailure(
+                503,
+                "No live worker serves a model right now; start one (diffq worker).",
+                type="server_error",
+                code="no_workers",
+                retry=True,
+            )
         return OpenAIFailure(400, f"Invalid value for 'model': {problem}", param="model", code="model_not_found")
     if isinstance(error, InvalidRequestError):
         first_problem = error.problems[0] if error.problems else None
@@ -327,11 +360,18 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
         return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True)
     if isinstance(error, StoreUnavailableError):
         retry_after = (error.headers or {}).get("Retry-After")
-        return OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
-                             retry_after=retry_after)
+        return OpenAIFailure(
+            503, error.message, type="server_error", code=error.code, retry=True, retry_after=retry_after
+        )
     if isinstance(error, QueueFullError):
-        return OpenAIFailure(429, error.message, type="server_error", code=error.code, retry=True,
-                             retry_after=(error.headers or {}).get("Retry-After"))
+        return OpenAIFailure(
+            429,
+            error.message,
+            type="server_error",
+            code=error.code,
+            retry=True,
+            retry_after=(error.headers or {}).get("Retry-After"),
+        )
     if isinstance(error, UploadTooLargeError):
         return OpenAIFailure(413, error.message, code=error.code)
     if isinstance(error, IdempotencyConflictError | IdempotencyInProgressError):
@@ -349,12 +389,22 @@ async def _wait(request: Request, jobs: JobService, held: Wait, job_id: str, tim
     except WaitTimedOut as late:
         url = public_url(request, "get_job", job_id=job_id)
         raise OpenAIFailure(
-            504, f"The image job is still {late.view.status.value} after {timeout:g} s; it goes on: {url}",
-            type="server_error", code="timeout", retry=False, job_id=job_id,
+            504,
+            f"The image job is still {late.view.status.value} after {timeout:g} s; it goes on: {url}",
+            type="server_error",
+            code="timeout",
+            retry=False,
+            job_id=job_id,
         ) from None
     except JobNotFoundError:
-        raise OpenAIFailure(500, f"The image job {job_id} was deleted while running.", type="server_error",
-                            code="job_deleted", retry=False, job_id=job_id) from None
+        raise OpenAIFailure(
+            500,
+            f"The image job {job_id} was deleted while running.",
+            type="server_error",
+            code="job_deleted",
+            retry=False,
+            job_id=job_id,
+        ) from None
 
 
 async def _answer(request: Request, jobs: JobService, view: JobView, response_format: str) -> JSONResponse:
@@ -366,8 +416,14 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
         message = error.message if error is not None else f"the job was {view.status.value}"
         if code == "invalid_request":
             raise OpenAIFailure(400, message, code=code, retry=False, job_id=record.id)
-        raise OpenAIFailure(500, f"The image job {record.id} {view.status.value}: {message}", type="server_error",
-                            code=code, retry=False, job_id=record.id)
+        raise OpenAIFailure(
+            500,
+            f"The image job {record.id} {view.status.value}: {message}",
+            type="server_error",
+            code=code,
+            retry=False,
+            job_id=record.id,
+        )
     data = []
     for image in record.images:
         if response_format == "url":
@@ -377,12 +433,14 @@ async def _answer(request: Request, jobs: JobService, view: JobView, response_fo
             try:
                 png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
             except StoreUnavailableError as error:
-                raise OpenAIFailure(503, error.message, type="server_error", code=error.code, retry=True,
-                                    job_id=record.id) from None
+                raise OpenAIFailure(
+                    503, error.message, type="server_error", code=error.code, retry=True, job_id=record.id
+                ) from None
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii")))
     size = f"{record.request.width}x{record.request.height}"
     if record.images:
         size = f"{record.images[0].width}x{record.images[0].height}"
-    body = ImagesResponse(created=int(record.created_at.timestamp()), data=data, size=size,
-                          output_format=record.request.output_format)
+    body = ImagesResponse(
+        created=int(record.created_at.timestamp()), data=data, size=size, output_format=record.request.output_format
+    )
     return JSONResponse(body.model_dump(exclude_none=True), headers=headers)

@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 
-REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": a1111.A1111Request.model_json_schema()}}}}
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": a1111.A1111Request.model_json_schema()}},
+    }
+}
 
 
 def session_of(redis: Any, jobs: JobService) -> A1111Session:
@@ -57,17 +61,37 @@ def session_of(redis: Any, jobs: JobService) -> A1111Session:
     return A1111Session(redis, jobs.caller.scope, jobs.settings.job_ttl)
 
 
-@router.post("/txt2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=ERRORS,
-             summary="A1111 txt2img: queue a job, wait, answer base64 PNGs")
-async def txt2img(request: Request, jobs: JobServiceDep, redis: RedisDep, waiter: WaiterDep,
-                  idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
+@router.post(
+    "/txt2img",
+    openapi_extra=REQUEST_BODY,
+    response_model=GenerationAnswer,
+    responses=ERRORS,
+    summary="A1111 txt2img: queue a job, wait, answer base64 PNGs",
+)
+async def txt2img(
+    request: Request,
+    jobs: JobServiceDep,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None,
+) -> Any:
     return await _guarded(_generate(request, jobs, waiter, session_of(redis, jobs), False, idempotency_key))
 
 
-@router.post("/img2img", openapi_extra=REQUEST_BODY, response_model=GenerationAnswer, responses=ERRORS,
-             summary="A1111 img2img (inpainting with `mask`): queue a job, wait, answer base64 PNGs")
-async def img2img(request: Request, jobs: JobServiceDep, redis: RedisDep, waiter: WaiterDep,
-                  idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None) -> Any:
+@router.post(
+    "/img2img",
+    openapi_extra=REQUEST_BODY,
+    response_model=GenerationAnswer,
+    responses=ERRORS,
+    summary="A1111 img2img (inpainting with `mask`): queue a job, wait, answer base64 PNGs",
+)
+async def img2img(
+    request: Request,
+    jobs: JobServiceDep,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    idempotency_key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER)] = None,
+) -> Any:
     return await _guarded(_generate(request, jobs, waiter, session_of(redis, jobs), True, idempotency_key))
 
 
@@ -80,8 +104,14 @@ async def _guarded(work: Any) -> Any:
         return A1111Failure(503, f"Redis is unreachable: {error}", "StoreUnavailableError").response()
 
 
-async def _generate(request: Request, jobs: JobService, waiter: Waiter, session: A1111Session, img2img: bool,
-                    idempotency_key: str | None) -> Any:
+async def _generate(
+    request: Request,
+    jobs: JobService,
+    waiter: Waiter,
+    session: A1111Session,
+    img2img: bool,
+    idempotency_key: str | None,
+) -> Any:
     raw = await request.body()
     params = _parse(raw)
     settings = jobs.settings
@@ -95,8 +125,14 @@ async def _generate(request: Request, jobs: JobService, waiter: Waiter, session:
             body = job_create_model(settings).model_validate(fields)
             key = validate_key(idempotency_key)
             if key is not None:
-                view, _ = await run_in_threadpool(jobs.submit_once, key, fingerprint(raw), body, None,
-                                                  f"POST /sdapi/v1/{'img2img' if img2img else 'txt2img'}")
+                view, _ = await run_in_threadpool(
+                    jobs.submit_once,
+                    key,
+                    fingerprint(raw),
+                    body,
+                    None,
+                    f"POST /sdapi/v1/{'img2img' if img2img else 'txt2img'}",
+                )
             else:
                 view = await run_in_threadpool(jobs.submit, body, None)
             await run_in_threadpool(jobs.confirm_replicated)  # a retry with the key finds the job
@@ -106,14 +142,19 @@ async def _generate(request: Request, jobs: JobService, waiter: Waiter, session:
             raise failure(error) from None
         job_id = view.record.id
         await run_in_threadpool(session.track, job_id, view.record.created_at.timestamp())
-        log.info("A1111 %s request queued job %s", "img2img" if img2img else "txt2img", job_id,
-                 extra={"job_id": job_id})
+        log.info(
+            "A1111 %s request queued job %s", "img2img" if img2img else "txt2img", job_id, extra={"job_id": job_id}
+        )
         try:
             ended = await wait.result(request, jobs, job_id, settings.sdapi_timeout)
         except WaitTimedOut as timeout:
             url = public_url(request, "get_job", job_id=job_id)
-            raise A1111Failure(504, f"the job is still {timeout.view.status.value} after {timeout.timeout:g} s; it "
-                               f"goes on: {url}", "TimeoutError", job_id) from None
+            raise A1111Failure(
+                504,
+                f"the job is still {timeout.view.status.value} after {timeout.timeout:g} s; it goes on: {url}",
+                "TimeoutError",
+                job_id,
+            ) from None
         except JobNotFoundError:
             raise A1111Failure(500, f"the job {job_id} was deleted while running", "JobNotFoundError", job_id) from None
     if ended is None:  # the client hung up: nobody reads this
@@ -147,6 +188,9 @@ async def _answer(jobs: JobService, view: JobView, params: a1111.A1111Request) -
         for image in record.images:
             png = await run_in_threadpool(jobs.image_bytes, record.id, image.index, image)
             images.append(base64.b64encode(png).decode("ascii"))
-    body = {"images": images, "parameters": a1111.parameters(params, record),
-            "info": a1111.info(record, params, __version__)}
+    body = {
+        "images": images,
+        "parameters": a1111.parameters(params, record),
+        "info": a1111.info(record, params, __version__),
+    }
     return JSONResponse(body, headers=headers)

@@ -27,8 +27,16 @@ from app.schemas.a1111 import ProgressAnswer, SamplerItem, ScheduleItem, Scripts
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 
-OPTIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"sd_model_checkpoint": {"type": "string"}}}}}}}
+OPTIONS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"sd_model_checkpoint": {"type": "string"}}}
+            }
+        },
+    }
+}
 
 
 # -- options, listings --------------------------------------------------------------------------------------
@@ -38,13 +46,24 @@ OPTIONS_BODY = {"requestBody": {"required": True, "content": {"application/json"
 def get_options(jobs: JobServiceDep, redis: RedisDep) -> dict[str, Any]:
     stored = session_of(redis, jobs).options()
     model = stored.get("sd_model_checkpoint") or _deployment_model(jobs)
-    return {"sd_model_checkpoint": model, "sd_checkpoint_hash": None, "sd_vae": "Automatic",
-            "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoints_limit": 1,
-            "sd_checkpoints_keep_in_cpu": False, "eta_noise_seed_delta": 0}
+    return {
+        "sd_model_checkpoint": model,
+        "sd_checkpoint_hash": None,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "sd_checkpoints_limit": 1,
+        "sd_checkpoints_keep_in_cpu": False,
+        "eta_noise_seed_delta": 0,
+    }
 
 
-@router.post("/options", responses={422: ERRORS[422]}, openapi_extra=OPTIONS_BODY,
-             summary="Set the API key's A1111 options (never another key's)")
+@router.post(
+    "/options",
+    responses={422: ERRORS[422]},
+    openapi_extra=OPTIONS_BODY,
+    summary="Set the API key's A1111 options (never another key's)",
+)
 async def set_options(request: Request, jobs: JobServiceDep, redis: RedisDep) -> Any:
     """``sd_model_checkpoint`` must be a served model; ``sd_vae`` and ``CLIP_stop_at_last_layers`` only at
     the values diffq runs; every other option is accepted and has no effect (Open WebUI posts back all of
@@ -83,20 +102,25 @@ def _deployment_model(jobs: JobService) -> str | None:
 @router.get("/sd-models", response_model=list[SdModel], summary="Served models as A1111 checkpoints")
 def sd_models(jobs: JobServiceDep) -> list[dict[str, Any]]:
     names = sorted({entry.model.name for entry in jobs.registry.served_models()})
-    return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-            for name in names]
+    return [
+        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+        for name in names
+    ]
 
 
-@router.get("/samplers", response_model=list[SamplerItem],
-            summary="A1111 sampler names diffq runs (each one of its schedulers)")
+@router.get(
+    "/samplers", response_model=list[SamplerItem], summary="A1111 sampler names diffq runs (each one of its schedulers)"
+)
 def samplers() -> list[dict[str, Any]]:
     return [{"name": s.name, "aliases": [s.scheduler, *s.aliases], "options": {}} for s in a1111.SAMPLERS]
 
 
 @router.get("/schedulers", response_model=list[ScheduleItem], summary="A1111 noise schedules diffq runs")
 def schedulers() -> list[dict[str, Any]]:
-    return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for name, label in a1111.SCHEDULES]
+    return [
+        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name, label in a1111.SCHEDULES
+    ]
 
 
 @router.get("/upscalers", response_model=list[UpscalerItem], summary="Upscalers: only None (diffq has none)")
@@ -117,10 +141,19 @@ def sd_vae() -> list[dict[str, Any]]:
 @router.get("/loras", summary="LoRAs: the adapters of DIFFQ_LORA_DIR (use them as <lora:name:weight> in the prompt)")
 def loras(settings: SettingsDep) -> list[dict[str, Any]]:
     """A1111's listing shape: name, alias, path (the file's name only: no server path is disclosed), metadata."""
-    return [{"name": adapter.name, "alias": adapter.name, "path": f"{adapter.name}{SUFFIX}",
-             "metadata": {"ss_base_model_version": adapter.base_model, "sha256": adapter.sha256,
-                          "size_bytes": adapter.size_bytes}}
-            for adapter in list_adapters(settings.lora_dir)]
+    return [
+        {
+            "name": adapter.name,
+            "alias": adapter.name,
+            "path": f"{adapter.name}{SUFFIX}",
+            "metadata": {
+                "ss_base_model_version": adapter.base_model,
+                "sha256": adapter.sha256,
+                "size_bytes": adapter.size_bytes,
+            },
+        }
+        for adapter in list_adapters(settings.lora_dir)
+    ]
 
 
 @router.get("/scripts", response_model=ScriptsList, summary="Scripts: none")
@@ -131,8 +164,9 @@ def scripts() -> dict[str, list[str]]:
 # -- progress, interrupt, skip ----------------------------------------------------------------------------
 
 
-@router.get("/progress", response_model=ProgressAnswer,
-            summary="The API key's running /sdapi/v1 job: progress, ETA, a preview")
+@router.get(
+    "/progress", response_model=ProgressAnswer, summary="The API key's running /sdapi/v1 job: progress, ETA, a preview"
+)
 def progress(jobs: JobServiceDep, redis: RedisDep, skip_current_image: bool = False) -> dict[str, Any]:
     views = _unended(jobs, session_of(redis, jobs))
     running = next((v for v in views if v.status is JobStatus.RUNNING), None)
@@ -147,11 +181,25 @@ def progress(jobs: JobServiceDep, redis: RedisDep, skip_current_image: bool = Fa
         except DiffqError:
             preview = None
     job = running.record.id if running is not None else ""
-    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": job,
-             "job_count": len(views), "job_timestamp": running.record.created_at.strftime("%Y%m%d%H%M%S")
-             if running is not None else "0", "job_no": 0, "sampling_step": step, "sampling_steps": total}
-    return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": preview,
-            "textinfo": None, "current_task": job or None}
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": job,
+        "job_count": len(views),
+        "job_timestamp": running.record.created_at.strftime("%Y%m%d%H%M%S") if running is not None else "0",
+        "job_no": 0,
+        "sampling_step": step,
+        "sampling_steps": total,
+    }
+    return {
+        "progress": fraction,
+        "eta_relative": eta,
+        "state": state,
+        "current_image": preview,
+        "textinfo": None,
+        "current_task": job or None,
+    }
 
 
 @router.post("/interrupt", summary="Cancel the API key's queued and running /sdapi/v1 jobs")
@@ -185,4 +233,3 @@ def _cancel(jobs: JobService, job_id: str) -> None:
         jobs.cancel(job_id)
     except DiffqError:
         pass  # it ended meanwhile
-

@@ -43,7 +43,8 @@ async def verify_images(
         try:
             async with gate:  # decodes share the per-key bound of uploads (app.api.decode_gate)
                 report: dict[str, Any] = await run_in_threadpool(
-                    verify, data, payload, check_watermark=False, max_pixels=settings.max_upload_pixels)
+                    verify, data, payload, check_watermark=False, max_pixels=settings.max_upload_pixels
+                )
         except NotAnImageError as error:
             raise InvalidRequestError([FieldProblem(f"file[{index}]", str(error))]) from None
         reports.append(VerifyReport(name=upload.filename or f"file[{index}]", **report))
