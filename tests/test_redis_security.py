@@ -42,10 +42,11 @@ USER = "diffq"
 JOB = {"prompt": "a small red circle on the left, blue background", "steps": 4, "seed": 3}
 ACL_RULES = [
     "~diffq:*", "~rq:*",                    # diffq's keys and RQ's, nothing else
-    "resetchannels", "&rq:*",               # RQ's worker command channels (rq:pubsub:<worker>)
+    "resetchannels", "&rq:*", "&diffq:*",   # RQ's worker command channels; diffq:stops (cancel nudges)
     "-@all", "+@read", "+@write", "+@transaction", "+@scripting", "+@pubsub", "+@connection",
     "-@dangerous",                          # no KEYS, FLUSHALL, CONFIG, CLIENT LIST/KILL, ...
     "+info",                                # RQ reads the server version (INFO server)
+    "+time",                                # the rate limit's script reads Redis's clock (one clock for all APIs)
 ]
 """The least the API, a worker and the webhook deliverer need, found by running them. RQ also tries
 CLIENT LIST (to note a worker's address; an admin command that shows every connection) and, when
