@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -166,6 +166,22 @@ def percentile(values: list[float], q: float) -> float:
 #: (RECHECK_SECONDS) on a client made without one, so a longer poll of a job that publishes
 #: nothing for 5 s (still queued) can end in a 503. Short polls sidestep that.
 LONG_POLL = 4
+
+
+def one_job(client: httpx.Client, prompt: str, seed: int, steps: int) -> dict[str, Any]:
+    """One job through the service as a client runs it: POST, long poll until it ends, download its PNG;
+    returns the ended job resource."""
+    response = client.post("/v1/jobs", json={"prompt": prompt, "seed": seed, "steps": steps})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    while (job := client.get(f"/v1/jobs/{job_id}", params={"wait": LONG_POLL}).json())["status"] in (
+        "queued",
+        "running",
+    ):
+        pass
+    assert job["status"] == "succeeded", job
+    assert client.get(f"/v1/jobs/{job_id}/images/0.png").status_code == 200
+    return job
 
 
 async def wait_for_end(http: httpx.AsyncClient, job_id: str) -> dict:

@@ -32,7 +32,7 @@ from collections import Counter
 
 import httpx
 import psutil
-from _stack import HEADERS, LONG_POLL, Stack
+from _stack import HEADERS, Stack, one_job
 from redis import Redis
 
 PROMPT = "a small red circle on the left, blue background"
@@ -123,19 +123,8 @@ def main() -> None:
         stack.wait_models(url, {"shapes"})
         client = httpx.Client(base_url=url, timeout=120, headers=HEADERS)
 
-        def one_job(seed: int) -> None:
-            response = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": seed, "steps": args.steps})
-            assert response.status_code == 202, response.text
-            job_id = response.json()["id"]
-            while (job := client.get(f"/v1/jobs/{job_id}", params={"wait": LONG_POLL}).json())["status"] in (
-                "queued", "running"
-            ):
-                pass
-            assert job["status"] == "succeeded", job
-            assert client.get(f"/v1/jobs/{job_id}/images/0.png").status_code == 200
-
         for seed in range(2):  # warm-up: the worker's first job, script loading, connections
-            one_job(seed)
+            one_job(client, PROMPT, seed, args.steps)
         redis = Redis.from_url(stack.redis.url)
         watcher = Attribution(Redis.from_url(stack.redis.url), {
             "worker": stack.processes["worker"].pid, "api": stack.processes["api"].pid, "bench": os.getpid()}, args.log)
@@ -149,7 +138,7 @@ def main() -> None:
         before = command_counts(redis)
         started = time.perf_counter()
         for n in range(args.jobs):
-            one_job(1000 + n)
+            one_job(client, PROMPT, 1000 + n, args.steps)
         elapsed = time.perf_counter() - started
         after = command_counts(redis)
         time.sleep(0.3)  # MONITOR's feed catches up

@@ -24,7 +24,7 @@ import time
 from datetime import datetime
 
 import httpx
-from _stack import HEADERS, LONG_POLL, SHAPES, Stack, cpu_seconds, percentile
+from _stack import HEADERS, SHAPES, Stack, cpu_seconds, one_job, percentile
 
 PROMPT = "a small red circle on the left, blue background"
 
@@ -65,16 +65,7 @@ def main() -> None:
 
         def end_to_end(seed: int) -> float:
             started = time.perf_counter()
-            response = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": seed, "steps": args.steps})
-            assert response.status_code == 202, response.text
-            job_id = response.json()["id"]
-            while (job := client.get(f"/v1/jobs/{job_id}", params={"wait": LONG_POLL}).json())["status"] in (
-                "queued", "running"
-            ):
-                pass
-            assert job["status"] == "succeeded", job
-            png = client.get(f"/v1/jobs/{job_id}/images/0.png")
-            assert png.status_code == 200
+            job = one_job(client, PROMPT, seed, args.steps)
             elapsed = time.perf_counter() - started
             timings = {key: datetime.fromisoformat(job["timings"][key]).timestamp()
                        for key in ("created_at", "started_at", "finished_at")}

@@ -34,7 +34,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.public_urls import public_url
 from app.api.routes.jobs import proxy_url
 from app.api.routes.openai_images import (
     ERROR_RESPONSES,
@@ -45,10 +44,11 @@ from app.api.routes.openai_images import (
     OpenAIFailure,
     _parameter_failure,
     _submit_failure,
+    _wait,
 )
-from app.api.waiting import Waiter, WaitTimedOut
+from app.api.waiting import Waiter
 from app.contract.status import JobStatus
-from app.core.errors import DiffqError, InvalidRequestError, JobNotFoundError, StoreUnavailableError
+from app.core.errors import DiffqError, InvalidRequestError, StoreUnavailableError
 from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from app.core.idempotency import fingerprint_multipart, validate_key
 from app.core.inputs import ALPHA_MASK
@@ -196,27 +196,7 @@ async def _run(
         log.info(
             "OpenAI %s request queued job %s", request.url.path.rsplit("/", 1)[-1], job_id, extra={"job_id": job_id}
         )
-        try:
-            ended = await wait.result(request, jobs, job_id, jobs.settings.openai_timeout)
-        except WaitTimedOut as timeout:
-            url = public_url(request, "get_job", job_id=job_id)
-            raise OpenAIFailure(
-                504,
-                f"The image job is still {timeout.view.status.value} after {timeout.timeout:g} s; it goes on: {url}",
-                type="server_error",
-                code="timeout",
-                retry=False,
-                job_id=job_id,
-            ) from None
-        except JobNotFoundError:
-            raise OpenAIFailure(
-                500,
-                f"The image job {job_id} was deleted while running.",
-                type="server_error",
-                code="job_deleted",
-                retry=False,
-                job_id=job_id,
-            ) from None
+        ended = await _wait(request, jobs, wait, job_id, jobs.settings.openai_timeout)
     if ended is None:
         return JSONResponse({"error": None}, status_code=499)
     return await _answer(request, jobs, ended, params.response_format or "b64_json")
