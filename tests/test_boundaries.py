@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -185,3 +186,31 @@ def test_the_client_and_its_commands_run_with_only_the_client_extra(
     assert answer["code"] == 0 and output.read_bytes().startswith(b"\x89PNG"), stderr
     assert "tqdm" in answer["modules"] and "httpx" in answer["modules"]  # the progress bar ran
     assert _offending(answer["modules"], ("app.settings", "pydantic", "redis", "fastapi")) == []
+
+
+# Training stays out of the runtime path: a real `diffq worker` process loads a model and runs a job with
+# Python's import log on (PYTHONPROFILEIMPORTTIME: every import, lazy ones included, to its stderr).
+
+def _import_log(text: str) -> list[str]:
+    """The modules an ``-X importtime`` log names."""
+    return [line.rsplit("|", 1)[1].strip() for line in text.splitlines() if line.startswith("import time:")]
+
+
+def test_the_import_log_names_a_training_module_when_one_is_imported() -> None:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import model.training.shapes_data"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    assert _offending(_import_log(result.stderr), ("model.training",)) == ["model.training", "model.training.shapes_data"]
+
+
+def test_a_worker_loads_its_model_and_runs_a_job_without_the_training_code(
+    redis_server: EmbeddedRedis, redis: Redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    with services(redis_server.url, tmp_path, worker=tiny_model, ready="/readyz", PYTHONPROFILEIMPORTTIME="1") as up:
+        with httpx.Client(base_url=up.url, timeout=30) as http:
+            job = http.post("/v1/jobs", json={"prompt": "a red circle", "steps": 4, "seed": 1}).json()
+            wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", timeout=120)
+        worker_imports = _import_log((tmp_path / "worker.log").read_text(errors="replace"))
+
+    assert {"model.engine", "worker.runner", "diffusers"} <= set(worker_imports)  # the log covers the job's run
+    assert _offending(worker_imports, ("model.training",)) == []
