@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -e '.[worker,embedded,test]'
+	$(BIN)/python -m pip install --quiet -e '.[api,worker,embedded,test]'
 	touch $(STAMP)
 
 up: install

@@ -12,19 +12,30 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from app.client import APIError, Client, Job, WaitTimeout
-from app.settings import Settings
 
 EXIT_FAILED = 1  # the job failed or was canceled, or the API refused the request
 EXIT_UNREACHABLE = 2
 EXIT_INTERRUPTED = 130
 
 
-def api_url(args: argparse.Namespace, settings: Settings) -> str:
+class ApiAddress(Protocol):
+    """Where the API is: the fields of ``app.settings.Settings`` these commands read, so that they
+    run with the client's dependencies alone (``pip install diffq[client]``: httpx and tqdm)."""
+
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+def api_url(args: argparse.Namespace, settings: ApiAddress) -> str:
     if getattr(args, "url", None):
         return args.url
     if settings.url:
@@ -144,7 +155,7 @@ class _Progress:
             self.bar.close()
 
 
-def generate(args: argparse.Namespace, settings: Settings) -> int:
+def generate(args: argparse.Namespace, settings: ApiAddress) -> int:
     params = _params(args)
     with Client(api_url(args, settings)) as client:
         try:
@@ -192,7 +203,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
 
-def list_jobs(args: argparse.Namespace, settings: Settings) -> int:
+def list_jobs(args: argparse.Namespace, settings: ApiAddress) -> int:
     with Client(api_url(args, settings)) as client:
         try:
             jobs = client.jobs(args.limit)
@@ -220,7 +231,7 @@ def _row(job: Job) -> str:
     return f"{job.id:32}  {job.status:9}  {job['model'][:12]:12}  {created:19}  {done:8}  {prompt}"
 
 
-def cancel(args: argparse.Namespace, settings: Settings) -> int:
+def cancel(args: argparse.Namespace, settings: ApiAddress) -> int:
     with Client(api_url(args, settings)) as client:
         try:
             job = client.cancel(args.job_id)

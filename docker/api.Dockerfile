@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The API image: FastAPI under uvicorn with Redis/RQ clients, and nothing else. It installs
-# the base package only (no [worker] extra): no torch, no diffusers, no model weights. The
+# the [api] extra only (no [worker] extra): no torch, no diffusers, no model weights. The
 # same image runs the webhook deliverer (`diffq webhooks`, see docker-compose.yml).
 #
 #   docker build -f docker/api.Dockerfile -t diffq-api .        # from the repository root
@@ -13,7 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 RUN python -m venv /opt/diffq \
- && /opt/diffq/bin/pip install --no-cache-dir --disable-pip-version-check . \
+ && /opt/diffq/bin/pip install --no-cache-dir --disable-pip-version-check ".[api]" \
  && /opt/diffq/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
 FROM ${PYTHON_IMAGE}

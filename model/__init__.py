@@ -2,6 +2,8 @@
 
 Beside the engine: `model.adapters` (LoRA adapters per request, through diffusers/peft) and
 `model.single_file` (single-file `.safetensors` checkpoints, through `from_single_file`).
+The code that trains and evaluates the bundled model lives in `model.training`, which nothing
+of the runtime imports.
 
 Importing `model` (or `model.schedulers`, `model.engine`) does not import torch
 or diffusers: the worker's modules use the names and types without the model

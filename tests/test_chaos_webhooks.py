@@ -32,8 +32,8 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks.deliver import INFLIGHT, Deliverer, attempts
-from app.webhooks.outbox import relay
-from app.webhooks.queue import DUE
+from app.contract.webhook_outbox import relay
+from app.contract.webhook_queue import DUE
 from app.webhooks.signing import generate_secret
 from tests.helpers import TINY_JOB, wait_for, work
 from tests.services import services

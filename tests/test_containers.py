@@ -388,7 +388,7 @@ def _user_is_not_root(dockerfile: Path) -> None:
 def test_the_api_image_is_slim_non_root_and_healthchecked() -> None:
     runs = " ".join(rest for keyword, rest in instructions(API_DOCKERFILE) if keyword == "RUN")
     assert "torch" not in runs.replace("find_spec('torch') is not None", ""), "the API image installs no torch"
-    assert "[worker]" not in runs and "pip install --no-cache-dir --disable-pip-version-check . " in runs
+    assert "[worker]" not in runs and 'pip install --no-cache-dir --disable-pip-version-check ".[api]" ' in runs
     copied = copied_sources(API_DOCKERFILE)
     assert "model" not in copied and "worker" not in copied, copied
     _user_is_not_root(API_DOCKERFILE)

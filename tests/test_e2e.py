@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from app.embedded_redis import EmbeddedRedis, free_port
-from model.shapes_data import COLOURS
+from model.training.shapes_data import COLOURS
 from tests.helpers import clean_environment, diffq_command, png_text, wait_for
 
 SHAPES = Path(__file__).resolve().parent.parent / "model" / "shapes"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from model.engine import Engine, GenerationRequest
 from model.preview import encode_latents
-from model.shapes_data import COLOURS, nearest_colour
+from model.training.shapes_data import COLOURS, nearest_colour
 from tests.conftest import SHAPES
 
 

@@ -21,7 +21,7 @@ from app.contract.store import JobStore
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks.deliver import Deliverer, attempts, attempts_key
-from app.webhooks.queue import DUE, delivery_key
+from app.contract.webhook_queue import DUE, delivery_key
 from app.webhooks.signing import get_secret
 from tests.helpers import TINY_JOB, work
 from tests.test_webhooks import Receiver

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from model import shapes_data
-from model.evaluate import score
-from model.tokenizer import UNK, build_tokenizer
+from model.training import shapes_data
+from model.training.evaluate import score
+from model.training.tokenizer import UNK, build_tokenizer
 
 
 def test_samples_are_deterministic_per_seed():

@@ -29,8 +29,8 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.settings import Settings
 from app.webhooks import signing
 from app.webhooks.deliver import INFLIGHT, OWNERS, Deliverer, attempts, attempts_key, backoff
-from app.webhooks.outbox import OUTBOX, relay
-from app.webhooks.queue import DUE, delivery_key, schedule
+from app.contract.webhook_outbox import OUTBOX, relay
+from app.contract.webhook_queue import DUE, delivery_key, schedule
 from app.webhooks.signing import get_secret
 from app.webhooks.urls import AllowList, check_url, resolve_checked
 

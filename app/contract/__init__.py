@@ -1,4 +1,8 @@
-"""What the API and the workers agree on, importable without torch.
+"""What the API and the workers agree on, importable without torch and without the API's modules.
+
+Settings reach it as arguments (``connection.RedisSettings``, ``rq_adapter.JobTimes``: the fields
+it reads of ``app.settings.Settings``), never by importing ``app.settings``; tests/test_boundaries.py
+checks what importing it brings in.
 
 - ``keys``: every Redis key diffq writes, its type and its lifetime.
 - ``status``: job statuses and the one mapping from RQ's statuses.
@@ -12,5 +16,7 @@
 - ``connection``: every Redis client diffq opens, plain or through Sentinel.
 - ``replication``: ``WAIT`` for replicas before a write counts as acknowledged.
 - ``memory``: refuse an evicting Redis; its used and maximum memory.
+- ``webhook_queue``: ``schedule`` a webhook delivery in the same transaction as the change it reports.
+- ``webhook_outbox``: status events the job scripts write with the change, ``relay``ed into deliveries.
 - ``adapters``: the LoRA adapter folder (names, base models, hashes) and A1111's prompt tags.
 """

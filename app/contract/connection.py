@@ -11,7 +11,7 @@ supplies the primary's username, password, database and TLS options.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -19,7 +19,22 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import SSLConnection, parse_url
 from redis.sentinel import Sentinel
 
-from app.settings import Settings
+
+class RedisSettings(Protocol):
+    """Where Redis is: the fields of the deployment's settings (``app.settings.Settings``) this module
+    reads, so that the contract does not import the API's settings."""
+
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def redis_sentinels(self) -> str: ...
+    @property
+    def redis_sentinel_service(self) -> str: ...
+    @property
+    def redis_sentinel_password(self) -> str | None: ...
+    @property
+    def redis_sentinel_tls(self) -> bool: ...
+
 
 #: URL fields that address one server; Sentinel decides those.
 _ADDRESS = ("host", "port", "path", "connection_class")
@@ -38,11 +53,11 @@ def parse_sentinels(text: str) -> list[tuple[str, int]]:
     return found
 
 
-def uses_sentinel(settings: Settings) -> bool:
+def uses_sentinel(settings: RedisSettings) -> bool:
     return bool(parse_sentinels(settings.redis_sentinels))
 
 
-def sync_client(settings: Settings, **options: Any) -> Redis:
+def sync_client(settings: RedisSettings, **options: Any) -> Redis:
     """A client for the primary; ``options`` (socket timeouts...) as ``Redis.from_url`` takes them."""
     if not uses_sentinel(settings):
         return Redis.from_url(settings.redis_url, **options)
@@ -50,7 +65,7 @@ def sync_client(settings: Settings, **options: Any) -> Redis:
     return sentinel.master_for(settings.redis_sentinel_service, redis_class=Redis, **_primary_kwargs(settings, options))
 
 
-def async_client(settings: Settings, **options: Any) -> AsyncRedis:
+def async_client(settings: RedisSettings, **options: Any) -> AsyncRedis:
     """The asyncio twin of ``sync_client``."""
     if not uses_sentinel(settings):
         return AsyncRedis.from_url(settings.redis_url, **options)
@@ -62,7 +77,7 @@ def async_client(settings: Settings, **options: Any) -> AsyncRedis:
     )
 
 
-def describe(settings: Settings) -> str:
+def describe(settings: RedisSettings) -> str:
     """Where the clients point, without secrets (for start-up log lines)."""
     if not uses_sentinel(settings):
         parts = parse_url(settings.redis_url)
@@ -70,14 +85,14 @@ def describe(settings: Settings) -> str:
     return f"Redis primary {settings.redis_sentinel_service!r} via sentinels {settings.redis_sentinels}"
 
 
-def _primary_kwargs(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+def _primary_kwargs(settings: RedisSettings, options: dict[str, Any]) -> dict[str, Any]:
     kwargs = parse_url(settings.redis_url)
     tls = kwargs.get("connection_class") is SSLConnection
     kwargs = {name: value for name, value in kwargs.items() if name not in _ADDRESS}
     return {**kwargs, **options, **({"ssl": True} if tls else {})}
 
 
-def _sentinel_kwargs(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+def _sentinel_kwargs(settings: RedisSettings, options: dict[str, Any]) -> dict[str, Any]:
     """How to reach the sentinels: their own password; TLS with the primary's CA options."""
     kwargs: dict[str, Any] = {name: value for name, value in options.items() if name.startswith("socket_")}
     if settings.redis_sentinel_password:

@@ -15,11 +15,11 @@ lives as long as the job record and is trimmed to its latest entries.
 Status changes made by the guarded scripts of ``app.contract.store`` (claim, finish,
 requeue, cancel, deadline) write their event inside the script itself, with the change;
 a job whose webhook subscribes to it gets an entry in the webhook outbox in the same
-script (``app.webhooks.outbox``), which the deliverer turns into a delivery.
+script (``app.contract.webhook_outbox``), which the deliverer turns into a delivery.
 
 Webhooks through ``publish`` (the API's ``queued``): a status event of a job
 whose request has a ``webhook`` whose ``events`` name it is also scheduled for
-delivery (``app.webhooks.queue.schedule``) in the same ``MULTI`` as the stream
+delivery (``app.contract.webhook_queue.schedule``) in the same ``MULTI`` as the stream
 entry, so the event exists exactly when its delivery does. ``publish`` finds the
 job's webhook itself (one ``HGET`` of the record's ``request``) unless it is
 given a pipeline; then the caller passes ``webhook`` (``JobService.submit`` does).
@@ -37,9 +37,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from app.contract import keys
+from app.contract import keys, webhook_queue
 from app.contract.records import Webhook
-from app.webhooks import queue as webhook_queue
 
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
 #: Events that change a job's status: the ones a webhook can subscribe to.

@@ -119,7 +119,7 @@ diffq:job:<id>:webhooks             list    deliverer the job record's remaining
                                                       deleted with the job by the API.
 diffq:webhooks:outbox               stream  both      none (emptied by the deliverer). Status events
                                                       of jobs with a webhook, written by the job's
-                                                      guarded scripts (``app.webhooks.outbox``).
+                                                      guarded scripts (``app.contract.webhook_outbox``).
 diffq:webhooks:due                  zset    both      none. Delivery id -> unix time it is next due;
                                                       written by ``events.publish`` with the event, or
                                                       by the deliverer relaying the outbox.

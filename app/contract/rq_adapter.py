@@ -26,7 +26,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from redis import Redis
 from redis.client import Pipeline
@@ -44,7 +44,6 @@ from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
 from app.contract import keys
 from app.contract.scripts import script
 from app.contract.status import JobStatus
-from app.settings import Settings
 
 TASK = "worker.task.run_job"
 """Dotted path of the only function a diffq worker will execute."""
@@ -168,17 +167,27 @@ class FairQueue(Queue):
         )
 
 
+class JobTimes(Protocol):
+    """How long a job may run and live: the fields of the deployment's settings (``app.settings.Settings``)
+    RQ is told, so that the contract does not import the API's settings."""
+
+    @property
+    def job_timeout(self) -> int: ...
+    @property
+    def job_ttl(self) -> int: ...
+
+
 #: Seconds RQ keeps a job that succeeded (its job hash, result and finished-registry entry).
 FINISHED_TTL = 300
 
 
-def enqueue(queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | None = None) -> Job:
+def enqueue(queue: Queue, job_id: str, settings: JobTimes, pipeline: Pipeline | None = None) -> Job:
     """Queue a job by id. RQ keeps a failure's bookkeeping as long as diffq keeps the record, and a
     success's for ``FINISHED_TTL`` seconds."""
     return queue.enqueue_call(TASK, args=[job_id], job_id=job_id, pipeline=pipeline, **_rq_options(job_id, settings))
 
 
-def _rq_options(job_id: str, settings: Settings) -> dict[str, Any]:
+def _rq_options(job_id: str, settings: JobTimes) -> dict[str, Any]:
     """What RQ is told about a job: by ``enqueue``, and by ``enqueue_many``'s template job."""
     return {
         "timeout": settings.job_timeout,
@@ -219,7 +228,7 @@ ENQUEUE_CHUNK = 500
 _TEMPLATE_ID = "0" * 32
 
 
-def enqueue_many(queue: FairQueue, job_ids: list[str], settings: Settings, pipeline: Pipeline) -> None:
+def enqueue_many(queue: FairQueue, job_ids: list[str], settings: JobTimes, pipeline: Pipeline) -> None:
     """``enqueue`` many jobs (a batch's items) into one pipeline, a script call per ``ENQUEUE_CHUNK``
     jobs rather than RQ's seven commands per job. The RQ hash is the one RQ itself makes for
     a job enqueued by ``enqueue`` (``Job.to_dict`` of a template job), with each job's id in its
@@ -256,7 +265,7 @@ _RQ_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 _templates: dict[tuple[str, int, int], tuple[bytes, str, dict[str, Any]]] = {}
 
 
-def rq_job_fields(queue: Queue, job_id: str, settings: Settings) -> list[Any]:
+def rq_job_fields(queue: Queue, job_id: str, settings: JobTimes) -> list[Any]:
     """The field/value strings of the hash RQ writes for job ``job_id`` when ``enqueue`` queues it,
     for a script that writes it with the job (``JobStore.submit``): ``enqueue_many``'s template,
     made once per queue and settings, with this job's id and times."""
@@ -282,7 +291,7 @@ def rq_job_fields(queue: Queue, job_id: str, settings: Settings) -> list[Any]:
     return [item for pair in fields.items() for item in pair]
 
 
-def _rq_template(queue: Queue, settings: Settings) -> dict[str, Any]:
+def _rq_template(queue: Queue, settings: JobTimes) -> dict[str, Any]:
     """The hash RQ writes for a job ``enqueue`` queues, for a placeholder id."""
     job = queue.create_job(
         TASK, args=[_TEMPLATE_ID], job_id=_TEMPLATE_ID, status=RQStatus.QUEUED, **_rq_options(_TEMPLATE_ID, settings)

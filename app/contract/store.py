@@ -9,7 +9,7 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 
 A script that changes a job's status also appends the event that reports it, to the job's
 event stream and (when the job's webhook asks for it) to the webhook outbox
-(``app.webhooks.outbox``), inside the same script: the change and its event exist together or
+(``app.contract.webhook_outbox``), inside the same script: the change and its event exist together or
 not at all, whatever dies in between. A job that is a batch item also counts its terminal event
 in its batch there, and the item that ends the batch writes ``batch.completed`` to the outbox
 (``app.contract.batches``).
@@ -28,12 +28,11 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from app.contract import batches, events, keys, rq_adapter, tasks
+from app.contract import batches, events, keys, rq_adapter, tasks, webhook_queue
 from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
 from app.contract.scripts import script
 from app.contract.status import TERMINAL, JobStatus
-from app.webhooks import queue as webhook_queue
-from app.webhooks.outbox import OUTBOX
+from app.contract.webhook_outbox import OUTBOX
 
 _TERMINAL_EVENTS_LUA = "{" + ", ".join(f"{k} = true" for k in sorted(events.TERMINAL_EVENTS)) + "}"
 _RUNNING_JSON = json.dumps(JobStatus.RUNNING.value).encode()
@@ -41,7 +40,7 @@ _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(T
 
 # emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
 # the job's stream (which lives as long as the record) and, if the job's webhook subscribes to
-# it, to the webhook outbox (``app.webhooks.outbox``), which the deliverer turns into deliveries.
+# it, to the webhook outbox (``app.contract.webhook_outbox``), which the deliverer turns into deliveries.
 _EMIT = (
     batches.TALLY
     + f"""

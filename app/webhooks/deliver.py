@@ -13,7 +13,7 @@ It stops cleanly on SIGTERM/SIGINT. In tests or embedded use::
 
 How no delivery is lost or sent twice at once:
 
-- Each pass first relays the outbox (``app.webhooks.outbox``): status events that
+- Each pass first relays the outbox (``app.contract.webhook_outbox``): status events that
   the job scripts wrote with their change become deliveries, each exactly once.
 
 - Claiming is one Lua script: it moves due deliveries from ``diffq:webhooks:due``
@@ -62,10 +62,10 @@ import redis.exceptions
 from redis import Redis
 
 from app.contract import connection, keys
+from app.contract.webhook_outbox import relay
+from app.contract.webhook_queue import DELIVERY_PREFIX, DUE, delivery_key
 from app.core.errors import InvalidRequestError
 from app.settings import Settings, load_settings
-from app.webhooks.outbox import relay
-from app.webhooks.queue import DELIVERY_PREFIX, DUE, delivery_key
 from app.webhooks.signing import get_secret, sign
 from app.webhooks.urls import AllowList, resolve_checked
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.tokenizer import MAX_LENGTH
+from model.training.tokenizer import MAX_LENGTH
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""Measure prompt adherence of the shapes model: `python -m model.evaluate [--source …]`.
+"""Measure prompt adherence of the shapes model: `python -m model.training.evaluate [--source …]`.
 
 Each evaluation prompt is the caption of a procedurally generated scene with a seed below
-`model.train.TRAIN_SEED_BASE` (training never sees those). The generated image is read
+`model.training.train.TRAIN_SEED_BASE` (training never sees those). The generated image is read
 back with `shapes_data.analyse` and scored on what the caption states:
 
 - background: the most common colour of the border is the one asked for
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model import shapes_data
+from model.training import shapes_data
 
 TARGETS = {"background": 0.98, "shape_colour": 0.95, "shape": 0.90, "position": 0.90, "both_colours": 0.85}
 
@@ -139,8 +139,8 @@ def grid(images: list[Image.Image], captions: list[str], path: Path, columns: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path(__file__).parent / "shapes")
+    parser = argparse.ArgumentParser(prog="python -m model.training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(__file__).parent.parent / "shapes")
     parser.add_argument("--source", choices=["model", "reconstruction", "truth"], default="model")
     parser.add_argument("-n", type=int, default=240, help="number of prompts (seeds 0..n-1)")
     parser.add_argument("--steps", type=int, default=20)

@@ -12,7 +12,7 @@ JSON, as in the job's own stream) and ``webhook`` (the job's webhook spec). A
 ``job_id`` and the batch's counts in ``data``.
 
 The deliverer reads the outbox (``relay``, at the start of every pass) and
-turns each entry into a delivery (``app.webhooks.queue``), in one script that
+turns each entry into a delivery (``app.contract.webhook_queue``), in one script that
 deletes the entry and writes the delivery together, so an entry becomes
 exactly one delivery however many deliverers relay at once, and a relay that
 dies part-way leaves the rest for the next one.
@@ -30,7 +30,7 @@ from redis import Redis
 from app.contract import batches, keys
 from app.contract.events import webhook_data, webhook_id
 from app.contract.records import Webhook
-from app.webhooks.queue import DUE, KEEP_FOR, prepare
+from app.contract.webhook_queue import DUE, KEEP_FOR, prepare
 
 log = logging.getLogger(__name__)
 

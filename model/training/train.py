@@ -1,4 +1,4 @@
-"""Train the default "shapes" model from scratch: `python -m model.train {vae,unet,export} …`.
+"""Train the default "shapes" model from scratch: `python -m model.training.train {vae,unet,export} …`.
 
 Stages, each seeded and resumable (a checkpoint in the run folder every few hundred steps,
 picked up again by running the same command):
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import shapes_data
-from model.architecture import PRESETS, build_scheduler, build_text_encoder, build_unet, build_vae
-from model.tokenizer import MAX_LENGTH, build_tokenizer
+from model.training import shapes_data
+from model.training.architecture import PRESETS, build_scheduler, build_text_encoder, build_unet, build_vae
+from model.training.tokenizer import MAX_LENGTH, build_tokenizer
 
 TRAIN_SEED_BASE = 10_000_000  # evaluation uses seeds below this; training never does
 CFG_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional score
@@ -221,7 +221,7 @@ def load_vae(args: argparse.Namespace, device: torch.device):
         vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
     else:
         raise SystemExit(
-            f"no VAE checkpoint in {args.run}: run `python -m model.train vae` first, "
+            f"no VAE checkpoint in {args.run}: run `python -m model.training.train vae` first, "
             "or pass --init-from model/shapes to continue from the shipped model"
         )
     return vae.to(device).eval().requires_grad_(False)
@@ -673,7 +673,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.training.train", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["vae", "decoder", "unet", "export", "lora"])
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
     parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")
@@ -740,7 +740,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     np.random.seed(args.seed)
     if args.out is None:
-        args.out = Path(__file__).parent / ("shapes" if args.stage != "lora" else f"loras/{args.style}.safetensors")
+        model_dir = Path(__file__).parent.parent  # model/: the bundled model and its adapters
+        args.out = model_dir / ("shapes" if args.stage != "lora" else f"loras/{args.style}.safetensors")
     stages = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "export": export, "lora": train_lora}
     stages[args.stage](args)
 
