@@ -3,8 +3,8 @@
 The API process never imports torch or diffusers, directly or through a dependency: it must
 stay small and start in about a second. Importing any module under ``app`` imports neither;
 two places reach the model stack only when called, outside the API process:
-``app.provenance.watermark`` (invisible-watermark, which imports torch: in the worker and in
-``diffq verify``) and ``app.cli``'s ``diffq worker``/``diffq up`` (the ``worker`` package).
+``diffq.app.provenance.watermark`` (invisible-watermark, which imports torch: in the worker and in
+``diffq verify``) and ``diffq.app.cli``'s ``diffq worker``/``diffq up`` (the ``worker`` package).
 """
 
 from importlib import metadata

@@ -5,7 +5,7 @@
     diffq batch download <id> -o images/        (a folder, resumable)  or  -o images.zip
     diffq batch status|cancel|delete <id>,  diffq batch list
 
-A client of a running API through ``app.client`` (URL and key as for ``diffq generate``).
+A client of a running API through ``diffq.app.client`` (URL and key as for ``diffq generate``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from app.client import APIError, Client
-from app.client_cli import EXIT_FAILED, EXIT_INTERRUPTED, _refused, _unreachable, api_url
-from app.settings import Settings
+from diffq.app.client import APIError, Client
+from diffq.app.client_cli import EXIT_FAILED, EXIT_INTERRUPTED, _refused, _unreachable, api_url
+from diffq.app.settings import Settings
 
 
 def add_command(commands: Any, run: Any) -> None:

@@ -1,6 +1,6 @@
 """The ``diffq`` command: ``up`` (everything, one command), ``api``, ``worker`` and ``webhooks`` (the parts);
-``generate``, ``jobs`` and ``cancel`` (a client of a running API: ``app.client_cli``); ``keys`` (API keys:
-``app.auth.cli``).
+``generate``, ``jobs`` and ``cancel`` (a client of a running API: ``diffq.app.client_cli``); ``keys`` (API keys:
+``diffq.app.auth.cli``).
 
 Importing this module imports neither torch nor the worker: ``diffq api``
 stays light, and ``diffq worker`` imports the worker only when it runs.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.settings import Settings, load_settings
+from diffq.app.settings import Settings, load_settings
 
 
 def _settings(args: argparse.Namespace, **fields: str) -> Settings:
@@ -23,7 +23,7 @@ def _settings(args: argparse.Namespace, **fields: str) -> Settings:
 
 
 def _configure_logging(settings: Settings) -> None:
-    from app.logs import setup  # JSON lines (DIFFQ_LOG_FORMAT), job ids on every line about a job
+    from diffq.app.logs import setup  # JSON lines (DIFFQ_LOG_FORMAT), job ids on every line about a job
 
     setup(settings)
 
@@ -31,8 +31,8 @@ def _configure_logging(settings: Settings) -> None:
 def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.api.slow_clients import uvicorn_options
-    from app.main import create_app
+    from diffq.app.api.slow_clients import uvicorn_options
+    from diffq.app.main import create_app
 
     settings = _settings(args, host="host", port="port")
     _configure_logging(settings)
@@ -41,7 +41,7 @@ def run_api(args: argparse.Namespace) -> int:
         return 2
     if not _store_ready(settings, "api"):
         return 2
-    # Header and body deadlines, keep-alive and a cap on concurrent connections (app.api.slow_clients).
+    # Header and body deadlines, keep-alive and a cap on concurrent connections (diffq.app.api.slow_clients).
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -49,7 +49,7 @@ def run_api(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         log_config=None,
         **uvicorn_options(settings),
-    )  # uvicorn's lines go through app.logs too
+    )  # uvicorn's lines go through diffq.app.logs too
     return 0
 
 
@@ -57,7 +57,7 @@ def _eviction_refusal(settings: Settings) -> str | None:
     """Why Redis's maxmemory-policy forbids starting, if it does (the app's lifespan checks again)."""
     from redis.exceptions import RedisError
 
-    from app.contract import connection, memory
+    from diffq.app.contract import connection, memory
 
     client = connection.sync_client(settings, socket_connect_timeout=2, socket_timeout=5)
     try:
@@ -74,10 +74,10 @@ def _eviction_refusal(settings: Settings) -> str | None:
 def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, model="model_path", name="model_name", device="device", dtype="dtype")
     _configure_logging(settings)
-    from app.provenance.credentials import CredentialsError
-    from worker.marking import Marker
-    from worker.service import load_models  # imports the model stack only now
-    from worker.service import run_worker as serve
+    from diffq.app.provenance.credentials import CredentialsError
+    from diffq.worker.marking import Marker
+    from diffq.worker.service import load_models  # imports the model stack only now
+    from diffq.worker.service import run_worker as serve
 
     if not _store_ready(settings, "worker"):
         return 2
@@ -91,7 +91,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad device/dtype, an unservable model
         print(f"diffq worker: cannot serve {settings.model_path}: {error}", file=sys.stderr)
         return 2
-    from app.contract.memory import EvictionPolicyError
+    from diffq.app.contract.memory import EvictionPolicyError
 
     try:
         serve(settings, models=models, burst=args.burst, marker=marker)
@@ -105,8 +105,8 @@ def _store_ready(settings: Settings, command: str) -> bool:
     """Whether this process can write to its result store; if not, say which setting to fix."""
     from redis import Redis
 
-    from app.storage.base import StorageConfigError, StorageUnavailableError
-    from app.storage.factory import ready_store
+    from diffq.app.storage.base import StorageConfigError, StorageUnavailableError
+    from diffq.app.storage.factory import ready_store
 
     try:
         ready_store(settings, Redis.from_url(settings.redis_url))
@@ -117,7 +117,7 @@ def _store_ready(settings: Settings, command: str) -> bool:
 
 
 def run_webhooks(args: argparse.Namespace) -> int:
-    from app.webhooks.deliver import main as deliver
+    from diffq.app.webhooks.deliver import main as deliver
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -125,24 +125,24 @@ def run_webhooks(args: argparse.Namespace) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from app.launcher import up
+    from diffq.app.launcher import up
 
     settings = _settings(args, host="host", port="port", model="model_path")
     return up(settings)
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from app.auth.cli import main as keys
+    from diffq.app.auth.cli import main as keys
 
     return keys(args, load_settings())
 
 
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """``generate``, ``jobs``, ``cancel``: ``app.client_cli.<name>`` with the environment's settings."""
+    """``generate``, ``jobs``, ``cancel``: ``diffq.app.client_cli.<name>`` with the environment's settings."""
 
     def run(args: argparse.Namespace) -> int:
-        from app import client_cli
-        from app.logs import setup
+        from diffq.app import client_cli
+        from diffq.app.logs import setup
 
         settings = load_settings()
         setup(settings, level="warning")
@@ -152,9 +152,9 @@ def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``diffq batch ...``: ``app.batch_cli`` with the environment's settings."""
-    from app import batch_cli
-    from app.logs import setup
+    """``diffq batch ...``: ``diffq.app.batch_cli`` with the environment's settings."""
+    from diffq.app import batch_cli
+    from diffq.app.logs import setup
 
     settings = load_settings()
     setup(settings, level="warning")
@@ -195,19 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     webhooks.set_defaults(run=run_webhooks)
 
-    from app.provenance.cli import add_command as add_verify
+    from diffq.app.provenance.cli import add_command as add_verify
 
     add_verify(commands)
 
-    from app.client_cli import add_commands
+    from diffq.app.client_cli import add_commands
 
     add_commands(commands, _client_command("generate"), _client_command("list_jobs"), _client_command("cancel"))
 
-    from app.batch_cli import add_command as add_batch
+    from diffq.app.batch_cli import add_command as add_batch
 
     add_batch(commands, run_batch)
 
-    from app.auth import cli as keys_cli
+    from diffq.app.auth import cli as keys_cli
 
     keys_cli.add_commands(commands, run_keys)
     return parser

@@ -2,7 +2,7 @@
 
 Needs only httpx (no torch, no diffq server code)::
 
-    from app.client import Client
+    from diffq.app.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="dq_...") as diffq:           # or $DIFFQ_URL, $DIFFQ_API_KEY
         result = diffq.generate("a red circle, blue background", seed=42)      # submit, wait, download
@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from app.client_batches import BatchMethods
+from diffq.app.client_batches import BatchMethods
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -246,8 +246,9 @@ class _SSEParser:
 
 
 class Client(BatchMethods):
-    """Synchronous client (with the batch methods of ``app.client_batches``). ``base_url`` defaults to ``$DIFFQ_URL`` or
-    ``http://127.0.0.1:8000``, ``api_key`` (sent as ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
+    """Synchronous client (with the batch methods of ``diffq.app.client_batches``). ``base_url``
+    defaults to ``$DIFFQ_URL`` or ``http://127.0.0.1:8000``, ``api_key`` (sent as
+    ``Authorization: Bearer``) to ``$DIFFQ_API_KEY``."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The batch half of the Python client (``app.client.Client`` has these methods)::
+"""The batch half of the Python client (``diffq.app.client.Client`` has these methods)::
 
     with Client() as diffq:
         batch = diffq.submit_batch(file=Path("products.csv"), prompt_template="a {colour} mug, {bg} background")
@@ -141,7 +141,7 @@ class BatchMethods:
         return written
 
     def _checked(self, response: httpx.Response) -> httpx.Response:
-        from app.client import _check  # one place that turns an error answer into APIError
+        from diffq.app.client import _check  # one place that turns an error answer into APIError
 
         if response.status_code >= 400:
             response.read()  # a streamed answer's error body

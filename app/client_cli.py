@@ -1,6 +1,6 @@
 """The client commands of ``diffq``: ``generate``, ``jobs`` and ``cancel``, against a running API.
 
-They use ``app.client`` (httpx) and tqdm for the progress bar; nothing of the server.
+They use ``diffq.app.client`` (httpx) and tqdm for the progress bar; nothing of the server.
 The API's URL: ``--url``, else ``DIFFQ_URL``, else ``http://DIFFQ_HOST:DIFFQ_PORT``.
 The API key (when the API has keys on): ``DIFFQ_API_KEY``, sent as ``Authorization: Bearer``.
 """
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from app.client import APIError, Client, Job, WaitTimeout
+from diffq.app.client import APIError, Client, Job, WaitTimeout
 
 EXIT_FAILED = 1  # the job failed or was canceled, or the API refused the request
 EXIT_UNREACHABLE = 2
@@ -24,7 +24,7 @@ EXIT_INTERRUPTED = 130
 
 
 class ApiAddress(Protocol):
-    """Where the API is: the fields of ``app.settings.Settings`` these commands read, so that they
+    """Where the API is: the fields of ``diffq.app.settings.Settings`` these commands read, so that they
     run with the client's dependencies alone (``pip install diffq[client]``: httpx and tqdm)."""
 
     @property
@@ -45,7 +45,7 @@ def api_url(args: argparse.Namespace, settings: ApiAddress) -> str:
 
 
 def add_commands(commands: Any, run_generate: Any, run_jobs: Any, run_cancel: Any) -> None:
-    """The subcommands' options (``app.cli`` wires each to its ``run_*``)."""
+    """The subcommands' options (``diffq.app.cli`` wires each to its ``run_*``)."""
     generate = commands.add_parser(
         "generate", help="make an image with a running API: live progress, then the PNG(s) written to -o"
     )

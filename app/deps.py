@@ -17,11 +17,11 @@ from redis import Redis
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.waiting import Waiter
-from app.auth.apikeys import KeyStore, VerifiedKeys
-from app.auth.caller import Caller
-from app.contract.registry import Registry
-from app.core.errors import (
+from diffq.app.api.waiting import Waiter
+from diffq.app.auth.apikeys import KeyStore, VerifiedKeys
+from diffq.app.auth.caller import Caller
+from diffq.app.contract.registry import Registry
+from diffq.app.core.errors import (
     FieldProblem,
     InvalidRequestError,
     RateLimitedError,
@@ -29,12 +29,12 @@ from app.core.errors import (
     UnsupportedMediaTypeError,
     UploadTooLargeError,
 )
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
-from app.core.jobs import JobService
-from app.schemas.jobs import JobCreate, job_create_model
-from app.settings import Settings
-from app.storage.base import ResultStore
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
+from diffq.app.core.jobs import JobService
+from diffq.app.schemas.jobs import JobCreate, job_create_model
+from diffq.app.settings import Settings
+from diffq.app.storage.base import ResultStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -122,7 +122,7 @@ ResultsDep = Annotated[ResultStore, Depends(get_results)]
 
 
 async def get_waiter(request: Request) -> Waiter:
-    """The process's ``Waiter`` (``app.api.waiting``), built in the app's lifespan: long polls, event
+    """The process's ``Waiter`` (``diffq.app.api.waiting``), built in the app's lifespan: long polls, event
     streams and the synchronous endpoints all wait through it."""
     return request.app.state.waiter
 

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from app.contract import connection
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
+from diffq.app.contract import connection
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.settings import Settings
 
 GRACE_SECONDS = 10.0
 """How long a child may take to stop after SIGTERM before it is killed."""
@@ -67,7 +67,7 @@ class Child:
 
 def _spawn(name: str, args: list[str], env: dict[str, str]) -> Child:
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "diffq.app.cli", *args],
         env=env,
         stdin=subprocess.DEVNULL,
         start_new_session=True,

@@ -4,7 +4,7 @@
 ``up`` and the client commands). ``DIFFQ_LOG_FORMAT`` picks ``json``, ``text``, or ``auto`` (json
 unless stderr is a terminal). A JSON line::
 
-    {"time": "2025-01-01T12:00:00.123Z", "level": "info", "logger": "worker.runner",
+    {"time": "2025-01-01T12:00:00.123Z", "level": "info", "logger": "diffq.worker.runner",
      "message": "job 3f0c…: succeeded with 1 image(s)", "job_id": "3f0c…", "process": 4242}
 
 ``job_id`` comes, in this order, from ``extra={"job_id": ...}`` on the call, from a job id (32 hex

@@ -1,4 +1,4 @@
-"""Builds the FastAPI app: ``uvicorn --factory app.main:create_app`` or ``diffq api``."""
+"""Builds the FastAPI app: ``uvicorn --factory diffq.app.main:create_app`` or ``diffq api``."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from redis import exceptions as redis_errors
 
-from app import __version__
-from app.api.decode_gate import DecodeGate
-from app.api.errors import KEYED_RESPONSES, install_error_handlers
-from app.api.headers import SecurityHeaders
-from app.api.limits import BodySizeLimit
-from app.api.metrics import DiffqCollector
-from app.api.openapi import build_openapi
-from app.api.polling import PollPacer
-from app.api.redis_clients import open_api_redis
-from app.api.routes import (
+from diffq.app import __version__
+from diffq.app.api.decode_gate import DecodeGate
+from diffq.app.api.errors import KEYED_RESPONSES, install_error_handlers
+from diffq.app.api.headers import SecurityHeaders
+from diffq.app.api.limits import BodySizeLimit
+from diffq.app.api.metrics import DiffqCollector
+from diffq.app.api.openapi import build_openapi
+from diffq.app.api.polling import PollPacer
+from diffq.app.api.redis_clients import open_api_redis
+from diffq.app.api.routes import (
     batches,
     health,
     images,
@@ -37,20 +37,20 @@ from app.api.routes import (
     sdapi_session,
     verify,
 )
-from app.api.slow_clients import BodyDeadline
-from app.api.waiting import Waiter
-from app.api.waits import WaitCount
-from app.auth.apikeys import VerifiedKeys
-from app.auth.quotas import RateLimiter
-from app.contract import memory
-from app.deps import get_caller
-from app.logs import JobContextMiddleware
-from app.settings import Settings, load_settings
-from app.storage.factory import ready_store
+from diffq.app.api.slow_clients import BodyDeadline
+from diffq.app.api.waiting import Waiter
+from diffq.app.api.waits import WaitCount
+from diffq.app.auth.apikeys import VerifiedKeys
+from diffq.app.auth.quotas import RateLimiter
+from diffq.app.contract import memory
+from diffq.app.deps import get_caller
+from diffq.app.logs import JobContextMiddleware
+from diffq.app.settings import Settings, load_settings
+from diffq.app.storage.factory import ready_store
 
 log = logging.getLogger(__name__)
 
-#: Seconds a verified API key is remembered by an API process (``app.auth.apikeys.VerifiedKeys``).
+#: Seconds a verified API key is remembered by an API process (``diffq.app.auth.apikeys.VerifiedKeys``).
 KEY_CACHE_SECONDS = 60.0
 
 DESCRIPTION = """\
@@ -81,8 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients = open_api_redis(settings)
         app.state.redis = clients.sync  # thread-pool routes and dependencies
         # Long polls, event streams and synchronous endpoints block on Redis: asyncio clients, so
-        # they hold no thread; blocking reads have their own pool (app.api.redis_clients), admitted
-        # by app.api.waits. Routes reach it only through app.deps.WaiterDep.
+        # they hold no thread; blocking reads have their own pool (diffq.app.api.redis_clients), admitted
+        # by diffq.app.api.waits. Routes reach it only through diffq.app.deps.WaiterDep.
         app.state.waiter = Waiter(
             clients.sync, clients.quick, clients.waits, WaitCount(settings.redis_wait_connections)
         )
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keyed: dict[str, Any] = {"dependencies": [Depends(get_caller)], "responses": KEYED_RESPONSES}
     for module in (jobs, images, models, verify, loras):
         app.include_router(module.router, **keyed)
-    app.include_router(batches.router, **keyed)  # many jobs in one request (app.core.batches)
+    app.include_router(batches.router, **keyed)  # many jobs in one request (diffq.app.core.batches)
     app.include_router(health.router)
     # Where users already are: OpenAI's Images API, Prometheus, a browser page; job ids on log lines.
     app.include_router(openai_images.router, **keyed)

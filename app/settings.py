@@ -17,14 +17,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_model_path() -> Path:
-    """Where the bundled ``shapes`` model lives, without importing ``model``.
+    """Where the bundled ``shapes`` model lives, without importing ``diffq.model``.
 
     ``model/__init__`` may import torch, which the API must never do, so the
     package is located through its import spec instead of being imported.
     """
-    spec = importlib.util.find_spec("model")
+    spec = importlib.util.find_spec("diffq.model")
     if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))) / "shapes"
+        return Path(next(iter(spec.submodule_search_locations))).resolve() / "shapes"
     return Path(__file__).resolve().parent.parent / "model" / "shapes"
 
 
@@ -427,7 +427,7 @@ class Settings(BaseSettings):
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels(cls, value: str) -> str:
-        from app.contract.connection import parse_sentinels
+        from diffq.app.contract.connection import parse_sentinels
 
         parse_sentinels(value)
         return value
@@ -435,7 +435,7 @@ class Settings(BaseSettings):
     @field_validator("max_queue_depth")
     @classmethod
     def _depths(cls, value: str) -> str:
-        from app.core.backpressure import parse_depths
+        from diffq.app.core.backpressure import parse_depths
 
         parse_depths(value)
         return value
@@ -443,7 +443,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _a_rate(cls, value: str) -> str:
-        from app.auth.quotas import parse_rate  # ValueError: pydantic reports it against the field
+        from diffq.app.auth.quotas import parse_rate  # ValueError: pydantic reports it against the field
 
         parse_rate(value)
         return value

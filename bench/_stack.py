@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "model" / "shapes"
@@ -32,7 +32,7 @@ def diffq_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("diffq")
-    return [found] if found else [sys.executable, "-m", "app.cli"]
+    return [found] if found else [sys.executable, "-m", "diffq.app.cli"]
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 120.0, interval: float = 0.1) -> T:
@@ -77,7 +77,7 @@ class Stack:
                         DIFFQ_RATE_LIMIT="10000000/second", DIFFQ_MAX_QUEUED_JOBS="10000000", **env)
         from redis import Redis
 
-        from app.auth.apikeys import KeyStore
+        from diffq.app.auth.apikeys import KeyStore
 
         with Redis.from_url(self.redis.url) as redis:
             HEADERS["Authorization"] = f"Bearer {KeyStore(redis).create('bench')[1]}"

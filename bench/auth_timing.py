@@ -15,8 +15,8 @@ import time
 
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.embedded_redis import EmbeddedRedis
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
 
 
 def main() -> None:

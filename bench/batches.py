@@ -77,8 +77,8 @@ def finish_all(redis_url: str, job_ids: list[str], png: bytes) -> None:
 
     from redis import Redis
 
-    from app.contract.records import ImageRecord, utcnow
-    from app.contract.store import JobStore, StoredImage
+    from diffq.app.contract.records import ImageRecord, utcnow
+    from diffq.app.contract.store import JobStore, StoredImage
 
     redis = Redis.from_url(redis_url)
     store = JobStore(redis)

@@ -1,7 +1,7 @@
 """How many jobs one API process accepts per second: `python bench/enqueue_rate.py --seconds 10`.
 
 Starts one `diffq api` process (one uvicorn process, default settings) on the embedded
-redis-server of app.embedded_redis, registers the bundled model as a live worker would
+redis-server of diffq.app.embedded_redis, registers the bundled model as a live worker would
 (tests/conftest.py's `served` fixture: the model's limits under a heartbeat key, no worker
 process, so jobs only queue up), then drives it with a load generator for `--seconds` seconds
 per measurement:
@@ -48,11 +48,11 @@ def register_model(redis_url: str) -> None:
     """Announce the bundled model as a live worker would, for an hour (no worker process)."""
     from redis import Redis
 
-    from app.contract.records import WorkerRecord, utcnow
-    from app.contract.registry import Registry
-    from app.contract.tasks import queue_name
-    from model.engine import Engine
-    from worker.service import model_record
+    from diffq.app.contract.records import WorkerRecord, utcnow
+    from diffq.app.contract.registry import Registry
+    from diffq.app.contract.tasks import queue_name
+    from diffq.model.engine import Engine
+    from diffq.worker.service import model_record
 
     model = model_record(Engine.load(SHAPES))
     now = utcnow()

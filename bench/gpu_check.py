@@ -148,7 +148,7 @@ def raw_row(label: str, folder: Path, device, dtype: str, args, fast: bool) -> R
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from model.engine import _apply_fast_path
+    from diffq.model.engine import _apply_fast_path
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
@@ -172,7 +172,7 @@ def raw_row(label: str, folder: Path, device, dtype: str, args, fast: bool) -> R
 
 
 def engine_row(label: str, engine) -> Row:
-    from model.engine import GenerationRequest
+    from diffq.model.engine import GenerationRequest
 
     def on_step(step, total, latents, denoised) -> None:  # the worker's callback, without Redis
         pass
@@ -207,13 +207,13 @@ def out_of_memory_check(folder: Path, engine, device, fast_row: Row, args) -> li
     from fastapi.testclient import TestClient
     from redis import Redis
 
-    from app.contract.records import WorkerRecord, utcnow
-    from app.contract.registry import Registry
-    from app.contract.tasks import queue_name
-    from app.embedded_redis import EmbeddedRedis
-    from app.main import create_app
-    from app.settings import Settings
-    from worker.service import model_record, run_worker
+    from diffq.app.contract.records import WorkerRecord, utcnow
+    from diffq.app.contract.registry import Registry
+    from diffq.app.contract.tasks import queue_name
+    from diffq.app.embedded_redis import EmbeddedRedis
+    from diffq.app.main import create_app
+    from diffq.app.settings import Settings
+    from diffq.worker.service import model_record, run_worker
 
     lines = []
     server = EmbeddedRedis()
@@ -302,7 +302,7 @@ def main() -> int:
 
     import torch
 
-    from model.engine import DEFAULT_COMPILE_MODE, DEFAULT_VAE_TILING_PIXELS, Engine, _resolve_device, _resolve_dtype
+    from diffq.model.engine import DEFAULT_COMPILE_MODE, DEFAULT_VAE_TILING_PIXELS, Engine, _resolve_device, _resolve_dtype
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights: NaN pixels in float16
     args.compile_mode = args.compile_mode or DEFAULT_COMPILE_MODE

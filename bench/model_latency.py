@@ -26,7 +26,7 @@ def main() -> None:
 
     import torch
 
-    from model.engine import Engine, GenerationRequest
+    from diffq.model.engine import Engine, GenerationRequest
 
     if args.threads:
         torch.set_num_threads(args.threads)

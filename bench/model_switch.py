@@ -3,13 +3,13 @@
 Side by side in one run, on one device (`--device`), for one model (`--model`, default the
 bundled shapes model) and one LoRA adapter (`--lora`, default the shipped stripes adapter):
 
-- load from disk: `worker.models.ModelCache` bringing back a model it evicted, no CPU-RAM tier
+- load from disk: `diffq.worker.models.ModelCache` bringing back a model it evicted, no CPU-RAM tier
   (what `Engine.load` does: read the folder, build the pipeline, move it to the device);
 - load from the CPU-RAM tier: the same cache with `DIFFQ_MODEL_CPU_MEMORY_BYTES` set (the
   evicted pipeline copied back to the device);
 - adapter load: the first job with an adapter over the same job without (`load_lora_weights`
   plus `set_adapters`), adapter reuse (cached: `set_adapters` only) and unload
-  (`delete_adapters`), each timed alone around the engine's `model.adapters.Adapters`;
+  (`delete_adapters`), each timed alone around the engine's `diffq.model.adapters.Adapters`;
 - one job of `--steps` steps, plain and with the adapter, for scale.
 
 Every figure is the median of `--repeat` runs; ratios are against a load from disk.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from model.engine import Engine, GenerationRequest
-from worker.models import ModelCache
+from diffq.model.engine import Engine, GenerationRequest
+from diffq.worker.models import ModelCache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 One embedded Redis, one `diffq worker` on the bundled model (20 steps, the default, with
 DIFFQ_TORCH_THREADS=`--threads`) and two `diffq api` processes on it, all on this machine: `paced`
-with the default settings (plain reads of a job paced to DIFFQ_POLL_INTERVAL, app.api.polling)
+with the default settings (plain reads of a job paced to DIFFQ_POLL_INTERVAL, diffq.app.api.polling)
 and `unpaced` with DIFFQ_POLL_INTERVAL=0 (every read answered at once, as before pacing). Each
 cell sends `--jobs` jobs from `--clients` concurrent clients; each client POSTs a job, waits for
 it to end, then sends its next one:

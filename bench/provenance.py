@@ -1,7 +1,7 @@
 """What marking outputs costs, and what the watermark survives: `python bench/provenance.py`.
 
 Side by side in one run, on the default model (DPM-Solver++ 2M, 20 steps, guidance 5, 64×64):
-seconds per image of the engine, and of the worker's last step (``worker.marking.Marker.finish``)
+seconds per image of the engine, and of the worker's last step (``diffq.worker.marking.Marker.finish``)
 with no marks (plain PNG with parameters), the IPTC label, the label plus a C2PA signature, and,
 at 512×512 where the watermark applies, the watermark too; each as a ratio to the engine plus a
 plain PNG. Then the watermark's bit accuracy on the original, after JPEG quality 80, and after a
@@ -33,13 +33,13 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from app.contract.records import JobParams
-    from app.provenance import watermark
-    from app.provenance.credentials import ContentSigner
-    from model.engine import Engine, GenerationRequest
+    from diffq.app.contract.records import JobParams
+    from diffq.app.provenance import watermark
+    from diffq.app.provenance.credentials import ContentSigner
+    from diffq.model.engine import Engine, GenerationRequest
     from tests.certificates import make_chain
-    from worker.marking import Marker
-    from worker.service import model_record
+    from diffq.worker.marking import Marker
+    from diffq.worker.service import model_record
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
 real processes: a client POSTs each job to a `diffq api` process (API keys on, as deployed),
 long-polls it (`GET /v1/jobs/{id}?wait=4`) until it has ended and downloads its PNG; a
 `diffq worker` process (every setting at its default: progress, previews, cancel checks,
-heartbeats, batching) runs it; all on the embedded redis-server of app.embedded_redis.
+heartbeats, batching) runs it; all on the embedded redis-server of diffq.app.embedded_redis.
 
 Counted two ways over the measured jobs (after two warm-up jobs):
 

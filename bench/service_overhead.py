@@ -9,7 +9,7 @@ the same machine load:
               (`GET /v1/jobs/{id}?wait=4`) until it has ended and downloads its PNG; a real
               `diffq worker` process (DIFFQ_TORCH_THREADS=`--threads`, every other setting at its
               default: progress, previews, cancel checks, batching on with its 5 ms wait)
-              runs it; all on the embedded redis-server of app.embedded_redis.
+              runs it; all on the embedded redis-server of diffq.app.embedded_redis.
 
 Only one of the two runs at a time. Prints the median seconds per job of each, the ratio
 end-to-end / direct (target: <= 1.05 at the defaults), and the latency the service adds per job
@@ -41,7 +41,7 @@ def main() -> None:
 
     import torch
 
-    from model.engine import Engine, GenerationRequest
+    from diffq.model.engine import Engine, GenerationRequest
 
     torch.set_num_threads(args.threads)
     engine = Engine.load(SHAPES)

@@ -5,7 +5,7 @@ embedded redis-server and the real API (in process) and worker code (``run_worke
 
 1. Redis bytes per finished job: ``used_memory`` after ``--jobs`` jobs minus before, per job,
    and the job's own keys (``MEMORY USAGE``), right after the end and once its preview has
-   lapsed (``worker.runner.PREVIEW_AFTER_END``), for the bundled default model and for a 512×512
+   lapsed (``diffq.worker.runner.PREVIEW_AFTER_END``), for the bundled default model and for a 512×512
    image (a tiny random pipeline whose native size is 512); previews at their default.
 2. Image bytes that pass through the API process per image, in each ``DIFFQ_IMAGE_URLS`` mode
    (``proxy``, ``signed``, ``public``): a client follows the job resource's URLs; bytes that
@@ -34,18 +34,18 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.contract import keys  # noqa: E402
-from app.contract.records import WorkerRecord, utcnow  # noqa: E402
-from app.contract.registry import Registry  # noqa: E402
-from app.contract.tasks import queue_name  # noqa: E402
-from app.embedded_redis import EmbeddedRedis  # noqa: E402
-from app.main import create_app  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from app.storage import objects  # noqa: E402
-from app.storage.factory import open_store  # noqa: E402
+from diffq.app.contract import keys  # noqa: E402
+from diffq.app.contract.records import WorkerRecord, utcnow  # noqa: E402
+from diffq.app.contract.registry import Registry  # noqa: E402
+from diffq.app.contract.tasks import queue_name  # noqa: E402
+from diffq.app.embedded_redis import EmbeddedRedis  # noqa: E402
+from diffq.app.main import create_app  # noqa: E402
+from diffq.app.settings import Settings  # noqa: E402
+from diffq.app.storage import objects  # noqa: E402
+from diffq.app.storage.factory import open_store  # noqa: E402
 
 BUCKET = "diffq-bench"
-LAPSE_SECONDS = 300  # worker.runner.PREVIEW_AFTER_END, app.contract.tasks.FINISHED_TTL
+LAPSE_SECONDS = 300  # diffq.worker.runner.PREVIEW_AFTER_END, diffq.app.contract.tasks.FINISHED_TTL
 PROMPT = "a small red circle on the left, blue background"
 
 
@@ -107,7 +107,7 @@ def settings_for(backend: str, redis_url: str, root: Path, endpoint: str, **extr
 
 
 def announce(redis: Redis, engine) -> None:  # noqa: ANN001
-    from worker.service import model_record
+    from diffq.worker.service import model_record
 
     model = model_record(engine)
     now = utcnow()
@@ -117,7 +117,7 @@ def announce(redis: Redis, engine) -> None:  # noqa: ANN001
 
 
 def run_jobs(settings: Settings, engine, jobs: int, body: dict) -> tuple[TestClient, list[dict]]:  # noqa: ANN001
-    from worker.service import run_worker
+    from diffq.worker.service import run_worker
 
     client = TestClient(create_app(settings))
     client.__enter__()
@@ -191,8 +191,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from model.engine import Engine
-    from worker.encoding import encode_image
+    from diffq.model.engine import Engine
+    from diffq.worker.encoding import encode_image
 
     torch.set_num_threads(1)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")

@@ -26,7 +26,7 @@ from _stack import HEADERS, Stack, wait_for
 from enqueue_rate import BODY, register_model, run_httpx
 from redis import Redis
 
-from app.embedded_redis import find_redis_server, free_port
+from diffq.app.embedded_redis import find_redis_server, free_port
 
 
 def start_replica(primary_port: int, directory: str) -> tuple[subprocess.Popen[bytes], int]:

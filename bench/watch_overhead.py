@@ -33,12 +33,12 @@ def main() -> None:
     import torch
     from redis import Redis
 
-    from app.contract.records import JobParams, JobRecord
-    from app.contract.store import JobStore
-    from app.embedded_redis import EmbeddedRedis
-    from app.settings import Settings
-    from model.engine import Engine, GenerationRequest
-    from worker.progress import PreviewSettings, ProgressReporter
+    from diffq.app.contract.records import JobParams, JobRecord
+    from diffq.app.contract.store import JobStore
+    from diffq.app.embedded_redis import EmbeddedRedis
+    from diffq.app.settings import Settings
+    from diffq.model.engine import Engine, GenerationRequest
+    from diffq.worker.progress import PreviewSettings, ProgressReporter
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,6 +12,8 @@ WORKDIR /src
 # app/ only: worker/ and model/ (torch code, 22 MB of weights) stay out of this image.
 COPY pyproject.toml README.md ./
 COPY app ./app
+# diffq/app links to ../app (one import name, diffq.app; diffq/worker and diffq/model dangle here and are skipped)
+COPY diffq ./diffq
 RUN python -m venv /opt/diffq \
  && /opt/diffq/bin/pip install --no-cache-dir --disable-pip-version-check ".[api]" \
  && /opt/diffq/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"

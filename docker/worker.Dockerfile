@@ -36,10 +36,12 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY model ./model
+# diffq/{app,worker,model} link to the three folders: the installed package is diffq.app, diffq.worker, diffq.model
+COPY diffq ./diffq
 # torch is already there, so pip keeps that build; the check fails the build if it did not.
 RUN /opt/diffq/bin/pip install --no-cache-dir --disable-pip-version-check ".[worker]" \
  && /opt/diffq/bin/python -c "import sys, torch; v = torch.__version__; sys.exit(v.split('+')[0] != '${TORCH_VERSION}' and 'torch ' + v)" \
- && /opt/diffq/bin/python -c "from app.settings import default_model_path as p; assert (p() / 'model_index.json').is_file(), p()"
+ && /opt/diffq/bin/python -c "from diffq.app.settings import default_model_path as p; assert (p() / 'model_index.json').is_file(), p()"
 
 FROM ${BASE_IMAGE}
 # Unpinned apt versions, as above; python3 (the venv comes from the build stage), and the two libraries

@@ -1,17 +1,17 @@
 """diffq's model layer: the generation engine, its schedulers and the bundled "shapes" model.
 
-Beside the engine: `model.adapters` (LoRA adapters per request, through diffusers/peft) and
-`model.single_file` (single-file `.safetensors` checkpoints, through `from_single_file`).
-The code that trains and evaluates the bundled model lives in `model.training`, which nothing
+Beside the engine: `diffq.model.adapters` (LoRA adapters per request, through diffusers/peft) and
+`diffq.model.single_file` (single-file `.safetensors` checkpoints, through `from_single_file`).
+The code that trains and evaluates the bundled model lives in `diffq.model.training`, which nothing
 of the runtime imports.
 
-Importing `model` (or `model.schedulers`, `model.engine`) does not import torch
+Importing `model` (or `diffq.model.schedulers`, `diffq.model.engine`) does not import torch
 or diffusers: the worker's modules use the names and types without the model
 stack, and a worker pays for torch only when it loads a model. The API process
 does not import `model` at all (see `app`). The engine's
 names are importable from here too, lazily:
 
-    from model import Engine, GenerationRequest
+    from diffq.model import Engine, GenerationRequest
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pure Pillow/NumPy (no torch), so the worker can prepare inputs before the
 pipeline runs. The modes, the default strengths and the padding are the
-request rules' (``app.contract.rules``), which the API checks requests by.
+request rules' (``diffq.app.contract.rules``), which the API checks requests by.
 
 - Masks are white where the model repaints and black where the input is
   kept; grey is binarised at 50%, as diffusers' inpainting pipelines do.
@@ -19,13 +19,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from app.contract.rules import DEFAULT_STRENGTH, JobMode, Outpaint
+from diffq.app.contract.rules import DEFAULT_STRENGTH, JobMode, Outpaint
 
 __all__ = ["DEFAULT_STRENGTH", "Mode", "Padding", "binary_mask", "mask_from_alpha", "outpaint_canvas", "paste_back"]
 
 
 #: The engine's names for the request rules' mode enum and outpainting padding (one definition
-#: each, in ``app.contract.rules``, shared with the API).
+#: each, in ``diffq.app.contract.rules``, shared with the API).
 Mode = JobMode
 Padding = Outpaint
 

@@ -8,10 +8,10 @@ What it adds to a bare diffusers pipeline:
 
 - Request validation up front, with errors that name the field and what is
   accepted (`InvalidRequestError`, a ValueError), and defaults resolved from
-  the model (`ModelInfo`). The rules are the API's (`app.contract.rules`, no
+  the model (`ModelInfo`). The rules are the API's (`diffq.app.contract.rules`, no
   torch); what they need of the model is in `ModelInfo`, which the worker
   publishes, so the API refuses at submit what `validate` would refuse.
-- Schedulers picked by name per request (see `model.schedulers`), each built
+- Schedulers picked by name per request (see `diffq.model.schedulers`), each built
   once from the model's own scheduler config.
 - Batching: requests that share size, steps, scheduler and guidance scale run
   as one pipeline call, and give the same images as if run alone.
@@ -25,19 +25,19 @@ What it adds to a bare diffusers pipeline:
   whatever it raises stops the run between steps and propagates.
   `preview_images` turns either into pictures (a fitted linear projection, or
   the VAE); `journey=True` on a request returns x̂0 decoded at every step
-  (see `model.preview`).
+  (see `diffq.model.preview`).
 - Warnings for prompt words the text encoder never sees (unknown or cut off),
-  see `model.prompt_check`.
+  see `diffq.model.prompt_check`.
 - Image editing with the same components (no second copy of the weights):
   image-to-image, inpainting and outpainting through diffusers' own
   img2img/inpaint pipelines made with `from_pipe`. An ordinary 4-channel
   UNet inpaints by re-imposing the known region's latents at every step
   (diffusers does this); a 9-channel inpainting checkpoint can be loaded
   beside the model (`inpaint_path`) and then serves inpaint and outpaint.
-  The kept region is pasted back after decoding (see `model.editing`).
+  The kept region is pasted back after decoding (see `diffq.model.editing`).
 - LoRA adapters per request (`loras=(("stripes", 0.8),)`): files in the
   engine's adapter folder, loaded with diffusers/peft and cached in the
-  pipeline (see `model.adapters`); requests with different adapters or
+  pipeline (see `diffq.model.adapters`); requests with different adapters or
   weights never share a pipeline call.
 
 GPU fast path (`Engine.load(fast_path=...)`, on by default on CUDA, off elsewhere so
@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.contract.rules import (
+from diffq.app.contract.rules import (
     MAX_GUIDANCE_SCALE,
     MAX_SEED,
     MIN_GUIDANCE_SCALE,
@@ -235,7 +235,7 @@ class ModelInfo:
     max_steps: int
     default_guidance_scale: float
     default_scheduler: str
-    schedulers: list[str]  # names this model accepts, a subset of model.schedulers.SCHEDULERS
+    schedulers: list[str]  # names this model accepts, a subset of diffq.model.schedulers.SCHEDULERS
     max_images: int = DEFAULT_MAX_IMAGES  # per request
     modes: list[str] = dataclasses.field(default_factory=lambda: [mode.value for mode in Mode])
     inpaint_unet_channels: int = 4  # 9 when a dedicated inpainting checkpoint serves inpaint/outpaint
@@ -319,7 +319,7 @@ class Engine:
             COMPILE_MODES); it compiles at its first calls: call `warm_up` before serving.
         path: a diffusers folder, or a single-file checkpoint (`.safetensors`, A1111/Civitai
             layout) read with diffusers' `from_single_file`, its configs from `single_file_config`
-            or its `<name>.json` (see `model.single_file`).
+            or its `<name>.json` (see `diffq.model.single_file`).
         lora_dir: the folder of LoRA adapters requests may name; lora_cache_size: how many
             stay loaded in the pipeline.
 
@@ -520,7 +520,7 @@ class Engine:
         return float(strength)
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
-        """What of the request's text the model will ignore, for the user (see model.prompt_check)."""
+        """What of the request's text the model will ignore, for the user (see diffq.model.prompt_check)."""
         warnings = prompt_warnings(self._tokenizers, request.prompt, request.negative_prompt)
         guidance = self.info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
         if request.negative_prompt and not self._uses_guidance(guidance):
@@ -1038,7 +1038,7 @@ def _load_pipeline(folder: Path, device: torch.device, dtype_name: str) -> Diffu
 
 
 def _load_single_file(path: Path, config: Path, device: torch.device, dtype_name: str) -> DiffusionPipeline:
-    """A single-file checkpoint, offline, on `device` in `dtype_name` (see `model.single_file`)."""
+    """A single-file checkpoint, offline, on `device` in `dtype_name` (see `diffq.model.single_file`)."""
     import torch
 
     pipe = load_single_file(path, config, getattr(torch, dtype_name))

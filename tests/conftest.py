@@ -15,15 +15,15 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.contract.tasks import queue_name
-from app.embedded_redis import EmbeddedRedis
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.tasks import queue_name
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "model" / "shapes"
@@ -89,7 +89,7 @@ def engine(tiny_model: Path) -> Engine:
     """The tiny model loaded once for the whole session, as a worker process would."""
     import torch
 
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
     torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: threads only contend
     return Engine.load(tiny_model, device="cpu", dtype="float32", max_steps=100, max_images=4)
@@ -98,7 +98,7 @@ def engine(tiny_model: Path) -> Engine:
 @pytest.fixture
 def served(redis: Redis, engine: Engine) -> ModelRecord:
     """Register the tiny model as a live worker would (a minute's TTL), without running one."""
-    from worker.service import model_record
+    from diffq.worker.service import model_record
 
     model = model_record(engine)
     now = utcnow()

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, TypeVar
 from PIL import Image
 from redis import Redis
 
-from app.settings import Settings
+from diffq.app.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
 T = TypeVar("T")
 
 
 def work(settings: Settings, engine: Engine) -> bool:
     """Run a real diffq worker in this process until its queue is empty."""
-    from worker.service import run_worker
+    from diffq.worker.service import run_worker
 
     return run_worker(settings, engine=engine, burst=True)
 
@@ -85,7 +85,7 @@ TINY_JOB = {"prompt": "a red circle", "steps": 2, "seed": 7}
 
 
 def diffq_command() -> list[str]:
-    """The installed ``diffq`` console script next to this interpreter (``python -m app.cli`` if absent)."""
+    """The installed ``diffq`` console script next to this interpreter (``python -m diffq.app.cli`` if absent)."""
     import shutil
     import sys
     from pathlib import Path
@@ -94,7 +94,7 @@ def diffq_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("diffq")
-    return [found] if found else [sys.executable, "-m", "app.cli"]
+    return [found] if found else [sys.executable, "-m", "diffq.app.cli"]
 
 
 def clean_environment(**overrides: str) -> dict[str, str]:
@@ -136,14 +136,14 @@ def is_alive(pid: int) -> bool:
 
 def input_key(job_id: str, name: str) -> str:
     """The Redis key of an editing job's stored input with ``DIFFQ_STORE=redis`` (the default)."""
-    from app.contract import keys
-    from app.storage import objects
+    from diffq.app.contract import keys
+    from diffq.app.storage import objects
 
     return keys.stored_object(objects.job_input(job_id, name))
 
 
 def stored_objects(redis: Redis, job_id: str) -> list[str]:
     """Keys of a job's objects (images, journeys, inputs) in the ``redis`` result store."""
-    from app.contract import keys
+    from diffq.app.contract import keys
 
     return sorted(key.decode() for key in redis.scan_iter(match=keys.stored_object(f"{job_id}/*")))

@@ -1,4 +1,4 @@
-"""A corpus of hostile and of valid uploads for ``app.core.uploads``, built in memory (no files on disk).
+"""A corpus of hostile and of valid uploads for ``diffq.app.core.uploads``, built in memory (no files on disk).
 
 ``hostile_cases`` returns what the API must refuse, each with the status it must answer: 413 for the size cap,
 422 for everything else. ``valid_cases`` returns what it must accept, with the size (after EXIF orientation)

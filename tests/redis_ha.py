@@ -19,7 +19,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from app.embedded_redis import find_redis_server, free_port
+from diffq.app.embedded_redis import find_redis_server, free_port
 from tests.helpers import wait_for
 
 SERVICE = "diffq"

@@ -19,7 +19,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from app.embedded_redis import free_port
+from diffq.app.embedded_redis import free_port
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

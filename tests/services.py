@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from app.embedded_redis import free_port
+from diffq.app.embedded_redis import free_port
 from tests.helpers import clean_environment, diffq_command, wait_for
 
 

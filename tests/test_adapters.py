@@ -1,4 +1,4 @@
-"""model.adapters through model.engine: LoRA adapters per request on a tiny SD 1.x pipeline."""
+"""diffq.model.adapters through diffq.model.engine: LoRA adapters per request on a tiny SD 1.x pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.engine import Engine, GenerationRequest, InvalidRequestError
+from diffq.model.engine import Engine, GenerationRequest, InvalidRequestError
 from tests.tiny_loras import write_tiny_lora
 
 REQUEST = dict(prompt="a red circle", steps=2, seed=5)

@@ -12,11 +12,11 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app.contract.records import ModelRecord
-from app.contract.tasks import TASK, queue_name
-from app.settings import Settings
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import TASK, queue_name
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, work
-from worker.allowlist import refusal_reason
+from diffq.worker.allowlist import refusal_reason
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -37,13 +37,13 @@ def test_a_job_naming_another_function_is_refused_and_nothing_runs(
     marker = tmp_path / "pwned"
     job = _queue(redis, served).enqueue_call("os.system", args=[f"touch {marker}"])  # by hand, as an intruder would
 
-    with caplog.at_level(logging.ERROR, logger="worker.allowlist"):
+    with caplog.at_level(logging.ERROR, logger="diffq.worker.allowlist"):
         work(settings, engine)
 
     assert not marker.exists()
     assert "RefusedTaskError" in _failure(redis, job.id)
     assert "'os.system'" in _failure(redis, job.id)
-    [logged] = [r for r in caplog.records if r.name == "worker.allowlist"]
+    [logged] = [r for r in caplog.records if r.name == "diffq.worker.allowlist"]
     assert f"refused RQ job {job.id}" in logged.getMessage() and "'os.system'" in logged.getMessage()
 
 

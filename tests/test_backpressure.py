@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.core.backpressure import ModelLoad, parse_depths
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.core.backpressure import ModelLoad, parse_depths
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("served")
 

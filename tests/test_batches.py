@@ -15,12 +15,12 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.tasks import TASK, Place, enqueue, enqueue_many, model_queue
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import TASK, Place, enqueue, enqueue_many, model_queue
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, work
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

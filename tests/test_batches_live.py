@@ -17,9 +17,9 @@ import pytest
 import standardwebhooks
 from redis import Redis
 
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.embedded_redis import EmbeddedRedis
-from app.webhooks.signing import generate_secret
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.webhooks.signing import generate_secret
 from tests.helpers import TINY_JOB, clean_environment, diffq_command, wait_for
 from tests.services import services
 from tests.test_e2e import SHAPES, dominant_colour

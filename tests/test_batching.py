@@ -19,14 +19,14 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from app.contract import events, keys
-from app.contract.store import JobStore
-from app.contract.tasks import model_queue, queue_name
-from app.settings import Settings
+from diffq.app.contract import events, keys
+from diffq.app.contract.store import JobStore
+from diffq.app.contract.tasks import model_queue, queue_name
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, job_of, png_text, post, stored_objects, wait_for, while_working, work
-from worker.batching import Company, engine_batch_key
-from worker.rq_worker import DiffqWorker
-from worker.sweeper import Sweeper
+from diffq.worker.batching import Company, engine_batch_key
+from diffq.worker.rq_worker import DiffqWorker
+from diffq.worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -326,7 +326,7 @@ def test_sigterm_past_the_grace_period_hands_every_job_of_a_batch_back(client, r
 
 def test_a_bug_in_the_run_fails_the_batch_and_leaves_no_job_running(client, redis, settings, engine,
                                                                      monkeypatch) -> None:
-    from worker.runner import JobRunner
+    from diffq.worker.runner import JobRunner
 
     def broken(self, job, result) -> None:
         raise RuntimeError("a bug while storing")
@@ -362,8 +362,8 @@ def test_claim_queued_takes_a_job_off_rqs_list_and_claims_it_in_one_step(client,
 
 
 def test_store_step_checks_every_job_of_a_batch_and_writes_due_progress(redis) -> None:
-    from app.contract.records import JobParams, JobRecord
-    from app.contract.store import RunCheck
+    from diffq.app.contract.records import JobParams, JobRecord
+    from diffq.app.contract.store import RunCheck
 
     store = JobStore(redis)
     params = JobParams(prompt="p", width=16, height=16, steps=10, guidance_scale=7.5, scheduler="ddim", seed=1)

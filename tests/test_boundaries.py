@@ -23,24 +23,24 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from redis import Redis
 
-import app.contract
-from app.contract.records import ModelRecord
-from app.contract.tasks import queue_name
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
+import diffq.app.contract
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import queue_name
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.settings import Settings
 from tests.helpers import wait_for, work
 from tests.services import Services, services
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Importing the contract must not bring in the API's modules (the worker and the deliverer import it),
 # nor the model stack.
 CONTRACT_FORBIDDEN = (
-    "app.api", "app.auth", "app.core", "app.settings", "app.main", "app.deps", "app.webhooks", "app.storage",
-    "app.schemas", "fastapi", "starlette", "pydantic_settings", "torch", "diffusers", "transformers",
+    "diffq.app.api", "diffq.app.auth", "diffq.app.core", "diffq.app.settings", "diffq.app.main", "diffq.app.deps", "diffq.app.webhooks", "diffq.app.storage",
+    "diffq.app.schemas", "fastapi", "starlette", "pydantic_settings", "torch", "diffusers", "transformers",
 )
 
 
@@ -57,27 +57,27 @@ def _offending(modules: list[str], forbidden: tuple[str, ...]) -> list[str]:
 
 
 def contract_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(app.contract.__path__, "app.contract."))
+    return sorted(m.name for m in pkgutil.iter_modules(diffq.app.contract.__path__, "diffq.app.contract."))
 
 
 def test_every_contract_module_is_listed() -> None:
     # The webhook queue and outbox are part of the contract (the job scripts write them).
-    expected = {"app.contract.webhook_queue", "app.contract.webhook_outbox", "app.contract.store"}
+    expected = {"diffq.app.contract.webhook_queue", "diffq.app.contract.webhook_outbox", "diffq.app.contract.store"}
     assert expected <= set(contract_modules())
 
 
 def test_the_contract_imports_without_the_api_or_the_model_stack() -> None:
     modules = _imported("\n".join(f"import {name}" for name in contract_modules()))
 
-    assert "app.contract.store" in modules
+    assert "diffq.app.contract.store" in modules
     assert _offending(modules, CONTRACT_FORBIDDEN) == []
 
 
 def test_the_boundary_check_sees_a_forbidden_import() -> None:
     # The check above must be able to fail: the API's settings module is on the forbidden list.
-    modules = _imported("import app.contract.keys\nimport app.settings")
+    modules = _imported("import diffq.app.contract.keys\nimport diffq.app.settings")
 
-    assert "app.settings" in _offending(modules, CONTRACT_FORBIDDEN)
+    assert "diffq.app.settings" in _offending(modules, CONTRACT_FORBIDDEN)
 
 
 # The Python client runs with a plain `pip install diffq` (= diffq[client]) and nothing else: a blocker in
@@ -130,7 +130,7 @@ def _client_distributions() -> set[str]:
 def _client_import_names() -> set[str]:
     distributions = _client_distributions()
     return {top for top, owners in metadata.packages_distributions().items()
-            if any(canonicalize_name(owner) in distributions for owner in owners)} | {"app"}
+            if any(canonicalize_name(owner) in distributions for owner in owners)} | {"diffq"}
 
 
 def test_the_client_extra_is_the_plain_install_and_holds_nothing_of_the_server() -> None:
@@ -143,7 +143,7 @@ def test_the_client_extra_is_the_plain_install_and_holds_nothing_of_the_server()
 
 
 def test_the_blocker_refuses_what_the_client_extra_does_not_install() -> None:
-    script = BLOCKER + "import app.client\nimport app.settings\n"
+    script = BLOCKER + "import diffq.app.client\nimport diffq.app.settings\n"
     result = subprocess.run([sys.executable, "-c", script, ",".join(sorted(_client_import_names()))],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
 
@@ -162,7 +162,7 @@ def test_the_client_and_its_commands_run_with_only_the_client_extra(
     output = tmp_path / "circle.png"
     script = BLOCKER + textwrap.dedent(f"""
         import argparse, json, types
-        from app import client, client_batches, client_cli
+        from diffq.app import client, client_batches, client_cli
 
         parser = argparse.ArgumentParser()
         client_cli.add_commands(parser.add_subparsers(), None, None, None)
@@ -185,7 +185,7 @@ def test_the_client_and_its_commands_run_with_only_the_client_extra(
     answer = json.loads(stdout.splitlines()[-1])
     assert answer["code"] == 0 and output.read_bytes().startswith(b"\x89PNG"), stderr
     assert "tqdm" in answer["modules"] and "httpx" in answer["modules"]  # the progress bar ran
-    assert _offending(answer["modules"], ("app.settings", "pydantic", "redis", "fastapi")) == []
+    assert _offending(answer["modules"], ("diffq.app.settings", "pydantic", "redis", "fastapi")) == []
 
 
 # Training stays out of the runtime path: a real `diffq worker` process loads a model and runs a job with
@@ -197,10 +197,10 @@ def _import_log(text: str) -> list[str]:
 
 
 def test_the_import_log_names_a_training_module_when_one_is_imported() -> None:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import model.training.shapes_data"],
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import diffq.model.training.shapes_data"],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
 
-    assert _offending(_import_log(result.stderr), ("model.training",)) == ["model.training", "model.training.shapes_data"]
+    assert _offending(_import_log(result.stderr), ("diffq.model.training",)) == ["diffq.model.training", "diffq.model.training.shapes_data"]
 
 
 def test_a_worker_loads_its_model_and_runs_a_job_without_the_training_code(
@@ -212,5 +212,5 @@ def test_a_worker_loads_its_model_and_runs_a_job_without_the_training_code(
             wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded", timeout=120)
         worker_imports = _import_log((tmp_path / "worker.log").read_text(errors="replace"))
 
-    assert {"model.engine", "worker.runner", "diffusers"} <= set(worker_imports)  # the log covers the job's run
-    assert _offending(worker_imports, ("model.training",)) == []
+    assert {"diffq.model.engine", "diffq.worker.runner", "diffusers"} <= set(worker_imports)  # the log covers the job's run
+    assert _offending(worker_imports, ("diffq.model.training",)) == []

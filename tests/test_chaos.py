@@ -16,8 +16,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.contract import events, keys
-from app.embedded_redis import find_redis_server, free_port
+from diffq.app.contract import events, keys
+from diffq.app.embedded_redis import find_redis_server, free_port
 from tests.conftest import SHAPES
 from tests.helpers import clean_environment, diffq_command, wait_for
 from tests.test_webhooks import Receiver

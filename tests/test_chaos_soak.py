@@ -32,8 +32,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.contract import events, keys
-from app.embedded_redis import find_redis_server
+from diffq.app.contract import events, keys
+from diffq.app.embedded_redis import find_redis_server
 from tests.helpers import wait_for
 from tests.test_chaos import Redis_, Service, report
 from tests.test_webhooks import Receiver

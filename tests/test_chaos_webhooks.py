@@ -27,14 +27,14 @@ import standardwebhooks
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract.records import ModelRecord
-from app.embedded_redis import EmbeddedRedis, free_port
-from app.main import create_app
-from app.settings import Settings
-from app.webhooks.deliver import INFLIGHT, Deliverer, attempts
-from app.contract.webhook_outbox import relay
-from app.contract.webhook_queue import DUE
-from app.webhooks.signing import generate_secret
+from diffq.app.contract.records import ModelRecord
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
+from diffq.app.webhooks.deliver import INFLIGHT, Deliverer, attempts
+from diffq.app.contract.webhook_outbox import relay
+from diffq.app.contract.webhook_queue import DUE
+from diffq.app.webhooks.signing import generate_secret
 from tests.helpers import TINY_JOB, wait_for, work
 from tests.services import services
 from tests.test_webhooks import Receiver

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import _settings, build_parser
+from diffq.app.cli import _settings, build_parser
 from tests.helpers import clean_environment, diffq_command
 
 

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from app.client import APIError, AsyncClient, Client, Event, JobFailed, WaitTimeout
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.tasks import queue_name
-from app.embedded_redis import EmbeddedRedis, free_port
-from app.settings import Settings
+from diffq.app.client import APIError, AsyncClient, Client, Event, JobFailed, WaitTimeout
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import queue_name
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.settings import Settings
 from tests.helpers import clean_environment, diffq_command, wait_for, work
 from tests.services import Services, services
 

@@ -3,7 +3,7 @@ shipped shapes model: `webuiapi` (A1111's /sdapi/v1, HTTP Basic), the official `
 edits and variations), and the requests Open WebUI and SillyTavern send (tests/client_requests.py).
 
 The images must follow their prompts: the shapes model paints the colours it is asked for, read
-the way `model.training.evaluate` reads them (nearest palette colour per pixel). Few steps, 64×64, one
+the way `diffq.model.training.evaluate` reads them (nearest palette colour per pixel). Few steps, 64×64, one
 module-scoped stack (two API keys) for every test here.
 """
 
@@ -24,9 +24,9 @@ import webuiapi
 from PIL import Image
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.embedded_redis import EmbeddedRedis
-from model.training.shapes_data import COLOURS, _palette_labels
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.model.training.shapes_data import COLOURS, _palette_labels
 from tests import client_requests
 from tests.conftest import SHAPES
 from tests.helpers import wait_for

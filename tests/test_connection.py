@@ -1,4 +1,4 @@
-"""app.contract.connection: a plain URL as before, or the primary found through real sentinels,
+"""diffq.app.contract.connection: a plain URL as before, or the primary found through real sentinels,
 followed across a failover by the same client objects (sync and asyncio) and by `diffq keys`."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 
-from app.contract import connection
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
+from diffq.app.contract import connection
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.settings import Settings
 from tests.helpers import clean_environment, diffq_command
 from tests.redis_ha import SERVICE, SentinelCluster
 

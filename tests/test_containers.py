@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.settings import Settings
+from diffq.app.settings import Settings
 from tests.containers import (
     API_DOCKERFILE,
     COMPOSE,

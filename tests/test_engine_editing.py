@@ -1,5 +1,5 @@
-"""model.engine's editing modes on tiny random pipelines (SD 1.x, SD 2.x v-prediction, SDXL,
-and a 9-channel SD inpainting checkpoint), two steps on the CPU; model.editing's helpers."""
+"""diffq.model.engine's editing modes on tiny random pipelines (SD 1.x, SD 2.x v-prediction, SDXL,
+and a 9-channel SD inpainting checkpoint), two steps on the CPU; diffq.model.editing's helpers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from app.contract.records import JobMode, Outpaint
-from app.core.validation import DEFAULT_STRENGTH as API_DEFAULT_STRENGTH
-from model.editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, mask_from_alpha, outpaint_canvas, paste_back
-from model.engine import Engine, GenerationRequest, InvalidRequestError, ModelLoadError
+from diffq.app.contract.records import JobMode, Outpaint
+from diffq.app.core.validation import DEFAULT_STRENGTH as API_DEFAULT_STRENGTH
+from diffq.model.editing import DEFAULT_STRENGTH, Mode, Padding, binary_mask, mask_from_alpha, outpaint_canvas, paste_back
+from diffq.model.engine import Engine, GenerationRequest, InvalidRequestError, ModelLoadError
 from tests.tiny_pipelines import IMAGE_SIZE, build_sd1, build_sd1_inpaint, build_sd2_vpred, build_sdxl
 
 S = IMAGE_SIZE  # 16
@@ -164,11 +164,11 @@ def test_validate_fills_in_the_edit_size_and_strength(engines):
     assert engines["sd1"].validate(resolved) == resolved
 
 
-# -- model.editing -----------------------------------------------------------------------------------
+# -- diffq.model.editing -----------------------------------------------------------------------------------
 
 
 def test_the_api_and_the_model_share_one_definition_of_modes_padding_and_defaults():
-    # One definition each, in the request rules (app.contract.rules), not two kept in step.
+    # One definition each, in the request rules (diffq.app.contract.rules), not two kept in step.
     assert Mode is JobMode and Padding is Outpaint
     assert DEFAULT_STRENGTH is API_DEFAULT_STRENGTH
 

@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.engine import Engine, GenerationRequest, _resolve_dtype, is_out_of_memory
+from diffq.model.engine import Engine, GenerationRequest, _resolve_dtype, is_out_of_memory
 from tests.helpers import TINY_JOB, job_of, post, work
 
 REQUEST = GenerationRequest(prompt="a red circle", steps=2, seed=7, num_images=2)
@@ -144,13 +144,13 @@ def test_only_torchs_out_of_memory_error_counts_as_out_of_memory() -> None:
 
 
 def test_worker_start_logs_and_warms_up_the_fast_path(tiny_model, settings, monkeypatch, caplog) -> None:
-    from worker.service import load_engine
+    from diffq.worker.service import load_engine
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     warmed: list[tuple] = []
     monkeypatch.setattr(Engine, "warm_up", lambda self, sizes=(1,): warmed.append(tuple(sizes)) or 0.1)
     base = settings.model_copy(update={"model_path": tiny_model, "device": "cpu", "preview_decoder": "off"})
-    with caplog.at_level(logging.INFO, logger="worker.service"):
+    with caplog.at_level(logging.INFO, logger="diffq.worker.service"):
         plain = load_engine(base)
         fast = load_engine(base.model_copy(update={"fast_path": "on", "compile": True}))
 

@@ -62,14 +62,14 @@ from schemathesis.core.parameters import ParameterLocation
 
 from redis import Redis
 
-from app.api.slow_clients import uvicorn_options
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.contract.tasks import queue_name
-from app.embedded_redis import free_port
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.api.slow_clients import uvicorn_options
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.tasks import queue_name
+from diffq.app.embedded_redis import free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 #: Generated cases per operation in the fuzzing phase (the coverage and examples phases add their own).
 MAX_EXAMPLES = 20

@@ -6,10 +6,10 @@ import time
 
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from worker.heartbeat import Heartbeat
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.worker.heartbeat import Heartbeat
 
 
 def _heartbeat(redis: Redis, served: ModelRecord) -> Heartbeat:

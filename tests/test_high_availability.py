@@ -22,12 +22,12 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import OutOfMemoryError
 
-from app.contract import keys
-from app.contract.memory import EvictionPolicyError
-from app.contract.records import ModelRecord
-from app.embedded_redis import EmbeddedRedis, free_port
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.memory import EvictionPolicyError
+from diffq.app.contract.records import ModelRecord
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import clean_environment, diffq_command, wait_for
 from tests.redis_ha import SentinelCluster
 
@@ -318,10 +318,10 @@ def test_a_primary_without_its_replicas_answers_503_not_500(
 
 @pytest.fixture
 def served_on_small(small_redis: EmbeddedRedis, engine) -> ModelRecord:  # type: ignore[no-untyped-def]
-    from app.contract.records import WorkerRecord, utcnow
-    from app.contract.registry import Registry
-    from app.contract.tasks import queue_name
-    from worker.service import model_record
+    from diffq.app.contract.records import WorkerRecord, utcnow
+    from diffq.app.contract.registry import Registry
+    from diffq.app.contract.tasks import queue_name
+    from diffq.worker.service import model_record
 
     model = model_record(engine)
     now = utcnow()
@@ -335,7 +335,7 @@ def served_on_small(small_redis: EmbeddedRedis, engine) -> ModelRecord:  # type:
 def test_an_evicting_redis_is_refused_at_start_by_the_api_and_the_worker(
     small_redis: EmbeddedRedis, engine, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    from worker.service import run_worker
+    from diffq.worker.service import run_worker
 
     with Redis.from_url(small_redis.url) as redis:
         redis.config_set("maxmemory-policy", "allkeys-lru")

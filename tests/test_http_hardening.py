@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 
 pytestmark = pytest.mark.usefixtures("served")

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from redis import Redis
 
-from app.api.errors import STATUS
-from app.core.errors import IdempotencyConflictError, InvalidRequestError
-from app.core.idempotency import (
+from diffq.app.api.errors import STATUS
+from diffq.app.core.errors import IdempotencyConflictError, InvalidRequestError
+from diffq.app.core.idempotency import (
     IdempotencyStore,
     Reservation,
     fingerprint,
@@ -19,7 +19,7 @@ from app.core.idempotency import (
     redis_key,
     validate_key,
 )
-from app.embedded_redis import EmbeddedRedis
+from diffq.app.embedded_redis import EmbeddedRedis
 
 BODY = {"prompt": "a small red circle", "steps": 4, "options": {"seed": 7, "size": [16, 16]}}
 

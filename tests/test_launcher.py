@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.embedded_redis import free_port
+from diffq.app.embedded_redis import free_port
 from tests.helpers import children_of, clean_environment, diffq_command, is_alive, wait_for
 
 
@@ -48,7 +48,7 @@ def test_up_serves_a_job_and_ctrl_c_stops_every_child(tiny_model: Path, tmp_path
 
 
 def test_passwords_in_redis_urls_are_not_printed() -> None:
-    from app.launcher import _without_password
+    from diffq.app.launcher import _without_password
 
     assert _without_password("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert _without_password("rediss://user:s3cret@redis:6380") == "rediss://user:***@redis:6380"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.contract.records import ModelRecord
-from app.logs import job_context, resolve_format, setup
-from app.settings import Settings
+from diffq.app.contract.records import ModelRecord
+from diffq.app.logs import job_context, resolve_format, setup
+from diffq.app.settings import Settings
 
 JOB = "0123456789abcdef0123456789abcdef"
 
@@ -42,7 +42,7 @@ def test_json_lines_carry_the_job_id_from_extra_context_or_the_message(lines: io
         log.warning("from the context")
         log.info("job %s: taken along in the batch", JOB)  # names another job: that one
     log.info("job %s: attempt %d started", JOB, 1)  # how worker/runner.py words its lines
-    log.info("diffq:shapes: worker.task.run_job('%s') (%s)", JOB, JOB)  # RQ's line
+    log.info("diffq:shapes: diffq.worker.task.run_job('%s') (%s)", JOB, JOB)  # RQ's line
     log.info("nothing about a job; a sha256 %s is not one", "ab" * 32)
 
     first, second, batch, third, fourth, fifth = parsed(lines)
@@ -102,7 +102,7 @@ def test_the_api_logs_each_job_it_queues_and_requests_about_a_job_carry_its_id(
 
     records = parsed(lines)
     queued = [r for r in records if r["message"].startswith(f"job {job['id']} queued")]
-    assert queued and queued[0]["job_id"] == job["id"] and queued[0]["logger"] == "app.core.jobs"
+    assert queued and queued[0]["job_id"] == job["id"] and queued[0]["logger"] == "diffq.app.core.jobs"
     canceled = [r for r in records if "canceled while queued" in r["message"]]
     assert canceled and canceled[0]["job_id"] == job["id"]
     assert "job_id" not in [r for r in records if r["logger"] == "diffq.test"][0]
@@ -111,7 +111,7 @@ def test_the_api_logs_each_job_it_queues_and_requests_about_a_job_carry_its_id(
 def test_requests_under_a_job_path_run_in_that_jobs_context() -> None:
     import asyncio
 
-    from app.logs import JobContextMiddleware, job_id_var
+    from diffq.app.logs import JobContextMiddleware, job_id_var
 
     seen = []
 

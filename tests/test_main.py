@@ -8,7 +8,7 @@ import textwrap
 
 from fastapi.testclient import TestClient
 
-from app.settings import Settings
+from diffq.app.settings import Settings
 
 
 def test_api_never_imports_torch_or_diffusers() -> None:
@@ -16,10 +16,10 @@ def test_api_never_imports_torch_or_diffusers() -> None:
     script = textwrap.dedent(
         """
         import importlib, pkgutil, sys
-        import app
-        for module in pkgutil.walk_packages(app.__path__, "app."):
+        import diffq.app
+        for module in pkgutil.walk_packages(diffq.app.__path__, "diffq.app."):
             importlib.import_module(module.name)
-        from app.main import create_app
+        from diffq.app.main import create_app
         from fastapi.testclient import TestClient
         with TestClient(create_app()) as client:
             assert client.get("/openapi.json").status_code == 200

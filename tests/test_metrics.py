@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
-from app.contract import keys, metrics
-from app.contract.records import JobMode, JobParams, JobRecord, ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.contract.tasks import queue_name
-from app.embedded_redis import free_port
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract import keys, metrics
+from diffq.app.contract.records import JobMode, JobParams, JobRecord, ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.tasks import queue_name
+from diffq.app.embedded_redis import free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 
 def scrape(client: TestClient) -> dict[str, list]:

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ModelRecord
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
 
 
 def png(colour: str = "yellow", mode: str = "RGB") -> bytes:

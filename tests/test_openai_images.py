@@ -18,13 +18,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.contract import events, keys
-from app.contract.records import ModelRecord
-from app.contract.store import JobStore
-from app.embedded_redis import EmbeddedRedis
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.contract import events, keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.store import JobStore
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import wait_for
 from tests.services import Services, services
 
@@ -136,7 +136,7 @@ def test_images_generate_answers_b64_json(oai: openai.OpenAI, stack: Services) -
     job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.headers).json()
     assert job["status"] == "succeeded" and job["seeds"] == [11, 12] and job["request"]["steps"] == 3
 
-    # The worker's log lines about the job are JSON with its id (app.logs via `diffq worker`).
+    # The worker's log lines about the job are JSON with its id (diffq.app.logs via `diffq worker`).
     lines = [json.loads(line) for line in (stack.log_dir / "worker.log").read_text().splitlines()
              if line.startswith("{")]
     assert any(line.get("job_id") == job_id and "succeeded" in line["message"] for line in lines)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.core.errors import InvalidRequestError
-from app.core.openai_inputs import openai_mask, png_prompt
-from app.core.uploads import UploadLimits
+from diffq.app.core.errors import InvalidRequestError
+from diffq.app.core.openai_inputs import openai_mask, png_prompt
+from diffq.app.core.uploads import UploadLimits
 
 LIMITS = UploadLimits(max_bytes=1 << 20, max_pixels=1 << 16, max_side=256)
 

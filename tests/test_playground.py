@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.embedded_redis import EmbeddedRedis
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
 from tests.services import Services, services
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from PIL import Image
 
-from app.contract.records import JobParams, ModelRecord
+from diffq.app.contract.records import JobParams, ModelRecord
 from tests.helpers import png_text
-from worker.png import encode_png
-from worker.png import png_text as metadata_for
+from diffq.worker.png import encode_png
+from diffq.worker.png import png_text as metadata_for
 
 PARAMS = JobParams(
     prompt="a red circle, blue background", negative_prompt="green", width=16, height=16, steps=2,

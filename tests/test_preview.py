@@ -1,4 +1,4 @@
-"""model.preview: the clean-image estimate each scheduler exposes, the fitted latent projection,
+"""diffq.model.preview: the clean-image estimate each scheduler exposes, the fitted latent projection,
 and journeys, on tiny pipelines and on the shipped shapes model."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.engine import Engine, GenerationRequest
-from model.preview import encode_latents
-from model.training.shapes_data import COLOURS, nearest_colour
+from diffq.model.engine import Engine, GenerationRequest
+from diffq.model.preview import encode_latents
+from diffq.model.training.shapes_data import COLOURS, nearest_colour
 from tests.conftest import SHAPES
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from redis import Redis
 
-from app.contract.records import JobParams, JobRecord
-from app.contract.store import JobStore, WriteResult
-from worker.progress import JobAbandonedError, ProgressReporter
+from diffq.app.contract.records import JobParams, JobRecord
+from diffq.app.contract.store import JobStore, WriteResult
+from diffq.worker.progress import JobAbandonedError, ProgressReporter
 
 PARAMS = JobParams(prompt="p", width=16, height=16, steps=100, guidance_scale=7.5, scheduler="ddim", seed=1)
 

@@ -15,16 +15,16 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.contract.records import JobMode, JobParams
-from app.provenance import credentials, labels, watermark
-from app.provenance.credentials import ContentSigner, CredentialsError
-from app.provenance.verify import verify
-from app.settings import Settings
+from diffq.app.contract.records import JobMode, JobParams
+from diffq.app.provenance import credentials, labels, watermark
+from diffq.app.provenance.credentials import ContentSigner, CredentialsError
+from diffq.app.provenance.verify import verify
+from diffq.app.settings import Settings
 from tests.certificates import make_chain
 from tests.helpers import TINY_JOB, clean_environment, diffq_command, post, work
 from tests.pngchunks import change_one_pixel, rewrite_text
 from tests.services import services
-from worker.marking import Marker, SigningFailedError
+from diffq.worker.marking import Marker, SigningFailedError
 
 PAYLOAD = "diffq-test"
 
@@ -121,7 +121,7 @@ def test_policy_off_and_optional_without_signer_leave_images_unsigned(chain: tup
 
 
 def test_a_key_that_requires_credentials_is_refused_at_submit_when_nothing_signs(settings: Settings, served) -> None:
-    from app.main import create_app
+    from diffq.app.main import create_app
 
     strict = settings.model_copy(update={"content_credentials": "required"})
     with TestClient(create_app(strict)) as client:

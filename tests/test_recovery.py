@@ -12,13 +12,13 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from app.contract import events, keys
-from app.contract.records import utcnow
-from app.contract.store import JobStore, WriteResult
-from app.contract.tasks import model_queue
-from app.settings import Settings
+from diffq.app.contract import events, keys
+from diffq.app.contract.records import utcnow
+from diffq.app.contract.store import JobStore, WriteResult
+from diffq.app.contract.tasks import model_queue
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, work
-from worker.sweeper import Sweeper
+from diffq.worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -129,7 +129,7 @@ def test_deadline_is_limited_by_settings(client) -> None:
 
 
 def test_a_run_longer_than_the_deployments_timeout_fails_with_timeout(settings, engine) -> None:
-    from app.main import create_app
+    from diffq.app.main import create_app
 
     short = settings.model_copy(update={"job_timeout": 1})
     with TestClient(create_app(short)) as client:

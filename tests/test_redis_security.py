@@ -27,10 +27,10 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.embedded_redis import EmbeddedRedis, find_redis_server, free_port
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import clean_environment, diffq_command, wait_for
 from tests.services import Services, services
 

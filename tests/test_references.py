@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, work
 
 pytestmark = pytest.mark.usefixtures("served")

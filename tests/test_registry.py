@@ -6,9 +6,9 @@ import time
 
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
 
 
 def _worker(worker_id: str, model: str) -> WorkerRecord:

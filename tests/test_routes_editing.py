@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract.records import JobMode
-from app.contract.store import JobStore
-from app.settings import Settings
+from diffq.app.contract.records import JobMode
+from diffq.app.contract.store import JobStore
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, input_key, png_text, work
 
 pytestmark = pytest.mark.usefixtures("served")
@@ -249,7 +249,7 @@ def test_bad_editing_fields_name_the_field(client, extra: dict, field: str, word
 
 
 def test_a_model_without_editing_refuses_edit_modes(client, redis: Redis, served) -> None:
-    from app.contract.registry import Registry
+    from diffq.app.contract.registry import Registry
 
     text_only = served.model_copy(update={"modes": [JobMode.TXT2IMG]})
     worker = Registry(redis, ttl=60).live_workers()[0]
@@ -286,7 +286,7 @@ def test_expired_input_fails_the_job_clearly(client, redis: Redis, settings: Set
 def test_decoding_runs_off_the_event_loop(client, monkeypatch) -> None:
     import asyncio
 
-    import app.core.inputs as inputs
+    import diffq.app.core.inputs as inputs
 
     real_decode = inputs.decode_image
     loops = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from app.embedded_redis import free_port
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.embedded_redis import free_port
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 
 def test_healthz_answers_without_anything_else(client: TestClient) -> None:

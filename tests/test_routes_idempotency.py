@@ -21,14 +21,14 @@ from redis import Redis
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.commands.core import Script
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.tasks import queue_name
-from app.core.idempotency import IdempotencyStore, fingerprint
-from app.core.jobs import JobService
-from app.embedded_redis import EmbeddedRedis
-from app.schemas.jobs import JobCreate
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import queue_name
+from diffq.app.core.idempotency import IdempotencyStore, fingerprint
+from diffq.app.core.jobs import JobService
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.schemas.jobs import JobCreate
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 from tests.services import services
 

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.routes.images import etag_matches
-from app.settings import Settings
+from diffq.app.api.routes.images import etag_matches
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, work
 
 pytestmark = pytest.mark.usefixtures("served")

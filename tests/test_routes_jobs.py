@@ -11,12 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.api.polling import PollPacer
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.tasks import model_queue
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.api.polling import PollPacer
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import model_queue
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, stored_objects, work
 
 pytestmark = pytest.mark.usefixtures("served")
@@ -67,10 +67,10 @@ def test_rq_job_carries_only_the_job_id(client: TestClient, redis: Redis, served
 
     [rq_job] = model_queue(served.name, redis).get_jobs()
     assert rq_job.id == job_id
-    assert rq_job.func_name == "worker.task.run_job"
+    assert rq_job.func_name == "diffq.worker.task.run_job"
     assert rq_job.args == [job_id] and rq_job.kwargs == {}
     payload = json.loads(zlib.decompress(redis.hget(f"rq:job:{job_id}", "data")))  # JSON, not pickle
-    assert payload == ["worker.task.run_job", None, [job_id], {}]
+    assert payload == ["diffq.worker.task.run_job", None, [job_id], {}]
 
 
 def test_random_seed_is_chosen_and_shown_when_omitted(client: TestClient) -> None:
@@ -193,7 +193,7 @@ def test_missing_prompt_and_bad_json_are_422(client: TestClient) -> None:
 
 
 def test_limits_follow_the_settings_dependency(client: TestClient, settings: Settings) -> None:
-    from app.deps import get_settings
+    from diffq.app.deps import get_settings
 
     strict = settings.model_copy(update={"max_steps": 3, "max_prompt_length": 5})
     client.app.dependency_overrides[get_settings] = lambda: strict

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.contract.adapters import list_adapters, parse_prompt
-from app.contract.records import ModelRecord
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract.adapters import list_adapters, parse_prompt
+from diffq.app.contract.records import ModelRecord
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.tiny_loras import write_tiny_lora
 
 

@@ -7,9 +7,9 @@ import time
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.settings import Settings
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.settings import Settings
 
 
 def _worker(worker_id: str, model: ModelRecord) -> WorkerRecord:

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 from tests.hostile_images import hostile_cases, valid_cases
 

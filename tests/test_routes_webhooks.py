@@ -15,14 +15,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract import events, keys
-from app.contract.records import JobParams, JobRecord, ModelRecord, Webhook
-from app.contract.store import JobStore
-from app.main import create_app
-from app.settings import Settings
-from app.webhooks.deliver import Deliverer, attempts, attempts_key
-from app.contract.webhook_queue import DUE, delivery_key
-from app.webhooks.signing import get_secret
+from diffq.app.contract import events, keys
+from diffq.app.contract.records import JobParams, JobRecord, ModelRecord, Webhook
+from diffq.app.contract.store import JobStore
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
+from diffq.app.webhooks.deliver import Deliverer, attempts, attempts_key
+from diffq.app.contract.webhook_queue import DUE, delivery_key
+from diffq.app.webhooks.signing import get_secret
 from tests.helpers import TINY_JOB, work
 from tests.test_webhooks import Receiver
 

@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from app.contract.rq_adapter import (
+from diffq.app.contract.rq_adapter import (
     end_execution,
     end_lost,
     failure_text,
@@ -30,9 +30,9 @@ from app.contract.rq_adapter import (
     started_ids,
     taken_ids,
 )
-from app.contract.status import JobStatus
-from app.contract.tasks import cancel_queued, enqueue, forget, intermediate_key, model_queue, rq_status
-from app.settings import Settings
+from diffq.app.contract.status import JobStatus
+from diffq.app.contract.tasks import cancel_queued, enqueue, forget, intermediate_key, model_queue, rq_status
+from diffq.app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = REPO / "pyproject.toml"

@@ -17,14 +17,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract.records import JobRecord, ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.contract.rules import MAX_SEED, Outpaint
-from app.contract.store import JobStore
-from app.contract.tasks import queue_name
-from model.engine import Engine, GenerationRequest, InvalidRequestError
-from worker.runner import generation_request
-from worker.service import model_record
+from diffq.app.contract.records import JobRecord, ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.rules import MAX_SEED, Outpaint
+from diffq.app.contract.store import JobStore
+from diffq.app.contract.tasks import queue_name
+from diffq.model.engine import Engine, GenerationRequest, InvalidRequestError
+from diffq.worker.runner import generation_request
+from diffq.worker.service import model_record
 
 TINY, LCM = "tiny", "tiny-lcm"
 

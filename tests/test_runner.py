@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract import keys
-from app.contract.store import JobStore
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.store import JobStore
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, png_text, wait_for, work
 
 pytestmark = pytest.mark.usefixtures("served")

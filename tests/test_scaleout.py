@@ -26,7 +26,7 @@ import pytest
 from redis import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
-from app.embedded_redis import find_redis_server, free_port
+from diffq.app.embedded_redis import find_redis_server, free_port
 from tests.helpers import clean_environment, diffq_command, wait_for
 from tests.containers import (
     API_DOCKERFILE,

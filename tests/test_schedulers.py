@@ -1,4 +1,4 @@
-"""model.schedulers: names, classes, and the model's noise schedule carried over to every sampler."""
+"""diffq.model.schedulers: names, classes, and the model's noise schedule carried over to every sampler."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from model.schedulers import (
+from diffq.model.schedulers import (
     SCHEDULERS,
     build_scheduler,
     is_compatible,

@@ -16,15 +16,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.auth.apikeys import KeyStore
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.store import JobStore
-from app.core import a1111
-from app.core.errors import InvalidRequestError
-from app.core.uploads import UploadLimits
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyStore
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.store import JobStore
+from diffq.app.core import a1111
+from diffq.app.core.errors import InvalidRequestError
+from diffq.app.core.uploads import UploadLimits
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 
 LIMITS = UploadLimits(max_bytes=1 << 20, max_pixels=1 << 16, max_side=256)
 
@@ -193,10 +193,10 @@ def test_progress_and_interrupt_touch_only_the_callers_own_sdapi_jobs(
     keyed: TestClient, two_keys: tuple[str, str], served: ModelRecord, redis: Redis, settings: Settings
 ) -> None:
     """Two keys with a job each (queued through /sdapi/v1 as its route does) and a /v1/jobs job of alice's."""
-    from app.auth.caller import Caller
-    from app.core.a1111_session import A1111Session
-    from app.core.jobs import JobService
-    from app.schemas.jobs import JobCreate
+    from diffq.app.auth.caller import Caller
+    from diffq.app.core.a1111_session import A1111Session
+    from diffq.app.core.jobs import JobService
+    from diffq.app.schemas.jobs import JobCreate
 
     alice, bob = two_keys
     ids = {}
@@ -238,9 +238,9 @@ def test_each_keys_checkpoint_option_picks_the_model_its_own_requests_run_on(
 ) -> None:
     """Two models served; alice picks the other one; bob's requests stay on the deployment's default.
     No worker runs, so each request answers its 504 after a short wait, naming its queued job."""
-    from app.contract.records import WorkerRecord, utcnow
-    from app.contract.registry import Registry
-    from app.contract.tasks import queue_name
+    from diffq.app.contract.records import WorkerRecord, utcnow
+    from diffq.app.contract.registry import Registry
+    from diffq.app.contract.tasks import queue_name
 
     other = served.model_copy(update={"name": "other"})
     now = utcnow()

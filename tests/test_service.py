@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract import keys
-from app.contract.registry import Registry
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.registry import Registry
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, wait_for, work
-from worker import context
+from diffq.worker import context
 
 
 def test_worker_is_listed_as_busy_while_it_runs_a_job_and_gone_after(

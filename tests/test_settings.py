@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Settings, default_model_path
+from diffq.app.settings import Settings, default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_default_model_is_the_bundled_shapes_folder_found_without_importing_model() -> None:
     assert default_model_path() == REPO / "model" / "shapes"
-    script = "import sys; from app.settings import Settings; Settings(); print('model' in sys.modules)"
+    script = "import sys; from diffq.app.settings import Settings; Settings(); print('diffq.model' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from model.training import shapes_data
-from model.training.evaluate import score
-from model.training.tokenizer import UNK, build_tokenizer
+from diffq.model.training import shapes_data
+from diffq.model.training.evaluate import score
+from diffq.model.training.tokenizer import UNK, build_tokenizer
 
 
 def test_samples_are_deterministic_per_seed():

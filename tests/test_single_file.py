@@ -1,4 +1,4 @@
-"""Single-file checkpoints (model.single_file): a tiny SD 1.x pipeline written to the original
+"""Single-file checkpoints (diffq.model.single_file): a tiny SD 1.x pipeline written to the original
 one-file layout loads offline and gives the folder's pixels, and a real worker serves it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.embedded_redis import EmbeddedRedis
-from model.engine import Engine, GenerationRequest, weights_hash
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.model.engine import Engine, GenerationRequest, weights_hash
 from tests.helpers import wait_for
 from tests.services import services
 from tests.single_file_layout import write_single_file

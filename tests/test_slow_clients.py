@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from app.embedded_redis import EmbeddedRedis
+from diffq.app.embedded_redis import EmbeddedRedis
 from tests.services import services
 
 pytestmark = pytest.mark.slow

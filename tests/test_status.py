@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rq.job import JobStatus as RQStatus
 
-from app.contract.status import JobStatus, from_rq
+from diffq.app.contract.status import JobStatus, from_rq
 
 
 def test_every_rq_status_has_a_diffq_status() -> None:

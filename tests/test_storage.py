@@ -14,18 +14,18 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ImageRecord, JobParams, JobRecord
-from app.main import create_app
-from app.settings import Settings
-from app.storage import objects
-from app.storage.base import StorageConfigError
-from app.storage.factory import check_settings, ready_store
-from app.storage.file_store import FileResultStore
-from app.storage.redis_store import RedisResultStore
-from app.storage.s3_store import S3ResultStore
-from app.storage.sweep import StoreSweeper, referenced
-from app.storage.urls import image_links, relative_proxy_url
+from diffq.app.contract import keys
+from diffq.app.contract.records import ImageRecord, JobParams, JobRecord
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
+from diffq.app.storage import objects
+from diffq.app.storage.base import StorageConfigError
+from diffq.app.storage.factory import check_settings, ready_store
+from diffq.app.storage.file_store import FileResultStore
+from diffq.app.storage.redis_store import RedisResultStore
+from diffq.app.storage.s3_store import S3ResultStore
+from diffq.app.storage.sweep import StoreSweeper, referenced
+from diffq.app.storage.urls import image_links, relative_proxy_url
 from tests.helpers import clean_environment, diffq_command, work
 from tests.s3_servers import MotoServer
 

@@ -14,18 +14,18 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.contract import keys
-from app.contract.store import JobStore
-from app.settings import Settings
-from app.storage import objects
-from app.storage.base import StorageConfigError
-from app.storage.factory import ready_store
-from app.storage.s3_store import S3ResultStore
-from app.storage.sweep import referenced
+from diffq.app.contract import keys
+from diffq.app.contract.store import JobStore
+from diffq.app.settings import Settings
+from diffq.app.storage import objects
+from diffq.app.storage.base import StorageConfigError
+from diffq.app.storage.factory import ready_store
+from diffq.app.storage.s3_store import S3ResultStore
+from diffq.app.storage.sweep import referenced
 from tests.helpers import TINY_JOB, clean_environment, diffq_command, wait_for
 from tests.s3_servers import BUCKET, MotoServer, S3rverServer, s3rver_path
 from tests.services import services
-from worker.encoding import read_metadata
+from diffq.worker.encoding import read_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from redis import Redis
 
-from app.contract import events, keys
-from app.contract.records import JobParams, JobRecord, Webhook
-from app.contract.status import JobStatus
-from app.contract.store import JobStore, StoredImage, WriteResult
-from app.contract.webhook_outbox import OUTBOX
+from diffq.app.contract import events, keys
+from diffq.app.contract.records import JobParams, JobRecord, Webhook
+from diffq.app.contract.status import JobStatus
+from diffq.app.contract.store import JobStore, StoredImage, WriteResult
+from diffq.app.contract.webhook_outbox import OUTBOX
 
 PARAMS = JobParams(prompt="p", width=16, height=16, steps=2, guidance_scale=7.5, scheduler="ddim", seed=1, num_images=2)
 

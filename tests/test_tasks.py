@@ -6,8 +6,8 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract.tasks import TASK, enqueue, model_queue, queue_name, rq_status
-from app.settings import Settings
+from diffq.app.contract.tasks import TASK, enqueue, model_queue, queue_name, rq_status
+from diffq.app.settings import Settings
 
 
 def test_each_model_has_its_own_queue(redis: Redis) -> None:

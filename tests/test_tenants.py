@@ -12,13 +12,13 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.auth.quotas import RateLimiter
-from app.contract import keys
-from app.contract.records import ModelRecord
-from app.contract.tasks import model_queue
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.auth.quotas import RateLimiter
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.tasks import model_queue
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 
 pytestmark = pytest.mark.usefixtures("served")

@@ -1,4 +1,4 @@
-"""Smoke training: every stage of `python -m model.training.train` on the tiny preset, then a plain
+"""Smoke training: every stage of `python -m diffq.model.training.train` on the tiny preset, then a plain
 diffusers pipeline call on the result. It keeps the training code working; it does not
 retrain the shipped model."""
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args):
-    subprocess.run([sys.executable, "-m", "model.training.train", *args], check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "diffq.model.training.train", *args], check=True, capture_output=True, text=True)
 
 
 def test_train_all_stages_resume_and_export(tmp_path):
@@ -50,8 +50,8 @@ def test_edge_weighted_loss_counts_errors_at_a_shapes_outline_more():
     import torch
     import torch.nn.functional as F
 
-    from model.training import shapes_data
-    from model.training.train import edge_map, reconstruction_loss
+    from diffq.model.training import shapes_data
+    from diffq.model.training.train import edge_map, reconstruction_loss
 
     images = torch.from_numpy(shapes_data.batch([0])[0])
     edges = edge_map(images)
@@ -74,7 +74,7 @@ def test_lora_stage_on_inverted_latents_resumes_and_records_its_settings(tmp_pat
     latents, cosine learning rate), on the shipped model, two steps then a resumed third."""
     from safetensors.torch import load_file
 
-    from model.training.train import LORA_TARGETS
+    from diffq.model.training.train import LORA_TARGETS
 
     out = tmp_path / "stripes.safetensors"
     common = ["lora", "--init-from", "model/shapes", "--run", str(tmp_path / "run"), "--batch", "2",
@@ -91,7 +91,7 @@ def test_lora_stage_on_inverted_latents_resumes_and_records_its_settings(tmp_pat
 
 
 def test_pool_order_visits_every_latent_once_per_pass():
-    from model.training.train import pool_index
+    from diffq.model.training.train import pool_index
 
     first, second = ([pool_index(5, k, seed=0) for k in range(p * 5, p * 5 + 5)] for p in (0, 1))
     assert sorted(first) == sorted(second) == list(range(5))
@@ -107,8 +107,8 @@ def test_inverted_latents_decode_to_the_stripes_the_encoders_lose():
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from model import evaluate, shapes_data
-    from model.training.train import invert_latents
+    from diffq.model import evaluate, shapes_data
+    from diffq.model.training.train import invert_latents
 
     vae = AutoencoderKL.from_pretrained("model/shapes/vae").eval().requires_grad_(False)
     samples = [shapes_data.sample(seed) for seed in range(8)]

@@ -16,10 +16,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
-from app.api.errors import ERROR_RESPONSES, install_error_handlers
-from app.core import uploads
-from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
-from app.core.uploads import DecodedImage, UploadLimits, decode_base64, decode_image
+from diffq.app.api.errors import ERROR_RESPONSES, install_error_handlers
+from diffq.app.core import uploads
+from diffq.app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from diffq.app.core.uploads import DecodedImage, UploadLimits, decode_base64, decode_image
 from tests.hostile_images import (
     BOTTOM_LEFT,
     BOTTOM_RIGHT,

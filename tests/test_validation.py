@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app.contract.records import ModelRecord
-from app.core.errors import InvalidRequestError
-from app.core.validation import resolve_request
-from app.schemas.jobs import JobCreate
+from diffq.app.contract.records import ModelRecord
+from diffq.app.core.errors import InvalidRequestError
+from diffq.app.core.validation import resolve_request
+from diffq.app.schemas.jobs import JobCreate
 
 MODEL = ModelRecord(
     name="shapes", pipeline_class="StableDiffusionPipeline", weights_hash="0" * 64, device="cpu", dtype="float32",

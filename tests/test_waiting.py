@@ -1,4 +1,4 @@
-"""The one way the API waits for a job's change (``app.api.waiting``), against a real Redis: events
+"""The one way the API waits for a job's change (``diffq.app.api.waiting``), against a real Redis: events
 in order, a recheck cue when quiet, the deadline, a hang-up, admission, and the dependency that
 routes reach it through. The routes built on it are tested in test_watch, test_client, test_waits,
 test_openai_* and test_sdapi."""
@@ -18,18 +18,18 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from app.api import waiting
-from app.api.waiting import Wait, Waiter, WaitTimedOut
-from app.api.waits import WaitCount
-from app.auth.caller import Caller
-from app.contract import connection, events, keys
-from app.contract.records import ModelRecord
-from app.core.errors import ServerBusyError
-from app.core.jobs import JobService
-from app.deps import get_waiter
-from app.main import create_app
-from app.schemas.jobs import job_create_model
-from app.settings import Settings
+from diffq.app.api import waiting
+from diffq.app.api.waiting import Wait, Waiter, WaitTimedOut
+from diffq.app.api.waits import WaitCount
+from diffq.app.auth.caller import Caller
+from diffq.app.contract import connection, events, keys
+from diffq.app.contract.records import ModelRecord
+from diffq.app.core.errors import ServerBusyError
+from diffq.app.core.jobs import JobService
+from diffq.app.deps import get_waiter
+from diffq.app.main import create_app
+from diffq.app.schemas.jobs import job_create_model
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
 
 

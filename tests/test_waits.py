@@ -12,8 +12,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.auth.apikeys import KeyLimits, KeyStore
-from app.embedded_redis import EmbeddedRedis
+from diffq.app.auth.apikeys import KeyLimits, KeyStore
+from diffq.app.embedded_redis import EmbeddedRedis
 from tests.helpers import TINY_JOB
 from tests.services import services
 

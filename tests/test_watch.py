@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
-from app.contract import keys
-from app.main import create_app
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB, stored_objects, wait_for, while_working, work
 
 pytestmark = pytest.mark.usefixtures("served")
@@ -66,7 +66,7 @@ def test_cancel_stops_a_running_job_within_a_step(api, watched, engine, redis: R
 def test_cancel_is_heard_within_a_step_between_progress_writes(api, settings, engine,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Progress written at the first and last step only, no previews: no step reads the record
-    # unless the worker's stop listener heard the cancel (worker.stops).
+    # unless the worker's stop listener heard the cancel (diffq.worker.stops).
     quiet = settings.model_copy(update={"progress_interval": 3600.0, "preview_decoder": "off"})
     steps: list[int] = []
     generate = engine.generate

@@ -23,16 +23,16 @@ import pytest
 import standardwebhooks
 from redis import Redis
 
-from app.contract import keys
-from app.core.errors import InvalidRequestError
-from app.embedded_redis import EmbeddedRedis, free_port
-from app.settings import Settings
-from app.webhooks import signing
-from app.webhooks.deliver import INFLIGHT, OWNERS, Deliverer, attempts, attempts_key, backoff
-from app.contract.webhook_outbox import OUTBOX, relay
-from app.contract.webhook_queue import DUE, delivery_key, schedule
-from app.webhooks.signing import get_secret
-from app.webhooks.urls import AllowList, check_url, resolve_checked
+from diffq.app.contract import keys
+from diffq.app.core.errors import InvalidRequestError
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.settings import Settings
+from diffq.app.webhooks import signing
+from diffq.app.webhooks.deliver import INFLIGHT, OWNERS, Deliverer, attempts, attempts_key, backoff
+from diffq.app.contract.webhook_outbox import OUTBOX, relay
+from diffq.app.contract.webhook_queue import DUE, delivery_key, schedule
+from diffq.app.webhooks.signing import get_secret
+from diffq.app.webhooks.urls import AllowList, check_url, resolve_checked
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_900_000_000.0  # "now" of the scheduling clock; signatures still use the real time
@@ -521,7 +521,7 @@ def test_main_stops_cleanly_on_sigterm(redis_server: EmbeddedRedis, receiver: Re
     _job(redis)
     schedule(redis, "job-1", receiver.url, "job.succeeded", DATA, "evt-1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.webhooks.deliver"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "diffq.app.webhooks.deliver"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 20

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.contract.records import ModelRecord
-from app.main import create_app
-from app.settings import Settings
-from model.engine import Engine
+from diffq.app.contract.records import ModelRecord
+from diffq.app.main import create_app
+from diffq.app.settings import Settings
+from diffq.model.engine import Engine
 from tests.helpers import TINY_JOB, job_of, png_text, post, work
 from tests.tiny_loras import write_tiny_lora
 

@@ -1,4 +1,4 @@
-"""worker.models: several models on one worker, a bounded cache of loaded pipelines, no starvation.
+"""diffq.worker.models: several models on one worker, a bounded cache of loaded pipelines, no starvation.
 
 Unit tests of the settings, the queue order and the cache (real tiny engines), then a real
 `diffq api` and `diffq worker` serving two tiny models with device memory for one, under a
@@ -14,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.embedded_redis import EmbeddedRedis
-from app.settings import Settings
-from model.engine import Engine
+from diffq.app.embedded_redis import EmbeddedRedis
+from diffq.app.settings import Settings
+from diffq.model.engine import Engine
 from tests.helpers import wait_for
 from tests.services import services
 from tests.tiny_pipelines import build_sd1
-from worker.models import ModelCache, ModelConfigError, QueueChooser, model_sources
+from diffq.worker.models import ModelCache, ModelConfigError, QueueChooser, model_sources
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from app.contract.registry import Registry
-from app.embedded_redis import EmbeddedRedis, free_port
+from diffq.app.contract.registry import Registry
+from diffq.app.embedded_redis import EmbeddedRedis, free_port
 from tests.helpers import clean_environment, diffq_command, wait_for
 
 

@@ -19,7 +19,7 @@ def write_tiny_lora(model: Path, folder: Path, name: str, *, base_model: str | N
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {k: v * scale for k, v in get_peft_model_state_dict(unet).items()}  # peft's key names, as model.training.train
+    layers = {k: v * scale for k, v in get_peft_model_state_dict(unet).items()}  # peft's key names, as diffq.model.training.train
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=f"{name}.safetensors")
     if base_model is not None:

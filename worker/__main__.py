@@ -1,8 +1,8 @@
-"""``python -m worker [options]`` is ``diffq worker [options]``."""
+"""``python -m diffq.worker [options]`` is ``diffq worker [options]``."""
 
 import sys
 
-from app.cli import main
+from diffq.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["worker", *sys.argv[1:]]))

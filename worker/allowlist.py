@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from app.contract.records import ErrorCode, utcnow
-from app.contract.rq_adapter import DeserializationError, Job
-from app.contract.tasks import TASK
-from worker import context
+from diffq.app.contract.records import ErrorCode, utcnow
+from diffq.app.contract.rq_adapter import DeserializationError, Job
+from diffq.app.contract.tasks import TASK
+from diffq.worker import context
 
 log = logging.getLogger(__name__)
 

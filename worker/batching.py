@@ -3,7 +3,7 @@
 After RQ hands the worker a job (the *lead*), the runner asks ``Company.take`` for up to
 ``batch_max - 1`` more jobs from the same model queue whose requests share the engine's batch
 key (size, steps, scheduler, guidance scale, mode, strength, LoRA adapters and weights; for SDXL-style models
-also whether the negative prompt is empty: ``model.engine.Engine._batch_groups``), waiting at most
+also whether the negative prompt is empty: ``diffq.model.engine.Engine._batch_groups``), waiting at most
 ``batch_wait_ms`` for them to arrive, unless the queue is empty at the first look (one client
 sending jobs one at a time never waits). Each one taken is
 
@@ -18,7 +18,7 @@ sending jobs one at a time never waits). Each one taken is
 When the lead's RQ job has ended, ``DiffqWorker`` ends each taken job in RQ through RQ's own
 success handling (or failure handling, if the lead's run itself failed and the taken job never
 got a result), one after the other, as if RQ had run it: ``finished``, a result, the finished
-registry, the worker's counters (``app.contract.rq_adapter.end_execution``). RQ's bookkeeping is
+registry, the worker's counters (``diffq.app.contract.rq_adapter.end_execution``). RQ's bookkeeping is
 secondary: clients read diffq's record alone.
 
 During the run each job has its own progress reporter (one Redis round trip, at the steps
@@ -45,15 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app.contract import keys
-from app.contract.records import JobParams, JobRecord
-from app.contract.rq_adapter import Execution, Job, Queue, fetch_job, start_execution
-from app.contract.store import JobStore
-from worker.allowlist import refusal_reason
+from diffq.app.contract import keys
+from diffq.app.contract.records import JobParams, JobRecord
+from diffq.app.contract.rq_adapter import Execution, Job, Queue, fetch_job, start_execution
+from diffq.app.contract.store import JobStore
+from diffq.worker.allowlist import refusal_reason
 
 if TYPE_CHECKING:
-    from app.contract.rq_adapter import BaseWorker
-    from model.engine import Engine
+    from diffq.app.contract.rq_adapter import BaseWorker
+    from diffq.model.engine import Engine
 
 log = logging.getLogger(__name__)
 

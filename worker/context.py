@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from app.contract.records import ModelRecord
-from app.contract.store import JobStore
-from app.settings import Settings
-from app.storage.base import ResultStore
+from diffq.app.contract.records import ModelRecord
+from diffq.app.contract.store import JobStore
+from diffq.app.settings import Settings
+from diffq.app.storage.base import ResultStore
 
 if TYPE_CHECKING:
-    from model.engine import Engine
-    from worker.batching import Company
-    from worker.heartbeat import Heartbeat
-    from worker.marking import Marker
-    from worker.models import ModelCache
-    from worker.stops import StopListener
+    from diffq.model.engine import Engine
+    from diffq.worker.batching import Company
+    from diffq.worker.heartbeat import Heartbeat
+    from diffq.worker.marking import Marker
+    from diffq.worker.models import ModelCache
+    from diffq.worker.stops import StopListener
 
 
 @dataclass
@@ -63,7 +63,7 @@ class WorkerContext:
     redis: Redis
     store: JobStore
     heartbeat: Heartbeat
-    results: ResultStore  # where images, journeys and inputs live (app.storage)
+    results: ResultStore  # where images, journeys and inputs live (diffq.app.storage)
     shutdown: Shutdown = field(default_factory=Shutdown)
     batching: Batching = field(default_factory=Batching)
     marker: Marker = field(default_factory=lambda: _default_marker())
@@ -83,7 +83,7 @@ class WorkerContext:
 
 def _default_marker() -> Marker:
     """The IPTC label only: what a context built without settings' marks gets (tests, embedding)."""
-    from worker.marking import Marker
+    from diffq.worker.marking import Marker
 
     return Marker()
 
@@ -100,5 +100,5 @@ def install(context: WorkerContext | None) -> None:
 def current() -> WorkerContext:
     """The installed context; the task cannot run outside a diffq worker."""
     if _current is None:
-        raise RuntimeError("worker.task.run_job runs only inside a diffq worker (no context installed)")
+        raise RuntimeError("diffq.worker.task.run_job runs only inside a diffq worker (no context installed)")
     return _current

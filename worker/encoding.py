@@ -1,12 +1,12 @@
 """Output image encoding: the one place that turns a generated image into stored bytes.
 
 ``encode_image(image, format, quality, metadata)`` gives the bytes, their content type and
-the file extension for URLs. The generation parameters (``worker.png.png_text``) are
+the file extension for URLs. The generation parameters (``diffq.worker.png.png_text``) are
 embedded where each format keeps them: PNG text chunks; in JPEG and WebP an EXIF
 ``UserComment`` (JSON of all parameters, ``Software``) and an XMP packet with one
 ``diffq:<name>`` property per parameter, beside the IPTC digital source type (``label``;
-``app.provenance.labels``). The C2PA signature goes on top of these bytes (``worker.marking``). Same pixels and
-parameters give the same bytes.
+``diffq.app.provenance.labels``). The C2PA signature goes on top of these bytes
+(``diffq.worker.marking``). Same pixels and parameters give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from app import __version__
-from app.provenance import labels
-from worker.png import encode_journey, encode_png
+from diffq.app import __version__
+from diffq.app.provenance import labels
+from diffq.worker.png import encode_journey, encode_png
 
 #: format -> (content type, URL extension)
 FORMATS = {"png": ("image/png", "png"), "webp": ("image/webp", "webp"), "jpeg": ("image/jpeg", "jpg")}
@@ -90,5 +90,5 @@ def read_metadata(data: bytes) -> dict[str, str]:
 
 
 def encode_journey_frames(frames: list[Image.Image]) -> bytes:
-    """A journey's animated WebP (``worker.png.encode_journey``), here beside the images' encoding."""
+    """A journey's animated WebP (``diffq.worker.png.encode_journey``), here beside the images' encoding."""
     return encode_journey(frames)

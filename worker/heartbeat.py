@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import redis.exceptions
 
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
 
 log = logging.getLogger(__name__)
 

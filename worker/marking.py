@@ -1,7 +1,7 @@
 """The last steps of every output image: watermark, encode with its labels, sign.
 
 The order is the point: the watermark changes pixels, so it comes before encoding; the image is
-then encoded in the job's format (``worker.encoding``) with the generation parameters (unless
+then encoded in the job's format (``diffq.worker.encoding``) with the generation parameters (unless
 the request opted out) and the IPTC "generated" label (XMP, always); the C2PA signature comes last, over the final
 bytes, because its hard binding covers every byte outside the manifest and any later write would break it.
 
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import c2pa
 from PIL import Image
 
-from app import __version__
-from app.contract.records import JobMode, JobParams, ModelRecord
-from app.provenance import credentials, labels, watermark
-from app.provenance.credentials import ContentSigner, CredentialsError, Ingredient
-from app.settings import Settings
-from worker.encoding import EncodedImage, encode_image
-from worker.png import png_text
+from diffq.app import __version__
+from diffq.app.contract.records import JobMode, JobParams, ModelRecord
+from diffq.app.provenance import credentials, labels, watermark
+from diffq.app.provenance.credentials import ContentSigner, CredentialsError, Ingredient
+from diffq.app.settings import Settings
+from diffq.worker.encoding import EncodedImage, encode_image
+from diffq.worker.png import png_text
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.settings import Settings
+from diffq.app.settings import Settings
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import json
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app import __version__
-from app.contract.records import JobParams, ModelRecord
-from app.provenance.labels import PNG_XMP_KEY
+from diffq.app import __version__
+from diffq.app.contract.records import JobParams, ModelRecord
+from diffq.app.provenance.labels import PNG_XMP_KEY
 
 
 def png_text(params: JobParams, seed: int, model: ModelRecord) -> dict[str, str]:

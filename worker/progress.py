@@ -9,7 +9,7 @@ The engine calls ``ProgressReporter`` after every step (a batch of jobs calls
   ``preview_interval`` seconds, with a progress write (the fitted latent
   projection by default, the VAE when configured), and publishes that too;
 - checks the record with every such write, and at any step where the worker's
-  stop listener (``worker.stops``) heard that the job was canceled or deleted,
+  stop listener (``diffq.worker.stops``) heard that the job was canceled or deleted,
   or is not subscribed: a cancel request stops the run within the step
   (``JobCanceledError``); a deleted, ended or re-attempted job stops it without
   storing anything (``JobAbandonedError``).
@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
-from app.contract.store import JobStore, PreviewWrite, RunCheck, WriteResult
-from model.engine import StopGeneration
+from diffq.app.contract.store import JobStore, PreviewWrite, RunCheck, WriteResult
+from diffq.model.engine import StopGeneration
 
 if TYPE_CHECKING:
-    from model.engine import Engine
-    from worker.stops import StopListener
+    from diffq.model.engine import Engine
+    from diffq.worker.stops import StopListener
 
 log = logging.getLogger(__name__)
 

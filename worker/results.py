@@ -1,7 +1,7 @@
 """A finished run's objects: encoded, written to the result store with bounded retries, and
 what the job record will say about them.
 
-The objects of a run sit under its attempt token (``app.storage.objects``) and are written
+The objects of a run sit under its attempt token (``diffq.app.storage.objects``) and are written
 before the guarded finish script; only a run whose token that script accepts gets its keys
 into the record. So a stale run's upload is never served, and a run cut short leaves
 only objects no record refers to, which the store sweeper removes. A store that stays
@@ -20,10 +20,10 @@ from functools import partial
 
 from PIL import Image
 
-from app.contract.records import ImageRecord, JobRecord
-from app.storage import objects
-from app.storage.base import ResultStore, StorageUnavailableError
-from worker.encoding import EncodedImage, encode_journey_frames
+from diffq.app.contract.records import ImageRecord, JobRecord
+from diffq.app.storage import objects
+from diffq.app.storage.base import ResultStore, StorageUnavailableError
+from diffq.worker.encoding import EncodedImage, encode_journey_frames
 
 log = logging.getLogger(__name__)
 

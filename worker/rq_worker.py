@@ -8,8 +8,8 @@ import time
 
 import redis.exceptions
 
-from app.contract import keys
-from app.contract.rq_adapter import (
+from diffq.app.contract import keys
+from diffq.app.contract.rq_adapter import (
     QUEUE_PREFIX,
     Job,
     Queue,
@@ -22,12 +22,12 @@ from app.contract.rq_adapter import (
     mark_requeued,
     set_dequeue_order,
 )
-from app.contract.status import JobStatus
-from app.contract.store import WriteResult
-from worker import context, faults
-from worker.allowlist import AllowListedJob
-from worker.batching import Company, Taken, engine_batch_key
-from worker.models import QueueChooser
+from diffq.app.contract.status import JobStatus
+from diffq.app.contract.store import WriteResult
+from diffq.worker import context, faults
+from diffq.worker.allowlist import AllowListedJob
+from diffq.worker.batching import Company, Taken, engine_batch_key
+from diffq.worker.models import QueueChooser
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ class DiffqWorker(SimpleWorker):
 
     Batching (``batch_max`` > 1): the job RQ dequeued runs through RQ's usual
     lifecycle, and while it runs the task takes compatible queued jobs along
-    (``worker.batching.Company``). Once it has ended, each job taken along is
+    (``diffq.worker.batching.Company``). Once it has ended, each job taken along is
     ended in RQ by RQ's own success handling, as if RQ had run it.
 
     Several models (``chooser`` set): before each dequeue the queues are put in the chooser's
     order (loaded models first, a queue passed over too often before them; see
-    ``worker.models``), and the job's model is made the loaded one before it runs.
+    ``diffq.worker.models``), and the job's model is made the loaded one before it runs.
     """
 
     job_class = AllowListedJob

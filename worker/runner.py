@@ -1,5 +1,5 @@
 """Runs diffq jobs on the loaded engine: claim, validate, generate, store; one job, or a batch
-of compatible queued jobs in one pipeline call (see ``worker.batching``).
+of compatible queued jobs in one pipeline call (see ``diffq.worker.batching``).
 
 Every write goes through the store's guarded scripts with this run's attempt
 token, so a job deleted meanwhile is never recreated and a stale run never
@@ -25,26 +25,32 @@ from typing import Any, cast
 import redis.exceptions
 from PIL import Image
 
-from app.contract import keys, metrics, replication
-from app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
-from app.contract.rq_adapter import JobTimeoutException
-from app.contract.store import StoredImage, WriteResult
-from app.contract.tasks import model_queue
-from app.storage.base import StorageUnavailableError
-from app.storage.objects import OBJECT_TTL_MARGIN
-from app.storage.urls import image_links, relative_proxy_url
-from model.engine import GenerationRequest, GenerationResult, InvalidRequestError, StopGeneration, is_out_of_memory
-from worker import faults
-from worker.context import WorkerContext
-from worker.marking import Marked, SigningFailedError
-from worker.progress import (
+from diffq.app.contract import keys, metrics, replication
+from diffq.app.contract.records import ErrorCode, ImageRecord, JobParams, JobRecord, ModelRecord, utcnow
+from diffq.app.contract.rq_adapter import JobTimeoutException
+from diffq.app.contract.store import StoredImage, WriteResult
+from diffq.app.contract.tasks import model_queue
+from diffq.app.storage.base import StorageUnavailableError
+from diffq.app.storage.objects import OBJECT_TTL_MARGIN
+from diffq.app.storage.urls import image_links, relative_proxy_url
+from diffq.model.engine import (
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequestError,
+    StopGeneration,
+    is_out_of_memory,
+)
+from diffq.worker import faults
+from diffq.worker.context import WorkerContext
+from diffq.worker.marking import Marked, SigningFailedError
+from diffq.worker.progress import (
     JobCanceledError,
     JobHandBackError,
     PreviewSettings,
     ProgressReporter,
     report_step,
 )
-from worker.results import discard, read_input, store_run
+from diffq.worker.results import discard, read_input, store_run
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +436,7 @@ class JobRunner:
         """A finished job's preview (a full-size PNG in Redis) and its event stream (4.7 KB even
         for a few events) lapse ``PREVIEW_AFTER_END`` seconds after the end: Redis keeps job state,
         the images are in the result store, and a stream read after that is answered from the
-        record (``app.api.routes.jobs``: an ended job without its event)."""
+        record (``diffq.app.api.routes.jobs``: an ended job without its event)."""
         try:
             with self.store.redis.pipeline(transaction=False) as pipe:
                 pipe.expire(keys.preview(job_id), PREVIEW_AFTER_END)
@@ -443,7 +449,7 @@ class JobRunner:
         return record.request.retention_seconds or self.settings.job_ttl
 
     def _image_urls(self, record: JobRecord, values: dict[str, Any]) -> dict[str, Any]:
-        """The finished images' URLs for the terminal event and its webhook (``app.storage.urls``;
+        """The finished images' URLs for the terminal event and its webhook (``diffq.app.storage.urls``;
         proxied ones relative, as a worker knows no host)."""
         images = [ImageRecord.model_validate(image) for image in values.get("images", [])]
         if not images:
@@ -467,7 +473,7 @@ class JobRunner:
                 wait = min(wait * 2, 5.0)
 
     def _succeed(self, job: _Job, result: GenerationResult) -> None:
-        """Mark and encode each image (``worker.marking``: watermark, labels, signature last), write
+        """Mark and encode each image (``diffq.worker.marking``: watermark, labels, signature last), write
         them to the result store under this attempt's token, then reference them in the record
         through the guarded finish script; a store that stays down fails the job."""
         record, token, params = job.record, job.token, job.record.request

@@ -1,6 +1,6 @@
 """Starts a worker process: load its models, register, take jobs until told to stop.
 
-A worker serves one model, or several (``worker.models``): each is loaded once at start to
+A worker serves one model, or several (``diffq.worker.models``): each is loaded once at start to
 learn its limits (and its load time), then kept in a bounded cache of loaded pipelines.
 """
 
@@ -19,26 +19,26 @@ from typing import TYPE_CHECKING, TypeVar
 
 import redis.exceptions
 
-from app.contract import connection, memory
-from app.contract.records import ModelRecord, WorkerRecord, utcnow
-from app.contract.registry import Registry
-from app.contract.rq_adapter import SERIALIZER
-from app.contract.store import JobStore
-from app.contract.tasks import queue_name
-from app.settings import Settings
-from app.storage.factory import ready_store
-from app.storage.sweep import StoreSweeper, StoreSweeperThread
-from worker import context
-from worker.context import WorkerContext
-from worker.heartbeat import Heartbeat
-from worker.marking import Marker
-from worker.models import ModelCache, QueueChooser, model_sources
-from worker.rq_worker import DiffqWorker
-from worker.stops import StopListener
-from worker.sweeper import Sweeper, SweeperThread
+from diffq.app.contract import connection, memory
+from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.rq_adapter import SERIALIZER
+from diffq.app.contract.store import JobStore
+from diffq.app.contract.tasks import queue_name
+from diffq.app.settings import Settings
+from diffq.app.storage.factory import ready_store
+from diffq.app.storage.sweep import StoreSweeper, StoreSweeperThread
+from diffq.worker import context
+from diffq.worker.context import WorkerContext
+from diffq.worker.heartbeat import Heartbeat
+from diffq.worker.marking import Marker
+from diffq.worker.models import ModelCache, QueueChooser, model_sources
+from diffq.worker.rq_worker import DiffqWorker
+from diffq.worker.stops import StopListener
+from diffq.worker.sweeper import Sweeper, SweeperThread
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_engine(settings: Settings, path: Path | None = None, name: str | None =
     (or until a multi-model worker evicts it)."""
     import torch
 
-    from model.engine import Engine
+    from diffq.model.engine import Engine
 
     if settings.torch_threads:
         # On a CPU shared with other processes, fewer threads avoid oversubscription (often much faster).

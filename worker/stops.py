@@ -2,7 +2,7 @@
 
 A running job stops within one denoising step of a cancel or a delete. Asking Redis at every
 step costs a round trip (and a command) per step per job; instead the store publishes the id of
-a running job it flags as canceled, or deletes, on ``keys.STOPS`` (``app.contract.store``),
+a running job it flags as canceled, or deletes, on ``keys.STOPS`` (``diffq.app.contract.store``),
 and this listener, one thread per worker process, notes it. A job's progress reporter reads its
 record only when its id was heard here, when a progress or preview write is due anyway (those
 scripts check the record), and at every step while the subscription is not live. The record
@@ -22,7 +22,7 @@ import time
 import redis.exceptions
 from redis import Redis
 
-from app.contract import keys
+from diffq.app.contract import keys
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ short Redis lock):
   attempt is counted;
 - a queued job past its ``deadline_at`` ends ``failed`` with ``deadline_exceeded``.
 
-Each of these changes is one guarded script (``app.contract.store``) that writes the job's
+Each of these changes is one guarded script (``diffq.app.contract.store``) that writes the job's
 event with it; RQ's own records are tidied afterwards, and are never what a client reads.
 """
 
@@ -34,14 +34,14 @@ from datetime import UTC, datetime
 import redis.exceptions
 from redis import Redis
 
-from app.contract import keys, metrics
-from app.contract.records import ErrorCode
-from app.contract.registry import Registry
-from app.contract.rq_adapter import taken_ids
-from app.contract.status import JobStatus
-from app.contract.store import JobStore, WriteResult
-from app.contract.tasks import end_lost, intermediate_key, mark_requeued, model_queue
-from app.settings import Settings
+from diffq.app.contract import keys, metrics
+from diffq.app.contract.records import ErrorCode
+from diffq.app.contract.registry import Registry
+from diffq.app.contract.rq_adapter import taken_ids
+from diffq.app.contract.status import JobStatus
+from diffq.app.contract.store import JobStore, WriteResult
+from diffq.app.contract.tasks import end_lost, intermediate_key, mark_requeued, model_queue
+from diffq.app.settings import Settings
 
 log = logging.getLogger(__name__)
 

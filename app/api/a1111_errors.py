@@ -12,9 +12,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.api.errors import _status_for
-from app.core.errors import DiffqError, FieldProblem, InvalidRequestError, UnknownModelError
-from app.schemas.a1111 import A1111Error
+from diffq.app.api.errors import _status_for
+from diffq.app.core.errors import DiffqError, FieldProblem, InvalidRequestError, UnknownModelError
+from diffq.app.schemas.a1111 import A1111Error
 
 #: diffq field names as A1111 calls them, for naming the field in errors.
 A1111_NAMES = {
@@ -76,7 +76,7 @@ def invalid(problems: list[FieldProblem]) -> A1111Failure:
 
 def failure(error: DiffqError) -> A1111Failure:
     """A domain error as A1111's answer: no live worker is a 503 (retry), a bad field a 422 under A1111's
-    name for it, anything else the status ``app.api.errors`` gives it."""
+    name for it, anything else the status ``diffq.app.api.errors`` gives it."""
     if isinstance(error, UnknownModelError) and any("no live workers" in p.message for p in error.problems):
         return A1111Failure(
             503, "no live worker serves a model right now; start one (diffq worker)", "UnknownModelError"

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from app.core.errors import TooManyUploadsError
+from diffq.app.core.errors import TooManyUploadsError
 
 #: Requests of one key that may wait for a decode, per decode it may run at once.
 WAITING_PER_SLOT = 8

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from app.contract import replication
-from app.core.errors import (
+from diffq.app.contract import replication
+from diffq.app.core.errors import (
     BatchNotFoundError,
     ContentCredentialsUnavailableError,
     DiffqError,
@@ -39,7 +39,7 @@ from app.core.errors import (
     UnsupportedMediaTypeError,
     UploadTooLargeError,
 )
-from app.schemas.errors import Error, FieldError
+from diffq.app.schemas.errors import Error, FieldError
 
 STATUS: dict[type[DiffqError], int] = {
     JobNotFoundError: 404,
@@ -94,7 +94,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-#: What every route behind an API key may answer besides its own (``app.main`` adds these to its routers).
+#: What every route behind an API key may answer besides its own (``diffq.app.main`` adds these to its routers).
 KEYED_RESPONSES: dict[int | str, dict[str, Any]] = {code: ERROR_RESPONSES[code] for code in (401, 429, 503)}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.schemas.errors import Error
+from diffq.app.schemas.errors import Error
 
 
 class _TooLarge(Exception):

@@ -3,7 +3,7 @@
 The API process runs no jobs, so it keeps no counters of its own: every figure
 comes from what all workers and API processes share in Redis. Queue depths are
 RQ's queue lengths, live workers come from the registry (with GPU memory where
-a worker reports it), and job figures from ``app.contract.metrics``. Every API
+a worker reports it), and job figures from ``diffq.app.contract.metrics``. Every API
 process reports the same numbers: scrape one, or aggregate with ``max``.
 """
 
@@ -18,10 +18,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis import Redis
 
-from app.contract import memory, metrics
-from app.contract.registry import Registry, served_by
-from app.contract.rq_adapter import queue_depths
-from app.core import backpressure
+from diffq.app.contract import memory, metrics
+from diffq.app.contract.registry import Registry, served_by
+from diffq.app.contract.rq_adapter import queue_depths
+from diffq.app.core import backpressure
 
 log = logging.getLogger(__name__)
 

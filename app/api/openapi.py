@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.schemas.batches import BatchCreate
-from app.schemas.jobs import job_create_model
-from app.settings import Settings
+from diffq.app.schemas.batches import BatchCreate
+from diffq.app.schemas.jobs import job_create_model
+from diffq.app.settings import Settings
 
 JOB_CREATE_BODY: dict[str, Any] = {
     "requestBody": {

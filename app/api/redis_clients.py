@@ -6,13 +6,13 @@ Three pools, so that one kind of work cannot take the connections another needs:
   Its threads are few (anyio's 40), so ``redis_max_connections`` is enough for all of them.
 - ``quick``: short commands from the event loop (e.g. the last event id before a wait).
 - ``waits``: blocking reads only (``XREAD BLOCK`` of long polls, event streams and OpenAI-endpoint
-  waits), ``redis_wait_connections`` of them; ``app.api.waits`` admits no more waits than that,
+  waits), ``redis_wait_connections`` of them; ``diffq.app.api.waits`` admits no more waits than that,
   so a plain read never waits behind a blocking one and the pool is never exhausted by waits.
 
 A pool that is nevertheless out of connections raises redis-py's ``MaxConnectionsError`` at
 once, answered ``503 store_busy`` (never "Redis is unreachable": Redis is fine). This module is
 the only place the API sizes its Redis clients; how Redis is reached (a URL, or the primary found
-through Sentinel) is ``app.contract.connection``'s business.
+through Sentinel) is ``diffq.app.contract.connection``'s business.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from app.contract import connection
-from app.settings import Settings
+from diffq.app.contract import connection
+from diffq.app.settings import Settings
 
 #: Seconds to connect; short, so a Redis outage is a prompt 503 rather than a hung request.
 CONNECT_TIMEOUT = 2
 #: Seconds a short command may take.
 COMMAND_TIMEOUT = 10
-#: Seconds a blocking read's socket waits: far longer than the longest block (app.api.waiting.POLL_SECONDS).
+#: Seconds a blocking read's socket waits: far longer than the longest block (diffq.app.api.waiting.POLL_SECONDS).
 BLOCKING_TIMEOUT = 30
 
 

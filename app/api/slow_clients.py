@@ -25,8 +25,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.core.errors import RequestTimeoutError
-from app.settings import Settings
+from diffq.app.core.errors import RequestTimeoutError
+from diffq.app.settings import Settings
 
 _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"

@@ -2,12 +2,12 @@
 (``GET /v1/jobs/{id}?wait=``), event streams (``GET /v1/jobs/{id}/events``) and the synchronous
 endpoints (OpenAI's image generations, edits and variations; A1111's ``/sdapi/v1``).
 
-A route gets the process's ``Waiter`` through the ``app.deps.WaiterDep`` dependency (never from
-``app.state``), is admitted by it (``Waiter.admit``: ``app.api.waits``, 429 or 503 before any
+A route gets the process's ``Waiter`` through the ``diffq.app.deps.WaiterDep`` dependency (never from
+``app.state``), is admitted by it (``Waiter.admit``: ``diffq.app.api.waits``, 429 or 503 before any
 blocking read) and then follows the job with the ``Wait`` it is given:
 
 - ``Wait.follow``: the job's events as they are published. It blocks on the waits' own pool
-  (``app.api.redis_clients``) for at most ``POLL_SECONDS`` at a time, so a hang-up or the deadline
+  (``diffq.app.api.redis_clients``) for at most ``POLL_SECONDS`` at a time, so a hang-up or the deadline
   is noticed within one read; after ``RECHECK_SECONDS`` without an event it yields an empty batch,
   the caller's cue to re-read the job (RQ may end a job without an event).
 - ``Wait.until_ended``: the job once it has ended, or as it is when the time is up; no polling of
@@ -29,11 +29,11 @@ from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from app.api.waits import WaitCount, WaitSlot, hold_wait
-from app.auth.caller import Caller
-from app.contract import events, keys
-from app.core.errors import DiffqError, JobNotFoundError
-from app.core.jobs import JobService, JobView
+from diffq.app.api.waits import WaitCount, WaitSlot, hold_wait
+from diffq.app.auth.caller import Caller
+from diffq.app.contract import events, keys
+from diffq.app.core.errors import DiffqError, JobNotFoundError
+from diffq.app.core.jobs import JobService, JobView
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,16 @@ class WaitTimedOut(Exception):
 @dataclass(frozen=True)
 class Waiter:
     """An API process's means of waiting: its Redis clients for it and its count of open waits.
-    Built once in the app's lifespan; routes take it through ``app.deps.WaiterDep``."""
+    Built once in the app's lifespan; routes take it through ``diffq.app.deps.WaiterDep``."""
 
-    redis: Redis  # the thread pool's client: admission claims (app.auth.quotas)
+    redis: Redis  # the thread pool's client: admission claims (diffq.app.auth.quotas)
     quick: AsyncRedis  # short reads from the event loop
     blocking: AsyncRedis  # XREAD BLOCK only, redis_wait_connections of them
     count: WaitCount
 
     @asynccontextmanager
     async def admit(self, caller: Caller, *, stream: bool = False) -> AsyncIterator[Wait]:
-        """One admitted wait of ``caller`` (``app.api.waits``: 429/503 here), held until the block exits."""
+        """One admitted wait of ``caller`` (``diffq.app.api.waits``: 429/503 here), held until the block exits."""
         async with hold_wait(self.count, self.redis, caller, stream=stream) as slot:
             yield Wait(self, slot)
 

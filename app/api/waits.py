@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 
-from app.auth.caller import Caller
-from app.auth.quotas import STREAM_CLAIM_SECONDS, Claim, Quotas
-from app.contract import keys
-from app.core.errors import ServerBusyError, TooManyStreamsError, TooManyWaitsError
+from diffq.app.auth.caller import Caller
+from diffq.app.auth.quotas import STREAM_CLAIM_SECONDS, Claim, Quotas
+from diffq.app.contract import keys
+from diffq.app.core.errors import ServerBusyError, TooManyStreamsError, TooManyWaitsError
 
 
 @dataclass
@@ -58,7 +58,7 @@ class WaitSlot:
 async def hold_wait(count: WaitCount, redis: Redis, caller: Caller, *, stream: bool = False) -> AsyncIterator[WaitSlot]:
     """Admit one wait of ``caller`` (see the module docstring) in this process's ``count``, its claim
     written through ``redis``; held until the block exits. Routes reach it through
-    ``app.api.waiting.Waiter.admit``."""
+    ``diffq.app.api.waiting.Waiter.admit``."""
     if count.open >= count.most:
         raise ServerBusyError(
             f"this API process already serves {count.most} waits, its limit "

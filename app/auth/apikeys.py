@@ -10,7 +10,7 @@ unknown id, a wrong secret and a revoked key all make one Redis read and one SHA
 with ``hmac.compare_digest`` (against a dummy digest when there is nothing to compare with) and
 give the same answer, so neither the body nor the timing tells a caller which part was wrong.
 
-Redis (``app.contract.keys`` lists these too):
+Redis (``diffq.app.contract.keys`` lists these too):
 
 - ``diffq:apikey:<id>``: hash, no TTL. The ``ApiKey`` fields, JSON-encoded.
 - ``diffq:apikeys``: set of every key id (revoked ones too), for ``diffq keys list``.
@@ -30,8 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import encode_fields, utcnow
+from diffq.app.contract import keys
+from diffq.app.contract.records import encode_fields, utcnow
 
 PREFIX = "dq"
 _TOKEN = re.compile(r"dq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -61,7 +61,7 @@ class KeyLimits(BaseModel):
     @field_validator("rate_limit")
     @classmethod
     def _a_rate(cls, value: str | None) -> str | None:
-        from app.auth.quotas import parse_rate
+        from diffq.app.auth.quotas import parse_rate
 
         if value is not None:
             parse_rate(value)
@@ -161,7 +161,7 @@ class VerifiedKeys:
     """Keys this process has checked lately, by the SHA-256 of the token, for ``seconds``: a
     request with a key it has just seen skips the Redis read and the parse. Revocation is not
     cached: the rate check reads the key's ``revoked_at`` in its own round trip
-    (``app.auth.quotas.RateLimiter``), and a revoked key is dropped from here. Only a token that
+    (``diffq.app.auth.quotas.RateLimiter``), and a revoked key is dropped from here. Only a token that
     verified is kept, so a miss costs what it always did (``KeyStore.verify``)."""
 
     def __init__(self, seconds: float, most: int = 10_000) -> None:

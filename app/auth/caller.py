@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.auth.apikeys import PRIORITIES, ApiKey, Priority
-from app.settings import Settings
+from diffq.app.auth.apikeys import PRIORITIES, ApiKey, Priority
+from diffq.app.settings import Settings
 
 ANONYMOUS_OWNER = "-"
 """The owner of jobs made while auth is off."""

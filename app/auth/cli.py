@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from app.auth.apikeys import PRIORITIES, ApiKey, KeyLimits, KeyStore
-from app.auth.quotas import parse_rate
-from app.contract import connection
-from app.settings import Settings
+from diffq.app.auth.apikeys import PRIORITIES, ApiKey, KeyLimits, KeyStore
+from diffq.app.auth.quotas import parse_rate
+from diffq.app.contract import connection
+from diffq.app.settings import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction, run: object) -> None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from limits import RateLimitItem, parse
 from redis import Redis
 
-from app.contract import keys
-from app.contract.scripts import script
+from diffq.app.contract import keys
+from diffq.app.contract.scripts import script
 
 #: Seconds a wait's claim lasts unless its wait renews it.
 STREAM_CLAIM_SECONDS = 60

@@ -1,7 +1,7 @@
 """What the API and the workers agree on, importable without torch and without the API's modules.
 
 Settings reach it as arguments (``connection.RedisSettings``, ``rq_adapter.JobTimes``: the fields
-it reads of ``app.settings.Settings``), never by importing ``app.settings``; tests/test_boundaries.py
+it reads of ``diffq.app.settings.Settings``), never by importing ``diffq.app.settings``; tests/test_boundaries.py
 checks what importing it brings in.
 
 - ``keys``: every Redis key diffq writes, its type and its lifetime.

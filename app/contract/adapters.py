@@ -2,7 +2,7 @@
 
 An adapter is `<folder>/<name>.safetensors`. Its base model family (which models it fits)
 is read, in this order, from a sidecar `<name>.json` (`{"base_model": "shapes"}`, as
-`python -m model.training.train lora` writes), from the safetensors header's metadata (`diffq.base_model`,
+`python -m diffq.model.training.train lora` writes), from the safetensors header's metadata (`diffq.base_model`,
 or kohya's `ss_base_model_version`: `sd_v1` → sd1, `sd_v2*` → sd2, `sdxl*` → sdxl), else it is
 unknown and the adapter is offered for every model (a misfit then fails at load, naming it).
 
@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Same as ``model.adapters``: file stems usable as adapter names.
+#: Same as ``diffq.model.adapters``: file stems usable as adapter names.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SUFFIX = ".safetensors"
 MAX_WEIGHT = 2.0

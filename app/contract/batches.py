@@ -5,7 +5,7 @@ list of its items' job ids in item order, ``diffq:batch:<id>:items``. Each item 
 ordinary job whose record names its batch (``JobRecord.batch``): workers run it like any
 other job and know nothing of batches.
 
-Counting happens where the item ends: every guarded script of ``app.contract.store`` that
+Counting happens where the item ends: every guarded script of ``diffq.app.contract.store`` that
 gives a job its terminal status runs ``TALLY`` in the same script, which raises the batch's
 ``ended`` counter and the counter of that status. The script whose item makes ``ended``
 reach ``total`` marks the batch completed, sets its keys to expire after the batch's
@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.contract import keys
-from app.contract.records import Webhook
+from diffq.app.contract import keys
+from diffq.app.contract.records import Webhook
 
 #: Statuses an item can end in; each is a counter of the batch hash.
 ENDED_STATUSES = ("succeeded", "failed", "canceled")

@@ -21,7 +21,7 @@ from redis.sentinel import Sentinel
 
 
 class RedisSettings(Protocol):
-    """Where Redis is: the fields of the deployment's settings (``app.settings.Settings``) this module
+    """Where Redis is: the fields of the deployment's settings (``diffq.app.settings.Settings``) this module
     reads, so that the contract does not import the API's settings."""
 
     @property

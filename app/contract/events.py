@@ -12,14 +12,14 @@ An event's id is its stream entry id (``<ms>-<n>``): increasing, and what an
 SSE client sends back as ``Last-Event-ID`` to resume after it. The stream
 lives as long as the job record and is trimmed to its latest entries.
 
-Status changes made by the guarded scripts of ``app.contract.store`` (claim, finish,
+Status changes made by the guarded scripts of ``diffq.app.contract.store`` (claim, finish,
 requeue, cancel, deadline) write their event inside the script itself, with the change;
 a job whose webhook subscribes to it gets an entry in the webhook outbox in the same
-script (``app.contract.webhook_outbox``), which the deliverer turns into a delivery.
+script (``diffq.app.contract.webhook_outbox``), which the deliverer turns into a delivery.
 
 Webhooks through ``publish`` (the API's ``queued``): a status event of a job
 whose request has a ``webhook`` whose ``events`` name it is also scheduled for
-delivery (``app.contract.webhook_queue.schedule``) in the same ``MULTI`` as the stream
+delivery (``diffq.app.contract.webhook_queue.schedule``) in the same ``MULTI`` as the stream
 entry, so the event exists exactly when its delivery does. ``publish`` finds the
 job's webhook itself (one ``HGET`` of the record's ``request``) unless it is
 given a pipeline; then the caller passes ``webhook`` (``JobService.submit`` does).
@@ -37,8 +37,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from app.contract import keys, webhook_queue
-from app.contract.records import Webhook
+from diffq.app.contract import keys, webhook_queue
+from diffq.app.contract.records import Webhook
 
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
 #: Events that change a job's status: the ones a webhook can subscribe to.
@@ -121,7 +121,7 @@ def webhook_data(job_id: str, type: str, data: dict[str, Any]) -> dict[str, Any]
     if type in TERMINAL_EVENTS:
         payload.setdefault("error", None)
         count = data.get("images", 0)
-        # The worker's URLs of the images (app.storage.urls: proxied paths, signed or public URLs).
+        # The worker's URLs of the images (diffq.app.storage.urls: proxied paths, signed or public URLs).
         urls = payload.pop("image_urls", None)
         payload["images"] = urls or [f"{path}/images/{n}.png" for n in range(count if isinstance(count, int) else 0)]
     return payload

@@ -2,7 +2,7 @@
 
 diffq's own keys all start with ``diffq:``. RQ keeps its usual ``rq:`` keys
 (``rq:queue:<queue>``, ``rq:job:<id>``, registries); diffq reads and writes
-those only in ``app.contract.rq_adapter`` (through RQ's API, or, for its queue and
+those only in ``diffq.app.contract.rq_adapter`` (through RQ's API, or, for its queue and
 intermediate lists, in the store's claim scripts with the names the adapter gives). A diffq
 job and its RQ job share one id.
 
@@ -12,7 +12,7 @@ key                             type    writer    lifetime
 diffq:job:<id>                  hash    both      ``job_ttl`` from creation, renewed when the job
                                                   ends. One field per ``JobRecord`` field, each
                                                   JSON-encoded. Written only through
-                                                  ``app.contract.store`` scripts, which never
+                                                  ``diffq.app.contract.store`` scripts, which never
                                                   recreate a deleted record.
 diffq:job:<id>:image:<n>        string  worker    ``result_ttl``. PNG bytes of image n (0-based), of jobs
                                                   stored before the result store (now ``object``).
@@ -21,15 +21,15 @@ diffq:job:<id>:input:<name>     string  API       ``job_ttl`` from creation (old
                                                   ``mask`` (greyscale, white = repaint).
 diffq:job:<id>:events          stream  both      ``job_ttl``, renewed with the record; 5 minutes once
                                                   the job succeeds or fails on a worker. The job's
-                                                  events (``app.contract.events``): status,
+                                                  events (``diffq.app.contract.events``): status,
                                                   progress, preview, and the terminal one.
 diffq:job:<id>:preview          string  worker    ``result_ttl``; 5 minutes once the job ends
-                                                  (``worker.runner.PREVIEW_AFTER_END``). PNG of the
+                                                  (``diffq.worker.runner.PREVIEW_AFTER_END``). PNG of the
                                                   latest preview.
 diffq:job:<id>:journey:<n>      string  worker    ``result_ttl`` (older jobs; now ``object``). Animated WebP of image
                                                   n's clean-image estimate over the steps.
 diffq:object:<object key>       string  both      the job's retention. With ``DIFFQ_STORE=redis`` only: an
-                                                  image, journey or input (``app.storage.objects``).
+                                                  image, journey or input (``diffq.app.storage.objects``).
 diffq:store:sweeper             string  worker    a sweep interval. Lock: one store sweep at once.
 diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
                                                   jobs, for queue ETAs.
@@ -38,7 +38,7 @@ diffq:running                   zset    worker    none. Ids of claimed, unended 
 diffq:sweeper:<model>           string  worker    a sweep interval. Lock: one sweep per model at once.
 diffq:sweeper:<model>:unclaimed hash    worker    3 heartbeat TTLs, renewed by each sweep. Job id ->
                                                   unix time a sweep first saw it taken off the queue
-                                                  list but unclaimed (``worker.sweeper``).
+                                                  list but unclaimed (``diffq.worker.sweeper``).
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -49,27 +49,27 @@ diffq:model:<name>              string  worker    ``heartbeat_ttl``, renewed by 
 rq:queue:diffq:<model>          list    both      RQ's queue of job ids for one model; workers also
                                                   take batch company off it (worker/batching.py).
 diffq:metrics:<model>           hash    both      none. Counters and histogram buckets of ended
-                                                  jobs (``app.contract.metrics``), read by
+                                                  jobs (``diffq.app.contract.metrics``), read by
                                                   ``GET /metrics``.
 diffq:metrics:models            set     both      none. Models that have a metrics hash.
 diffq:fair:<queue>              zset    API       ``job_ttl``, renewed at each submit. Queued job
                                                   id -> its place in the fair order (priority
-                                                  class, then round: ``app.contract.tasks``).
+                                                  class, then round: ``diffq.app.contract.tasks``).
 diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed at each submit. Each
                                                   owner's latest round per class, and the top.
 diffq:replication:mark          string  both      a minute. Written just before a ``WAIT``, on the
                                                   same connection, so the ``WAIT`` covers every
-                                                  write made before it (``app.contract.replication``).
+                                                  write made before it (``diffq.app.contract.replication``).
 diffq:batch:<id>                hash    both      ``job_ttl`` (or its retention, if longer) from
                                                   creation; set to its retention when its last item
                                                   ends. ``BatchRecord`` fields, JSON-encoded; the
                                                   counters (``ended``, ``succeeded``, ``failed``,
                                                   ``canceled``) are raised by the store scripts as
-                                                  each item ends (``app.contract.batches``).
+                                                  each item ends (``diffq.app.contract.batches``).
 diffq:batch:<id>:items          list    API       as its batch hash. Item job ids in item order.
 ==============================  ======  ========  ==================================================
 
-API keys and tenants (``app.auth``; an owner is an API key id, or ``-`` with auth off):
+API keys and tenants (``diffq.app.auth``; an owner is an API key id, or ``-`` with auth off):
 
 ==================================  ======  ========  ==============================================
 key                                 type    writer    lifetime
@@ -95,9 +95,9 @@ diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open wa
                                                       requests) -> unix time their claim lapses.
 diffq:ratelimit:<id>:<n>/<w>:<k>    string  API       two rate windows. Requests of key <id> in
                                                       window <k> of <w> seconds (rate <n> per <w>):
-                                                      sliding-window counters (``app.auth.quotas``).
+                                                      sliding-window counters (``diffq.app.auth.quotas``).
 diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
-                                                      (``app.core.a1111_session``): field -> JSON
+                                                      (``diffq.app.core.a1111_session``): field -> JSON
                                                       value; ``sd_model_checkpoint`` is its default
                                                       model on ``/sdapi/v1``.
 diffq:owner:<owner>:sdapi:jobs      zset    API       ``job_ttl``, renewed at submit. Ids of the
@@ -113,13 +113,13 @@ key                                 type    writer    lifetime
 ==================================  ======  ========  ==============================================
 diffq:idempotency:<sha256>          string  API       ``idempotency_ttl`` from first use. JSON
                                                       ``{body_sha256, job_id, created_at}``
-                                                      (``app.core.idempotency``).
+                                                      (``diffq.app.core.idempotency``).
 diffq:job:<id>:webhooks             list    deliverer the job record's remaining TTL. JSON of each
-                                                      delivery attempt (``app.webhooks.deliver``);
+                                                      delivery attempt (``diffq.app.webhooks.deliver``);
                                                       deleted with the job by the API.
 diffq:webhooks:outbox               stream  both      none (emptied by the deliverer). Status events
                                                       of jobs with a webhook, written by the job's
-                                                      guarded scripts (``app.contract.webhook_outbox``).
+                                                      guarded scripts (``diffq.app.contract.webhook_outbox``).
 diffq:webhooks:due                  zset    both      none. Delivery id -> unix time it is next due;
                                                       written by ``events.publish`` with the event, or
                                                       by the deliverer relaying the outbox.
@@ -145,8 +145,8 @@ WORKERS = f"{PREFIX}:workers"
 
 STOPS = f"{PREFIX}:stops"
 """Pub/sub channel (no key): the id of a running job a client canceled or deleted, published by
-``app.contract.store`` with the change, so that its worker checks the record at its next
-denoising step instead of at every step (``worker.stops``)."""
+``diffq.app.contract.store`` with the change, so that its worker checks the record at its next
+denoising step instead of at every step (``diffq.worker.stops``)."""
 
 JOBS_INDEX_MAX = 10_000
 """Job ids an owner's ``owner_jobs`` index keeps; older ones are trimmed at submit."""
@@ -155,7 +155,7 @@ METRICS_MODELS = f"{PREFIX}:metrics:models"
 """Set of model names that have a ``metrics`` hash."""
 
 REPLICATION_MARK = f"{PREFIX}:replication:mark"
-"""Written right before a ``WAIT`` on the same connection (``app.contract.replication``)."""
+"""Written right before a ``WAIT`` on the same connection (``diffq.app.contract.replication``)."""
 
 
 API_KEYS = f"{PREFIX}:apikeys"
@@ -166,7 +166,7 @@ RATE_LIMIT_PREFIX = f"{PREFIX}:ratelimit"
 
 
 def api_key(key_id: str) -> str:
-    """Hash of one API key (``app.auth.apikeys.ApiKey``)."""
+    """Hash of one API key (``diffq.app.auth.apikeys.ApiKey``)."""
     return f"{PREFIX}:apikey:{key_id}"
 
 
@@ -226,7 +226,7 @@ def fair_state(queue: str) -> str:
 
 
 def metrics(model: str) -> str:
-    """Hash of a model's job counters and histogram buckets (``app.contract.metrics``)."""
+    """Hash of a model's job counters and histogram buckets (``diffq.app.contract.metrics``)."""
     return f"{PREFIX}:metrics:{model}"
 
 
@@ -293,5 +293,5 @@ STORE_SWEEPER = f"{PREFIX}:store:sweeper"
 
 
 def stored_object(key: str) -> str:
-    """An object of the ``redis`` result store (``app.storage.objects`` makes ``key``)."""
+    """An object of the ``redis`` result store (``diffq.app.storage.objects`` makes ``key``)."""
     return f"{PREFIX}:object:{key}"

@@ -38,9 +38,9 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 
-from app.contract import keys
-from app.contract.records import JobMode, JobParams, JobRecord, utcnow
-from app.contract.rules import denoising_steps
+from diffq.app.contract import keys
+from diffq.app.contract.records import JobMode, JobParams, JobRecord, utcnow
+from diffq.app.contract.rules import denoising_steps
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Re-exported here, where records were always imported from; the request rules define them.
-from app.contract.rules import JobMode, Outpaint
-from app.contract.status import JobStatus
+from diffq.app.contract.rules import JobMode, Outpaint
+from diffq.app.contract.status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -65,7 +65,7 @@ WebhookEvent = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
 class Webhook(BaseModel):
-    """Where to POST a job's status changes, and which ones (signed, retried: ``app.webhooks``)."""
+    """Where to POST a job's status changes, and which ones (signed, retried: ``diffq.app.webhooks``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -161,7 +161,7 @@ class ImageRecord(BaseModel):
 
 
 class BatchRef(BaseModel):
-    """Where a job sits in a batch (``app.contract.batches``): its terminal event is counted there."""
+    """Where a job sits in a batch (``diffq.app.contract.batches``): its terminal event is counted there."""
 
     id: str
     index: int

@@ -16,8 +16,8 @@ from weakref import WeakKeyDictionary
 
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import ModelRecord, WorkerRecord
+from diffq.app.contract import keys
+from diffq.app.contract.records import ModelRecord, WorkerRecord
 
 
 @dataclass(frozen=True)

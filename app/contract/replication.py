@@ -15,7 +15,7 @@ import time
 from redis import Redis
 from redis.exceptions import ReadOnlyError
 
-from app.contract import keys
+from diffq.app.contract import keys
 
 #: How long the mark lives; it is only there to move the connection's replication offset.
 MARK_TTL_MS = 60_000

@@ -18,7 +18,7 @@ What diffq asks of RQ:
 
 diffq's status of a job is read from its record alone; ``rq_status`` is RQ's own view, for tests
 and dashboards. The Lua scripts that take ids off RQ's lists in the same step as a claim stay with
-every other guarded write in ``app.contract.store``; they get the list names from here.
+every other guarded write in ``diffq.app.contract.store``; they get the list names from here.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
 
-from app.contract import keys
-from app.contract.scripts import script
-from app.contract.status import JobStatus
+from diffq.app.contract import keys
+from diffq.app.contract.scripts import script
+from diffq.app.contract.status import JobStatus
 
-TASK = "worker.task.run_job"
+TASK = "diffq.worker.task.run_job"
 """Dotted path of the only function a diffq worker will execute."""
 
 QUEUE_PREFIX = "diffq:"
@@ -168,7 +168,7 @@ class FairQueue(Queue):
 
 
 class JobTimes(Protocol):
-    """How long a job may run and live: the fields of the deployment's settings (``app.settings.Settings``)
+    """How long a job may run and live: the fields of the deployment's settings (``diffq.app.settings.Settings``)
     RQ is told, so that the contract does not import the API's settings."""
 
     @property
@@ -432,7 +432,7 @@ def start_execution(worker: BaseWorker, job: Job) -> Execution:
     """Mark ``job`` started by ``worker`` as RQ marks the job it dequeued itself (``prepare_execution``
     and ``prepare_job_execution``, minus the worker's own single-job fields): an execution in the
     queue's started registry, status ``started``, the worker's name. For a job diffq has taken
-    off the queue list itself (a batch's company: ``worker.batching``)."""
+    off the queue list itself (a batch's company: ``diffq.worker.batching``)."""
     ttl = worker.get_heartbeat_ttl(job)
     with worker.connection.pipeline() as pipe:
         execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)

@@ -1,10 +1,10 @@
 """Request rules: the one place the API and the engine take their defaults, limits and modes from.
 
-The API checks a request here at submit (``app.core.validation``, ``app.core.inputs``, and through
+The API checks a request here at submit (``diffq.app.core.validation``, ``diffq.app.core.inputs``, and through
 them the OpenAI and A1111 endpoints and batches); the worker's engine checks the same request here
-again before it runs (``model.engine.Engine.validate``). What depends on the model (sizes, step caps
+again before it runs (``diffq.model.engine.Engine.validate``). What depends on the model (sizes, step caps
 per scheduler, schedulers, modes, whether it takes a negative prompt) is not written here: the
-worker publishes it in the model's record (``records.ModelRecord``, from ``model.engine.ModelInfo``)
+worker publishes it in the model's record (``records.ModelRecord``, from ``diffq.model.engine.ModelInfo``)
 and the rules below read it from there, so the API refuses at submit whatever the engine would.
 
 Only the standard library and pydantic: the API imports it without torch, and the engine without
@@ -30,7 +30,7 @@ MAX_OUTPAINT = 4096
 
 
 class JobMode(str, Enum):
-    """What a job does with its input image (the engine calls it ``model.editing.Mode``)."""
+    """What a job does with its input image (the engine calls it ``diffq.model.editing.Mode``)."""
 
     TXT2IMG = "txt2img"  # no input image
     IMG2IMG = "img2img"  # image + strength
@@ -59,7 +59,7 @@ DEFAULT_STRENGTH: Mapping[JobMode, float] = {JobMode.IMG2IMG: 0.75, JobMode.INPA
 
 
 class Outpaint(BaseModel):
-    """Pixels added on each side of the input image (the engine calls it ``model.editing.Padding``)."""
+    """Pixels added on each side of the input image (the engine calls it ``diffq.model.editing.Padding``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

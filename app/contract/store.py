@@ -9,10 +9,10 @@ still exists, still belongs to the caller's attempt, and has not ended. So:
 
 A script that changes a job's status also appends the event that reports it, to the job's
 event stream and (when the job's webhook asks for it) to the webhook outbox
-(``app.contract.webhook_outbox``), inside the same script: the change and its event exist together or
+(``diffq.app.contract.webhook_outbox``), inside the same script: the change and its event exist together or
 not at all, whatever dies in between. A job that is a batch item also counts its terminal event
 in its batch there, and the item that ends the batch writes ``batch.completed`` to the outbox
-(``app.contract.batches``).
+(``diffq.app.contract.batches``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from app.contract import batches, events, keys, rq_adapter, tasks, webhook_queue
-from app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
-from app.contract.scripts import script
-from app.contract.status import TERMINAL, JobStatus
-from app.contract.webhook_outbox import OUTBOX
+from diffq.app.contract import batches, events, keys, rq_adapter, tasks, webhook_queue
+from diffq.app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
+from diffq.app.contract.scripts import script
+from diffq.app.contract.status import TERMINAL, JobStatus
+from diffq.app.contract.webhook_outbox import OUTBOX
 
 _TERMINAL_EVENTS_LUA = "{" + ", ".join(f"{k} = true" for k in sorted(events.TERMINAL_EVENTS)) + "}"
 _RUNNING_JSON = json.dumps(JobStatus.RUNNING.value).encode()
@@ -40,7 +40,7 @@ _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(T
 
 # emit(job key, stream key, outbox key, job id, event type, data JSON): append a status event to
 # the job's stream (which lives as long as the record) and, if the job's webhook subscribes to
-# it, to the webhook outbox (``app.contract.webhook_outbox``), which the deliverer turns into deliveries.
+# it, to the webhook outbox (``diffq.app.contract.webhook_outbox``), which the deliverer turns into deliveries.
 _EMIT = (
     batches.TALLY
     + f"""
@@ -168,7 +168,7 @@ _CLAIM_QUEUED = (
 
 
 # Cancel. Queued: canceled at once, with its event. Running: flagged, and the job id published on
-# ``keys.STOPS`` (ARGV[4]) so that its worker checks the record at its next step (``worker.stops``).
+# ``keys.STOPS`` (ARGV[4]) so that its worker checks the record at its next step (``diffq.worker.stops``).
 # KEYS[2]: the job's event stream; KEYS[3]: the outbox. ARGV[3]: job id.
 # Returns {code, status JSON}: 1 canceled now, 2 flagged, -2 already ended, 0 missing.
 _CANCEL = (
@@ -594,7 +594,7 @@ class JobStore:
         self.redis.zrem(keys.RUNNING, job_id)
         deleted = bool(self.redis.delete(*names))
         if _is_running(status):
-            self.redis.publish(keys.STOPS, job_id)  # its worker stops at its next step (``worker.stops``)
+            self.redis.publish(keys.STOPS, job_id)  # its worker stops at its next step (``diffq.worker.stops``)
         return deleted
 
     def claim(self, job_id: str, worker_id: str, token: str) -> JobRecord | None:

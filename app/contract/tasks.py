@@ -1,10 +1,10 @@
 """The one task workers run, and the RQ queue each model uses: names kept here for the modules that
-import them from this path. They live in ``app.contract.rq_adapter``, with every other touch of RQ.
+import them from this path. They live in ``diffq.app.contract.rq_adapter``, with every other touch of RQ.
 """
 
 from __future__ import annotations
 
-from app.contract.rq_adapter import (
+from diffq.app.contract.rq_adapter import (
     ENQUEUE_CHUNK,
     FINISHED_TTL,
     QUEUE_PREFIX,

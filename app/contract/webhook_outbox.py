@@ -3,16 +3,16 @@
 A job's status change and its webhook delivery must exist together: a worker
 that dies between storing a job's result and scheduling its ``job.succeeded``
 delivery would otherwise leave a job that succeeded and a receiver that is
-never told. So the scripts of ``app.contract.store`` that change a status
+never told. So the scripts of ``diffq.app.contract.store`` that change a status
 (claim, finish, requeue, cancel, deadline) append the event, in the same
 script, to one Redis stream, ``diffq:webhooks:outbox``, when the job's webhook
 subscribes to it. Each entry holds ``job_id``, ``type``, ``data`` (the event's
 JSON, as in the job's own stream) and ``webhook`` (the job's webhook spec). A
-``batch.completed`` entry (``app.contract.batches``) holds the batch id in
+``batch.completed`` entry (``diffq.app.contract.batches``) holds the batch id in
 ``job_id`` and the batch's counts in ``data``.
 
 The deliverer reads the outbox (``relay``, at the start of every pass) and
-turns each entry into a delivery (``app.contract.webhook_queue``), in one script that
+turns each entry into a delivery (``diffq.app.contract.webhook_queue``), in one script that
 deletes the entry and writes the delivery together, so an entry becomes
 exactly one delivery however many deliverers relay at once, and a relay that
 dies part-way leaves the rest for the next one.
@@ -27,10 +27,10 @@ from typing import Any
 from pydantic import ValidationError
 from redis import Redis
 
-from app.contract import batches, keys
-from app.contract.events import webhook_data, webhook_id
-from app.contract.records import Webhook
-from app.contract.webhook_queue import DUE, KEEP_FOR, prepare
+from diffq.app.contract import batches, keys
+from diffq.app.contract.events import webhook_data, webhook_id
+from diffq.app.contract.records import Webhook
+from diffq.app.contract.webhook_queue import DUE, KEEP_FOR, prepare
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def relay(redis: Redis, now: float, batch: int = BATCH) -> int:
             log.error("outbox entry %s is malformed (%s); dropped: %s", _text(entry_id), error, decoded)
             redis.xdel(OUTBOX, entry_id)
             continue
-        if kind.startswith("batch."):  # written by a batch's last item (app.contract.batches); job_id: the batch
+        if kind.startswith("batch."):  # written by a batch's last item (diffq.app.contract.batches); job_id: the batch
             delivery = prepare(
                 job_id, webhook.url, kind, batches.webhook_data(job_id, data), batches.webhook_id(job_id, kind), now=now
             )

@@ -4,7 +4,7 @@ A webhook is lost if a job changes status but its delivery is never
 recorded (a crash between the two writes). So ``schedule`` only queues Redis
 commands on what it is given: pass the pipeline (``MULTI``) that writes the
 status change, and the delivery exists exactly when the change does. The
-deliverer (``app.webhooks.deliver``, its own process) sends it later, retrying until
+deliverer (``diffq.app.webhooks.deliver``, its own process) sends it later, retrying until
 it is accepted or ``webhook_max_age`` has passed.
 
 Note that a guarded write done by a Lua script inside the same ``MULTI`` (for
@@ -43,8 +43,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from app.contract import keys
-from app.contract.records import utcnow
+from diffq.app.contract import keys
+from diffq.app.contract.records import utcnow
 
 DUE = f"{keys.PREFIX}:webhooks:due"
 """Sorted set: delivery id -> unix time it is next due."""

@@ -31,9 +31,9 @@ from typing import Any
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.contract.records import JobRecord
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.uploads import UploadLimits, decode_base64
+from diffq.app.contract.records import JobRecord
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.core.uploads import UploadLimits, decode_base64
 
 
 @dataclass(frozen=True)

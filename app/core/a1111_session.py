@@ -5,7 +5,7 @@ both are per key (per owner: the anonymous ``-`` while auth is off). A key's
 ``sd_model_checkpoint`` option is its default model; ``progress``,
 ``interrupt`` and ``skip`` see and touch only the jobs that key made through
 ``/sdapi/v1``, never another key's, and never its own ``/v1/jobs`` work.
-Keys: ``app.contract.keys.sdapi_options`` and ``sdapi_jobs``.
+Keys: ``diffq.app.contract.keys.sdapi_options`` and ``sdapi_jobs``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from redis import Redis
 
-from app.contract import keys
+from diffq.app.contract import keys
 
 #: Jobs a key's index keeps; ``progress`` and ``interrupt`` look at the newest few only.
 MAX_TRACKED = 200

@@ -5,7 +5,7 @@ taken yet; a submit past that is refused (``QueueFullError``, 429 with the
 current estimated wait) instead of queueing hours of work whose clients will
 have given up. A single job's submit checks the queue's length in the script
 that queues it (``JobStore.submit``), so the bound is exact; a batch checks it
-before its chunks are written (``app.core.batches``), exact to within the API's
+before its chunks are written (``diffq.app.core.batches``), exact to within the API's
 concurrent requests, which is what a bound on hours of work needs.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from app.contract import keys
-from app.contract.rq_adapter import queue_key
-from app.core.errors import QueueFullError
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.contract.rq_adapter import queue_key
+from diffq.app.core.errors import QueueFullError
+from diffq.app.settings import Settings
 
 
 def parse_depths(text: str) -> dict[str | None, int]:

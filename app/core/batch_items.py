@@ -2,7 +2,7 @@
 
 Each item comes out as a ``RawItem``: where it came from (``items[3]``, ``line 4``), so a
 refusal can name it, and its job fields before validation. Nothing here judges job fields;
-``app.core.batches`` validates every item with the single job's rules.
+``diffq.app.core.batches`` validates every item with the single job's rules.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.schemas.batches import BatchCreate
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.schemas.batches import BatchCreate
 
 #: Item fields that come from a template row, besides the placeholders' values.
 ROW_FIELDS = ("custom_id", "seed", "negative_prompt")

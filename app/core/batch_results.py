@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from app.contract.records import ImageRecord, JobRecord, utcnow
-from app.core.errors import ImageNotFoundError
+from diffq.app.contract.records import ImageRecord, JobRecord, utcnow
+from diffq.app.core.errors import ImageNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.contract.records import ModelRecord
-from app.core.batch_items import BatchSpec
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.inputs import PreparedInputs
-from app.schemas.batches import CUSTOM_ID_RULE, batch_item_model
-from app.schemas.jobs import JobCreate
-from app.settings import Settings
+from diffq.app.contract.records import ModelRecord
+from diffq.app.core.batch_items import BatchSpec
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.core.inputs import PreparedInputs
+from diffq.app.schemas.batches import CUSTOM_ID_RULE, batch_item_model
+from diffq.app.schemas.jobs import JobCreate
+from diffq.app.settings import Settings
 
 #: Most problems one refusal lists.
 MAX_PROBLEMS = 20

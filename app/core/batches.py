@@ -3,12 +3,12 @@
 A batch's items are ordinary jobs, made exactly as ``JobService.submit`` makes one (its
 ``build``: the same validation, budget, policies, retention and record), then written to
 Redis together: one ``MULTI`` holds the batch record, every item's RQ job, record and
-``queued`` event (with the fair-share placement of ``app.contract.tasks``), and the
+``queued`` event (with the fair-share placement of ``diffq.app.contract.tasks``), and the
 Idempotency-Key's reservation. So a batch exists whole or not at all, and a worker never sees
 part of one. Every item is validated before anything is written: one bad item is a 422 that
 names it, and nothing is queued.
 
-Counting and ``batch.completed`` happen where items end (``app.contract.batches``).
+Counting and ``batch.completed`` happen where items end (``diffq.app.contract.batches``).
 """
 
 from __future__ import annotations
@@ -23,22 +23,22 @@ from typing import Any, Literal
 
 from redis.exceptions import WatchError
 
-from app.contract import keys
-from app.contract.batches import BatchRecord
-from app.contract.records import BatchRef, JobRecord, ModelRecord, Webhook, utcnow
-from app.contract.registry import ServedModel
-from app.contract.tasks import FairQueue, Place, drop_many, enqueue_many, model_queue
-from app.core import backpressure
-from app.core.batch_items import BatchSpec
-from app.core.batch_results import ItemView, archive
-from app.core.batch_validation import one_model, shared_inputs, validated
-from app.core.errors import BatchNotFoundError, FieldProblem, InvalidRequestError, QueueFullError
-from app.core.idempotency import IdempotencyStore, KeyTakenError
-from app.core.inputs import PreparedInputs, prepare_inputs
-from app.core.jobs import JobService, _StoredImages
-from app.schemas.jobs import JobCreate
-from app.settings import Settings
-from app.webhooks.urls import AllowList, check_url
+from diffq.app.contract import keys
+from diffq.app.contract.batches import BatchRecord
+from diffq.app.contract.records import BatchRef, JobRecord, ModelRecord, Webhook, utcnow
+from diffq.app.contract.registry import ServedModel
+from diffq.app.contract.tasks import FairQueue, Place, drop_many, enqueue_many, model_queue
+from diffq.app.core import backpressure
+from diffq.app.core.batch_items import BatchSpec
+from diffq.app.core.batch_results import ItemView, archive
+from diffq.app.core.batch_validation import one_model, shared_inputs, validated
+from diffq.app.core.errors import BatchNotFoundError, FieldProblem, InvalidRequestError, QueueFullError
+from diffq.app.core.idempotency import IdempotencyStore, KeyTakenError
+from diffq.app.core.inputs import PreparedInputs, prepare_inputs
+from diffq.app.core.jobs import JobService, _StoredImages
+from diffq.app.schemas.jobs import JobCreate
+from diffq.app.settings import Settings
+from diffq.app.webhooks.urls import AllowList, check_url
 
 log = logging.getLogger(__name__)
 

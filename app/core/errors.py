@@ -1,4 +1,4 @@
-"""Domain errors raised by the core; ``app.api.errors`` maps each to one HTTP status."""
+"""Domain errors raised by the core; ``diffq.app.api.errors`` maps each to one HTTP status."""
 
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ POLL_HINT_SECONDS = 1
 
 
 class PollingTooFastError(DiffqError):
-    """Plain reads of one job come faster than this API answers them (``app.api.polling``)."""
+    """Plain reads of one job come faster than this API answers them (``diffq.app.api.polling``)."""
 
     code = "polling_too_fast"
 

@@ -46,10 +46,10 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-from app.contract import keys
-from app.contract.records import utcnow
-from app.contract.scripts import script
-from app.core.errors import FieldProblem, IdempotencyConflictError, InvalidRequestError
+from diffq.app.contract import keys
+from diffq.app.contract.records import utcnow
+from diffq.app.contract.scripts import script
+from diffq.app.core.errors import FieldProblem, IdempotencyConflictError, InvalidRequestError
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255

@@ -6,7 +6,7 @@ without a re-upload; the bytes are copied, so the new job does not depend on
 the old one's lifetime). A reference obeys the same visibility rule as
 ``GET /v1/jobs/{id}``: another API key's job answers exactly as a job that does
 not exist, so a reference is neither a way to read another tenant's images nor
-an oracle of which job ids exist. Every input goes through ``app.core.uploads``'s
+an oracle of which job ids exist. Every input goes through ``diffq.app.core.uploads``'s
 checks and is stored re-encoded: the worker only ever sees a plain RGB PNG
 and a greyscale mask of the exact output geometry.
 
@@ -39,12 +39,12 @@ from typing import Protocol
 
 from PIL import Image
 
-from app.contract.records import InputImage, JobMode, JobRecord, ModelRecord, Outpaint
-from app.contract.rules import USED_BY
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.uploads import UploadLimits, check_header, decode_base64, decode_image
-from app.schemas.jobs import JobCreate
-from app.settings import Settings
+from diffq.app.contract.records import InputImage, JobMode, JobRecord, ModelRecord, Outpaint
+from diffq.app.contract.rules import USED_BY
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.core.uploads import UploadLimits, check_header, decode_base64, decode_image
+from diffq.app.schemas.jobs import JobCreate
+from diffq.app.settings import Settings
 
 #: Whether the caller may see a job with this owner (``Caller.can_see``).
 CanSee = Callable[[str | None], bool]

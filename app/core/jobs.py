@@ -13,16 +13,16 @@ from typing import Any, cast
 from redis import Redis
 from redis.exceptions import WatchError
 
-from app.auth.caller import Caller
-from app.contract import keys, metrics, replication
-from app.contract.adapters import list_adapters
-from app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
-from app.contract.registry import Registry, ServedModel
-from app.contract.status import JobStatus
-from app.contract.store import CancelResult, JobStore, Read, Submitted
-from app.contract.tasks import FairQueue, Place, cancel_queued, forget, model_queue, rq_job_fields
-from app.core import backpressure
-from app.core.errors import (
+from diffq.app.auth.caller import Caller
+from diffq.app.contract import keys, metrics, replication
+from diffq.app.contract.adapters import list_adapters
+from diffq.app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
+from diffq.app.contract.registry import Registry, ServedModel
+from diffq.app.contract.status import JobStatus
+from diffq.app.contract.store import CancelResult, JobStore, Read, Submitted
+from diffq.app.contract.tasks import FairQueue, Place, cancel_queued, forget, model_queue, rq_job_fields
+from diffq.app.core import backpressure
+from diffq.app.core.errors import (
     ContentCredentialsUnavailableError,
     FieldProblem,
     ImageNotFoundError,
@@ -35,16 +35,16 @@ from app.core.errors import (
     TooManyQueuedJobsError,
     UnknownModelError,
 )
-from app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
-from app.core.inputs import PreparedInputs, infer_mode, prepare_inputs
-from app.core.validation import check_before_decode, resolve_request
-from app.schemas.jobs import JobCreate
-from app.settings import Settings
-from app.storage import objects
-from app.storage.base import ResultStore, StorageUnavailableError
-from app.storage.factory import open_store
-from app.webhooks.deliver import attempts, attempts_key
-from app.webhooks.urls import AllowList, check_url
+from diffq.app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
+from diffq.app.core.inputs import PreparedInputs, infer_mode, prepare_inputs
+from diffq.app.core.validation import check_before_decode, resolve_request
+from diffq.app.schemas.jobs import JobCreate
+from diffq.app.settings import Settings
+from diffq.app.storage import objects
+from diffq.app.storage.base import ResultStore, StorageUnavailableError
+from diffq.app.storage.factory import open_store
+from diffq.app.webhooks.deliver import attempts, attempts_key
+from diffq.app.webhooks.urls import AllowList, check_url
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class JobService:
         """``submit`` under an Idempotency-Key: the first request with ``key`` creates the job, every
         later one with the same body gets that job (``True``: a replay); another body raises
         ``IdempotencyConflictError``. The key is written in the same transaction as the job
-        (``app.core.idempotency``), so it never stands for a job that does not exist; a key whose
+        (``diffq.app.core.idempotency``), so it never stands for a job that does not exist; a key whose
         job was deleted or has expired raises ``JobNotFoundError``. Keys are the caller's own, and
         ``endpoint``'s own: the same key sent to another endpoint (``""`` is ``POST /v1/jobs``) is
         another key."""

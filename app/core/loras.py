@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from app.contract.adapters import MAX_PER_REQUEST, MAX_WEIGHT, AdapterInfo, fits, parse_prompt
-from app.contract.records import LoraParam, ModelRecord
-from app.core.errors import FieldProblem
-from app.schemas.jobs import LoraRequest
+from diffq.app.contract.adapters import MAX_PER_REQUEST, MAX_WEIGHT, AdapterInfo, fits, parse_prompt
+from diffq.app.contract.records import LoraParam, ModelRecord
+from diffq.app.core.errors import FieldProblem
+from diffq.app.schemas.jobs import LoraRequest
 
 
 def resolve_loras(

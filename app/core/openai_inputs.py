@@ -11,8 +11,8 @@ import io
 
 from PIL import Image
 
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.uploads import UploadLimits, decode_image
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.core.uploads import UploadLimits, decode_image
 
 
 def openai_mask(data: bytes, limits: UploadLimits) -> bytes:
@@ -37,7 +37,7 @@ def openai_mask(data: bytes, limits: UploadLimits) -> bytes:
 
 
 def png_prompt(data: bytes) -> str:
-    """The prompt diffq wrote into a PNG it made (``worker.png``'s ``prompt`` text chunk)."""
+    """The prompt diffq wrote into a PNG it made (``diffq.worker.png``'s ``prompt`` text chunk)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             prompt = image.info.get("prompt") if image.format == "PNG" else None

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from diffq.app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -436,7 +436,7 @@ def _check_size(width: int, height: int, limits: UploadLimits) -> None:
 # --- Pillow -----------------------------------------------------------------------------------------------------
 
 # No lock and no ``warnings.catch_warnings`` here: decodes run in parallel in the API's thread pool (bounded per
-# key and per process by ``app.api.decode_gate``). Pillow's decompression-bomb guard is applied by ``_check_size``
+# key and per process by ``diffq.app.api.decode_gate``). Pillow's decompression-bomb guard is applied by ``_check_size``
 # from the header, before Pillow sees the file, so it needs no process-wide warning filter.
 
 # What ``Image.format`` may say for each sniffed format: Pillow reads a JPEG carrying an MPO index as "MPO".

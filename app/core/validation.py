@@ -2,7 +2,7 @@
 
 Settings limits are already enforced by ``JobCreate``'s fields; what remains
 depends on the model a worker registered: sizes, steps (and a scheduler's own
-cap), schedulers, the negative prompt. The rules are ``app.contract.rules``,
+cap), schedulers, the negative prompt. The rules are ``diffq.app.contract.rules``,
 the same the worker's engine checks by, so whatever it would refuse is refused
 here, at submit. Every problem is reported at once, each naming the field and
 what is accepted; nothing is silently corrected.
@@ -14,9 +14,9 @@ import secrets
 from collections.abc import Sequence
 from datetime import timedelta
 
-from app.contract.adapters import AdapterInfo
-from app.contract.records import JobMode, JobParams, ModelRecord, utcnow
-from app.contract.rules import (
+from diffq.app.contract.adapters import AdapterInfo
+from diffq.app.contract.records import JobMode, JobParams, ModelRecord, utcnow
+from diffq.app.contract.rules import (
     DEFAULT_STRENGTH,
     MAX_SEED,
     max_steps_for,
@@ -24,10 +24,10 @@ from app.contract.rules import (
     strength_for,
     strength_problem,
 )
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.core.inputs import PreparedInputs
-from app.core.loras import resolve_loras
-from app.schemas.jobs import JobCreate
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.core.inputs import PreparedInputs
+from diffq.app.core.loras import resolve_loras
+from diffq.app.schemas.jobs import JobCreate
 
 __all__ = ["DEFAULT_STRENGTH", "check_before_decode", "resolve_request"]
 
@@ -52,9 +52,9 @@ def resolve_request(
 ) -> JobParams:
     """The request as it will run: model defaults filled in, a seed chosen if none was given.
 
-    ``inputs`` (from ``app.core.inputs.prepare_inputs``) gives an editing job's
+    ``inputs`` (from ``diffq.app.core.inputs.prepare_inputs``) gives an editing job's
     mode, input images and output size; without it the request is text-to-image.
-    ``adapters`` are the LoRA adapters on offer (``app.contract.adapters.list_adapters``).
+    ``adapters`` are the LoRA adapters on offer (``diffq.app.contract.adapters.list_adapters``).
     """
     inputs = inputs or PreparedInputs(mode=JobMode.TXT2IMG)
     if inputs.size is not None:

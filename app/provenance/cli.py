@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.provenance.verify import NotAnImageError, verify
-from app.settings import Settings, load_settings
+from diffq.app.provenance.verify import NotAnImageError, verify
+from diffq.app.settings import Settings, load_settings
 
 
 def add_command(commands: Any) -> None:

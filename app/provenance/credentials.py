@@ -118,7 +118,7 @@ def manifest(
 
     An edit opens its input (the ingredient added by ``sign``) and then edits it: C2PA 2 wants
     the first action to be ``c2pa.created`` or ``c2pa.opened``."""
-    from app.provenance.labels import source_type
+    from diffq.app.provenance.labels import source_type
 
     made = {
         "action": "c2pa.edited" if edited else "c2pa.created",

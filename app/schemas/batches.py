@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from app.contract.records import WebhookEvent
-from app.schemas.jobs import JobCreate, job_create_model
-from app.settings import Settings
+from diffq.app.contract.records import WebhookEvent
+from diffq.app.schemas.jobs import JobCreate, job_create_model
+from diffq.app.settings import Settings
 
 #: A ``custom_id``: also the file name of the item's images in ``images.zip``, so no path characters.
 CUSTOM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

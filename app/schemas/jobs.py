@@ -4,9 +4,9 @@
 per job) are applied by ``job_create_model``, which derives a subclass with
 those limits in its ``Field``s: one declaration drives both validation and
 the OpenAPI schema. Limits that are the same for every model (seed, guidance
-scale) are the request rules' (``app.contract.rules``); those that come from
+scale) are the request rules' (``diffq.app.contract.rules``); those that come from
 the model (sizes, steps, schedulers) are only known at run time and are
-checked in ``app.core.validation``.
+checked in ``diffq.app.core.validation``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress, Webhook, WebhookEvent
-from app.contract.rules import MAX_GUIDANCE_SCALE, MAX_SEED, MIN_GUIDANCE_SCALE
-from app.contract.status import JobStatus
-from app.settings import Settings
+from diffq.app.contract.records import ErrorInfo, JobMode, JobParams, Outpaint, Progress, Webhook, WebhookEvent
+from diffq.app.contract.rules import MAX_GUIDANCE_SCALE, MAX_SEED, MIN_GUIDANCE_SCALE
+from diffq.app.contract.status import JobStatus
+from diffq.app.settings import Settings
 
 
 class LoraRequest(BaseModel):

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.contract.records import JobMode
+from diffq.app.contract.records import JobMode
 
 
 class WorkerPublic(BaseModel):

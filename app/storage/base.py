@@ -1,6 +1,6 @@
 """The interface every result store backend meets, and the two ways it can fail.
 
-A backend stores opaque bytes under keys made by ``app.storage.objects``; it never
+A backend stores opaque bytes under keys made by ``diffq.app.storage.objects``; it never
 interprets them. Writes are whole or absent (no reader ever sees half an object).
 ``StorageUnavailableError`` is transient (retry, or answer 503); ``StorageConfigError``
 is a deployment mistake, and names the setting to fix.
@@ -32,7 +32,7 @@ class ListedObject:
 
 class ResultStore(Protocol):
     """Bytes by key. ``ttl`` is a hint only the ``redis`` backend uses (objects expire with the job);
-    the others rely on ``app.storage.sweep`` to remove what no live job references."""
+    the others rely on ``diffq.app.storage.sweep`` to remove what no live job references."""
 
     name: str
 

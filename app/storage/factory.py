@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from redis import Redis
 
-from app.settings import Settings
-from app.storage.base import ResultStore, StorageConfigError
+from diffq.app.settings import Settings
+from diffq.app.storage.base import ResultStore, StorageConfigError
 
 
 def open_store(settings: Settings, redis: Redis) -> ResultStore:
     """The configured backend (not yet checked: see ``check_settings`` and ``ResultStore.check``)."""
     check_settings(settings)
     if settings.store == "file":
-        from app.storage.file_store import FileResultStore
+        from diffq.app.storage.file_store import FileResultStore
 
         assert settings.store_dir is not None
         return FileResultStore(settings.store_dir)
     if settings.store == "s3":
-        from app.storage.s3_store import S3ResultStore
+        from diffq.app.storage.s3_store import S3ResultStore
 
         assert settings.store_bucket is not None
         return S3ResultStore(
@@ -31,7 +31,7 @@ def open_store(settings: Settings, redis: Redis) -> ResultStore:
             settings.store_region,
             settings.store_addressing,
         )
-    from app.storage.redis_store import RedisResultStore
+    from diffq.app.storage.redis_store import RedisResultStore
 
     return RedisResultStore(redis)
 

@@ -1,6 +1,6 @@
 """The ``file`` backend: objects as files under one directory (a shared volume or NFS mount).
 
-Keys are checked against ``app.storage.objects`` and resolved inside the root, so no name
+Keys are checked against ``diffq.app.storage.objects`` and resolved inside the root, so no name
 can reach outside it. A write goes to a temporary file in the root's ``.tmp`` folder and is
 renamed into place: a reader sees the whole object or none, and a write cut short leaves only
 a temporary file, which the sweeper removes.
@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from app.storage import objects
-from app.storage.base import ListedObject, StorageConfigError, StorageUnavailableError
+from diffq.app.storage import objects
+from diffq.app.storage.base import ListedObject, StorageConfigError, StorageUnavailableError
 
 TMP = ".tmp"
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator
 import redis.exceptions
 from redis import Redis
 
-from app.contract import keys
-from app.storage.base import ListedObject, StorageUnavailableError
+from diffq.app.contract import keys
+from diffq.app.storage.base import ListedObject, StorageUnavailableError
 
 _DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 

@@ -17,7 +17,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from app.storage.base import ListedObject, StorageConfigError, StorageUnavailableError
+from diffq.app.storage.base import ListedObject, StorageConfigError, StorageUnavailableError
 
 #: Errors that mean "the store is not answering now": retried by the worker, 503 to a reader.
 _DOWN = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-from app.contract import keys
-from app.contract.records import JobRecord
-from app.settings import Settings
-from app.storage import objects
-from app.storage.base import ListedObject, ResultStore
+from diffq.app.contract import keys
+from diffq.app.contract.records import JobRecord
+from diffq.app.settings import Settings
+from diffq.app.storage import objects
+from diffq.app.storage.base import ListedObject, ResultStore
 
 log = logging.getLogger(__name__)
 

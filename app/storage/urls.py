@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from app.contract.records import ImageRecord, JobRecord, utcnow
-from app.settings import Settings
-from app.storage.base import ResultStore
+from diffq.app.contract.records import ImageRecord, JobRecord, utcnow
+from diffq.app.settings import Settings
+from diffq.app.storage.base import ResultStore
 
 #: Builds the API's own URL of an image (``"image"``) or journey (``"journey"``): kind, job id, index, extension.
 ProxyUrl = Callable[[str, str, int, str], str]

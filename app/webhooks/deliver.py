@@ -2,7 +2,7 @@
 
 Run it as its own process (any number of them, on any hosts)::
 
-    diffq webhooks            # or: python -m app.webhooks.deliver
+    diffq webhooks            # or: python -m diffq.app.webhooks.deliver
 
 It stops cleanly on SIGTERM/SIGINT. In tests or embedded use::
 
@@ -13,7 +13,7 @@ It stops cleanly on SIGTERM/SIGINT. In tests or embedded use::
 
 How no delivery is lost or sent twice at once:
 
-- Each pass first relays the outbox (``app.contract.webhook_outbox``): status events that
+- Each pass first relays the outbox (``diffq.app.contract.webhook_outbox``): status events that
   the job scripts wrote with their change become deliveries, each exactly once.
 
 - Claiming is one Lua script: it moves due deliveries from ``diffq:webhooks:due``
@@ -61,13 +61,13 @@ import httpx
 import redis.exceptions
 from redis import Redis
 
-from app.contract import connection, keys
-from app.contract.webhook_outbox import relay
-from app.contract.webhook_queue import DELIVERY_PREFIX, DUE, delivery_key
-from app.core.errors import InvalidRequestError
-from app.settings import Settings, load_settings
-from app.webhooks.signing import get_secret, sign
-from app.webhooks.urls import AllowList, resolve_checked
+from diffq.app.contract import connection, keys
+from diffq.app.contract.webhook_outbox import relay
+from diffq.app.contract.webhook_queue import DELIVERY_PREFIX, DUE, delivery_key
+from diffq.app.core.errors import InvalidRequestError
+from diffq.app.settings import Settings, load_settings
+from diffq.app.webhooks.signing import get_secret, sign
+from diffq.app.webhooks.urls import AllowList, resolve_checked
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def _text(value: bytes | str) -> str:
 
 
 def main(settings: Settings | None = None) -> int:
-    """``python -m app.webhooks.deliver`` (or ``diffq webhooks``): deliver until SIGTERM or SIGINT."""
+    """``python -m diffq.app.webhooks.deliver`` (or ``diffq webhooks``): deliver until SIGTERM or SIGINT."""
     settings = settings or load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from redis import Redis
 from standardwebhooks import Webhook
 
-from app.contract import keys
-from app.settings import Settings
+from diffq.app.contract import keys
+from diffq.app.settings import Settings
 
 SECRET_KEY = f"{keys.PREFIX}:webhook:secret"
 SECRET_PREFIX = "whsec_"

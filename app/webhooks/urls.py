@@ -35,8 +35,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
-from app.core.errors import FieldProblem, InvalidRequestError
-from app.settings import Settings
+from diffq.app.core.errors import FieldProblem, InvalidRequestError
+from diffq.app.settings import Settings
 
 FIELD = "webhook.url"
 MAX_URL_LENGTH = 2048

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.training.tokenizer import MAX_LENGTH
+from diffq.model.training.tokenizer import MAX_LENGTH
 
 
 @dataclass(frozen=True)

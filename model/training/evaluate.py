@@ -1,7 +1,7 @@
-"""Measure prompt adherence of the shapes model: `python -m model.training.evaluate [--source …]`.
+"""Measure prompt adherence of the shapes model: `python -m diffq.model.training.evaluate [--source …]`.
 
 Each evaluation prompt is the caption of a procedurally generated scene with a seed below
-`model.training.train.TRAIN_SEED_BASE` (training never sees those). The generated image is read
+`diffq.model.training.train.TRAIN_SEED_BASE` (training never sees those). The generated image is read
 back with `shapes_data.analyse` and scored on what the caption states:
 
 - background: the most common colour of the border is the one asked for
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model.training import shapes_data
+from diffq.model.training import shapes_data
 
 TARGETS = {"background": 0.98, "shape_colour": 0.95, "shape": 0.90, "position": 0.90, "both_colours": 0.85}
 
@@ -84,7 +84,7 @@ def arrangements(image: Image.Image, scene: shapes_data.Scene, found: shapes_dat
 def generate(model: Path, prompts: list[str], seeds: list[int], args) -> list[Image.Image]:
     import torch
 
-    from model.engine import Engine, GenerationRequest
+    from diffq.model.engine import Engine, GenerationRequest
 
     lora = args.lora
     engine = Engine.load(model, device=args.device, lora_dir=lora.parent if lora else None)
@@ -139,7 +139,7 @@ def grid(images: list[Image.Image], captions: list[str], path: Path, columns: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m model.training.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffq.model.training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path(__file__).parent.parent / "shapes")
     parser.add_argument("--source", choices=["model", "reconstruction", "truth"], default="model")
     parser.add_argument("-n", type=int, default=240, help="number of prompts (seeds 0..n-1)")

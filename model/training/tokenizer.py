@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.training.shapes_data import VOCABULARY
+from diffq.model.training.shapes_data import VOCABULARY
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unknown|>"
 MAX_LENGTH = 32  # longest caption is 21 tokens with BOS/EOS

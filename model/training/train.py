@@ -1,4 +1,4 @@
-"""Train the default "shapes" model from scratch: `python -m model.training.train {vae,unet,export} …`.
+"""Train the default "shapes" model from scratch: `python -m diffq.model.training.train {vae,unet,export} …`.
 
 Stages, each seeded and resumable (a checkpoint in the run folder every few hundred steps,
 picked up again by running the same command):
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.training import shapes_data
-from model.training.architecture import PRESETS, build_scheduler, build_text_encoder, build_unet, build_vae
-from model.training.tokenizer import MAX_LENGTH, build_tokenizer
+from diffq.model.training import shapes_data
+from diffq.model.training.architecture import PRESETS, build_scheduler, build_text_encoder, build_unet, build_vae
+from diffq.model.training.tokenizer import MAX_LENGTH, build_tokenizer
 
 TRAIN_SEED_BASE = 10_000_000  # evaluation uses seeds below this; training never does
 CFG_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional score
@@ -221,7 +221,7 @@ def load_vae(args: argparse.Namespace, device: torch.device):
         vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
     else:
         raise SystemExit(
-            f"no VAE checkpoint in {args.run}: run `python -m model.training.train vae` first, "
+            f"no VAE checkpoint in {args.run}: run `python -m diffq.model.training.train vae` first, "
             "or pass --init-from model/shapes to continue from the shipped model"
         )
     return vae.to(device).eval().requires_grad_(False)
@@ -673,7 +673,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.training.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffq.model.training.train", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["vae", "decoder", "unet", "export", "lora"])
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
     parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")

@@ -12,20 +12,20 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.errors import ERROR_RESPONSES
-from app.api.openapi import BATCH_CREATE_BODY
-from app.api.public_urls import public_url
-from app.api.routes.jobs import proxy_url
-from app.core import batch_items
-from app.core.batch_items import BatchSpec
-from app.core.batch_results import ItemView, item_result
-from app.core.batches import BatchService, BatchView
-from app.core.errors import FieldProblem, InvalidRequestError, JobListingDisabledError, UnsupportedMediaTypeError
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
-from app.deps import CallerDep, JobServiceDep, SettingsDep, _as_request_error, media_type, read_form
-from app.schemas.batches import BatchCounts, BatchCreate, BatchItemPublic, BatchItems, BatchList, BatchPublic
-from app.storage.urls import image_links
+from diffq.app.api.errors import ERROR_RESPONSES
+from diffq.app.api.openapi import BATCH_CREATE_BODY
+from diffq.app.api.public_urls import public_url
+from diffq.app.api.routes.jobs import proxy_url
+from diffq.app.core import batch_items
+from diffq.app.core.batch_items import BatchSpec
+from diffq.app.core.batch_results import ItemView, item_result
+from diffq.app.core.batches import BatchService, BatchView
+from diffq.app.core.errors import FieldProblem, InvalidRequestError, JobListingDisabledError, UnsupportedMediaTypeError
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
+from diffq.app.deps import CallerDep, JobServiceDep, SettingsDep, _as_request_error, media_type, read_form
+from diffq.app.schemas.batches import BatchCounts, BatchCreate, BatchItemPublic, BatchItems, BatchList, BatchPublic
+from diffq.app.storage.urls import image_links
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPONSES)
 

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from redis import Redis
 
-from app import __version__
-from app.core import backpressure
-from app.deps import RegistryDep, ResultsDep, SettingsDep
-from app.schemas.health import Health, Readiness
-from app.settings import Settings
+from diffq.app import __version__
+from diffq.app.core import backpressure
+from diffq.app.deps import RegistryDep, ResultsDep, SettingsDep
+from diffq.app.schemas.health import Health, Readiness
+from diffq.app.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response
 
-from app.api.errors import ERROR_RESPONSES
-from app.core.errors import ImageNotFoundError
-from app.deps import JobServiceDep, SettingsDep
+from diffq.app.api.errors import ERROR_RESPONSES
+from diffq.app.core.errors import ImageNotFoundError
+from diffq.app.deps import JobServiceDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["images"], responses=ERROR_RESPONSES)
 

@@ -12,19 +12,19 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.api.errors import ERROR_RESPONSES
-from app.api.openapi import JOB_CREATE_BODY
-from app.api.polling import PollPacer
-from app.api.public_urls import public_url
-from app.api.waiting import Wait, WaitTimedOut
-from app.contract import events
-from app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, JobNotFoundError, PollingTooFastError
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.inputs import has_inputs
-from app.core.jobs import JobService, JobView
-from app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody, WaiterDep
-from app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
-from app.storage.urls import image_links
+from diffq.app.api.errors import ERROR_RESPONSES
+from diffq.app.api.openapi import JOB_CREATE_BODY
+from diffq.app.api.polling import PollPacer
+from diffq.app.api.public_urls import public_url
+from diffq.app.api.waiting import Wait, WaitTimedOut
+from diffq.app.contract import events
+from diffq.app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, JobNotFoundError, PollingTooFastError
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.inputs import has_inputs
+from diffq.app.core.jobs import JobService, JobView
+from diffq.app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody, WaiterDep
+from diffq.app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
+from diffq.app.storage.urls import image_links
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -67,7 +67,7 @@ async def create_job(
 ) -> JobPublic:
     # Submitting runs in a worker thread, so decoding input images (and checking a webhook URL's
     # DNS) never blocks the event loop; a request with images first waits for a decode slot of its
-    # key (app.api.decode_gate) on the event loop, holding no thread meanwhile.
+    # key (diffq.app.api.decode_gate) on the event loop, holding no thread meanwhile.
     gate: AbstractAsyncContextManager[object] = nullcontext()
     if has_inputs(body.body, body.files):
         client = request.client.host if request.client is not None else "unknown"
@@ -129,7 +129,7 @@ async def get_job(
 ) -> Response | JobPublic:
     if wait == 0:
         pacer: PollPacer = request.app.state.poll_pacer
-        hold = pacer.reserve(job_id)  # a tight polling loop is held to the pace (app.api.polling)
+        hold = pacer.reserve(job_id)  # a tight polling loop is held to the pace (diffq.app.api.polling)
         if hold is None:
             raise PollingTooFastError(job_id, pacer.retry_after(job_id))
         if hold > 0:
@@ -230,7 +230,7 @@ def delete_job(job_id: str, jobs: JobServiceDep) -> Response:
 
 def job_public(view: JobView, request: Request) -> JobPublic:
     """The job resource, with absolute URLs for this request's host (or signed or public ones:
-    ``app.storage.urls``)."""
+    ``diffq.app.storage.urls``)."""
     record = view.record
     state = request.app.state
     images = []

@@ -6,9 +6,9 @@ import dataclasses
 
 from fastapi import APIRouter
 
-from app.contract.adapters import list_adapters
-from app.deps import SettingsDep
-from app.schemas.loras import LoraList, LoraPublic
+from diffq.app.contract.adapters import list_adapters
+from diffq.app.deps import SettingsDep
+from diffq.app.schemas.loras import LoraList, LoraPublic
 
 router = APIRouter(prefix="/v1/loras", tags=["models"])
 

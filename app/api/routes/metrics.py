@@ -1,4 +1,4 @@
-"""``/metrics``: Prometheus text format, read from Redis at each scrape (``app.api.metrics``)."""
+"""``/metrics``: Prometheus text format, read from Redis at each scrape (``diffq.app.api.metrics``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
-from app.api.metrics import DiffqCollector
+from diffq.app.api.metrics import DiffqCollector
 
 router = APIRouter(tags=["metrics"])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.contract.registry import has_loaded
-from app.deps import RegistryDep, SettingsDep
-from app.schemas.models import ModelList, ModelPublic, WorkerPublic
+from diffq.app.contract.registry import has_loaded
+from diffq.app.deps import RegistryDep, SettingsDep
+from diffq.app.schemas.models import ModelList, ModelPublic, WorkerPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

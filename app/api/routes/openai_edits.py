@@ -3,7 +3,7 @@
 Both take multipart/form-data as the official ``openai`` client sends it, queue an ordinary diffq job
 (same queue, limits, fair share, idempotency as ``POST /v1/jobs``), wait for it up to
 ``DIFFQ_OPENAI_TIMEOUT`` seconds and answer OpenAI's ``{"created", "data": [...]}`` (``b64_json`` by
-default, or ``url``: the job's image URLs). Errors have OpenAI's body (``app.api.routes.openai_images``).
+default, or ``url``: the job's image URLs). Errors have OpenAI's body (``diffq.app.api.routes.openai_images``).
 
 - ``edits``: one ``image`` (or ``image[]`` with one file; diffq edits one image per request) and an
   optional ``mask``, as OpenAI defines it: a PNG the image's size whose fully transparent pixels
@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.routes.jobs import proxy_url
-from app.api.routes.openai_images import (
+from diffq.app.api.routes.jobs import proxy_url
+from diffq.app.api.routes.openai_images import (
     ERROR_RESPONSES,
     OPENAI_MODEL_PREFIXES,
     SIZE,
@@ -46,18 +46,18 @@ from app.api.routes.openai_images import (
     _submit_failure,
     _wait,
 )
-from app.api.waiting import Waiter
-from app.contract.status import JobStatus
-from app.core.errors import DiffqError, InvalidRequestError, StoreUnavailableError
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint_multipart, validate_key
-from app.core.inputs import ALPHA_MASK
-from app.core.jobs import JobService, JobView
-from app.core.openai_inputs import openai_mask, png_prompt
-from app.core.uploads import UploadLimits, decode_image
-from app.deps import JobServiceDep, WaiterDep, read_form
-from app.schemas.jobs import job_create_model
-from app.storage.urls import image_links
+from diffq.app.api.waiting import Waiter
+from diffq.app.contract.status import JobStatus
+from diffq.app.core.errors import DiffqError, InvalidRequestError, StoreUnavailableError
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.idempotency import fingerprint_multipart, validate_key
+from diffq.app.core.inputs import ALPHA_MASK
+from diffq.app.core.jobs import JobService, JobView
+from diffq.app.core.openai_inputs import openai_mask, png_prompt
+from diffq.app.core.uploads import UploadLimits, decode_image
+from diffq.app.deps import JobServiceDep, WaiterDep, read_form
+from diffq.app.schemas.jobs import job_create_model
+from diffq.app.storage.urls import image_links
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from app.api.public_urls import public_url
-from app.api.routes.jobs import proxy_url
-from app.api.waiting import Wait, Waiter, WaitTimedOut
-from app.contract.status import JobStatus
-from app.core.errors import (
+from diffq.app.api.public_urls import public_url
+from diffq.app.api.routes.jobs import proxy_url
+from diffq.app.api.waiting import Wait, Waiter, WaitTimedOut
+from diffq.app.contract.status import JobStatus
+from diffq.app.core.errors import (
     DiffqError,
     IdempotencyConflictError,
     IdempotencyInProgressError,
@@ -61,12 +61,12 @@ from app.core.errors import (
     UnknownModelError,
     UploadTooLargeError,
 )
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, validate_key
-from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, SettingsDep, WaiterDep, media_type
-from app.schemas.jobs import job_create_model
-from app.storage.urls import image_links
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.idempotency import fingerprint, validate_key
+from diffq.app.core.jobs import JobService, JobView
+from diffq.app.deps import JobServiceDep, SettingsDep, WaiterDep, media_type
+from diffq.app.schemas.jobs import job_create_model
+from diffq.app.storage.urls import image_links
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def _submit_failure(error: DiffqError) -> OpenAIFailure:
 
 
 async def _wait(request: Request, jobs: JobService, held: Wait, job_id: str, timeout: float) -> JobView | None:
-    """The job once it has ended (``app.api.waiting``); ``None`` if the client hung up first (the
+    """The job once it has ended (``diffq.app.api.waiting``); ``None`` if the client hung up first (the
     job is then canceled). Its time up or the job deleted: OpenAI-shaped errors."""
     try:
         return await held.result(request, jobs, job_id, timeout)

@@ -2,17 +2,17 @@
 Open WebUI, SillyTavern, bots) send them. The rest of ``/sdapi/v1`` is ``sdapi_session``.
 
 ``txt2img`` and ``img2img`` queue an ordinary diffq job (same queue, limits, fair share, idempotency
-and timeouts as ``POST /v1/jobs``; the mapping is ``app.core.a1111``), wait for it up to
+and timeouts as ``POST /v1/jobs``; the mapping is ``diffq.app.core.a1111``), wait for it up to
 ``DIFFQ_SDAPI_TIMEOUT`` seconds and answer A1111's ``{"images", "parameters", "info"}``. Options and
-jobs are per API key (``app.core.a1111_session``): ``sd_model_checkpoint`` is that key's default
+jobs are per API key (``diffq.app.core.a1111_session``): ``sd_model_checkpoint`` is that key's default
 model, and ``progress``/``interrupt``/``skip`` see only that key's ``/sdapi/v1`` jobs.
 
-Errors have A1111's body (``app.api.a1111_errors``), ``{"error", "detail", "body", "errors"}``: ``422`` for a request
-that cannot map (``detail`` names the field and what is accepted), ``500`` for a failed job, ``503`` when no
-worker is live or Redis is down, ``504`` when the job outlasts the wait (it goes on; ``detail`` names
-its URL). A job ended by ``interrupt`` answers ``200`` with no images, as A1111 does. The job's id is
-in the ``x-diffq-job-id`` header and in ``info``. Auth: HTTP Basic (the API key as the password) or
-Bearer, as on every ``/v1`` route.
+Errors have A1111's body (``diffq.app.api.a1111_errors``), ``{"error", "detail", "body", "errors"}``:
+``422`` for a request that cannot map (``detail`` names the field and what is accepted), ``500`` for a
+failed job, ``503`` when no worker is live or Redis is down, ``504`` when the job outlasts the wait (it goes
+on; ``detail`` names its URL). A job ended by ``interrupt`` answers ``200`` with no images, as A1111
+does. The job's id is in the ``x-diffq-job-id`` header and in ``info``. Auth: HTTP Basic (the API key as
+the password) or Bearer, as on every ``/v1`` route.
 """
 
 from __future__ import annotations
@@ -28,21 +28,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app import __version__
-from app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object, problem
-from app.api.public_urls import public_url
-from app.api.waiting import Waiter, WaitTimedOut
-from app.contract.status import JobStatus
-from app.core import a1111
-from app.core.a1111_session import A1111Session
-from app.core.errors import DiffqError, JobNotFoundError
-from app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from app.core.idempotency import fingerprint, validate_key
-from app.core.jobs import JobService, JobView
-from app.core.uploads import UploadLimits
-from app.deps import JobServiceDep, RedisDep, WaiterDep
-from app.schemas.a1111 import GenerationAnswer
-from app.schemas.jobs import job_create_model
+from diffq.app import __version__
+from diffq.app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object, problem
+from diffq.app.api.public_urls import public_url
+from diffq.app.api.waiting import Waiter, WaitTimedOut
+from diffq.app.contract.status import JobStatus
+from diffq.app.core import a1111
+from diffq.app.core.a1111_session import A1111Session
+from diffq.app.core.errors import DiffqError, JobNotFoundError
+from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from diffq.app.core.idempotency import fingerprint, validate_key
+from diffq.app.core.jobs import JobService, JobView
+from diffq.app.core.uploads import UploadLimits
+from diffq.app.deps import JobServiceDep, RedisDep, WaiterDep
+from diffq.app.schemas.a1111 import GenerationAnswer
+from diffq.app.schemas.jobs import job_create_model
 
 log = logging.getLogger(__name__)
 

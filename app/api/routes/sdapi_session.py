@@ -1,7 +1,7 @@
 """``/sdapi/v1`` beside generation: per-key options, the listings A1111 clients read, and the caller's
 jobs (``progress``, ``interrupt``, ``skip``).
 
-Options and jobs are per API key (``app.core.a1111_session``): ``sd_model_checkpoint`` is that key's
+Options and jobs are per API key (``diffq.app.core.a1111_session``): ``sd_model_checkpoint`` is that key's
 default model, and ``progress``/``interrupt``/``skip`` see only that key's ``/sdapi/v1`` jobs, never
 another key's and never its own ``/v1/jobs`` work.
 """
@@ -14,16 +14,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object
-from app.api.routes.sdapi import session_of
-from app.contract.adapters import SUFFIX, list_adapters
-from app.contract.status import JobStatus
-from app.core import a1111
-from app.core.a1111_session import A1111Session
-from app.core.errors import DiffqError, FieldProblem, JobNotFoundError, UnknownModelError
-from app.core.jobs import JobService, JobView
-from app.deps import JobServiceDep, RedisDep, SettingsDep
-from app.schemas.a1111 import ProgressAnswer, SamplerItem, ScheduleItem, ScriptsList, SdModel, UpscalerItem
+from diffq.app.api.a1111_errors import ERRORS, A1111Failure, failure, invalid, json_object
+from diffq.app.api.routes.sdapi import session_of
+from diffq.app.contract.adapters import SUFFIX, list_adapters
+from diffq.app.contract.status import JobStatus
+from diffq.app.core import a1111
+from diffq.app.core.a1111_session import A1111Session
+from diffq.app.core.errors import DiffqError, FieldProblem, JobNotFoundError, UnknownModelError
+from diffq.app.core.jobs import JobService, JobView
+from diffq.app.deps import JobServiceDep, RedisDep, SettingsDep
+from diffq.app.schemas.a1111 import ProgressAnswer, SamplerItem, ScheduleItem, ScriptsList, SdModel, UpscalerItem
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
-from app.deps import CallerDep
-from app.provenance.verify import NotAnImageError, verify
-from app.schemas.verify import VerifyReport, VerifyResponse
+from diffq.app.core.errors import FieldProblem, InvalidRequestError, UploadTooLargeError
+from diffq.app.deps import CallerDep
+from diffq.app.provenance.verify import NotAnImageError, verify
+from diffq.app.schemas.verify import VerifyReport, VerifyResponse
 
 router = APIRouter(tags=["provenance"])
 
@@ -41,7 +41,7 @@ async def verify_images(
         client = request.client.host if request.client is not None else "unknown"
         gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
         try:
-            async with gate:  # decodes share the per-key bound of uploads (app.api.decode_gate)
+            async with gate:  # decodes share the per-key bound of uploads (diffq.app.api.decode_gate)
                 report: dict[str, Any] = await run_in_threadpool(
                     verify, data, payload, check_watermark=False, max_pixels=settings.max_upload_pixels
                 )
