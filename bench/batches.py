@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import statistics
 import threading
@@ -30,7 +31,7 @@ import time
 import uuid
 
 import httpx
-from _stack import HEADERS, Stack, rss_bytes
+from _stack import HEADERS, Stack, cpu_seconds, rss_bytes
 from enqueue_rate import register_model
 
 JOB = {"prompt": "a small red circle on the left, blue background", "steps": 4}
@@ -51,14 +52,17 @@ async def singles(url: str, count: int, connections: int = 16) -> float:
         return time.perf_counter() - started
 
 
-def batch(url: str, count: int) -> float:
+def batch(url: str, count: int, api_pid: int) -> tuple[float, float]:
+    """Seconds to answer one ``POST /v1/batches`` of ``count`` items, and the CPU seconds the API
+    process spent meanwhile (which the machine's load moves less than the wall time)."""
     items = [{**JOB, "seed": n, "custom_id": f"sku-{n}"} for n in range(count)]
-    with httpx.Client(base_url=url, headers=HEADERS, timeout=120) as http:
-        started = time.perf_counter()
-        response = http.post("/v1/batches", json={"items": items})
-        took = time.perf_counter() - started
+    body = json.dumps({"items": items}).encode()
+    with httpx.Client(base_url=url, headers={**HEADERS, "Content-Type": "application/json"}, timeout=120) as http:
+        cpu, started = cpu_seconds(api_pid), time.perf_counter()
+        response = http.post("/v1/batches", content=body)
+        took, cpu = time.perf_counter() - started, cpu_seconds(api_pid) - cpu
     assert response.status_code == 202, response.text
-    return took
+    return took, cpu
 
 
 def noise_png(kib: int) -> bytes:
@@ -125,23 +129,28 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--singles", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--zip-items", type=int, default=1_000)
+    parser.add_argument("--zip-items", type=int, default=1_000, help="0: skip the archive")
     parser.add_argument("--image-kb", type=int, default=100)
     args = parser.parse_args()
     with Stack() as stack:
         url = stack.api()
         register_model(stack.redis.url)
-        single_times, batch_times = [], []
+        single_times, batch_times, batch_cpu = [], [], []
         for _ in range(args.rounds):
             single_times.append(asyncio.run(singles(url, args.singles)))
-            batch_times.append(batch(url, args.items))
+            took, cpu = batch(url, args.items, stack.processes["api"].pid)
+            batch_times.append(took)
+            batch_cpu.append(cpu)
         rate = args.singles / statistics.median(single_times)
         took = statistics.median(batch_times)
         print(f"single POST /v1/jobs: {rate:,.0f} jobs/s (median of {args.rounds} x {args.singles:,}, 16 connections)")
         print(f"POST /v1/batches, {args.items:,} items: {took:.2f} s (median; runs {', '.join(f'{t:.2f}' for t in batch_times)})"
-              f" = {args.items / took:,.0f} items/s")
+              f" = {args.items / took:,.0f} items/s; API process CPU {statistics.median(batch_cpu):.2f} s (median; runs "
+              f"{', '.join(f'{t:.2f}' for t in batch_cpu)}); load average {os.getloadavg()[0]:.1f}")
         print(f"the same {args.items:,} items as single POSTs: {args.items / rate:.1f} s -> batch is "
               f"{args.items / rate / took:.1f}x faster")
+        if not args.zip_items:
+            return
         size, before, peak = zip_rss(stack, args.zip_items, args.image_kb)
         print(f"images.zip of {args.zip_items:,} images: {size / 2**20:.1f} MiB streamed; API RSS {before / 2**20:.1f} MiB "
               f"before, {peak / 2**20:.1f} MiB at most while streaming (+{(peak - before) / 2**20:.1f} MiB = "

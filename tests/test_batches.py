@@ -63,6 +63,37 @@ def test_an_item_the_model_refuses_is_named_by_its_index_with_what_is_accepted(
     assert queue_ids(redis, served) == []
 
 
+def test_each_item_is_the_record_a_single_post_of_it_makes(
+    client: TestClient, served: ModelRecord, redis: Redis
+) -> None:
+    # Items after the first that differ from it only in prompt and seed are made from its record
+    # (JobService.build_like) and written with its fields sent once (JobStore.create_many).
+    single = {**TINY_JOB, "prompt": "a blue square", "seed": 11, "guidance_scale": 3.5}
+    items = [{**single, "prompt": "a red circle", "seed": 10}, single, *[{**single, "seed": None}] * 2]
+    job_id = client.post("/v1/jobs", json=single).json()["id"]
+
+    batch = submit(client, {"items": items})
+
+    ids = [i.decode() for i in redis.lrange(keys.batch_items(batch["id"]), 0, -1)]
+    fields = [{k.decode(): json.loads(v) for k, v in redis.hgetall(keys.job(i)).items()} for i in [job_id, *ids]]
+    own = {"id", "created_at", "batch"}
+    assert {k: v for k, v in fields[0].items() if k not in own} == {k: v for k, v in fields[2].items() if k not in own}
+    assert [f["batch"]["index"] for f in fields[1:]] == [0, 1, 2, 3] and fields[1]["batch"]["id"] == batch["id"]
+    assert [f["request"]["prompt"] for f in fields[1:]] == ["a red circle", *["a blue square"] * 3]
+    seeds = [f["request"]["seed"] for f in fields[1:]]
+    assert seeds[:2] == [10, 11] and len(set(seeds)) == 4  # an item without a seed gets its own
+
+
+def test_a_lora_tag_in_a_later_item_is_judged_as_in_a_single_job(client: TestClient, served: ModelRecord) -> None:
+    items = [dict(TINY_JOB), {**TINY_JOB, "prompt": "a red circle <lora:nowhere:0.5>"}]
+
+    response = client.post("/v1/batches", json={"items": items})
+
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["fields"]
+    assert problem["field"] == "items[1].prompt" and "unknown adapter 'nowhere'" in problem["message"]
+
+
 def test_custom_ids_must_be_unique_and_file_name_safe(client: TestClient, served: ModelRecord) -> None:
     items = [{**TINY_JOB, "custom_id": "a"}, {**TINY_JOB, "custom_id": "a"}, {**TINY_JOB, "custom_id": "../x"}]
 
