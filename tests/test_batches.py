@@ -172,6 +172,38 @@ def test_bulk_enqueued_rq_jobs_are_the_ones_rq_enqueues_itself(redis: Redis, set
     assert redis.ttl("rq:job:" + "b" * 32) == redis.ttl("rq:job:" + "a" * 32) > 0
 
 
+def test_bulk_enqueued_jobs_take_the_places_one_at_a_time_pushes_give_them(redis: Redis, settings: Settings) -> None:
+    # Key b has jobs in rounds 0 to 3, one of them since taken by a worker (still in the fair zset);
+    # key a then queues 6 jobs: in bulk on one queue, one at a time (FairQueue) on another.
+    found = {}
+    for model in ("bulk", "single"):
+        other, own = (model_queue(model, redis, Place(owner, 2, 60)) for owner in ("b", "a"))
+        for n in range(4):
+            redis.hset(keys.job(f"{model}-b{n}"), "status", '"queued"')
+            other.push_job_id(f"{model}-b{n}")
+        redis.lrem(other.key, 1, f"{model}-b2")
+        redis.hset(keys.job(f"{model}-b2"), "status", '"running"')
+        ids = [f"{model}-a{n}" for n in range(6)]
+        for job_id in ids:
+            redis.hset(keys.job(job_id), "status", '"queued"')
+        if model == "bulk":
+            with redis.pipeline() as pipe:
+                enqueue_many(own, ids, settings, pipeline=pipe)
+                pipe.execute()
+        else:
+            for job_id in ids:
+                own.push_job_id(job_id)
+        fair = redis.zrange(keys.fair(own.name), 0, -1, withscores=True)
+        found[model] = (
+            [i.decode().split("-")[1] for i in redis.lrange(own.key, 0, -1)],
+            [(i.decode().split("-")[1], score) for i, score in fair],
+            redis.hgetall(keys.fair_state(own.name)),
+        )
+
+    assert found["bulk"] == found["single"]
+    assert found["bulk"][0] == ["b0", "a0", "b1", "a1", "a2", "b3", "a3", "a4", "a5"]
+
+
 def test_the_same_idempotency_key_gets_the_same_batch(client: TestClient, served: ModelRecord, redis: Redis) -> None:
     body = {"items": [dict(TINY_JOB)] * 3}
     first = client.post("/v1/batches", json=body, headers={"Idempotency-Key": "catalog-1"})
