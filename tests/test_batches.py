@@ -154,7 +154,7 @@ def test_ten_thousand_items_are_accepted_in_one_request(
     assert job.func_name == TASK and job.args == [ids[-1]] and job.get_status() == "queued"
     record = client.get(f"/v1/jobs/{ids[-1]}").json()
     assert record["status"] == "queued" and record["request"]["prompt"] == "a red circle 9999"
-    assert took < 30  # the figure is bench/batch_accept.py's; this only catches a round trip per job
+    assert took < 30  # the figure is bench/batches.py's; this only catches a round trip per job
 
 
 def test_bulk_enqueued_rq_jobs_are_the_ones_rq_enqueues_itself(redis: Redis, settings: Settings) -> None:
