@@ -6,13 +6,14 @@ registers the bundled model as a live worker would (no worker process: jobs only
 
 1. Accept: `--singles` single `POST /v1/jobs` (16 connections at once, an httpx asyncio load
    generator in this process), then `POST /v1/batches` with `--items` items in one request,
-   `--rounds` times each; prints the medians and how long the same items would take as single
-   POSTs at the measured rate.
+   `--rounds` times each; prints the medians, the CPU seconds the API process and redis-server
+   spent per batch (less moved by the machine's load than the wall time), and how long the same
+   items would take as single POSTs at the measured rate.
 2. Zip: a batch of `--zip-items` items, each ended `succeeded` with one `--image-kb` KiB PNG of
    noise written as a worker writes it (claimed, then finished through ``JobStore``, the image
    in Redis), then `GET .../images.zip` read by a streaming client while the RSS of a second,
    fresh API process (it served only this batch's submit and reads) is sampled every 10 ms:
-   the growth is printed beside the archive's size.
+   the growth is printed beside the archive's size. `--zip-items 0` skips it.
 
 The load generator, Redis and the API share this machine's CPUs, so every figure is a lower
 bound of what the API process alone could do.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import statistics
 import threading
@@ -30,7 +32,7 @@ import time
 import uuid
 
 import httpx
-from _stack import HEADERS, Stack, rss_bytes
+from _stack import HEADERS, Stack, cpu_seconds, rss_bytes
 from enqueue_rate import register_model
 
 JOB = {"prompt": "a small red circle on the left, blue background", "steps": 4}
@@ -51,14 +53,18 @@ async def singles(url: str, count: int, connections: int = 16) -> float:
         return time.perf_counter() - started
 
 
-def batch(url: str, count: int) -> float:
+def batch(url: str, count: int, api_pid: int, redis_pid: int) -> tuple[float, float, float]:
+    """Seconds to answer one ``POST /v1/batches`` of ``count`` items, and the CPU seconds the API
+    process and redis-server spent meanwhile (which the machine's load moves less than the wall time)."""
     items = [{**JOB, "seed": n, "custom_id": f"sku-{n}"} for n in range(count)]
-    with httpx.Client(base_url=url, headers=HEADERS, timeout=120) as http:
-        started = time.perf_counter()
-        response = http.post("/v1/batches", json={"items": items})
-        took = time.perf_counter() - started
+    body = json.dumps({"items": items}).encode()
+    with httpx.Client(base_url=url, headers={**HEADERS, "Content-Type": "application/json"}, timeout=120) as http:
+        cpu, redis_cpu, started = cpu_seconds(api_pid), cpu_seconds(redis_pid), time.perf_counter()
+        response = http.post("/v1/batches", content=body)
+        took, cpu, redis_cpu = (time.perf_counter() - started, cpu_seconds(api_pid) - cpu,
+                                cpu_seconds(redis_pid) - redis_cpu)
     assert response.status_code == 202, response.text
-    return took
+    return took, cpu, redis_cpu
 
 
 def noise_png(kib: int) -> bytes:
@@ -125,23 +131,31 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--singles", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--zip-items", type=int, default=1_000)
+    parser.add_argument("--zip-items", type=int, default=1_000, help="0: skip the archive")
     parser.add_argument("--image-kb", type=int, default=100)
     args = parser.parse_args()
     with Stack() as stack:
         url = stack.api()
         register_model(stack.redis.url)
-        single_times, batch_times = [], []
+        single_times, batch_times, batch_cpu, redis_cpu = [], [], [], []
         for _ in range(args.rounds):
             single_times.append(asyncio.run(singles(url, args.singles)))
-            batch_times.append(batch(url, args.items))
+            took, cpu, in_redis = batch(url, args.items, stack.processes["api"].pid, stack.redis.process.pid)
+            batch_times.append(took)
+            batch_cpu.append(cpu)
+            redis_cpu.append(in_redis)
         rate = args.singles / statistics.median(single_times)
         took = statistics.median(batch_times)
         print(f"single POST /v1/jobs: {rate:,.0f} jobs/s (median of {args.rounds} x {args.singles:,}, 16 connections)")
         print(f"POST /v1/batches, {args.items:,} items: {took:.2f} s (median; runs {', '.join(f'{t:.2f}' for t in batch_times)})"
               f" = {args.items / took:,.0f} items/s")
+        print(f"  CPU per batch: API process {statistics.median(batch_cpu):.2f} s (runs "
+              f"{', '.join(f'{t:.2f}' for t in batch_cpu)}), redis-server {statistics.median(redis_cpu):.2f} s (runs "
+              f"{', '.join(f'{t:.2f}' for t in redis_cpu)}); load average {os.getloadavg()[0]:.1f}")
         print(f"the same {args.items:,} items as single POSTs: {args.items / rate:.1f} s -> batch is "
               f"{args.items / rate / took:.1f}x faster")
+        if not args.zip_items:
+            return
         size, before, peak = zip_rss(stack, args.zip_items, args.image_kb)
         print(f"images.zip of {args.zip_items:,} images: {size / 2**20:.1f} MiB streamed; API RSS {before / 2**20:.1f} MiB "
               f"before, {peak / 2**20:.1f} MiB at most while streaming (+{(peak - before) / 2**20:.1f} MiB = "

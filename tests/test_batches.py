@@ -63,6 +63,37 @@ def test_an_item_the_model_refuses_is_named_by_its_index_with_what_is_accepted(
     assert queue_ids(redis, served) == []
 
 
+def test_each_item_is_the_record_a_single_post_of_it_makes(
+    client: TestClient, served: ModelRecord, redis: Redis
+) -> None:
+    # Items after the first that differ from it only in prompt and seed are made from its record
+    # (JobService.build_like) and written with its fields sent once (JobStore.create_many).
+    single = {**TINY_JOB, "prompt": "a blue square", "seed": 11, "guidance_scale": 3.5}
+    items = [{**single, "prompt": "a red circle", "seed": 10}, single, *[{**single, "seed": None}] * 2]
+    job_id = client.post("/v1/jobs", json=single).json()["id"]
+
+    batch = submit(client, {"items": items})
+
+    ids = [i.decode() for i in redis.lrange(keys.batch_items(batch["id"]), 0, -1)]
+    fields = [{k.decode(): json.loads(v) for k, v in redis.hgetall(keys.job(i)).items()} for i in [job_id, *ids]]
+    own = {"id", "created_at", "batch"}
+    assert {k: v for k, v in fields[0].items() if k not in own} == {k: v for k, v in fields[2].items() if k not in own}
+    assert [f["batch"]["index"] for f in fields[1:]] == [0, 1, 2, 3] and fields[1]["batch"]["id"] == batch["id"]
+    assert [f["request"]["prompt"] for f in fields[1:]] == ["a red circle", *["a blue square"] * 3]
+    seeds = [f["request"]["seed"] for f in fields[1:]]
+    assert seeds[:2] == [10, 11] and len(set(seeds)) == 4  # an item without a seed gets its own
+
+
+def test_a_lora_tag_in_a_later_item_is_judged_as_in_a_single_job(client: TestClient, served: ModelRecord) -> None:
+    items = [dict(TINY_JOB), {**TINY_JOB, "prompt": "a red circle <lora:nowhere:0.5>"}]
+
+    response = client.post("/v1/batches", json={"items": items})
+
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["fields"]
+    assert problem["field"] == "items[1].prompt" and "unknown adapter 'nowhere'" in problem["message"]
+
+
 def test_custom_ids_must_be_unique_and_file_name_safe(client: TestClient, served: ModelRecord) -> None:
     items = [{**TINY_JOB, "custom_id": "a"}, {**TINY_JOB, "custom_id": "a"}, {**TINY_JOB, "custom_id": "../x"}]
 
@@ -123,7 +154,7 @@ def test_ten_thousand_items_are_accepted_in_one_request(
     assert job.func_name == TASK and job.args == [ids[-1]] and job.get_status() == "queued"
     record = client.get(f"/v1/jobs/{ids[-1]}").json()
     assert record["status"] == "queued" and record["request"]["prompt"] == "a red circle 9999"
-    assert took < 30  # the figure is bench/batch_accept.py's; this only catches a round trip per job
+    assert took < 30  # the figure is bench/batches.py's; this only catches a round trip per job
 
 
 def test_bulk_enqueued_rq_jobs_are_the_ones_rq_enqueues_itself(redis: Redis, settings: Settings) -> None:
@@ -139,6 +170,38 @@ def test_bulk_enqueued_rq_jobs_are_the_ones_rq_enqueues_itself(redis: Redis, set
     job = Job.fetch("b" * 32, connection=redis, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.description) == (TASK, ["b" * 32], f"diffq job {'b' * 32}")
     assert redis.ttl("rq:job:" + "b" * 32) == redis.ttl("rq:job:" + "a" * 32) > 0
+
+
+def test_bulk_enqueued_jobs_take_the_places_one_at_a_time_pushes_give_them(redis: Redis, settings: Settings) -> None:
+    # Key b has jobs in rounds 0 to 3, one of them since taken by a worker (still in the fair zset);
+    # key a then queues 6 jobs: in bulk on one queue, one at a time (FairQueue) on another.
+    found = {}
+    for model in ("bulk", "single"):
+        other, own = (model_queue(model, redis, Place(owner, 2, 60)) for owner in ("b", "a"))
+        for n in range(4):
+            redis.hset(keys.job(f"{model}-b{n}"), "status", '"queued"')
+            other.push_job_id(f"{model}-b{n}")
+        redis.lrem(other.key, 1, f"{model}-b2")
+        redis.hset(keys.job(f"{model}-b2"), "status", '"running"')
+        ids = [f"{model}-a{n}" for n in range(6)]
+        for job_id in ids:
+            redis.hset(keys.job(job_id), "status", '"queued"')
+        if model == "bulk":
+            with redis.pipeline() as pipe:
+                enqueue_many(own, ids, settings, pipeline=pipe)
+                pipe.execute()
+        else:
+            for job_id in ids:
+                own.push_job_id(job_id)
+        fair = redis.zrange(keys.fair(own.name), 0, -1, withscores=True)
+        found[model] = (
+            [i.decode().split("-")[1] for i in redis.lrange(own.key, 0, -1)],
+            [(i.decode().split("-")[1], score) for i, score in fair],
+            redis.hgetall(keys.fair_state(own.name)),
+        )
+
+    assert found["bulk"] == found["single"]
+    assert found["bulk"][0] == ["b0", "a0", "b1", "a1", "a2", "b3", "a3", "a4", "a5"]
 
 
 def test_the_same_idempotency_key_gets_the_same_batch(client: TestClient, served: ModelRecord, redis: Redis) -> None:

@@ -209,7 +209,11 @@ class JobRecord(BaseModel):
 
 def encode_fields(values: dict[str, Any]) -> dict[str, str]:
     """JSON-encode hash field values the way ``JobRecord.to_hash`` does."""
-    return {name: json.dumps(value, separators=(",", ":")) for name, value in values.items()}
+    return {name: _encode(value) for name, value in values.items()}
+
+
+#: ``json.dumps(value, separators=(",", ":"))``, without making an encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ModelRecord(BaseModel):

@@ -202,24 +202,62 @@ def _rq_options(job_id: str, settings: JobTimes) -> dict[str, Any]:
 
 # Many jobs of one owner into a queue in one step (a chunk of a batch): each job's RQ hash (the
 # fields RQ writes for a job, ARGV's template, with each job's own data and description) and its
-# fair place (``fair_push``). KEYS: as _FAIR_PUSH. ARGV[1..6]: owner, class, fair TTL, job record
-# key prefix, RQ job key prefix, RQ job TTL; ARGV[7]: number of template strings that follow;
-# then those field/value strings; then per job: id, data, description.
+# fair place. The first job goes through ``fair_push``; each later one takes the round after the
+# one before (as ``fair_push`` would give it: the base is at most the round just given), so the
+# place to insert before is found by going on from where the job before found its own, and the
+# jobs with nothing after them are appended, scored and the owner's state set once per call.
+# KEYS: as _FAIR_PUSH. ARGV[1..6]: owner, class, fair TTL, job record key prefix, RQ job key
+# prefix, RQ job TTL; ARGV[7]: number of template strings that follow; then those field/value
+# strings; then per job: id, data, description.
 _ENQUEUE_MANY = (
     _FAIR_PUSH_FN
     + """
 local n = tonumber(ARGV[7])
 local first = 8 + n
+local ids = {}
 for i = first, #ARGV, 3 do
-  local id = ARGV[i]
-  local key = ARGV[5] .. id
+  local key = ARGV[5] .. ARGV[i]
   redis.call('HSET', key, 'data', ARGV[i + 1], 'description', ARGV[i + 2], unpack(ARGV, 8, 7 + n))
   redis.call('EXPIRE', key, ARGV[6])
-  fair_push(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1], ARGV[2], nil, ARGV[4])
+  ids[#ids + 1] = ARGV[i]
+end
+if #ids > 0 then
+  local low = tonumber(ARGV[2]) * 1000000000000
+  local round = fair_push(KEYS[1], KEYS[2], KEYS[3], ids[1], ARGV[1], ARGV[2], nil, ARGV[4]) - low
+  local scores, tail = {}, {}
+  local after = nil  -- the first entry scored after the job being placed, or false: none
+  for k = 2, #ids do
+    round = round + 1
+    local score = low + round
+    while true do
+      if after == nil or (after and tonumber(after[2]) <= score) then
+        local found = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. score, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+        after = #found > 0 and found or false
+      end
+      if not after then
+        tail[#tail + 1] = ids[k]
+        break
+      end
+      if redis.call('LINSERT', KEYS[1], 'BEFORE', after[1], ids[k]) > 0 then break end
+      redis.call('ZREM', KEYS[2], after[1])
+      after = nil
+    end
+    scores[#scores + 1] = score
+    scores[#scores + 1] = ids[k]
+  end
+  if #tail > 0 then redis.call('RPUSH', KEYS[1], unpack(tail)) end
+  if #scores > 0 then
+    redis.call('ZADD', KEYS[2], unpack(scores))
+    local top_field = 'top:' .. ARGV[2]
+    redis.call('HSET', KEYS[3], 'last:' .. ARGV[2] .. ':' .. ARGV[1], round)
+    if round > tonumber(redis.call('HGET', KEYS[3], top_field) or '0') then
+      redis.call('HSET', KEYS[3], top_field, round)
+    end
+  end
 end
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
-return (#ARGV - first + 1) / 3
+return #ids
 """
 )
 

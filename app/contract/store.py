@@ -251,24 +251,31 @@ return 1
 
 
 # Create many new job records (a chunk of a batch) with their ``queued`` events. ARGV[1]: record
-# TTL (also the streams'); ARGV[2]: the job key prefix; ARGV[3]: the queued event's data; then per
-# job: id, number of field/value strings, those strings. A record that exists already is left as
-# it is (ids are fresh, so only a repeat of the same call meets one).
+# TTL (also the streams'); ARGV[2]: the job key prefix; ARGV[3]: the queued event's data; ARGV[4]:
+# the number s of field/value strings every record shares, then those strings; then the number o
+# of fields each record has its own value of, then their names; then per job: its id and its o
+# values. A record that exists already is left as it is (ids are fresh, so only a repeat of the
+# same call meets one).
 _CREATE_MANY = f"""
-local i = 4
+local s = tonumber(ARGV[4])
+local o = tonumber(ARGV[5 + s])
+local own = {{}}
 local made = 0
-while i <= #ARGV do
-  local id, n = ARGV[i], tonumber(ARGV[i + 1])
-  local key = ARGV[2] .. id
+for i = 6 + s + o, #ARGV, 1 + o do
+  local key = ARGV[2] .. ARGV[i]
   if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n))
+    for j = 1, o do
+      own[2 * j - 1] = ARGV[5 + s + j]
+      own[2 * j] = ARGV[i + j]
+    end
+    redis.call('HSET', key, unpack(ARGV, 5, 4 + s))
+    redis.call('HSET', key, unpack(own))
     redis.call('EXPIRE', key, ARGV[1])
     local stream = key .. ':events'
     redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', 'queued', 'data', ARGV[3])
     redis.call('EXPIRE', stream, ARGV[1])
     made = made + 1
   end
-  i = i + 2 + n
 end
 return made
 """
@@ -354,8 +361,8 @@ return result
 CREATE_CHUNK = 500
 
 
-#: The fields in which new records of one batch differ; ``create_many`` encodes the rest once.
-_PER_ITEM = {"id", "created_at", "warnings", "batch"}  # and "request"
+#: The fields in which new records of one batch differ; ``create_many`` encodes and sends the rest once.
+_PER_ITEM = ("id", "created_at", "warnings", "batch", "request")
 
 
 class CancelResult(IntEnum):
@@ -459,16 +466,19 @@ class JobStore:
     def create_many(self, records: Sequence[JobRecord], ttl: int, pipeline: Pipeline) -> None:
         """``create`` many new records (a batch's items), each with its ``queued`` event, in one
         script call per ``CREATE_CHUNK``; their webhooks' ``queued`` deliveries (if asked) go in
-        ``pipeline`` too. Fields the records share are encoded once."""
-        shared = records[0].to_hash() if records else {}
+        ``pipeline`` too. Fields the records share (all but ``_PER_ITEM``) are encoded and sent once
+        per call."""
+        if not records:
+            return
+        shared = _flatten(encode_fields(records[0].model_dump(mode="json", exclude=set(_PER_ITEM))))
         data = json.dumps({"status": "queued"}, separators=(",", ":"))
+        head = [ttl, keys.job(""), data, len(shared), *shared, len(_PER_ITEM), *_PER_ITEM]
         for start in range(0, len(records), CREATE_CHUNK):
-            args: list[Any] = [ttl, keys.job(""), data]
+            args: list[Any] = list(head)
             for record in records[start : start + CREATE_CHUNK]:
-                own = encode_fields(record.model_dump(mode="json", include=_PER_ITEM))
+                own = encode_fields(record.model_dump(mode="json", include=set(_PER_ITEM[:-1])))
                 own["request"] = record.request.model_dump_json()  # the big one: pydantic's encoder, not json's
-                fields = _flatten({**shared, **own})
-                args += [record.id, len(fields), *fields]
+                args += [record.id, *(own[name] for name in _PER_ITEM)]
                 hook = record.request.webhook
                 if hook is not None and "queued" in hook.events:  # the event itself is the script's
                     queued = {"status": "queued"}

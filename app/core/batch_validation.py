@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from diffq.app.contract.records import ModelRecord
 from diffq.app.core.batch_items import BatchSpec
@@ -39,19 +40,27 @@ def validated(spec: BatchSpec, settings: Settings) -> list[tuple[str, JobCreate]
             [FieldProblem("items", f"has {count} items; a batch holds 1 to {most} (DIFFQ_MAX_BATCH_ITEMS)")]
         )
     model = batch_item_model(settings)
+    merged = [{**spec.defaults, **raw.fields} for raw in spec.items]
+    for n, fields in enumerate(merged):
+        fields.setdefault("custom_id", str(n))
+    try:  # every item in one call; when one fails, item by item, to name each problem's item
+        bodies = _all_of(model).validate_json(json.dumps(merged), strict=True)
+    except ValidationError:
+        bodies = None
     problems: list[FieldProblem] = []
     items: list[tuple[str, JobCreate]] = []
     seen: dict[str, str] = {}
     for n, raw in enumerate(spec.items):
-        merged = {**spec.defaults, **raw.fields}
-        merged.setdefault("custom_id", str(n))
-        try:
-            item = model.model_validate_json(json.dumps(merged), strict=True)
-        except ValidationError as error:
-            problems.extend(_problems(raw.where, error))
-            if len(problems) >= MAX_PROBLEMS:
-                break
-            continue
+        if bodies is not None:
+            item = bodies[n]
+        else:
+            try:
+                item = model.model_validate_json(json.dumps(merged[n]), strict=True)
+            except ValidationError as error:
+                problems.extend(_problems(raw.where, error))
+                if len(problems) >= MAX_PROBLEMS:
+                    break
+                continue
         custom_id = item.custom_id  # type: ignore[attr-defined]
         if custom_id in seen:
             problems.append(
@@ -65,6 +74,11 @@ def validated(spec: BatchSpec, settings: Settings) -> list[tuple[str, JobCreate]
     if problems:
         raise InvalidRequestError(problems[:MAX_PROBLEMS])
     return items
+
+
+@lru_cache(maxsize=8)
+def _all_of(model: type[JobCreate]) -> TypeAdapter[list[JobCreate]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 
 def shared_inputs(

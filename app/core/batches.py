@@ -1,7 +1,9 @@
 """Batches: many jobs in one request, read, canceled and deleted as one.
 
 A batch's items are ordinary jobs, made exactly as ``JobService.submit`` makes one (its
-``build``: the same validation, budget, policies, retention and record), then written to
+``build``: the same validation, budget, policies, retention and record; an item that differs
+from the one before only in prompt and seed is made from that one's record, ``build_like``,
+checking again only what those two change), then written to
 Redis together: one ``MULTI`` holds the batch record, every item's RQ job, record and
 ``queued`` event (with the fair-share placement of ``diffq.app.contract.tasks``), and the
 Idempotency-Key's reservation. So a batch exists whole or not at all, and a worker never sees
@@ -133,24 +135,32 @@ class BatchService:
         batch_id: str,
         item_hook: Webhook | None,
     ) -> tuple[list[JobRecord], int]:
-        """Each item's job record, built by ``JobService.build``; shared inputs prepared once per
-        distinct use. A refusal names the item. Input images are stored only once all have passed."""
+        """Each item's job record, built by ``JobService.build``, or made from the record of the item
+        before it where that item differs at most in prompt and seed (``JobService.build_like``);
+        shared inputs prepared once per distinct use. A refusal names the item. Input images are
+        stored only once all have passed."""
         records, pngs, ttl = [], [], 0
         cache: dict[tuple[Any, ...], PreparedInputs] = {}
         wheres = [raw.where for raw in spec.items]
+        last: tuple[JobCreate, JobRecord] | None = None
         for n, (custom_id, body) in enumerate(items):
             if item_hook is not None and body.webhook is None:
                 body = body.model_copy(update={"webhook": item_hook})
+            ref = BatchRef(id=batch_id, index=n, custom_id=custom_id)
             try:
                 inputs = shared_inputs(body, spec, served.model, cache, self._prepare)
-                record, item_ttl = self.jobs.build(body, {}, served, None, inputs=inputs, store_inputs=False)
+                record = self.jobs.build_like(last[1], last[0], body, ref) if last is not None else None
+                if record is None:
+                    record, item_ttl = self.jobs.build(
+                        body, {}, served, None, inputs=inputs, store_inputs=False, batch=ref
+                    )
+                    last, ttl = (body, record), max(ttl, item_ttl)
             except InvalidRequestError as error:
                 raise InvalidRequestError(
                     [FieldProblem(f"{wheres[n]}.{p.field}", p.message) for p in error.problems]
                 ) from None
-            records.append(record.model_copy(update={"batch": BatchRef(id=batch_id, index=n, custom_id=custom_id)}))
+            records.append(record)
             pngs.append(inputs.pngs if inputs is not None else {})
-            ttl = max(ttl, item_ttl)
         for n, files in enumerate(pngs):
             if files:
                 records[n] = self.jobs.store_inputs(records[n], files, ttl)

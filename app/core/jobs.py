@@ -16,7 +16,7 @@ from redis.exceptions import WatchError
 from diffq.app.auth.caller import Caller
 from diffq.app.contract import keys, metrics, replication
 from diffq.app.contract.adapters import list_adapters
-from diffq.app.contract.records import ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
+from diffq.app.contract.records import BatchRef, ErrorCode, ErrorInfo, ImageRecord, JobRecord, ModelRecord, utcnow
 from diffq.app.contract.registry import Registry, ServedModel
 from diffq.app.contract.status import JobStatus
 from diffq.app.contract.store import CancelResult, JobStore, Read, Submitted
@@ -37,7 +37,7 @@ from diffq.app.core.errors import (
 )
 from diffq.app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
 from diffq.app.core.inputs import PreparedInputs, infer_mode, prepare_inputs
-from diffq.app.core.validation import check_before_decode, resolve_request
+from diffq.app.core.validation import check_before_decode, resolve_request, respecified
 from diffq.app.schemas.jobs import JobCreate
 from diffq.app.settings import Settings
 from diffq.app.storage import objects
@@ -143,12 +143,13 @@ class JobService:
         job_id: str | None,
         inputs: PreparedInputs | None = None,
         store_inputs: bool = True,
+        batch: BatchRef | None = None,
     ) -> tuple[JobRecord, int]:
         """Everything ``submit`` does before its one write: validate ``body`` against ``served``'s
         model and the caller's budget and policies, store its input images, and make its record;
         returns the record and the TTL it is written with. ``inputs``: already prepared (a batch's
         shared inputs), else prepared here; ``store_inputs=False`` leaves storing them to the caller
-        (``store_inputs``), as a batch does once every item has passed."""
+        (``store_inputs``), as a batch does once every item has passed; ``batch``: the item it is."""
         model = served.model
         early = check_before_decode(body, model, infer_mode(body, files))  # nothing decoded yet
         if early is not None:
@@ -172,11 +173,32 @@ class JobService:
         # Waiting and running, the job lives job_ttl (or its retention, if longer); its retention counts from its end.
         caller, ttl = self.caller, max(self.settings.job_ttl, retention)
         record = JobRecord(
-            id=job_id or new_job_id(), model=model.name, request=request, warnings=inputs.warnings, owner=caller.owner
+            id=job_id or new_job_id(),
+            model=model.name,
+            request=request,
+            warnings=inputs.warnings,
+            owner=caller.owner,
+            batch=batch,
         )
         if store_inputs:
             record = self.store_inputs(record, inputs.pngs, ttl)
         return record, ttl
+
+    def build_like(self, template: JobRecord, was: JobCreate, body: JobCreate, batch: BatchRef) -> JobRecord | None:
+        """``build``'s record for ``body`` (inputs not yet stored), made from ``template``, its record
+        for ``was``, where ``respecified`` allows (they differ at most in prompt and seed): a batch of
+        rows pays for one full ``build``, not one per row. None where it does not: ``build`` it."""
+        request = respecified(template.request, was, body)
+        if request is None:
+            return None
+        return JobRecord(
+            id=new_job_id(),
+            model=template.model,
+            request=request,
+            warnings=list(template.warnings),
+            owner=template.owner,
+            batch=batch,
+        )
 
     def confirm_replicated(self) -> None:
         """Return once ``redis_wait_replicas`` replicas hold what this request wrote (the job it

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from operator import attrgetter
 
 from diffq.app.contract.adapters import AdapterInfo
 from diffq.app.contract.records import JobMode, JobParams, ModelRecord, utcnow
@@ -29,7 +30,7 @@ from diffq.app.core.inputs import PreparedInputs
 from diffq.app.core.loras import resolve_loras
 from diffq.app.schemas.jobs import JobCreate
 
-__all__ = ["DEFAULT_STRENGTH", "check_before_decode", "resolve_request"]
+__all__ = ["DEFAULT_STRENGTH", "check_before_decode", "resolve_request", "respecified"]
 
 
 def check_before_decode(body: JobCreate, model: ModelRecord, mode: JobMode) -> tuple[int, int] | None:
@@ -85,7 +86,7 @@ def resolve_request(
         steps=steps,
         guidance_scale=body.guidance_scale if body.guidance_scale is not None else model.default_guidance_scale,
         scheduler=scheduler,
-        seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - 1024),
+        seed=chosen_seed(body.seed),
         num_images=body.num_images,
         metadata=body.metadata,
         mode=inputs.mode,
@@ -96,8 +97,32 @@ def resolve_request(
         journey=body.journey,
         output_format=body.output_format,
         quality=body.quality,
-        deadline_at=utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None,
+        deadline_at=deadline_at(body),
     )
+
+
+def respecified(request: JobParams, was: JobCreate, body: JobCreate) -> JobParams | None:
+    """``resolve_request``'s answer for ``body`` made from its answer ``request`` for ``was``, when
+    the two bodies differ at most in prompt and seed (a batch's rows) and neither prompt holds a
+    ``<lora:…>`` tag: nothing else depends on those two, so nothing needs checking again. None
+    otherwise (then resolve ``body`` itself)."""
+    if "<lora:" in was.prompt or "<lora:" in body.prompt or _shape(was) != _shape(body):
+        return None
+    update = {"prompt": body.prompt, "seed": chosen_seed(body.seed), "deadline_at": deadline_at(body)}
+    return request.model_copy(update=update)
+
+
+#: A body's fields but prompt and seed, as a tuple (every ``PROMPT_TAG`` begins "<lora:").
+_shape = attrgetter(*(name for name in JobCreate.model_fields if name not in ("prompt", "seed")))
+
+
+def chosen_seed(seed: int | None) -> int:
+    """The seed asked for, else a random one (leaving room for ``seed + k`` of image k)."""
+    return seed if seed is not None else secrets.randbelow(MAX_SEED - 1024)
+
+
+def deadline_at(body: JobCreate) -> datetime | None:
+    return utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None
 
 
 def _parameter_problems(body: JobCreate, model: ModelRecord, mode: JobMode) -> list[FieldProblem]:
