@@ -155,7 +155,10 @@ def shape_fidelity(
     """Print and return `fidelity.summarise` over the one-shape prompts (`worst`: save the 8
     lowest IoUs, each generated image after its true one)."""
     picked = [i for i, scene in enumerate(scenes) if len(scene.shapes) == 1]
-    measured = [(scenes[i].shapes[0], fidelity.measure(images[i], scenes[i].shapes[0])) for i in picked]
+    measured = [
+        (scenes[i].shapes[0], fidelity.measure(images[i], scenes[i].shapes[0], "size" not in scenes[i].mentions))
+        for i in picked
+    ]
     summary = fidelity.summarise(measured)
     print(f"shape fidelity (one-shape prompts, n={summary['n']}): IoU with the renderer's shape")
     print(f"  {'size kind':<16}{'n':>4}{'median':>8}{'p10':>8}")

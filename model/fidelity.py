@@ -8,8 +8,9 @@ well it is drawn, against the geometry the training data is rendered with
   (nearest to it of the palette, or a blend of it and the background at least half of it);
   it is compared with the ideal shape of the asked kind and size (rendered like the data,
   covered ≥ 50% counts), placed on the region's centroid and then at the best quarter-pixel
-  offset within a pixel of it. The renderer's own images score medians of 0.96 (small stars)
-  to 1.00, 10th percentiles ≥ 0.94.
+  offset within a pixel of it; a caption that does not say the size is held to the size that
+  fits better. The renderer's own images score medians of 0.96 (small stars) to 1.00, 10th
+  percentiles ≥ 0.94.
 - stricter judgements (the scorer's nearest-template reading lets a pillow pass as a square):
   a square fills ≥ 90% of its bounding box; a circle fills < 83% of it (the renderer's
   circles fill 72-80%, a regular octagon 82.8%); a star has its points: five or more (rays
@@ -48,6 +49,7 @@ OFFSETS = tuple(k / 4 for k in range(-4, 5))  # quarter-pixel search within a pi
 
 @dataclass(frozen=True)
 class Fidelity:
+    size: str  # the size measured against: the one asked for, or the better fit if none was
     iou: float
     strict: bool | None  # the stricter judgement for its kind; None for triangles (no rule)
     fill: float  # area / bounding-box area of the region, holes filled
@@ -260,13 +262,17 @@ def shape_pixels(pixels: np.ndarray, colour: str) -> np.ndarray:
     return (labels == names.index(colour)) | blend
 
 
-def measure(image: Image.Image, shape: shapes_data.Shape) -> Fidelity:
-    """Fidelity of the one shape `shape` asks for, as drawn in `image`."""
+def measure(image: Image.Image, shape: shapes_data.Shape, any_size: bool = False) -> Fidelity:
+    """Fidelity of the one shape `shape` asks for, as drawn in `image` (`any_size`: the
+    caption did not say its size, so the IoU is the better of the two sizes')."""
     pixels = np.asarray(image.convert("RGB").resize((shapes_data.IMAGE_SIZE, shapes_data.IMAGE_SIZE)))
     region = largest_region(shape_pixels(pixels, shape.colour))
     filled = fill_holes(region)
+    sizes = shapes_data.SIZES if any_size else (shape.size,)
+    size = max(sizes, key=lambda z: best_iou(region, shape.kind, z))
     return Fidelity(
-        iou=best_iou(region, shape.kind, shape.size),
+        size=size,
+        iou=best_iou(region, shape.kind, size),
         strict=strict_judgement(shape.kind, filled),
         fill=bbox_fill(filled),
         points=count_points(filled),
@@ -280,7 +286,7 @@ def summarise(results: list[tuple[shapes_data.Shape, Fidelity]]) -> dict:
     kind and over all; speckle: share of images at most SPECKLE_ALLOWED, and speckle-free."""
     groups: dict[str, list[float]] = {}
     for shape, f in results:
-        groups.setdefault(f"{shape.size} {shape.kind}", []).append(f.iou)
+        groups.setdefault(f"{f.size} {shape.kind}", []).append(f.iou)
     ious = [f.iou for _, f in results]
     strict = {
         kind: [f.strict for s, f in results if s.kind == kind and f.strict is not None]

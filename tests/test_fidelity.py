@@ -125,3 +125,13 @@ def test_evaluate_reports_fidelity_of_the_renderers_own_images(tmp_path, capsys)
     assert report["fidelity"]["smallest_median"] > 0.9 and report["fidelity"]["speckle_free"] == 1.0
     assert "shape fidelity" in capsys.readouterr().out
     assert Image.open(tmp_path / "w.png").size[0] > 64
+
+
+def test_a_caption_without_a_size_is_held_to_the_size_that_fits():
+    small = rendered("square", "small")
+    asked_large = shape("square", "large")
+    held = fidelity.measure(small, asked_large)
+    free = fidelity.measure(small, asked_large, any_size=True)
+    assert held.iou < 0.5 and held.size == "large"
+    assert free.iou > 0.95 and free.size == "small"
+    assert set(fidelity.summarise([(asked_large, free)])["iou"]) == {"small square"}
