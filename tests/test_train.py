@@ -21,7 +21,7 @@ def test_train_all_stages_resume_and_export(tmp_path):
 
     common = ["--preset", "tiny", "--run", str(tmp_path / "run"), "--batch", "4", "--save-every", "2"]
     run("vae", *common, "--steps", "4")
-    run("decoder", *common, "--steps", "2", "--edge-weight", "8")
+    run("decoder", *common, "--steps", "2", "--edge-weight", "8", "--peak-weight", "0.25")
     run("unet", *common, "--steps", "3")
     run("unet", *common, "--steps", "5")  # resumes from step 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -30,7 +30,7 @@ def test_train_all_stages_resume_and_export(tmp_path):
     run("export", *common, "--out", str(out))
     record = json.loads((out / "training.json").read_text())
     assert (record["vae_steps"], record["decoder_steps"], record["unet_steps"]) == (4, 2, 5)
-    assert record["history"][-1]["decoder"]["argv"][-2:] == ["--edge-weight", "8"]
+    assert record["history"][-1]["decoder"]["argv"][-4:] == ["--edge-weight", "8", "--peak-weight", "0.25"]
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -107,7 +107,7 @@ def test_inverted_latents_decode_to_the_stripes_the_encoders_lose():
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from diffq.model import evaluate, shapes_data
+    from diffq.model.training import evaluate, shapes_data
     from diffq.model.training.train import invert_latents
 
     vae = AutoencoderKL.from_pretrained("model/shapes/vae").eval().requires_grad_(False)
@@ -126,3 +126,20 @@ def test_inverted_latents_decode_to_the_stripes_the_encoders_lose():
     assert all(shapes_data.has_stripes(im) for im in inverted)
     for image, (_, _, scene) in zip(inverted, samples):
         assert all(evaluate.score(image, scene).values()), scene
+
+
+def test_peak_term_makes_a_speckle_count_where_a_mean_barely_feels_it():
+    import torch
+
+    from diffq.model.training import shapes_data
+    from diffq.model.training.train import reconstruction_loss
+
+    images = torch.from_numpy(shapes_data.batch([0, 1])[0])
+    blurred = images + 0.02 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    speckled = blurred.clone()
+    speckled[0, :, 30:33, 30:33] = -images[0, :, 30:33, 30:33]  # nine pixels of the opposite colour
+    plain = [reconstruction_loss(x, images) for x in (blurred, speckled)]
+    peak = [reconstruction_loss(x, images, peak_weight=0.25) for x in (blurred, speckled)]
+    assert plain[1] - plain[0] < 0.01  # the mean: a speckle is 9 of 4,096 pixels
+    assert peak[1] - peak[0] > 10 * (plain[1] - plain[0])
+    assert torch.isclose(reconstruction_loss(blurred, images, peak_weight=0.0), plain[0])
