@@ -79,8 +79,10 @@ local current = tonumber(redis.call('GET', current_key) or '0')
 local previous = tonumber(redis.call('GET', ARGV[1] .. (index - 1)) or '0')
 local weight = previous * left / window
 if weight + current + 1 > limit then
-  local wait = left
-  if current + 1 <= limit and previous > 0 then
+  -- When this window is full, the next one starts with this one's count weighing on it: the
+  -- request goes once that weight has slid down to limit - 1.
+  local wait = left + window * (1 - (limit - 1) / current)
+  if current + 1 <= limit then
     wait = left - (limit - current - 1) * window / previous
   end
   return {0, 0, math.ceil(left * 1000), math.ceil(wait * 1000)}
