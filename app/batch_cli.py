@@ -19,8 +19,7 @@ from typing import Any
 import httpx
 
 from diffq.app.client import APIError, Client
-from diffq.app.client_cli import EXIT_FAILED, EXIT_INTERRUPTED, _refused, _unreachable, api_url
-from diffq.app.settings import Settings
+from diffq.app.client_cli import EXIT_FAILED, EXIT_INTERRUPTED, ApiAddress, _refused, _unreachable, api_url
 
 
 def add_command(commands: Any, run: Any) -> None:
@@ -70,7 +69,7 @@ def add_command(commands: Any, run: Any) -> None:
     batch.set_defaults(run=run)
 
 
-def main(args: argparse.Namespace, settings: Settings) -> int:
+def main(args: argparse.Namespace, settings: ApiAddress) -> int:
     with Client(api_url(args, settings)) as client:
         try:
             return ACTIONS[args.action](client, args)

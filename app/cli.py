@@ -3,7 +3,9 @@
 ``diffq.app.auth.cli``).
 
 Importing this module imports neither torch nor the worker: ``diffq api``
-stays light, and ``diffq worker`` imports the worker only when it runs.
+stays light, and ``diffq worker`` imports the worker only when it runs. Nor does it import the
+server's part: the client commands run on a plain ``pip install diffq`` (httpx and tqdm), and a
+server command there says which extra it needs.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from diffq.app.settings import Settings, load_settings
+if TYPE_CHECKING:
+    from diffq.app.client_cli import ApiAddress
+    from diffq.app.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **fields: str) -> Settings:
     """The environment's settings with the options given on the command line on top."""
+    from diffq.app.settings import Settings, load_settings
+
     updates = {field: getattr(args, option) for option, field in fields.items() if getattr(args, option) is not None}
     return Settings(**updates) if updates else load_settings()
 
@@ -133,32 +140,68 @@ def run_up(args: argparse.Namespace) -> int:
 
 def run_keys(args: argparse.Namespace) -> int:
     from diffq.app.auth.cli import main as keys
+    from diffq.app.settings import load_settings
 
     return keys(args, load_settings())
 
 
+def _client_address() -> ApiAddress:
+    """Where the client commands find the API: the deployment's settings where the server's part is
+    installed (the same validation as ``diffq api``), else ``DIFFQ_URL``/``DIFFQ_HOST``/``DIFFQ_PORT``
+    read by the client itself (a plain ``pip install diffq`` has no pydantic-settings)."""
+    from diffq.app.client_cli import EnvironmentAddress
+    from diffq.app.logs import setup
+
+    try:
+        from diffq.app.settings import load_settings
+    except ImportError:
+        setup(level="warning")
+        return EnvironmentAddress.read()
+    settings = load_settings()
+    setup(settings, level="warning")
+    return settings
+
+
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """``generate``, ``jobs``, ``cancel``: ``diffq.app.client_cli.<name>`` with the environment's settings."""
+    """``generate``, ``jobs``, ``cancel``: ``diffq.app.client_cli.<name>`` with the API's address."""
 
     def run(args: argparse.Namespace) -> int:
         from diffq.app import client_cli
-        from diffq.app.logs import setup
 
-        settings = load_settings()
-        setup(settings, level="warning")
-        return getattr(client_cli, name)(args, settings)
+        return getattr(client_cli, name)(args, _client_address())
 
     return run
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``diffq batch ...``: ``diffq.app.batch_cli`` with the environment's settings."""
+    """``diffq batch ...``: ``diffq.app.batch_cli`` with the API's address."""
     from diffq.app import batch_cli
-    from diffq.app.logs import setup
 
-    settings = load_settings()
-    setup(settings, level="warning")
-    return batch_cli.main(args, settings)
+    return batch_cli.main(args, _client_address())
+
+
+#: What to install for a command whose modules are missing from this install.
+_EXTRA = {"worker": "diffq[worker]", "up": "diffq[worker]"}
+
+
+def _needs_server(command: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        extra = _EXTRA.get(command, "diffq[api]")
+        print(f"diffq {command}: this install is the client only; pip install '{extra}' for it", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _add_server_command(commands: Any, command: str, help: str, add: Callable[[], None]) -> None:
+    """Add ``command``'s parser with ``add()``; where its modules (the server's part) are not installed,
+    a stand-in that says which extra to install."""
+    try:
+        add()
+    except ImportError:
+        stand_in = commands.add_parser(command, help=f"{help} (needs diffq[api])")
+        stand_in.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        stand_in.set_defaults(run=_needs_server(command))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     webhooks.set_defaults(run=run_webhooks)
 
-    from diffq.app.provenance.cli import add_command as add_verify
+    def add_verify() -> None:
+        from diffq.app.provenance.cli import add_command
 
-    add_verify(commands)
+        add_command(commands)
+
+    _add_server_command(commands, "verify", "check images for content credentials", add_verify)
 
     from diffq.app.client_cli import add_commands
 
@@ -207,15 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch(commands, run_batch)
 
-    from diffq.app.auth import cli as keys_cli
+    def add_keys() -> None:
+        from diffq.app.auth import cli as keys_cli
 
-    keys_cli.add_commands(commands, run_keys)
+        keys_cli.add_commands(commands, run_keys)
+
+    _add_server_command(commands, "keys", "create, list and revoke API keys", add_keys)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except ModuleNotFoundError as error:
+        # A server command on a client-only install (`pip install diffq`): say what to install, not a traceback.
+        if (error.name or "diffq").partition(".")[0] == "diffq":
+            raise
+        return _needs_server(args.command)(args)
 
 
 if __name__ == "__main__":

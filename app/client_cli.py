@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +35,23 @@ class ApiAddress(Protocol):
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EnvironmentAddress:
+    """``ApiAddress`` read from the environment as ``diffq.app.settings.Settings`` reads it, for an
+    install without the server's part."""
+
+    url: str | None
+    host: str
+    port: int
+
+    @classmethod
+    def read(cls) -> EnvironmentAddress:
+        port = os.environ.get("DIFFQ_PORT", "8000")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise SystemExit(f"diffq: DIFFQ_PORT must be a port number (1-65535), got {port!r}")
+        return cls(os.environ.get("DIFFQ_URL") or None, os.environ.get("DIFFQ_HOST", "127.0.0.1"), int(port))
 
 
 def api_url(args: argparse.Namespace, settings: ApiAddress) -> str:

@@ -161,15 +161,15 @@ def test_the_client_and_its_commands_run_with_only_the_client_extra(
 ) -> None:
     output = tmp_path / "circle.png"
     script = BLOCKER + textwrap.dedent(f"""
-        import argparse, json, types
-        from diffq.app import client, client_batches, client_cli
+        import json, os
+        from diffq.app import client, client_batches
+        from diffq.app.cli import main
 
-        parser = argparse.ArgumentParser()
-        client_cli.add_commands(parser.add_subparsers(), None, None, None)
-        args = parser.parse_args(["generate", "a red circle", "--url", {api.url!r}, "--steps", "8", "--seed", "7",
-                                  "-o", {str(output)!r}])
-        code = client_cli.generate(args, types.SimpleNamespace(url=None, host="127.0.0.1", port=1))
-        print(json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
+        os.environ["DIFFQ_URL"] = {api.url!r}  # the address as a client-only install reads it
+        code = main(["generate", "a red circle", "--steps", "8", "--seed", "7", "-o", {str(output)!r}])
+        # The server's commands, here without their modules, say what to install instead of a traceback.
+        servers = [main(["api"]), main(["verify", "image.png"]), main(["keys", "list"])]
+        print(json.dumps({{"code": code, "servers": servers, "modules": sorted(sys.modules)}}))
     """)
     process = subprocess.Popen([sys.executable, "-c", script, ",".join(sorted(_client_import_names()))],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -184,6 +184,7 @@ def test_the_client_and_its_commands_run_with_only_the_client_extra(
     assert process.returncode == 0, stderr
     answer = json.loads(stdout.splitlines()[-1])
     assert answer["code"] == 0 and output.read_bytes().startswith(b"\x89PNG"), stderr
+    assert answer["servers"] == [2, 2, 2] and stderr.count("pip install 'diffq[api]'") == 3, stderr
     assert "tqdm" in answer["modules"] and "httpx" in answer["modules"]  # the progress bar ran
     assert _offending(answer["modules"], ("diffq.app.settings", "pydantic", "redis", "fastapi")) == []
 
