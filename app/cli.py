@@ -184,10 +184,12 @@ def run_batch(args: argparse.Namespace) -> int:
 _EXTRA = {"worker": "diffq[worker]", "up": "diffq[worker]"}
 
 
-def _needs_server(command: str) -> Callable[[argparse.Namespace], int]:
+def _needs_server(command: str, missing: str | None) -> Callable[[argparse.Namespace], int]:
+    """``command``'s stand-in where the module ``missing`` (of an extra this install lacks) is absent."""
+
     def run(args: argparse.Namespace) -> int:
         extra = _EXTRA.get(command, "diffq[api]")
-        print(f"diffq {command}: this install is the client only; pip install '{extra}' for it", file=sys.stderr)
+        print(f"diffq {command}: needs {missing}, which this install lacks; pip install '{extra}'", file=sys.stderr)
         return 2
 
     return run
@@ -198,10 +200,10 @@ def _add_server_command(commands: Any, command: str, help: str, add: Callable[[]
     a stand-in that says which extra to install."""
     try:
         add()
-    except ImportError:
+    except ImportError as error:
         stand_in = commands.add_parser(command, help=f"{help} (needs diffq[api])")
         stand_in.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        stand_in.set_defaults(run=_needs_server(command))
+        stand_in.set_defaults(run=_needs_server(command, error.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A server command on a client-only install (`pip install diffq`): say what to install, not a traceback.
         if (error.name or "diffq").partition(".")[0] == "diffq":
             raise
-        return _needs_server(args.command)(args)
+        return _needs_server(args.command, error.name)(args)
 
 
 if __name__ == "__main__":

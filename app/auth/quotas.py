@@ -81,8 +81,10 @@ local weight = previous * left / window
 if weight + current + 1 > limit then
   -- When this window is full, the next one starts with this one's count weighing on it: the
   -- request goes once that weight has slid down to limit - 1.
-  local wait = left + window * (1 - (limit - 1) / current)
-  if current + 1 <= limit then
+  local wait
+  if current + 1 > limit then
+    wait = left + window * (1 - (limit - 1) / current)
+  else
     wait = left - (limit - current - 1) * window / previous
   end
   return {0, 0, math.ceil(left * 1000), math.ceil(wait * 1000)}
