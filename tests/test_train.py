@@ -145,23 +145,28 @@ def test_peak_term_makes_a_speckle_count_where_a_mean_barely_feels_it():
     assert torch.isclose(reconstruction_loss(blurred, images, peak_weight=0.0), plain[0])
 
 
-def test_flat_term_makes_a_blotch_inside_a_shape_count_and_leaves_edges_to_the_rest():
+def test_flat_term_makes_a_blotch_or_a_soft_second_pixel_count_and_leaves_rims_to_the_rest():
     import torch
+    import torch.nn.functional as F
 
     from diffq.model.training import shapes_data
-    from diffq.model.training.train import edge_map, reconstruction_loss
+    from diffq.model.training.train import edge_map, palette_pixels, reconstruction_loss
 
     images = torch.from_numpy(shapes_data.batch([0, 1])[0])
-    flat = edge_map(images)[0, 0] == 0
-    y, x = [int(v) for v in torch.nonzero(flat[20:44, 20:44])[0]]
+    pure = palette_pixels(images)
+    assert 0.8 < pure.mean() < 1.0  # the rims are blends: everything else is a palette colour
+    rims = 1 - pure
+    beside = (F.max_pool2d(rims, 3, stride=1, padding=1) - rims).clamp(min=0)  # pure pixels touching a rim
     near = images + 0.05  # every pixel ~11 RGB units off: under the margin
     blotched = near.clone()
-    blotched[0, :, 20 + y, 20 + x] += 0.5  # one flat pixel ~110 units off
-    edged = near + 0.5 * edge_map(images)  # every edge pixel as far off
-    plain = [reconstruction_loss(x, images, edge_weight=8) for x in (near, blotched)]
-    flat_loss = [reconstruction_loss(x, images, edge_weight=8, flat_weight=1.0) for x in (near, blotched, edged)]
-    assert torch.isclose(flat_loss[0], plain[0])  # nothing past the margin: no cost
+    y, x = [int(v) for v in torch.nonzero((edge_map(images)[0, 0] == 0)[20:44, 20:44])[0]]
+    blotched[0, :, 20 + y, 20 + x] += 0.5  # one pixel inside a flat area ~110 units off
+    softened = near + 0.5 * beside  # the pixel beside every rim as far off
+    rimmed = near + 0.5 * rims  # the rims themselves as far off
+    plain = [reconstruction_loss(x, images, edge_weight=8) for x in (near, blotched, softened, rimmed)]
+    flat = [reconstruction_loss(x, images, edge_weight=8, flat_weight=1.0) for x in (near, blotched, softened, rimmed)]
+    assert torch.isclose(flat[0], plain[0])  # nothing past the margin: no cost
     assert plain[1] - plain[0] < 1e-3  # one pixel of 4,096: the mean barely feels it
-    assert flat_loss[1] - flat_loss[0] > 50 * (plain[1] - plain[0])
-    edges_plain = reconstruction_loss(edged, images, edge_weight=8)
-    assert torch.isclose(flat_loss[2], edges_plain)  # edge pixels are the rest of the loss's business
+    assert flat[1] - flat[0] > 50 * (plain[1] - plain[0])
+    assert flat[2] - plain[2] > 1.0  # a soft second pixel costs
+    assert torch.isclose(flat[3], plain[3])  # rims are the rest of the loss's business

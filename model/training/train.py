@@ -97,6 +97,14 @@ def edge_map(images: torch.Tensor) -> torch.Tensor:
     return (F.max_pool2d(change.amax(1, keepdim=True), 3, stride=1, padding=1) > 0.02).float()
 
 
+def palette_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) in {0, 1}: pixels whose colour is one of the palette's (not an antialiased blend)."""
+    palette = torch.tensor(list(shapes_data.COLOURS.values()), dtype=images.dtype, device=images.device)
+    rgb = (images + 1) * 127.5
+    distance = (rgb[:, None] - palette[None, :, :, None, None]).abs().amax(2)  # (N, colours, H, W)
+    return (distance.amin(1, keepdim=True) < 1.0).to(images.dtype)
+
+
 PEAK_SHARE = 0.01  # the share of each image's pixels the peak term averages over (its worst)
 #: The flat term's margin: a pixel of a flat area this far from its true colour (Euclidean, RGB
 #: units) starts to cost. Half the evaluation's speckle distance (fidelity.SPECKLE_DISTANCE, 48).
@@ -118,12 +126,14 @@ def reconstruction_loss(
     pixels: a speckle inside a shape is ten wrong pixels of 4,096, which a mean barely feels,
     but it is most of an image's worst 1%.
 
-    `flat_weight` adds that weight times each image's sum over pixels away from any edge of
-    (distance to the true colour - FLAT_MARGIN)², distances in RGB units / 127.5 (a sum, not a
-    mean: five pixels 60 units off cost about 0.4, the size of the rest of the loss). The blotches
-    the evaluation calls speckle are 50-70 units off inside flat shapes, never an image's worst
-    1% (edges are), so the peak term does not reach them; this one costs nothing until a flat
-    pixel drifts past the margin."""
+    `flat_weight` adds that weight times each image's sum, over the pixels whose true colour is
+    a palette colour (every pixel but the antialiased rims), of (distance to the true colour -
+    FLAT_MARGIN)², distances in RGB units / 127.5 (a sum, not a mean: five pixels 60 units off
+    cost about 0.4, the size of the rest of the loss). The evaluation's speckle is pixels more
+    than 48 units off inside a shape, rim left out: blotches 50-70 units off inside flat areas
+    and a second soft pixel beside the rim. Neither is ever among an image's worst 1% (the rims
+    are), so the peak term does not reach them; this one costs nothing until such a pixel
+    drifts past the margin."""
     per_pixel = (recon - images).abs() + (recon - images) ** 2
     if not edge_weight:
         loss = per_pixel.mean()
@@ -135,7 +145,7 @@ def reconstruction_loss(
         worst = errors.topk(max(1, round(PEAK_SHARE * errors.shape[1])), dim=1).values
         loss = loss + peak_weight * worst.mean()
     if flat_weight:
-        flat = 1.0 - edge_map(images)  # antialiased rims are edges: their colours are blends
+        flat = palette_pixels(images)
         distance = (recon - images).norm(dim=1, keepdim=True)
         excess = F.relu(distance - FLAT_MARGIN / 127.5) ** 2
         loss = loss + flat_weight * (excess * flat).sum() / images.shape[0]
