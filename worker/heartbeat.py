@@ -75,9 +75,12 @@ class Heartbeat:
             self._set_current(None)
 
     def _set_current(self, job_id: str | None) -> None:
+        """The worker's record, now with ``job_id``; its models and its place in the set of
+        workers are the periodic beat's (one command per change, not three)."""
         with self._lock:
-            self.worker = self.worker.model_copy(update={"current_job": job_id})
-        self.beat()
+            update = self._status() if self._status is not None else {}
+            self.worker = self.worker.model_copy(update={**update, "current_job": job_id, "heartbeat_at": utcnow()})
+            self.registry.renew_worker(self.worker)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
