@@ -408,7 +408,7 @@ class JobRunner:
         faults.at("stored")
         if outcome is WriteResult.WRITTEN:
             count = len(images) or len(values.get("images", []))
-            metrics.record_job_end(self.store.redis, record, values, count)  # never raises
+            metrics.record_job_end(self.store.redis, record, values, count, tally=self.context.metrics)  # never raises
         return outcome
 
     def _replicated(self, write: Callable[[], WriteResult]) -> WriteResult:
