@@ -178,3 +178,47 @@ def test_buckets_written_under_older_bounds_still_read_cumulatively(redis: Redis
 def test_metrics_never_fail_the_caller_when_redis_is_down() -> None:
     down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     assert metrics.record_finished(down, "m", "failed", "timeout") is False
+
+
+def test_a_tally_writes_many_jobs_counts_as_record_finished_would_in_one_multi(redis: Redis) -> None:
+    """A worker's Tally: the same figures as writing each job at once, in one MULTI of one command
+    per field, however many jobs ended (a job at once: 13 commands)."""
+    redis.flushall()
+    created = utcnow()
+    params = JobParams(prompt="x", width=64, height=64, steps=20, guidance_scale=7.5, scheduler="ddim", seed=1)
+    record = JobRecord(id="j" * 32, model="shapes", request=params, created_at=created,
+                       started_at=created + timedelta(seconds=0.05))
+    ended = {"status": "succeeded", "finished_at": (created + timedelta(seconds=1.5)).isoformat()}
+    tally = metrics.Tally(every=3600)
+    for _ in range(10):
+        assert metrics.record_job_end(redis, record, ended, images=1, tally=tally)
+    assert not redis.exists(keys.metrics("shapes")), "held until a flush"
+    assert tally.flush(redis, due_only=True) and not redis.exists(keys.metrics("shapes")), "not due yet"
+
+    calls = sum(stats["calls"] for stats in redis.info("commandstats").values())
+    assert tally.flush(redis)
+    commands = sum(stats["calls"] for stats in redis.info("commandstats").values()) - calls - 1  # less the INFO
+    assert commands <= 14  # MULTI, SADD, 11 fields, EXEC
+
+    at_once = Redis(connection_pool=redis.connection_pool)
+    redis_figures = metrics.read(redis)["shapes"]
+    at_once.flushall()
+    for _ in range(10):
+        assert metrics.record_job_end(at_once, record, ended, images=1)
+    each = metrics.read(at_once)["shapes"]
+    assert (each.jobs, each.images, each.steps) == (redis_figures.jobs, redis_figures.images, redis_figures.steps)
+    assert each.steps_seconds == pytest.approx(redis_figures.steps_seconds)
+    for name, histogram in each.histograms.items():
+        held = redis_figures.histograms[name]
+        assert (histogram.buckets, histogram.count) == (held.buckets, held.count)
+        assert histogram.sum == pytest.approx(held.sum)
+    assert tally.flush(redis)  # nothing held: nothing written
+
+
+def test_a_tally_keeps_its_counts_while_redis_is_down(redis: Redis) -> None:
+    redis.flushall()
+    tally = metrics.Tally()
+    tally.add("m", [("jobs:failed", 1)])
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    assert tally.flush(down) is False
+    assert tally.flush(redis) and metrics.read(redis)["m"].jobs == {"failed": 1}

@@ -161,3 +161,42 @@ def test_a_queued_cancel_and_a_passed_deadline_write_their_events(store: JobStor
     assert [e.type for e in events.read(redis, "h1")] + [e.type for e in events.read(redis, "h2")] == [
         "canceled", "failed"]
     assert outbox_types(redis) == ["canceled", "failed"]
+
+
+def _commands(redis: Redis) -> int:
+    return sum(stats["calls"] for stats in redis.info("commandstats").values())
+
+
+def test_a_run_s_claim_and_finish_read_the_record_once_each_and_keep_the_stream_s_life(
+    store: JobStore, redis: Redis
+) -> None:
+    """The claim reads the record once (HGETALL) and the finish with its guard; their events go
+    into the stream the job's queued event made (its TTL kept), or make it with the record's TTL;
+    the finish sets the stream's and the preview's end of life (``events_ttl``)."""
+    hook = Webhook(url="https://example.com/h", events=["running", "succeeded"])
+    store.create(JobRecord(id="j0", model="tiny", request=PARAMS), ttl=100)
+    store.claim("j0", "w1", "t0")  # the scripts loaded: what follows is their cost alone
+    store.finish("j0", "t0", {"status": "succeeded"}, [], 100, 100)
+    record = JobRecord(id="j2", model="tiny", request=PARAMS.model_copy(update={"webhook": hook}))
+    store.create(record, ttl=100)
+    redis.xadd(keys.events("j2"), {"type": "queued", "data": "{}"})  # as a submit makes it
+    redis.expire(keys.events("j2"), 100)
+    before = _commands(redis)
+    claimed = store.claim("j2", "w1", "t")
+    claim_cost = _commands(redis) - before - 1
+    assert claimed is not None and (claimed.attempt, claimed.attempt_token, claimed.worker) == (1, "t", "w1")
+    assert claim_cost <= 6  # EVALSHA, HGETALL, HSET, ZADD, XADD, XADD (webhook)
+    assert 0 < redis.ttl(keys.events("j2")) <= 100
+    assert 0 < redis.ttl(keys.events("j0")) <= 100  # a record without its stream: made with the record's TTL
+
+    redis.set(keys.preview("j2"), b"png")
+    before = _commands(redis)
+    ended = store.finish("j2", "t", {"status": "succeeded"}, [], 100, 100, events_ttl=30)
+    finish_cost = _commands(redis) - before - 1
+    assert ended is WriteResult.WRITTEN
+    assert finish_cost <= 9  # EVALSHA, HMGET, HSET, EXPIRE, ZREM, XADD, XADD (webhook), EXPIRE x2
+    assert 0 < redis.ttl(keys.events("j2")) <= 30 and 0 < redis.ttl(keys.preview("j2")) <= 30
+    assert 0 < redis.ttl(keys.job("j2")) <= 100
+    assert [e[1][b"type"] for e in redis.xrange(keys.events("j2"))] == [b"queued", b"running", b"succeeded"]
+    assert [e[1][b"type"] for e in redis.xrange(OUTBOX)] == [b"running", b"succeeded"]
+

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
+from diffq.app.contract.metrics import Tally
 from diffq.app.contract.records import ModelRecord
 from diffq.app.contract.store import JobStore
 from diffq.app.settings import Settings
@@ -69,6 +70,7 @@ class WorkerContext:
     marker: Marker = field(default_factory=lambda: _default_marker())
     models: ModelCache | None = None
     stops: StopListener | None = None  # cancels and deletes heard by pub/sub; None: read the record every step
+    metrics: Tally | None = None  # ended jobs' counts until the heartbeat thread writes them; None: at once
 
     def engine_for(self, model: str) -> Engine:
         """The loaded engine of ``model`` (loading it now, and evicting another, if need be)."""

@@ -30,6 +30,7 @@ class Heartbeat:
         model: ModelRecord | Sequence[ModelRecord],
         interval: float,
         status: Callable[[], dict] | None = None,
+        also: Callable[[], object] | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
@@ -38,6 +39,7 @@ class Heartbeat:
         #: Every model this worker serves, by name.
         self.records = {record.name: record for record in models}
         self._status = status  # fields of the worker record to refresh at each beat (loaded models)
+        self._also = also  # run after each periodic beat (the metrics' flush); must not raise
         self.interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -75,9 +77,12 @@ class Heartbeat:
             self._set_current(None)
 
     def _set_current(self, job_id: str | None) -> None:
+        """The worker's record, now with ``job_id``; its models and its place in the set of
+        workers are the periodic beat's (one command per change, not three)."""
         with self._lock:
-            self.worker = self.worker.model_copy(update={"current_job": job_id})
-        self.beat()
+            update = self._status() if self._status is not None else {}
+            self.worker = self.worker.model_copy(update={**update, "current_job": job_id, "heartbeat_at": utcnow()})
+            self.registry.renew_worker(self.worker)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -85,3 +90,5 @@ class Heartbeat:
                 self.beat()
             except redis.exceptions.RedisError as error:  # keep trying: Redis may come back
                 log.warning("heartbeat failed: %s", error)
+            if self._also is not None:
+                self._also()

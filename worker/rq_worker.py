@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 
 import redis.exceptions
 
@@ -16,9 +17,12 @@ from diffq.app.contract.rq_adapter import (
     SimpleWorker,
     StopRequested,
     WorkerStatus,
+    begin_execution,
     end_execution,
+    end_success,
     failure_text,
     intermediate_key,
+    is_suspended,
     mark_requeued,
     set_dequeue_order,
 )
@@ -35,6 +39,9 @@ RESUME_MAX_PAUSE = 5.0
 """Longest pause between two tries to reach Redis before the work loop resumes."""
 RESUME_RESET = 60.0
 """A work loop that ran this long before it ended starts its backoff afresh."""
+RQ_HEARTBEAT_EVERY = 60.0
+"""Seconds between renewals of RQ's worker key (it lives ``worker_ttl + 60`` s, 480 by default): RQ
+renews it several times per job. diffq's own liveness is its heartbeat thread's (``heartbeat.py``)."""
 
 
 class DiffqWorker(SimpleWorker):
@@ -74,6 +81,45 @@ class DiffqWorker(SimpleWorker):
         if result is not None:
             self.chooser.took(result[1].name.removeprefix(QUEUE_PREFIX))
         return result
+
+    # -- RQ's bookkeeping, leaner (diffq.app.contract.rq_adapter: begin_execution, end_success) --
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        """RQ's worker heartbeat, at most every ``RQ_HEARTBEAT_EVERY`` s when RQ renews it on its
+        own schedule (before and after every dequeue, after every job, in every suspension check)."""
+        if timeout is None and pipeline is None and self.last_heartbeat is not None:
+            if (datetime.now(UTC) - self.last_heartbeat).total_seconds() < RQ_HEARTBEAT_EVERY:
+                return
+        super().heartbeat(timeout, pipeline)
+
+    def set_state(self, state, pipeline=None):
+        """RQ's worker state, written only when it changes (RQ writes ``idle`` after every job and
+        again before every dequeue)."""
+        if pipeline is None and state == self._state:
+            return
+        super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if is_suspended(self.connection):  # one EXISTS per job, no heartbeat with it
+            super().check_for_suspension(burst)
+
+    def prepare_execution(self, job: Job):
+        return begin_execution(self, job, remove_from_intermediate=len(self.queues) == 1)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """Done by ``prepare_execution``, in the same round trip."""
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """The job's end time and last heartbeat, written with its status by the handler that follows."""
+        job.ended_at = job.last_heartbeat = datetime.now(UTC)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry=None) -> None:
+        end_success(self, job)
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "") -> None:
+        if job.last_heartbeat is not None:
+            job.heartbeat(job.last_heartbeat, 0)  # what handle_execution_ended leaves to the handler
+        super().handle_job_failure(job, queue, started_job_registry, exc_string)
 
     def request_stop(self, signum, frame) -> None:
         """SIGTERM/SIGINT: RQ's warm shutdown (finish the job, then exit), with a grace period:

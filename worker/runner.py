@@ -54,7 +54,10 @@ from diffq.worker.results import discard, read_input, store_run
 
 log = logging.getLogger(__name__)
 
-#: Seconds a finished job's preview stays in Redis (a client that watched the run can still fetch it).
+#: Seconds a finished job's preview (a full-size PNG) and event stream (4.7 KB even for a few events)
+#: stay in Redis after its end, set by the finish script: a client that watched the run can still
+#: fetch them; Redis keeps job state, the images are in the result store, and a stream read after
+#: that is answered from the record (``diffq.app.api.routes.jobs``: an ended job without its event).
 PREVIEW_AFTER_END = 300
 
 
@@ -390,15 +393,22 @@ class JobRunner:
         def finish() -> WriteResult:
             faults.at("store")
             return self.store.finish(
-                record.id, token, values, images, job_ttl=retention, result_ttl=retention, blobs=blobs, event_data=extra
+                record.id,
+                token,
+                values,
+                images,
+                job_ttl=retention,
+                result_ttl=retention,
+                blobs=blobs,
+                event_data=extra,
+                events_ttl=min(PREVIEW_AFTER_END, retention),
             )
 
         outcome = self._replicated(finish)
         faults.at("stored")
         if outcome is WriteResult.WRITTEN:
             count = len(images) or len(values.get("images", []))
-            metrics.record_job_end(self.store.redis, record, values, count)  # never raises
-            self._forget_preview(record.id)
+            metrics.record_job_end(self.store.redis, record, values, count, tally=self.context.metrics)  # never raises
         return outcome
 
     def _replicated(self, write: Callable[[], WriteResult]) -> WriteResult:
@@ -431,19 +441,6 @@ class JobRunner:
                     return outcome
                 log.warning("result not yet on a replica (%s); storing it again", error)
                 time.sleep(0.2)
-
-    def _forget_preview(self, job_id: str) -> None:
-        """A finished job's preview (a full-size PNG in Redis) and its event stream (4.7 KB even
-        for a few events) lapse ``PREVIEW_AFTER_END`` seconds after the end: Redis keeps job state,
-        the images are in the result store, and a stream read after that is answered from the
-        record (``diffq.app.api.routes.jobs``: an ended job without its event)."""
-        try:
-            with self.store.redis.pipeline(transaction=False) as pipe:
-                pipe.expire(keys.preview(job_id), PREVIEW_AFTER_END)
-                pipe.expire(keys.events(job_id), PREVIEW_AFTER_END)
-                pipe.execute()
-        except redis.exceptions.RedisError as error:
-            log.warning("job %s: could not shorten its preview's and events' life: %s", job_id, error)
 
     def _retention(self, record: JobRecord) -> int:
         return record.request.retention_seconds or self.settings.job_ttl

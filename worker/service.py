@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import redis.exceptions
 
-from diffq.app.contract import connection, memory
+from diffq.app.contract import connection, memory, metrics
 from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
 from diffq.app.contract.registry import Registry
 from diffq.app.contract.rq_adapter import SERIALIZER
@@ -170,7 +170,15 @@ def run_worker(
     def status() -> dict:
         return {"loaded": cache.loaded, "load_seconds": dict(cache.load_seconds)}
 
-    heartbeat = Heartbeat(Registry(redis, settings.heartbeat_ttl), record, records, settings.heartbeat_interval, status)
+    tally = metrics.Tally()
+    heartbeat = Heartbeat(
+        Registry(redis, settings.heartbeat_ttl),
+        record,
+        records,
+        settings.heartbeat_interval,
+        status,
+        also=lambda: tally.flush(redis, due_only=True),
+    )
     results = when_redis_answers(lambda: ready_store(settings, redis))  # raises, naming the setting, if unusable
     stops = StopListener(redis)
     context.install(
@@ -185,6 +193,7 @@ def run_worker(
             results=results,
             models=cache,
             stops=stops,
+            metrics=tally,
         )
     )
     rq_worker = DiffqWorker(
@@ -219,6 +228,7 @@ def run_worker(
         store_sweeper.stop()
         stops.stop()
         heartbeat.stop()
+        tally.flush(redis)
         context.install(None)
         for sig, handler in handlers.items():  # RQ installed its own; give the caller's back
             signal.signal(sig, handler)

@@ -76,24 +76,31 @@ class Sweeper:
         lock = int(self.settings.sweep_interval * 1000 * 0.9) or 1
         if not self.redis.set(keys.sweeper_lock(self.model), self.owner, nx=True, px=lock):
             return report  # another worker of this model swept a moment ago
-        self._lost_jobs(report)
-        self._unclaimed_jobs(report)
+        running = self._lost_jobs(report)
+        self._unclaimed_jobs(report, running)
         self._passed_deadlines(report)
         return report
 
-    def _lost_jobs(self, report: SweepReport) -> None:
-        live = {worker.id for worker in self.registry.live_workers()}
+    def _lost_jobs(self, report: SweepReport) -> set[str]:
+        """Recover the running jobs whose worker is gone. Returns the ids in the running index.
+        (A job claimed less than ``heartbeat_ttl`` s ago is not looked at: its worker's first
+        heartbeat may still be on the way; so a sweep while only short jobs run reads no record.)"""
+        running = self.store.running()
         now = self.clock()
-        for job_id, claimed_at in self.store.running():
+        live: set[str] | None = None
+        for job_id, claimed_at in running:
+            if now - claimed_at < self.settings.heartbeat_ttl:
+                continue
             record = self.store.get(job_id)
             if record is None or record.status is not JobStatus.RUNNING:
                 self.redis.zrem(keys.RUNNING, job_id)  # ended or deleted without the index noticing
                 continue
+            if live is None:
+                live = {worker.id for worker in self.registry.live_workers()}
             if record.model != self.model or record.worker in live:
                 continue
-            if now - claimed_at < self.settings.heartbeat_ttl:
-                continue  # just claimed: its worker's first heartbeat may still be on the way
             self._recover(record.id, record.attempt_token, record.worker, record.attempt, report)
+        return {job_id for job_id, _ in running}
 
     def _recover(self, job_id: str, token: str | None, worker: str | None, attempt: int, report: SweepReport) -> None:
         message = (
@@ -121,12 +128,16 @@ class Sweeper:
         report.requeued.append(job_id)
         log.warning("job %s: worker %s was lost; queued again (lost attempts: %d)", job_id, worker, lost)
 
-    def _unclaimed_jobs(self, report: SweepReport) -> None:
+    def _unclaimed_jobs(self, report: SweepReport, running: set[str]) -> None:
         """Jobs taken off the queue list (RQ's intermediate list, or started in RQ) whose record is
-        still queued and unclaimed: seen so for ``heartbeat_ttl`` s, their worker is gone."""
+        still queued and unclaimed: seen so for ``heartbeat_ttl`` s, their worker is gone. (A job
+        in the running index was claimed, and is the lost-job check's.)"""
         seen_key = keys.sweeper_unclaimed(self.model)
         intermediate = intermediate_key(self.queue)
-        taken = taken_ids(self.queue)
+        taken = [job_id for job_id in taken_ids(self.queue) if job_id not in running]
+        if not taken:
+            self.redis.delete(seen_key)  # none now: whatever was seen before is gone
+            return
         waiting = set(self.queue.get_job_ids())
         candidates = [job_id for job_id in taken if job_id not in waiting and self._unclaimed(job_id)]
         seen = {k.decode(): float(v) for k, v in self.redis.hgetall(seen_key).items()}

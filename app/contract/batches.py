@@ -28,10 +28,10 @@ from diffq.app.contract.records import Webhook
 ENDED_STATUSES = ("succeeded", "failed", "canceled")
 
 # tally(job key, outbox key, terminal event type): count an ended batch item (see the module
-# docstring). The batch's keys are named from the job record's ``batch`` field.
+# docstring). The batch's keys are named from the job record's ``batch`` field; tally_batch(that
+# field's value, outbox key, type): the same, for a script that has read the field already.
 TALLY = f"""
-local function tally(job_key, outbox, kind)
-  local raw = redis.call('HGET', job_key, 'batch')
+local function tally_batch(raw, outbox, kind)
   if not raw or raw == 'null' then return end
   local ok, ref = pcall(cjson.decode, raw)
   if not ok or type(ref) ~= 'table' or type(ref['id']) ~= 'string' then return end
@@ -55,6 +55,9 @@ local function tally(job_key, outbox, kind)
   end
   redis.call('XADD', outbox, '*', 'job_id', ref['id'], 'type', 'batch.completed', 'data', cjson.encode(counts),
              'webhook', hook)
+end
+local function tally(job_key, outbox, kind)
+  tally_batch(redis.call('HGET', job_key, 'batch'), outbox, kind)
 end
 """
 

@@ -1,8 +1,9 @@
 """Job figures for ``GET /metrics``, kept in Redis so any API process can report every worker's jobs.
 
 Whoever ends a job (a worker, or the API when it cancels a queued job or
-expires one past its deadline) calls ``record_finished`` once. It adds, in one
-``MULTI``, to the model's hash ``diffq:metrics:<model>``:
+expires one past its deadline) calls ``record_finished`` once (a worker's runs:
+``record_job_end`` into its ``Tally``, written every ``FLUSH_EVERY`` seconds).
+It adds, in one ``MULTI``, to the model's hash ``diffq:metrics:<model>``:
 
 ==============================  ==========================================================
 field                           meaning
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -77,11 +80,17 @@ def record_finished(
 
 
 def record_job_end(
-    redis: Redis, record: JobRecord, values: Mapping[str, Any], images: int = 0, now: datetime | None = None
+    redis: Redis,
+    record: JobRecord,
+    values: Mapping[str, Any],
+    images: int = 0,
+    now: datetime | None = None,
+    tally: Tally | None = None,
 ) -> bool:
     """``record_finished`` for a worker's run: ``record`` is the claimed record (its ``created_at``
     and ``started_at``), ``values`` the final fields it stored (``status``, ``error``,
-    ``finished_at``), ``images`` how many it stored."""
+    ``finished_at``), ``images`` how many it stored. With ``tally``, the counts wait there for
+    its next ``flush``."""
     status = str(values["status"])
     error = values.get("error")
     code = error.get("code") if isinstance(error, Mapping) else getattr(error, "code", None)
@@ -91,6 +100,9 @@ def record_job_end(
     queue_wait = (started - record.created_at).total_seconds() if started is not None else None
     run = (end - started).total_seconds() if started is not None else None
     steps = effective_steps(record.request) if status == "succeeded" else 0
+    if tally is not None:
+        tally.add(record.model, _increments(status, code, queue_wait, run, steps, images))
+        return True
     return record_finished(redis, record.model, status, code, queue_wait, run, steps, images)
 
 
@@ -111,22 +123,83 @@ def _write(
     steps: int,
     images: int,
 ) -> None:
-    key = keys.metrics(model)
-    pipe.sadd(keys.METRICS_MODELS, model)
-    pipe.hincrby(key, f"jobs:{status}", 1)
+    _write_counts(pipe, model, _increments(status, error_code, queue_wait_s, run_s, steps, images))
+
+
+def _increments(
+    status: str, error_code: str | None, queue_wait_s: float | None, run_s: float | None, steps: int, images: int
+) -> list[tuple[str, int | float]]:
+    """The fields one ended job adds to its model's hash, and by how much (a float: HINCRBYFLOAT)."""
+    counts: list[tuple[str, int | float]] = [(f"jobs:{status}", 1)]
     if status == "failed":
-        pipe.hincrby(key, f"failures:{error_code or 'unknown'}", 1)
+        counts.append((f"failures:{error_code or 'unknown'}", 1))
     if images:
-        pipe.hincrby(key, "images", images)
+        counts.append(("images", images))
     if status == "succeeded" and steps and run_s is not None and run_s > 0:
-        pipe.hincrby(key, "steps", steps)
-        pipe.hincrbyfloat(key, "steps_seconds", run_s)
+        counts += [("steps", steps), ("steps_seconds", float(run_s))]
     for name, value in (("queue_wait", queue_wait_s), ("run", run_s)):
         if value is not None:
             value = max(0.0, value)  # clocks of two hosts may disagree a little
-            pipe.hincrby(key, f"{name}:bucket:{_bound_text(_bucket(HISTOGRAMS[name], value))}", 1)
-            pipe.hincrby(key, f"{name}:count", 1)
-            pipe.hincrbyfloat(key, f"{name}:sum", value)
+            bucket = f"{name}:bucket:{_bound_text(_bucket(HISTOGRAMS[name], value))}"
+            counts += [(bucket, 1), (f"{name}:count", 1), (f"{name}:sum", float(value))]
+    return counts
+
+
+def _write_counts(pipe: Pipeline, model: str, counts: Iterable[tuple[str, int | float]]) -> None:
+    key = keys.metrics(model)
+    pipe.sadd(keys.METRICS_MODELS, model)
+    for name, amount in counts:
+        if isinstance(amount, float):
+            pipe.hincrbyfloat(key, name, amount)
+        else:
+            pipe.hincrby(key, name, amount)
+
+
+#: Seconds a worker's ``Tally`` holds counts before its heartbeat thread writes them.
+FLUSH_EVERY = 10.0
+
+
+class Tally:
+    """Counts of ended jobs a worker has not written yet. ``record_job_end(..., tally=)`` adds a
+    job's to it; ``flush`` writes them all in one ``MULTI``, one ``HINCRBY`` per field however
+    many jobs ended (13 commands per job otherwise): from the worker's heartbeat thread once
+    ``FLUSH_EVERY`` seconds have passed, and when the worker stops. ``GET /metrics`` then lags a
+    worker's jobs by up to that long, and a worker killed outright loses what it had not written
+    (counters, not job state: the records are written when each job ends)."""
+
+    def __init__(self, every: float = FLUSH_EVERY) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, int | float]] = {}
+        self._flushed = time.monotonic()
+
+    def add(self, model: str, counts: Iterable[tuple[str, int | float]]) -> None:
+        with self._lock:
+            held = self._pending.setdefault(model, {})
+            for name, amount in counts:
+                held[name] = held.get(name, 0) + amount
+
+    def flush(self, redis: Redis, *, due_only: bool = False) -> bool:
+        """Write what is held (``due_only``: only once ``every`` seconds have passed since the last
+        write). False (and a log line) if Redis refused; the counts are then kept for the next try."""
+        with self._lock:
+            if due_only and time.monotonic() - self._flushed < self.every:
+                return True
+            pending, self._pending = self._pending, {}
+            self._flushed = time.monotonic()
+        if not pending:
+            return True
+        try:
+            with redis.pipeline(transaction=True) as pipe:
+                for model, counts in pending.items():
+                    _write_counts(pipe, model, counts.items())
+                pipe.execute()
+            return True
+        except RedisError as error:
+            log.warning("could not write the metrics of %d model(s): %s", len(pending), error)
+            for model, counts in pending.items():
+                self.add(model, counts.items())
+            return False
 
 
 def _bucket(bounds: Sequence[float], value: float) -> float:

@@ -52,6 +52,11 @@ class Registry:
                 pipe.set(keys.model(record.name), record.model_dump_json(), ex=self.ttl)
             pipe.execute()
 
+    def renew_worker(self, worker: WorkerRecord) -> None:
+        """Rewrite a worker's record alone (one SET): a change of its current job between two
+        ``announce`` calls, which keep its model(s) and its place in the set of workers."""
+        self.redis.set(keys.worker(worker.id), worker.model_dump_json(), ex=self.ttl)
+
     def withdraw(self, worker_id: str, model_name: str | Sequence[str]) -> None:
         """Unregister a worker that stops cleanly; its models go when no one else serves them."""
         names = [model_name] if isinstance(model_name, str) else list(model_name)

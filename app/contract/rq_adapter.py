@@ -37,8 +37,9 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
 from rq.timeouts import JobTimeoutException
-from rq.utils import now
+from rq.utils import now, utcformat
 from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
 
 from diffq.app.contract import keys
@@ -500,6 +501,80 @@ def end_execution(worker: BaseWorker, job: Job, queue: Queue, execution: Executi
         worker.execution = None
 
 
+# RQ's own per-job bookkeeping, each field written once and without MULTI/EXEC: a diffq job never
+# has dependents, callbacks or repeats, its task returns nothing, and diffq's record (not RQ's) is
+# what anyone reads for its status; so the ~40 commands RQ's handlers spend on a job (two
+# transactions at its start, a WATCH on its dependents and a transaction with a result stream at
+# its end, a heartbeat at every turn) come down to ~20 that leave RQ's view of the job the same:
+# its status and times, the started and finished registries with their executions, the worker's
+# state, current job and counters. What is left out: the result stream of a success (a ``None``
+# return value; a failure's is kept, ``failure_text`` reads it), and the dependents' keys'
+# EXPIREs (keys that never exist). Tests: tests/test_rq_adapter.py.
+
+
+def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool) -> Execution:
+    """RQ's ``prepare_execution`` and ``prepare_job_execution`` in one round trip: the execution in
+    the started registry, the worker busy on the job, the job started (and off the intermediate
+    list when RQ would take it off)."""
+    ttl = worker.get_heartbeat_ttl(job)
+    stamp = now()
+    with worker.connection.pipeline(transaction=False) as pipe:
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+        worker._state = WorkerStatus.BUSY
+        worker.current_job_working_time = 0
+        worker.last_heartbeat = stamp
+        pipe.hset(
+            worker.key,
+            mapping={
+                "state": WorkerStatus.BUSY.value,
+                "current_job": job.id,
+                "current_job_working_time": 0,
+                "last_heartbeat": utcformat(stamp),
+            },
+        )
+        pipe.expire(worker.key, ttl)
+        job.prepare_for_execution(worker.name, pipeline=pipe)
+        if remove_from_intermediate:
+            pipe.lrem(job_queue(job).intermediate_queue_key, 1, job.id)
+        pipe.execute()
+    worker.execution = execution
+    return execution
+
+
+def job_queue(job: Job) -> Queue:
+    return Queue(job.origin, connection=job.connection, serializer=SERIALIZER)
+
+
+def end_success(worker: BaseWorker, job: Job) -> None:
+    """RQ's ``handle_job_success`` for a diffq job, in one round trip: ``finished`` with its end
+    time, in the finished registry for its result TTL, the execution gone, the worker's counters
+    up and its current job cleared."""
+    result_ttl = job.get_result_ttl(worker.default_result_ttl)
+    job._status = RQStatus.FINISHED
+    assert job.started_at is not None and job.ended_at is not None
+    with worker.connection.pipeline(transaction=False) as pipe:
+        worker.increment_successful_job_count(pipeline=pipe)
+        worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
+        fields = {"status": RQStatus.FINISHED.value, "ended_at": utcformat(job.ended_at)}
+        if job.last_heartbeat is not None:
+            fields["last_heartbeat"] = utcformat(job.last_heartbeat)
+        pipe.hset(job.key, mapping=fields)
+        if result_ttl != 0:
+            job.finished_job_registry.add(job, result_ttl, pipe)
+        if result_ttl > 0:
+            pipe.expire(job.key, result_ttl)
+        elif result_ttl == 0:
+            pipe.delete(job.key)
+        worker.cleanup_execution(job, pipeline=pipe)
+        pipe.execute()
+
+
+def is_suspended(redis: Redis) -> bool:
+    """Whether ``rq suspend`` has suspended the workers (one EXISTS; RQ's own check renews the
+    worker's heartbeat in a transaction with it)."""
+    return bool(redis.exists(WORKERS_SUSPENDED))
+
+
 def failure_text(job: Job) -> str:
     """What RQ recorded of ``job``'s failure (its exception text), or "" if nothing readable."""
     try:
@@ -526,16 +601,19 @@ __all__ = [
     "SimpleWorker",
     "StopRequested",
     "WorkerStatus",
+    "begin_execution",
     "cancel_queued",
     "drop_many",
     "end_execution",
     "end_lost",
+    "end_success",
     "enqueue",
     "enqueue_many",
     "failure_text",
     "fetch_job",
     "forget",
     "intermediate_key",
+    "is_suspended",
     "mark_requeued",
     "model_queue",
     "queue_depths",

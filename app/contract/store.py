@@ -44,12 +44,7 @@ _TERMINAL_JSON = ", ".join(f"['{json.dumps(s.value)}'] = true" for s in sorted(T
 _EMIT = (
     batches.TALLY
     + f"""
-local function emit(job_key, stream, outbox, job_id, kind, data)
-  redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
-  local ttl = redis.call('TTL', job_key)
-  if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
-  if ({_TERMINAL_EVENTS_LUA})[kind] then tally(job_key, outbox, kind) end
-  local raw = redis.call('HGET', job_key, 'request')
+local function hook_out(outbox, job_id, kind, data, raw)
   if not raw then return end
   local ok, request = pcall(cjson.decode, raw)
   if not ok or type(request) ~= 'table' or type(request['webhook']) ~= 'table' then return end
@@ -61,6 +56,27 @@ local function emit(job_key, stream, outbox, job_id, kind, data)
       return
     end
   end
+end
+local function emit(job_key, stream, outbox, job_id, kind, data)
+  redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
+  local ttl = redis.call('TTL', job_key)
+  if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  if ({_TERMINAL_EVENTS_LUA})[kind] then tally(job_key, outbox, kind) end
+  hook_out(outbox, job_id, kind, data, redis.call('HGET', job_key, 'request'))
+end
+-- emit_known(..., request, batch): ``emit`` for a script that has read the record's ``request``
+-- and ``batch`` fields already (with its guard), into a stream that exists (made by the job's
+-- ``queued`` event with the record's TTL, which XADD keeps): one XADD, no TTL/EXPIRE/HGET. A
+-- record without its stream gets one as ``emit`` makes it.
+local function emit_known(job_key, stream, outbox, job_id, kind, data, request, batch)
+  if not redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', '{events.MAX_EVENTS}', '*',
+                    'type', kind, 'data', data) then
+    redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
+    local ttl = redis.call('TTL', job_key)
+    if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  end
+  if ({_TERMINAL_EVENTS_LUA})[kind] then tally_batch(batch, outbox, kind) end
+  hook_out(outbox, job_id, kind, data, request)
 end
 """
 )
@@ -87,22 +103,33 @@ return {1}
 """
 )
 
-# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox; KEYS[5..]:
-# result keys (images, journeys). ARGV[2]: record TTL (also the stream's); ARGV[3]: result TTL;
-# ARGV[4]: job id; ARGV[5]: terminal event type; ARGV[6]: its data JSON; ARGV[7]: number of
-# field/value strings that follow; then those strings; then one value per result key.
+# _GUARD that also reads the record's ``request`` and ``batch`` (guard[3], guard[4]) for emit_known.
+_GUARD_READING = _GUARD.replace("'attempt_token')", "'attempt_token', 'request', 'batch')", 1)
+
+# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox; KEYS[5]: the
+# job's preview; KEYS[6..]: result keys (images, journeys). ARGV[2]: record TTL; ARGV[3]: result
+# TTL; ARGV[4]: job id; ARGV[5]: terminal event type; ARGV[6]: its data JSON; ARGV[7]: seconds the
+# event stream and the preview live from now ('0': the stream the record's TTL, the preview its
+# own); ARGV[8]: number of field/value strings that follow; then those strings; then one value
+# per result key.
 _FINISH = (
     _EMIT
-    + _GUARD
+    + _GUARD_READING
     + """
-local nfields = tonumber(ARGV[7])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + nfields))
-for i = 5, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[7 + nfields + i - 4], 'EX', ARGV[3])
+local nfields = tonumber(ARGV[8])
+redis.call('HSET', KEYS[1], unpack(ARGV, 9, 8 + nfields))
+for i = 6, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[8 + nfields + i - 5], 'EX', ARGV[3])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[4])
-emit(KEYS[1], KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6])
+emit_known(KEYS[1], KEYS[3], KEYS[4], ARGV[4], ARGV[5], ARGV[6], guard[3], guard[4])
+if ARGV[7] ~= '0' then
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+  redis.call('EXPIRE', KEYS[5], ARGV[7])
+else
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
 return {1}
 """
 )
@@ -140,30 +167,38 @@ return {{1, lost, 0}}
 """
 )
 
-# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox. ARGV[2]: claim
-# time; ARGV[3]: job id; ARGV[4]: unused; ARGV[5..]: field, value pairs to set; the attempt
-# counter is incremented here, and the ``running`` event carries it.
-# Returns {1, HGETALL...} so the caller gets the claimed record in one round trip.
+# KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox. ARGV[1]: the
+# new attempt token (JSON); ARGV[2]: claim time; ARGV[3]: job id; ARGV[4]: unused; ARGV[5..]:
+# field, value pairs to set; the attempt counter is incremented here, and the ``running`` event
+# carries it. The record is read once (HGETALL): the guard, the attempt, the webhook and batch
+# for the event, and the reply, which is {1, the record's fields and values as read, then those
+# written} (later pairs win), so the caller gets the claimed record in one round trip.
+_CLAIM_HEAD = f"""
+local flat = redis.call('HGETALL', KEYS[1])
+local record = {{}}
+for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+if not record['status'] then return {{0}} end
+if ({{{_TERMINAL_JSON}}})[record['status']] then return {{-2}} end
+"""
 _CLAIM_BODY = """
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'attempt_token', token, unpack(ARGV, 5))
+local attempt = tostring(tonumber(record['attempt'] or '0') + 1)
+redis.call('HSET', KEYS[1], 'attempt', attempt, 'attempt_token', ARGV[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-emit(KEYS[1], KEYS[3], KEYS[4], ARGV[3], 'running', cjson.encode({attempt = attempt}))
+emit_known(KEYS[1], KEYS[3], KEYS[4], ARGV[3], 'running', cjson.encode({attempt = tonumber(attempt)}),
+           record['request'], record['batch'])
 local result = {1}
-for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
+for _, v in ipairs(flat) do result[#result + 1] = v end
+for _, v in ipairs({'attempt', attempt, 'attempt_token', ARGV[1]}) do result[#result + 1] = v end
+for i = 5, #ARGV do result[#result + 1] = ARGV[i] end
 return result
 """
-_CLAIM = _EMIT + "local token = ARGV[1]\nARGV[1] = ''\n" + _GUARD + _CLAIM_BODY
+_CLAIM = _EMIT + _CLAIM_HEAD + _CLAIM_BODY
 
 # Claim a job still waiting in RQ's queue list (KEYS[5]) and take it off that list, in one step:
 # how a worker adds queued jobs to a batch. {-3}: no longer on the list (another worker has it);
 # a missing or ended record is left on the list for RQ's own path.
 _CLAIM_QUEUED = (
-    _EMIT
-    + "local token = ARGV[1]\nARGV[1] = ''\n"
-    + _GUARD
-    + "if redis.call('LREM', KEYS[5], 1, ARGV[3]) == 0 then return {-3} end\n"
-    + _CLAIM_BODY
+    _EMIT + _CLAIM_HEAD + "if redis.call('LREM', KEYS[5], 1, ARGV[3]) == 0 then return {-3} end\n" + _CLAIM_BODY
 )
 
 
@@ -661,9 +696,12 @@ class JobStore:
         result_ttl: int,
         blobs: Mapping[str, bytes] | None = None,
         event_data: Mapping[str, Any] | None = None,
+        events_ttl: int = 0,
     ) -> WriteResult:
         """End a job: store its images (and other results, ``blobs`` by key), its final fields
-        and its terminal event (``values["status"]``, with ``event_data``) together, or nothing at all."""
+        and its terminal event (``values["status"]``, with ``event_data``) together, or nothing at all.
+        ``events_ttl`` > 0: the job's event stream and preview then live that many seconds (0: the
+        stream lives as long as the record)."""
         fields = _flatten(encode_fields(values))
         stored = {keys.image(job_id, image.index): image.png for image in images} | dict(blobs or {})
         data: dict[str, Any] = {
@@ -674,7 +712,7 @@ class JobStore:
         }
         job_key, stream, outbox = self._event_keys(job_id)
         reply = self._finish(
-            keys=[job_key, keys.RUNNING, stream, outbox, *stored],
+            keys=[job_key, keys.RUNNING, stream, outbox, keys.preview(job_id), *stored],
             args=[
                 _token_arg(token),
                 str(job_ttl),
@@ -682,6 +720,7 @@ class JobStore:
                 job_id,
                 values["status"],
                 _compact(data),
+                str(events_ttl),
                 str(len(fields)),
                 *fields,
                 *stored.values(),
