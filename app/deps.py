@@ -1,24 +1,26 @@
 """Shared FastAPI dependencies as ``Annotated`` aliases; tests swap them with ``dependency_overrides``.
 
 Dependencies that only build objects are ``async def``: FastAPI runs a plain ``def`` dependency in
-its thread pool, a hop that costs more than the work. Those that wait on Redis stay ``def``."""
+its thread pool, a hop that costs more than the work. So is the API key check, which waits on Redis
+through the asyncio client (``diffq.app.api.redis_clients``); others that wait on Redis stay ``def``."""
 
 from __future__ import annotations
 
+import binascii
 import json
+from base64 import b64decode
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import ValidationError
 from redis import Redis
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffq.app.api.waiting import Waiter
-from diffq.app.auth.apikeys import KeyStore, VerifiedKeys
+from diffq.app.auth.apikeys import VerifiedKeys, verify_async
 from diffq.app.auth.caller import Caller
 from diffq.app.contract.registry import Registry
 from diffq.app.core.errors import (
@@ -53,54 +55,48 @@ async def get_redis(request: Request) -> Redis:
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key made with `diffq keys create`.")
-_http_basic = HTTPBasic(
-    auto_error=False,
-    description="What AUTOMATIC1111 clients send: any user name, the API key as the password (or the key as "
-    "the user name and an empty password).",
-)
-
-
-async def _basic(request: Request) -> HTTPBasicCredentials | None:
-    """HTTP Basic credentials, or None; malformed ones (SillyTavern sends ``Basic `` with no credentials
-    when none are set) count as none, so they are refused like a missing key only while auth is on."""
-    try:
-        return await _http_basic(request)
-    except StarletteHTTPException:
+def presented_key(authorization: str | None) -> str | None:
+    """The API key a request presents in its ``Authorization`` header: a Bearer token, or inside HTTP
+    Basic credentials (AUTOMATIC1111 clients: any user name and the key as the password, or the key as
+    the user name and an empty password). Read here rather than through FastAPI's ``HTTPBearer`` and
+    ``HTTPBasic`` dependencies, with their rules: two dependencies on every ``/v1`` request cost more
+    than the parse (``diffq.app.api.openapi`` still lists the scheme). Malformed Basic credentials
+    (SillyTavern sends ``Basic `` with none when none are set) count as none, so they are refused like
+    a missing key only while auth is on."""
+    if not authorization:
         return None
+    scheme, _, param = authorization.partition(" ")
+    scheme, param = scheme.lower(), param.strip()
+    if scheme == "bearer":
+        return param or None
+    if scheme != "basic":
+        return None
+    try:
+        data = b64decode(param).decode("ascii")
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        return None
+    username, separator, password = data.partition(":")
+    return (password or username) if separator else None
 
 
-def _token(bearer: HTTPAuthorizationCredentials | None, basic: HTTPBasicCredentials | None) -> str | None:
-    """The API key a request presents, as a Bearer token or inside HTTP Basic credentials."""
-    if bearer is not None:
-        return bearer.credentials
-    if basic is not None:
-        return basic.password or basic.username
-    return None
-
-
-def get_caller(
-    request: Request,
-    response: Response,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
-) -> Caller:
+async def get_caller(request: Request, response: Response, settings: SettingsDep) -> Caller:
     """The request's API key (Bearer, or HTTP Basic as AUTOMATIC1111 clients send it), checked and
     counted against its rate; 401 or 429 otherwise. With ``DIFFQ_AUTH=off`` every request is the
-    anonymous caller."""
+    anonymous caller. On the event loop, through the asyncio client: a known key costs one round trip
+    (its rate, which also says it is not revoked), no thread."""
     if settings.auth == "off":
         return Caller(None, settings)
-    token = _token(credentials, basic)
-    verified: VerifiedKeys = request.app.state.verified_keys
+    state = request.app.state
+    token = presented_key(request.headers.get("authorization"))
+    verified: VerifiedKeys = state.verified_keys
     key = verified.get(token) if token is not None else None
     if key is None:
-        key = KeyStore(request.app.state.redis).verify(token)
+        key = await verify_async(state.quick, token)
         if key is None:
             raise UnauthorizedError()
         verified.put(token or "", key)
     caller = Caller(key, settings)
-    decision = request.app.state.rate_limiter.hit(key.id, caller.rate_limit)  # also: not revoked since
+    decision = await state.rate_limiter.hit_async(key.id, caller.rate_limit)  # also: not revoked since
     if decision is None:
         verified.drop(token or "")
         raise UnauthorizedError()
@@ -134,7 +130,7 @@ async def get_job_service(request: Request, settings: SettingsDep, caller: Calle
     # The app's clients read straight from its state: every sub-dependency costs FastAPI's
     # resolution on every request (measured: a fifth of POST /v1/jobs' CPU went to resolving).
     state = request.app.state
-    return JobService(state.redis, settings, caller, state.results)
+    return JobService(state.redis, settings, caller, state.results, quick=state.quick)
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]

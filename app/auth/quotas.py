@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from diffq.app.contract import keys
 from diffq.app.contract.scripts import script
@@ -96,17 +97,25 @@ return {1, math.floor(limit - weight - current - 1), math.ceil(left * 1000), 0}
 
 
 class RateLimiter:
-    """Counts requests per key id in Redis (``_HIT``)."""
+    """Counts requests per key id in Redis (``_HIT``); ``quick``: an asyncio client for ``hit_async``."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, quick: AsyncRedis | None = None) -> None:
         self.redis = redis
         self._hit = script(redis, _HIT)
+        self._hit_async = script(quick, _HIT) if quick is not None else None
         self._items: dict[str, RateLimitItem] = {}
 
     def hit(self, key_id: str, rate: str) -> RateDecision | None:
         """Count one request of key ``key_id``; ``None`` if the key is revoked or gone (uncounted)."""
         item, arguments = self._arguments(key_id, rate)
         return _decision(item, self._hit(keys=[keys.api_key(key_id)], args=arguments))
+
+    async def hit_async(self, key_id: str, rate: str) -> RateDecision | None:
+        """``hit`` from the event loop, through the asyncio client."""
+        if self._hit_async is None:
+            raise RuntimeError("this RateLimiter has no asyncio client")
+        item, arguments = self._arguments(key_id, rate)
+        return _decision(item, await self._hit_async(keys=[keys.api_key(key_id)], args=arguments))
 
     def _arguments(self, key_id: str, rate: str) -> tuple[RateLimitItem, list[object]]:
         item = self._items.get(rate)

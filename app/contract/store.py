@@ -25,6 +25,7 @@ from enum import IntEnum
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
@@ -510,69 +511,36 @@ class JobStore:
         owner's queued set is ``queue.place.owner``'s); ``idempotency``: (Redis key, value, TTL) of
         an Idempotency-Key to reserve with the job; ``rq_fields``: RQ's job hash
         (``tasks.rq_job_fields``)."""
-        place = queue.place
-        fields = _flatten(record.to_hash())
-        # Without a key, KEYS[11] is a placeholder the script never touches.
-        key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
-        reply = self._submit(
-            keys=[
-                keys.job(record.id),
-                keys.events(record.id),
-                OUTBOX,
-                queue.key,
-                keys.fair(queue.name),
-                keys.fair_state(queue.name),
-                queue.job_class.key_for(record.id),
-                queue.redis_queues_keys,
-                keys.owner_queued(place.owner),
-                keys.owner_jobs(place.owner),
-                key,
-                keys.model_durations(record.model),
-                keys.model(record.model),
-            ],
-            args=[
-                record.id,
-                ttl,
-                max_depth or 0,
-                queued_cap or 0,
-                place.owner,
-                place.rank,
-                keys.job(""),
-                rq_ttl,
-                value,
-                key_ttl,
-                record.created_at.timestamp(),
-                keys.JOBS_INDEX_MAX,
-                _compact({"status": "queued"}),
-                registration or "",
-                len(fields),
-                *fields,
-                *rq_fields,
-            ],
-        )
-        outcome = reply[0].decode()
-        if outcome != "ok":
-            return Submitted(outcome, detail=reply[1] if len(reply) > 1 else None)
-        position = int(reply[1])
-        return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[2:]))
+        call = _submit_call(record, ttl, queue, rq_fields, registration, max_depth, queued_cap, idempotency, rq_ttl)
+        return _submitted(self._submit(**call))
+
+    async def submit_async(
+        self,
+        quick: AsyncRedis,
+        record: JobRecord,
+        ttl: int,
+        queue: tasks.FairQueue,
+        rq_fields: Sequence[Any],
+        *,
+        registration: bytes | None,
+        max_depth: int | None,
+        queued_cap: int | None,
+        rq_ttl: int,
+    ) -> Submitted:
+        """``submit`` (without an Idempotency-Key) through ``quick``, an asyncio client: the same one
+        script, from the event loop."""
+        call = _submit_call(record, ttl, queue, rq_fields, registration, max_depth, queued_cap, None, rq_ttl)
+        return _submitted(await script(quick, _SUBMIT)(**call))
 
     def read(self, job_id: str) -> Read | None:
         """The record with what a client's view of it needs (``_READ``), in one round trip; ``None``
         if there is no record."""
-        reply = self._read(
-            keys=[keys.job(job_id)],
-            args=[
-                job_id,
-                f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
-                *keys.model_durations("\n").split("\n"),
-            ],
-        )
-        if not reply:
-            return None
-        pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
-        pairs = reply[3 : 3 + count]
-        record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
-        return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None, list(reply[3 + count :]))
+        return _read_reply(self._read(**_read_call(job_id)))
+
+    @staticmethod
+    async def read_async(quick: AsyncRedis, job_id: str) -> Read | None:
+        """``read`` through ``quick``, an asyncio client, from the event loop."""
+        return _read_reply(await script(quick, _READ)(**_read_call(job_id)))
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or ``None`` if there is none (never created, deleted or expired)."""
@@ -851,6 +819,89 @@ class JobStore:
     def journey(self, job_id: str, index: int) -> bytes | None:
         """Image ``index``'s journey animation (WebP), or ``None``."""
         return self.redis.get(keys.journey(job_id, index))
+
+
+def _submit_call(
+    record: JobRecord,
+    ttl: int,
+    queue: tasks.FairQueue,
+    rq_fields: Sequence[Any],
+    registration: bytes | None,
+    max_depth: int | None,
+    queued_cap: int | None,
+    idempotency: tuple[str, str, int] | None,
+    rq_ttl: int,
+) -> dict[str, list[Any]]:
+    """``_SUBMIT``'s keys and arguments (``JobStore.submit``)."""
+    place = queue.place
+    fields = _flatten(record.to_hash())
+    # Without a key, KEYS[11] is a placeholder the script never touches.
+    key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
+    return {
+        "keys": [
+            keys.job(record.id),
+            keys.events(record.id),
+            OUTBOX,
+            queue.key,
+            keys.fair(queue.name),
+            keys.fair_state(queue.name),
+            queue.job_class.key_for(record.id),
+            queue.redis_queues_keys,
+            keys.owner_queued(place.owner),
+            keys.owner_jobs(place.owner),
+            key,
+            keys.model_durations(record.model),
+            keys.model(record.model),
+        ],
+        "args": [
+            record.id,
+            ttl,
+            max_depth or 0,
+            queued_cap or 0,
+            place.owner,
+            place.rank,
+            keys.job(""),
+            rq_ttl,
+            value,
+            key_ttl,
+            record.created_at.timestamp(),
+            keys.JOBS_INDEX_MAX,
+            _compact({"status": "queued"}),
+            registration or "",
+            len(fields),
+            *fields,
+            *rq_fields,
+        ],
+    }
+
+
+def _submitted(reply: list[Any]) -> Submitted:
+    outcome = reply[0].decode()
+    if outcome != "ok":
+        return Submitted(outcome, detail=reply[1] if len(reply) > 1 else None)
+    position = int(reply[1])
+    return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[2:]))
+
+
+#: ``_READ``'s RQ queue-list key prefix, and the durations key's prefix and suffix.
+_READ_ARGS = (
+    f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
+    *keys.model_durations("\n").split("\n"),
+)
+
+
+def _read_call(job_id: str) -> dict[str, list[Any]]:
+    """``_READ``'s keys and arguments (``JobStore.read``)."""
+    return {"keys": [keys.job(job_id)], "args": [job_id, *_READ_ARGS]}
+
+
+def _read_reply(reply: list[Any]) -> Read | None:
+    if not reply:
+        return None
+    pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
+    pairs = reply[3 : 3 + count]
+    record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+    return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None, list(reply[3 + count :]))
 
 
 def _run_check(token: str, status: bytes | None, owner: bytes | None, cancel: bytes | None) -> RunCheck:

@@ -65,15 +65,21 @@ async def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    # Submitting runs in a worker thread, so decoding input images (and checking a webhook URL's
-    # DNS) never blocks the event loop; a request with images first waits for a decode slot of its
-    # key (diffq.app.api.decode_gate) on the event loop, holding no thread meanwhile.
-    gate: AbstractAsyncContextManager[object] = nullcontext()
-    if has_inputs(body.body, body.files):
-        client = request.client.host if request.client is not None else "unknown"
-        gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
-    async with gate:
-        view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
+    # A plain request (no Idempotency-Key, nothing that blocks) is submitted on the event loop: one
+    # script through the asyncio client, no thread. Any other runs in a worker thread, so decoding
+    # input images (and checking a webhook URL's DNS) never blocks the event loop; a request with
+    # images first waits for a decode slot of its key (diffq.app.api.decode_gate) on the event
+    # loop, holding no thread meanwhile.
+    keyed = idempotency_key is not None and body.fingerprint is not None
+    if not keyed and JobService.submits_on_loop(body.body, body.files):
+        view, replayed = await jobs.submit_async(body.body), False
+    else:
+        gate: AbstractAsyncContextManager[object] = nullcontext()
+        if has_inputs(body.body, body.files):
+            client = request.client.host if request.client is not None else "unknown"
+            gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
+        async with gate:
+            view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
     if jobs.settings.redis_wait_replicas > 0:  # a separate step: a retry with the key finds the job
         await run_in_threadpool(jobs.confirm_replicated)
     if replayed:
@@ -134,7 +140,7 @@ async def get_job(
             raise PollingTooFastError(job_id, pacer.retry_after(job_id))
         if hold > 0:
             await asyncio.sleep(hold)
-    view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
+    view = await jobs.get_async(job_id)  # one read through the asyncio client, on the event loop
     if wait == 0 or view.status.is_terminal:
         return _polled(view, request, response)
     async with waiter.admit(caller) as held:  # 429/503 before any blocking read
