@@ -126,11 +126,12 @@ async def get_waiter(request: Request) -> Waiter:
 WaiterDep = Annotated[Waiter, Depends(get_waiter)]
 
 
-async def get_job_service(request: Request, settings: SettingsDep, caller: CallerDep) -> JobService:
-    # The app's clients read straight from its state: every sub-dependency costs FastAPI's
-    # resolution on every request (measured: a fifth of POST /v1/jobs' CPU went to resolving).
+async def get_job_service(request: Request, caller: CallerDep) -> JobService:
+    # The app's clients read straight from its state, and the settings from the caller (get_caller's
+    # SettingsDep): every sub-dependency costs FastAPI's resolution on every request, cached or not
+    # (measured: a fifth of POST /v1/jobs' CPU went to resolving).
     state = request.app.state
-    return JobService(state.redis, settings, caller, state.results, quick=state.quick)
+    return JobService(state.redis, caller.settings, caller, state.results, quick=state.quick)
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]

@@ -51,8 +51,7 @@ MAX_LIST = 100
 )
 async def create_job(
     body: SubmissionBody,
-    jobs: JobServiceDep,
-    caller: CallerDep,
+    jobs: JobServiceDep,  # and with it the caller: each dependency named here costs its resolution
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -77,6 +76,7 @@ async def create_job(
         gate: AbstractAsyncContextManager[object] = nullcontext()
         if has_inputs(body.body, body.files):
             client = request.client.host if request.client is not None else "unknown"
+            caller = jobs.caller
             gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
         async with gate:
             view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
@@ -118,8 +118,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, summary="Read a job, or wait for it to end")
 async def get_job(
     job_id: str,
-    jobs: JobServiceDep,
-    caller: CallerDep,
+    jobs: JobServiceDep,  # and with it the caller
     waiter: WaiterDep,
     request: Request,
     response: Response,
@@ -143,7 +142,7 @@ async def get_job(
     view = await jobs.get_async(job_id)  # one read through the asyncio client, on the event loop
     if wait == 0 or view.status.is_terminal:
         return _polled(view, request, response)
-    async with waiter.admit(caller) as held:  # 429/503 before any blocking read
+    async with waiter.admit(jobs.caller) as held:  # 429/503 before any blocking read
         try:
             ended = await held.until_ended(jobs, job_id, wait, disconnected=request.is_disconnected)
         except WaitTimedOut as late:
