@@ -9,11 +9,13 @@ from __future__ import annotations
 import binascii
 import json
 from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
+from limits import RateLimitItem
 from pydantic import ValidationError
 from redis import Redis
 from starlette.datastructures import FormData, UploadFile
@@ -22,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffq.app.api.waiting import Waiter
 from diffq.app.auth.apikeys import VerifiedKeys, verify_async
 from diffq.app.auth.caller import Caller
+from diffq.app.auth.quotas import RateDecision, RateLimiter, decision
+from diffq.app.contract.keys import api_key
 from diffq.app.contract.registry import Registry
 from diffq.app.core.errors import (
     FieldProblem,
@@ -33,10 +37,12 @@ from diffq.app.core.errors import (
 )
 from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from diffq.app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
-from diffq.app.core.jobs import JobService
+from diffq.app.core.jobs import CountedRate, JobService
 from diffq.app.schemas.jobs import JobCreate, job_create_model
 from diffq.app.settings import Settings
 from diffq.app.storage.base import ResultStore
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 async def get_settings(request: Request) -> Settings:
@@ -83,27 +89,89 @@ async def get_caller(request: Request, response: Response, settings: SettingsDep
     """The request's API key (Bearer, or HTTP Basic as AUTOMATIC1111 clients send it), checked and
     counted against its rate; 401 or 429 otherwise. With ``DIFFQ_AUTH=off`` every request is the
     anonymous caller. On the event loop, through the asyncio client: a known key costs one round trip
-    (its rate, which also says it is not revoked), no thread."""
+    (its rate, which also says it is not revoked), no thread. On a route marked ``rate_in_submit``
+    (a JSON ``POST /v1/jobs`` without an Idempotency-Key), the rate is counted by the submit script
+    itself, in the job's one round trip, or by ``settle_rate`` if the request ends before it."""
     if settings.auth == "off":
         return Caller(None, settings)
     state = request.app.state
-    token = presented_key(request.headers.get("authorization"))
+    token = presented_key(request.headers.get("authorization")) or ""
     verified: VerifiedKeys = state.verified_keys
-    key = verified.get(token) if token is not None else None
+    key = verified.get(token) if token else None
     if key is None:
-        key = await verify_async(state.quick, token)
+        key = await verify_async(state.quick, token or None)
         if key is None:
             raise UnauthorizedError()
-        verified.put(token or "", key)
+        verified.put(token, key)
     caller = Caller(key, settings)
-    decision = await state.rate_limiter.hit_async(key.id, caller.rate_limit)  # also: not revoked since
-    if decision is None:
-        verified.drop(token or "")
-        raise UnauthorizedError()
-    if not decision.allowed:
-        raise RateLimitedError(caller.rate_limit, decision.headers())
-    response.headers.update(decision.headers())
+    limiter: RateLimiter = state.rate_limiter
+    if _rate_deferred(request):
+        item, arguments = limiter.arguments(key.id, caller.rate_limit)
+        counted = CountedRate(api_key(key.id), arguments)
+        request.state.rate_due = RateDue(token, key.id, caller.rate_limit, item, counted)
+        return caller
+    _apply_rate(request, token, caller.rate_limit, await limiter.hit_async(key.id, caller.rate_limit), response)
     return caller
+
+
+@dataclass
+class RateDue:
+    """A request's rate hit left to the submit script (``get_caller``)."""
+
+    token: str
+    key_id: str
+    rate: str
+    item: RateLimitItem
+    counted: CountedRate
+
+
+#: Endpoints whose submit script counts the request's rate (``rate_in_submit``).
+_RATE_IN_SUBMIT: set[Callable[..., Any]] = set()
+
+
+def rate_in_submit(endpoint: F) -> F:
+    """Mark a route whose JSON requests without an Idempotency-Key have their rate counted by the submit
+    script (``RateDue``), which then must ``settle_rate`` on every way out."""
+    _RATE_IN_SUBMIT.add(endpoint)
+    return endpoint
+
+
+def _rate_deferred(request: Request) -> bool:
+    return (
+        request.scope.get("endpoint") in _RATE_IN_SUBMIT
+        and media_type(request.headers.get("content-type")) == "application/json"
+        and IDEMPOTENCY_HEADER not in request.headers
+    )
+
+
+def rate_due(request: Request) -> CountedRate | None:
+    """The rate hit the submit script should make for this request, if ``get_caller`` left it one."""
+    due: RateDue | None = getattr(request.state, "rate_due", None)
+    return due.counted if due is not None else None
+
+
+async def settle_rate(request: Request, response: Response | None = None) -> None:
+    """Answer a request's rate hit left to the submit script (``rate_due``): from the script's reply if it
+    ran, else counted now, as ``get_caller`` would have; 401 (revoked) or 429 (over the rate) then
+    override whatever else the request met. A no-op without one, or once settled."""
+    due: RateDue | None = getattr(request.state, "rate_due", None)
+    if due is None:
+        return
+    request.state.rate_due = None
+    reply = due.counted.reply
+    limiter: RateLimiter = request.app.state.rate_limiter
+    found = decision(due.item, reply) if reply is not None else await limiter.hit_async(due.key_id, due.rate)
+    _apply_rate(request, due.token, due.rate, found, response)
+
+
+def _apply_rate(request: Request, token: str, rate: str, found: RateDecision | None, response: Response | None) -> None:
+    if found is None:  # revoked (or removed) since this process verified it
+        request.app.state.verified_keys.drop(token)
+        raise UnauthorizedError()
+    if not found.allowed:
+        raise RateLimitedError(rate, found.headers())
+    if response is not None:
+        response.headers.update(found.headers())
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -163,6 +231,17 @@ def media_type(content_type: str | None) -> str:
 
 
 async def read_submission(request: Request, settings: SettingsDep) -> Submission:
+    """``parse_submission``; a request refused here is counted against its key's rate all the same
+    (``settle_rate``), and answered 429 rather than 4xx if it is over the rate, as it would be had the
+    rate been counted first."""
+    try:
+        return await parse_submission(request, settings)
+    except Exception:
+        await settle_rate(request)
+        raise
+
+
+async def parse_submission(request: Request, settings: Settings) -> Submission:
     """Parse the POST body, JSON or multipart, with the limits of the current settings; any other
     media type is a 415 (a browser form posting ``text/plain`` across sites is not a job).
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -61,6 +61,21 @@ SERVED_MAX_AGE = 1.0
 def new_job_id() -> str:
     """128 random bits: job ids are unguessable, so knowing one is the right to read it."""
     return uuid.uuid4().hex
+
+
+@dataclass
+class CountedRate:
+    """A request's hit against its API key's rate, for the submit script to make first
+    (``diffq.app.contract.rate``): the key's record, ``rate_hit``'s arguments, and its reply once made."""
+
+    record_key: str
+    arguments: Sequence[Any]
+    reply: list[int] | None = None
+
+
+class RateRefusedError(Exception):
+    """The submit script's rate hit refused the request (over the rate, or the key revoked): nothing was
+    written; ``CountedRate.reply`` says which."""
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,13 @@ class JobService:
         decode, no webhook URL to resolve, no LoRA folder to read)."""
         return not has_inputs(body, files) and body.webhook is None and not body.loras and "<lora:" not in body.prompt
 
-    async def submit_async(self, body: JobCreate) -> JobView:
+    async def submit_async(self, body: JobCreate, rate: CountedRate | None = None) -> JobView:
         """``submit`` from the event loop for a request ``submits_on_loop`` accepts: validated here, written
         by the same one script through the asyncio client. Whatever is not the usual case (no fresh
         listing of the served models, or the script refused: unserved, queue full, quota) is
-        ``submit``'s own code in a worker thread, as before (a refused script wrote nothing)."""
+        ``submit``'s own code in a worker thread, as before (a refused script wrote nothing). ``rate``: the
+        request's API-key rate hit, made first by the same script (its reply is left in ``rate.reply``);
+        refused, nothing is written and ``RateRefusedError`` is raised."""
         assert self.quick is not None, "submit_async needs the asyncio client"
         await self._fresh_listing()
         served = self._served_cached(body.model)
@@ -155,7 +172,12 @@ class JobService:
             max_depth=backpressure.max_depth(self.settings, model),
             queued_cap=caller.max_queued_jobs if caller.key is not None else None,
             rq_ttl=self.settings.job_ttl,
+            rate=(rate.record_key, rate.arguments) if rate is not None else None,
         )
+        if rate is not None:
+            rate.reply = submitted.rate
+        if submitted.outcome == "rate":
+            raise RateRefusedError()
         if submitted.outcome != "ok":
             return await to_thread.run_sync(self._queue, record, ttl, served, None)
         return self._queued(record, submitted, served)

@@ -22,7 +22,17 @@ from diffq.app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, Jo
 from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from diffq.app.core.inputs import has_inputs
 from diffq.app.core.jobs import JobService, JobView
-from diffq.app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody, WaiterDep
+from diffq.app.deps import (
+    CallerDep,
+    JobServiceDep,
+    SettingsDep,
+    Submission,
+    SubmissionBody,
+    WaiterDep,
+    rate_due,
+    rate_in_submit,
+    settle_rate,
+)
 from diffq.app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 from diffq.app.storage.urls import image_links
 
@@ -49,6 +59,7 @@ MAX_LIST = 100
         415: ERROR_RESPONSES[415],
     },
 )
+@rate_in_submit
 async def create_job(
     body: SubmissionBody,
     jobs: JobServiceDep,  # and with it the caller: each dependency named here costs its resolution
@@ -69,10 +80,18 @@ async def create_job(
     # input images (and checking a webhook URL's DNS) never blocks the event loop; a request with
     # images first waits for a decode slot of its key (diffq.app.api.decode_gate) on the event
     # loop, holding no thread meanwhile.
+    # The key's rate, when get_caller left it to the submit (rate_in_submit), is counted by the same
+    # script: one round trip per accepted job. Every other way out settles it (settle_rate).
     keyed = idempotency_key is not None and body.fingerprint is not None
     if not keyed and JobService.submits_on_loop(body.body, body.files):
-        view, replayed = await jobs.submit_async(body.body), False
+        try:
+            view, replayed = await jobs.submit_async(body.body, rate_due(request)), False
+        except Exception:
+            await settle_rate(request)  # 401/429 first, as if counted before; else the error itself
+            raise
+        await settle_rate(request, response)
     else:
+        await settle_rate(request, response)
         gate: AbstractAsyncContextManager[object] = nullcontext()
         if has_inputs(body.body, body.files):
             client = request.client.host if request.client is not None else "unknown"
