@@ -92,6 +92,16 @@ def test_health_and_metrics_need_no_key(keyed: TestClient) -> None:
     assert keyed.get("/openapi.json").json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def test_the_openapi_document_lists_the_key_on_every_keyed_operation(keyed: TestClient) -> None:
+    # get_caller reads the key itself (no FastAPI security dependency): the scheme is written by hand.
+    paths = keyed.get("/openapi.json").json()["paths"]
+    security = {(path, method): op.get("security") for path, ops in paths.items() for method, op in ops.items()}
+    open_ones = {key for key, value in security.items() if value is None}
+    assert open_ones == {("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")}
+    assert all(value == [{"HTTPBearer": []}] for key, value in security.items() if key not in open_ones)
+    assert ("/v1/jobs", "post") in security and ("/sdapi/v1/txt2img", "post") in security
+
+
 def test_keys_are_stored_hashed(redis: Redis) -> None:
     key, token = KeyStore(redis).create("shop-a")
     secret = token.split("_", 2)[2]
