@@ -1,25 +1,31 @@
 """Shared FastAPI dependencies as ``Annotated`` aliases; tests swap them with ``dependency_overrides``.
 
 Dependencies that only build objects are ``async def``: FastAPI runs a plain ``def`` dependency in
-its thread pool, a hop that costs more than the work. Those that wait on Redis stay ``def``."""
+its thread pool, a hop that costs more than the work. So is the API key check, which waits on Redis
+through the asyncio client (``diffq.app.api.redis_clients``); others that wait on Redis stay ``def``."""
 
 from __future__ import annotations
 
+import binascii
 import json
+from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from limits import RateLimitItem
 from pydantic import ValidationError
 from redis import Redis
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffq.app.api.waiting import Waiter
-from diffq.app.auth.apikeys import KeyStore, VerifiedKeys
+from diffq.app.auth.apikeys import VerifiedKeys, verify_async
 from diffq.app.auth.caller import Caller
+from diffq.app.auth.quotas import RateDecision, RateLimiter, decision
+from diffq.app.contract.keys import api_key
 from diffq.app.contract.registry import Registry
 from diffq.app.core.errors import (
     FieldProblem,
@@ -31,10 +37,12 @@ from diffq.app.core.errors import (
 )
 from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from diffq.app.core.idempotency import fingerprint, fingerprint_multipart, validate_key
-from diffq.app.core.jobs import JobService
+from diffq.app.core.jobs import CountedRate, JobService
 from diffq.app.schemas.jobs import JobCreate, job_create_model
 from diffq.app.settings import Settings
 from diffq.app.storage.base import ResultStore
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 async def get_settings(request: Request) -> Settings:
@@ -53,61 +61,117 @@ async def get_redis(request: Request) -> Redis:
 RedisDep = Annotated[Redis, Depends(get_redis)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key made with `diffq keys create`.")
-_http_basic = HTTPBasic(
-    auto_error=False,
-    description="What AUTOMATIC1111 clients send: any user name, the API key as the password (or the key as "
-    "the user name and an empty password).",
-)
-
-
-async def _basic(request: Request) -> HTTPBasicCredentials | None:
-    """HTTP Basic credentials, or None; malformed ones (SillyTavern sends ``Basic `` with no credentials
-    when none are set) count as none, so they are refused like a missing key only while auth is on."""
-    try:
-        return await _http_basic(request)
-    except StarletteHTTPException:
+def presented_key(authorization: str | None) -> str | None:
+    """The API key a request presents in its ``Authorization`` header: a Bearer token, or inside HTTP
+    Basic credentials (AUTOMATIC1111 clients: any user name and the key as the password, or the key as
+    the user name and an empty password). Read here rather than through FastAPI's ``HTTPBearer`` and
+    ``HTTPBasic`` dependencies, with their rules: two dependencies on every ``/v1`` request cost more
+    than the parse (``diffq.app.api.openapi`` still lists the scheme). Malformed Basic credentials
+    (SillyTavern sends ``Basic `` with none when none are set) count as none, so they are refused like
+    a missing key only while auth is on."""
+    if not authorization:
         return None
+    scheme, _, param = authorization.partition(" ")
+    scheme, param = scheme.lower(), param.strip()
+    if scheme == "bearer":
+        return param or None
+    if scheme != "basic":
+        return None
+    try:
+        data = b64decode(param).decode("ascii")
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        return None
+    username, separator, password = data.partition(":")
+    return (password or username) if separator else None
 
 
-def _token(bearer: HTTPAuthorizationCredentials | None, basic: HTTPBasicCredentials | None) -> str | None:
-    """The API key a request presents, as a Bearer token or inside HTTP Basic credentials."""
-    if bearer is not None:
-        return bearer.credentials
-    if basic is not None:
-        return basic.password or basic.username
-    return None
-
-
-def get_caller(
-    request: Request,
-    response: Response,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
-) -> Caller:
+async def get_caller(request: Request, response: Response, settings: SettingsDep) -> Caller:
     """The request's API key (Bearer, or HTTP Basic as AUTOMATIC1111 clients send it), checked and
     counted against its rate; 401 or 429 otherwise. With ``DIFFQ_AUTH=off`` every request is the
-    anonymous caller."""
+    anonymous caller. On the event loop, through the asyncio client: a known key costs one round trip
+    (its rate, which also says it is not revoked), no thread. On a route marked ``rate_in_submit``
+    (a JSON ``POST /v1/jobs`` without an Idempotency-Key), the rate is counted by the submit script
+    itself, in the job's one round trip, or by ``settle_rate`` if the request ends before it."""
     if settings.auth == "off":
         return Caller(None, settings)
-    token = _token(credentials, basic)
-    verified: VerifiedKeys = request.app.state.verified_keys
-    key = verified.get(token) if token is not None else None
+    state = request.app.state
+    token = presented_key(request.headers.get("authorization")) or ""
+    verified: VerifiedKeys = state.verified_keys
+    key = verified.get(token) if token else None
     if key is None:
-        key = KeyStore(request.app.state.redis).verify(token)
+        key = await verify_async(state.quick, token or None)
         if key is None:
             raise UnauthorizedError()
-        verified.put(token or "", key)
+        verified.put(token, key)
     caller = Caller(key, settings)
-    decision = request.app.state.rate_limiter.hit(key.id, caller.rate_limit)  # also: not revoked since
-    if decision is None:
-        verified.drop(token or "")
-        raise UnauthorizedError()
-    if not decision.allowed:
-        raise RateLimitedError(caller.rate_limit, decision.headers())
-    response.headers.update(decision.headers())
+    limiter: RateLimiter = state.rate_limiter
+    if _rate_deferred(request):
+        item, arguments = limiter.arguments(key.id, caller.rate_limit)
+        counted = CountedRate(api_key(key.id), arguments)
+        request.state.rate_due = RateDue(token, key.id, caller.rate_limit, item, counted)
+        return caller
+    _apply_rate(request, token, caller.rate_limit, await limiter.hit_async(key.id, caller.rate_limit), response)
     return caller
+
+
+@dataclass
+class RateDue:
+    """A request's rate hit left to the submit script (``get_caller``)."""
+
+    token: str
+    key_id: str
+    rate: str
+    item: RateLimitItem
+    counted: CountedRate
+
+
+#: Endpoints whose submit script counts the request's rate (``rate_in_submit``).
+_RATE_IN_SUBMIT: set[Callable[..., Any]] = set()
+
+
+def rate_in_submit(endpoint: F) -> F:
+    """Mark a route whose JSON requests without an Idempotency-Key have their rate counted by the submit
+    script (``RateDue``), which then must ``settle_rate`` on every way out."""
+    _RATE_IN_SUBMIT.add(endpoint)
+    return endpoint
+
+
+def _rate_deferred(request: Request) -> bool:
+    return (
+        request.scope.get("endpoint") in _RATE_IN_SUBMIT
+        and media_type(request.headers.get("content-type")) == "application/json"
+        and IDEMPOTENCY_HEADER not in request.headers
+    )
+
+
+def rate_due(request: Request) -> CountedRate | None:
+    """The rate hit the submit script should make for this request, if ``get_caller`` left it one."""
+    due: RateDue | None = getattr(request.state, "rate_due", None)
+    return due.counted if due is not None else None
+
+
+async def settle_rate(request: Request, response: Response | None = None) -> None:
+    """Answer a request's rate hit left to the submit script (``rate_due``): from the script's reply if it
+    ran, else counted now, as ``get_caller`` would have; 401 (revoked) or 429 (over the rate) then
+    override whatever else the request met. A no-op without one, or once settled."""
+    due: RateDue | None = getattr(request.state, "rate_due", None)
+    if due is None:
+        return
+    request.state.rate_due = None
+    reply = due.counted.reply
+    limiter: RateLimiter = request.app.state.rate_limiter
+    found = decision(due.item, reply) if reply is not None else await limiter.hit_async(due.key_id, due.rate)
+    _apply_rate(request, due.token, due.rate, found, response)
+
+
+def _apply_rate(request: Request, token: str, rate: str, found: RateDecision | None, response: Response | None) -> None:
+    if found is None:  # revoked (or removed) since this process verified it
+        request.app.state.verified_keys.drop(token)
+        raise UnauthorizedError()
+    if not found.allowed:
+        raise RateLimitedError(rate, found.headers())
+    if response is not None:
+        response.headers.update(found.headers())
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -130,11 +194,12 @@ async def get_waiter(request: Request) -> Waiter:
 WaiterDep = Annotated[Waiter, Depends(get_waiter)]
 
 
-async def get_job_service(request: Request, settings: SettingsDep, caller: CallerDep) -> JobService:
-    # The app's clients read straight from its state: every sub-dependency costs FastAPI's
-    # resolution on every request (measured: a fifth of POST /v1/jobs' CPU went to resolving).
+async def get_job_service(request: Request, caller: CallerDep) -> JobService:
+    # The app's clients read straight from its state, and the settings from the caller (get_caller's
+    # SettingsDep): every sub-dependency costs FastAPI's resolution on every request, cached or not
+    # (measured: a fifth of POST /v1/jobs' CPU went to resolving).
     state = request.app.state
-    return JobService(state.redis, settings, caller, state.results)
+    return JobService(state.redis, caller.settings, caller, state.results, quick=state.quick)
 
 
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
@@ -166,6 +231,17 @@ def media_type(content_type: str | None) -> str:
 
 
 async def read_submission(request: Request, settings: SettingsDep) -> Submission:
+    """``parse_submission``; a request refused here is counted against its key's rate all the same
+    (``settle_rate``), and answered 429 rather than 4xx if it is over the rate, as it would be had the
+    rate been counted first."""
+    try:
+        return await parse_submission(request, settings)
+    except Exception:
+        await settle_rate(request)
+        raise
+
+
+async def parse_submission(request: Request, settings: Settings) -> Submission:
     """Parse the POST body, JSON or multipart, with the limits of the current settings; any other
     media type is a 415 (a browser form posting ``text/plain`` across sites is not a job).
 

@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Redis is down; /readyz says so and requests get 503 until it is back.
         clients = open_api_redis(settings)
         app.state.redis = clients.sync  # thread-pool routes and dependencies
+        app.state.quick = clients.quick  # the hot paths on the event loop: key check and rate, submit, poll
         # Long polls, event streams and synchronous endpoints block on Redis: asyncio clients, so
         # they hold no thread; blocking reads have their own pool (diffq.app.api.redis_clients), admitted
         # by diffq.app.api.waits. Routes reach it only through diffq.app.deps.WaiterDep.
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             clients.sync, clients.quick, clients.waits, WaitCount(settings.redis_wait_connections)
         )
         app.state.decode_gate = DecodeGate(settings.decode_concurrency, settings.decode_concurrency_per_key)
-        app.state.rate_limiter = RateLimiter(app.state.redis)
+        app.state.rate_limiter = RateLimiter(app.state.redis, clients.quick)
         app.state.verified_keys = VerifiedKeys(KEY_CACHE_SECONDS)  # revocation is checked with the rate
         app.state.poll_pacer = PollPacer(settings.poll_interval, settings.poll_burst)  # tight polling loops
         _check_memory_policy(app.state.redis, settings)

@@ -5,12 +5,14 @@ as such (never "Redis is unreachable")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
+from diffq.app.api.redis_clients import open_api_redis
 from diffq.app.main import create_app
 from diffq.app.settings import Settings
 from tests.helpers import TINY_JOB
@@ -99,13 +101,28 @@ def test_idempotency_keys_of_different_endpoints_are_kept_apart(impatient: TestC
 
 def test_an_exhausted_pool_is_store_busy_not_redis_unreachable(settings: Settings) -> None:
     with TestClient(create_app(settings.model_copy(update={"redis_max_connections": 1}))) as client:
+        # The thread pool's client (cancel runs there; a GET reads through the event loop's own client).
         pool = client.app.state.redis.connection_pool
         held = pool.get_connection()  # the pool's only connection, in use elsewhere
         try:
-            response = client.get("/v1/jobs/" + "a" * 32)
+            response = client.post("/v1/jobs/" + "a" * 32 + "/cancel")
         finally:
             pool.release(held)
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "store_busy"
         assert "unreachable" not in response.text and "DIFFQ_REDIS_MAX_CONNECTIONS" in response.text
-        assert client.get("/v1/jobs/" + "a" * 32).status_code == 404  # and fine once a connection is free
+        assert client.post("/v1/jobs/" + "a" * 32 + "/cancel").status_code == 404  # fine once a connection is free
+
+
+def test_the_event_loops_client_waits_for_a_connection_rather_than_failing(settings: Settings) -> None:
+    # Hot paths (key check, submit, poll) use the asyncio client; with no thread pool to bound them, more
+    # commands than connections may be in flight at once: they wait their turn, as threads would.
+    clients = open_api_redis(settings.model_copy(update={"redis_max_connections": 2}))
+
+    async def many() -> list[object]:
+        try:
+            return await asyncio.gather(*(clients.quick.ping() for _ in range(20)))
+        finally:
+            await clients.aclose()
+
+    assert asyncio.run(many()) == [True] * 20

@@ -92,6 +92,16 @@ def test_health_and_metrics_need_no_key(keyed: TestClient) -> None:
     assert keyed.get("/openapi.json").json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def test_the_openapi_document_lists_the_key_on_every_keyed_operation(keyed: TestClient) -> None:
+    # get_caller reads the key itself (no FastAPI security dependency): the scheme is written by hand.
+    paths = keyed.get("/openapi.json").json()["paths"]
+    security = {(path, method): op.get("security") for path, ops in paths.items() for method, op in ops.items()}
+    open_ones = {key for key, value in security.items() if value is None}
+    assert open_ones == {("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")}
+    assert all(value == [{"HTTPBearer": []}] for key, value in security.items() if key not in open_ones)
+    assert ("/v1/jobs", "post") in security and ("/sdapi/v1/txt2img", "post") in security
+
+
 def test_keys_are_stored_hashed(redis: Redis) -> None:
     key, token = KeyStore(redis).create("shop-a")
     secret = token.split("_", 2)[2]
@@ -166,6 +176,50 @@ def test_a_key_removed_from_redis_is_refused_at_once(keyed: TestClient, redis: R
     assert keyed.get("/v1/models", headers=headers).status_code == 200
     redis.delete(keys.api_key(KeyStore(redis).find("wiped")[0].id))
     assert keyed.get("/v1/models", headers=headers).status_code == 401
+
+
+def _evalsha_calls(redis: Redis) -> int:
+    return int(redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_an_accepted_job_is_one_round_trip_its_rate_included(keyed: TestClient, redis: Redis) -> None:
+    # POST /v1/jobs counts the key's rate in its submit script: one script call per accepted job (the
+    # key, verified once, is remembered), with the rate headers all the same.
+    headers = new_key(redis, "one-trip", rate_limit="5/minute")
+    submit(keyed, headers)  # verifies and remembers the key
+    before = _evalsha_calls(redis)
+    accepted = keyed.post("/v1/jobs", json=TINY_JOB, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    assert _evalsha_calls(redis) - before == 1
+    assert accepted.headers["ratelimit-remaining"] == "3" and accepted.headers["ratelimit-policy"] == "5;w=60"
+
+
+def test_a_submit_refused_before_its_script_still_counts_and_429_comes_first(keyed: TestClient, redis: Redis) -> None:
+    # Refusals of the body (422, 415) and of the model are counted against the rate as before, and a key
+    # over its rate gets 429, not the body's error, as when the rate was counted before the body was read.
+    headers = new_key(redis, "sloppy", rate_limit="3/minute")
+    bad = keyed.post("/v1/jobs", json={**TINY_JOB, "steps": -1}, headers=headers)
+    assert bad.status_code == 422
+    unknown = keyed.post("/v1/jobs", json={**TINY_JOB, "model": "nope"}, headers=headers)
+    assert unknown.status_code == 422 and unknown.json()["fields"][0]["field"] == "model"
+    assert submit(keyed, headers)["status"] == "queued"  # the third of three
+    over = [
+        keyed.post("/v1/jobs", json={**TINY_JOB, "steps": -1}, headers=headers),
+        keyed.post("/v1/jobs", json=TINY_JOB, headers=headers),
+        keyed.post("/v1/jobs", content=b"prompt=x", headers={**headers, "content-type": "text/plain"}),
+    ]
+    assert [r.status_code for r in over] == [429, 429, 429], [r.text for r in over]
+    assert all(r.json()["code"] == "rate_limited" and "retry-after" in r.headers for r in over)
+
+
+def test_a_key_revoked_is_refused_by_the_submit_script(keyed: TestClient, redis: Redis) -> None:
+    headers = new_key(redis, "revoked-mid-way")
+    submit(keyed, headers)
+    KeyStore(redis).revoke(KeyStore(redis).find("revoked-mid-way")[0].id)
+    jobs_before = redis.zcard(keys.owner_jobs(KeyStore(redis).find("revoked-mid-way")[0].id))
+    refused = keyed.post("/v1/jobs", json=TINY_JOB, headers=headers)
+    assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+    assert redis.zcard(keys.owner_jobs(KeyStore(redis).find("revoked-mid-way")[0].id)) == jobs_before  # nothing written
 
 
 def test_rate_window_slides_over_the_previous_window(redis: Redis) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, routing
+from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 
 from diffq.app.schemas.batches import BatchCreate
@@ -72,8 +74,40 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
             schemas.setdefault(name, definition)
         schemas["BatchCreate"] = batch_create
         _errors_as_json(schema)
+        _api_key_security(schema, app)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+#: The scheme every ``/v1`` operation lists: ``diffq.app.deps.get_caller`` reads the key itself (HTTP Basic too).
+API_KEY_SCHEME = {"type": "http", "scheme": "bearer", "description": "An API key made with `diffq keys create`."}
+
+
+def _api_key_security(schema: dict[str, Any], app: FastAPI) -> None:
+    """The API key as the security scheme of every operation that checks one (``get_caller``): written
+    here because the check parses the header itself rather than through a FastAPI security dependency."""
+    from diffq.app.deps import get_caller  # deps imports this module's neighbours; import at use
+
+    keyed = [
+        context
+        for context in routing.iter_route_contexts(app.routes)
+        if getattr(context, "include_in_schema", False)
+        and getattr(context, "dependant", None) is not None
+        and _depends_on(context.dependant, get_caller)
+    ]
+    if not keyed:
+        return
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["HTTPBearer"] = API_KEY_SCHEME
+    paths = schema.get("paths", {})
+    for context in keyed:
+        for method in context.methods or ():
+            operation = paths.get(context.path_format, {}).get(method.lower())
+            if operation is not None:
+                operation["security"] = [{"HTTPBearer": []}]
+
+
+def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
+    return any(sub.call is call or _depends_on(sub, call) for sub in dependant.dependencies)
 
 
 def _errors_as_json(schema: dict[str, Any]) -> None:

@@ -2,9 +2,12 @@
 
 Three pools, so that one kind of work cannot take the connections another needs:
 
-- ``sync``: routes and dependencies that run in the thread pool (most reads and every write).
+- ``sync``: routes and dependencies that run in the thread pool (most writes).
   Its threads are few (anyio's 40), so ``redis_max_connections`` is enough for all of them.
-- ``quick``: short commands from the event loop (e.g. the last event id before a wait).
+- ``quick``: short commands from the event loop: the hot paths (the API key check and its rate,
+  ``POST /v1/jobs``' one script, ``GET /v1/jobs/{id}``'s one read) and e.g. the last event id
+  before a wait. The event loop has no thread count to bound it, so ``AdmittedRedis`` lets at most
+  ``redis_max_connections`` commands hold a connection at once; the rest wait their turn.
 - ``waits``: blocking reads only (``XREAD BLOCK`` of long polls, event streams and OpenAI-endpoint
   waits), ``redis_wait_connections`` of them; ``diffq.app.api.waits`` admits no more waits than that,
   so a plain read never waits behind a blocking one and the pool is never exhausted by waits.
@@ -17,7 +20,9 @@ through Sentinel) is ``diffq.app.contract.connection``'s business.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any, cast
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -33,12 +38,30 @@ COMMAND_TIMEOUT = 10
 BLOCKING_TIMEOUT = 30
 
 
+class AdmittedRedis(AsyncRedis):
+    """redis-py's asyncio client, admitting at most ``slots`` commands at once (``admit``): where a
+    plain asyncio pool raises ``MaxConnectionsError`` as soon as its connections are in use, a
+    command here waits for one, as a thread-pool route waits for a thread."""
+
+    _slots: asyncio.Semaphore | None = None
+
+    def admit(self, slots: int) -> AdmittedRedis:
+        self._slots = asyncio.Semaphore(slots)
+        return self
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._slots is None:
+            return await super().execute_command(*args, **options)
+        async with self._slots:
+            return await super().execute_command(*args, **options)
+
+
 @dataclass(frozen=True)
 class ApiRedis:
     """The API process's Redis clients, one pool each."""
 
     sync: Redis
-    quick: AsyncRedis
+    quick: AdmittedRedis
     waits: AsyncRedis
 
     def close(self) -> None:
@@ -59,7 +82,9 @@ def open_api_redis(settings: Settings) -> ApiRedis:
     }
     return ApiRedis(
         sync=connection.sync_client(settings, **short),
-        quick=connection.async_client(settings, **short),
+        quick=cast(AdmittedRedis, connection.async_client(settings, AdmittedRedis, **short)).admit(
+            settings.redis_max_connections
+        ),
         waits=connection.async_client(
             settings,
             socket_connect_timeout=CONNECT_TIMEOUT,

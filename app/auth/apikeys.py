@@ -29,6 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from diffq.app.contract import keys
 from diffq.app.contract.records import encode_fields, utcnow
@@ -140,15 +141,30 @@ class KeyStore:
     def verify(self, token: str | None) -> ApiKey | None:
         """The active key ``token`` is, else None; the same work whatever is wrong (see the module):
         the stored record is parsed only once the key has matched and is not revoked."""
-        parsed = parse_token(token or "")
-        key_id, secret = parsed if parsed is not None else ("-", token or "")
-        fields = self.redis.hgetall(keys.api_key(key_id))
-        expected = json.loads(fields.get(b"digest", _DUMMY_DIGEST))
-        revoked = json.loads(fields.get(b"revoked_at", b"null")) is not None
-        matches = hmac.compare_digest(digest(secret), expected)
-        if not matches or parsed is None or revoked or not fields:
-            return None
-        return _from_hash(fields)
+        key_id, secret, parsed = _split(token)
+        return _checked(self.redis.hgetall(keys.api_key(key_id)), secret, parsed)
+
+
+async def verify_async(quick: AsyncRedis, token: str | None) -> ApiKey | None:
+    """``KeyStore.verify`` through an asyncio client, from the event loop."""
+    key_id, secret, parsed = _split(token)
+    return _checked(await quick.hgetall(keys.api_key(key_id)), secret, parsed)
+
+
+def _split(token: str | None) -> tuple[str, str, bool]:
+    """The key id to read (``-`` for a malformed token: read all the same), the secret, and whether it parsed."""
+    parsed = parse_token(token or "")
+    key_id, secret = parsed if parsed is not None else ("-", token or "")
+    return key_id, secret, parsed is not None
+
+
+def _checked(fields: dict[bytes, bytes], secret: str, parsed: bool) -> ApiKey | None:
+    expected = json.loads(fields.get(b"digest", _DUMMY_DIGEST))
+    revoked = json.loads(fields.get(b"revoked_at", b"null")) is not None
+    matches = hmac.compare_digest(digest(secret), expected)
+    if not matches or not parsed or revoked or not fields:
+        return None
+    return _from_hash(fields)
 
 
 def _from_hash(fields: dict[bytes, bytes]) -> ApiKey | None:

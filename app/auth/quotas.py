@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from diffq.app.contract import keys
+from diffq.app.contract.rate import HIT_FN
 from diffq.app.contract.scripts import script
 
 #: Seconds a wait's claim lasts unless its wait renews it.
@@ -59,48 +61,18 @@ def parse_rate(text: str) -> RateLimitItem:
         raise ValueError(f'{text!r} is not a rate; write e.g. "50/second" or "1000/minute" ({error})') from None
 
 
-# One request against a key's rate, in one round trip: a sliding-window counter (as the ``limits``
-# package keeps one, whose hit and window stats took two): the count of the current fixed window
-# plus the previous window's count weighted by how much of it the sliding window still covers.
-# KEYS[1]: the key's record (``diffq:apikey:<id>``): a key revoked or removed since this process
-# checked its secret is refused here ({-1}), uncounted. ARGV: counter prefix, limit, window seconds.
-# The counters are named from the window's number (one Redis, no cluster: as RQ needs).
-# Returns {1 allowed or 0 refused, remaining, ms until the window resets, ms until a retry fits}.
-_HIT = """
-local revoked = redis.call('HGET', KEYS[1], 'revoked_at')
-if not revoked or revoked ~= 'null' then return {-1} end
-local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = redis.call('TIME')
-local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local index = math.floor(t / window)
-local left = window - (t - index * window)
-local current_key = ARGV[1] .. index
-local current = tonumber(redis.call('GET', current_key) or '0')
-local previous = tonumber(redis.call('GET', ARGV[1] .. (index - 1)) or '0')
-local weight = previous * left / window
-if weight + current + 1 > limit then
-  -- When this window is full, the next one starts with this one's count weighing on it: the
-  -- request goes once that weight has slid down to limit - 1.
-  local wait
-  if current + 1 > limit then
-    wait = left + window * (1 - (limit - 1) / current)
-  else
-    wait = left - (limit - current - 1) * window / previous
-  end
-  return {0, 0, math.ceil(left * 1000), math.ceil(wait * 1000)}
-end
-redis.call('INCR', current_key)
-redis.call('EXPIRE', current_key, 2 * window)
-return {1, math.floor(limit - weight - current - 1), math.ceil(left * 1000), 0}
-"""
+# One request against a key's rate, in one round trip (``diffq.app.contract.rate.HIT_FN``); the submit
+# script of ``POST /v1/jobs`` runs the same function before its own checks.
+_HIT = HIT_FN + "return rate_hit(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
 
 
 class RateLimiter:
-    """Counts requests per key id in Redis (``_HIT``)."""
+    """Counts requests per key id in Redis (``_HIT``); ``quick``: an asyncio client for ``hit_async``."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, quick: AsyncRedis | None = None) -> None:
         self.redis = redis
         self._hit = script(redis, _HIT)
+        self._hit_async = script(quick, _HIT) if quick is not None else None
         self._items: dict[str, RateLimitItem] = {}
 
     def hit(self, key_id: str, rate: str) -> RateDecision | None:
@@ -108,12 +80,28 @@ class RateLimiter:
         item, arguments = self._arguments(key_id, rate)
         return _decision(item, self._hit(keys=[keys.api_key(key_id)], args=arguments))
 
+    async def hit_async(self, key_id: str, rate: str) -> RateDecision | None:
+        """``hit`` from the event loop, through the asyncio client."""
+        if self._hit_async is None:
+            raise RuntimeError("this RateLimiter has no asyncio client")
+        item, arguments = self._arguments(key_id, rate)
+        return _decision(item, await self._hit_async(keys=[keys.api_key(key_id)], args=arguments))
+
+    def arguments(self, key_id: str, rate: str) -> tuple[RateLimitItem, list[object]]:
+        """The rate's item and ``rate_hit``'s ARGV for one request of ``key_id`` (its KEYS[1]: the key's record)."""
+        return self._arguments(key_id, rate)
+
     def _arguments(self, key_id: str, rate: str) -> tuple[RateLimitItem, list[object]]:
         item = self._items.get(rate)
         if item is None:
             item = self._items[rate] = parse_rate(rate)
         window = item.get_expiry()
         return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window]
+
+
+def decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:
+    """``rate_hit``'s reply as a decision; ``None``: the key is revoked or gone."""
+    return _decision(item, reply)
 
 
 def _decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:

@@ -65,15 +65,15 @@ def sync_client(settings: RedisSettings, **options: Any) -> Redis:
     return sentinel.master_for(settings.redis_sentinel_service, redis_class=Redis, **_primary_kwargs(settings, options))
 
 
-def async_client(settings: RedisSettings, **options: Any) -> AsyncRedis:
-    """The asyncio twin of ``sync_client``."""
+def async_client(settings: RedisSettings, redis_class: type[AsyncRedis] = AsyncRedis, **options: Any) -> AsyncRedis:
+    """The asyncio twin of ``sync_client``; ``redis_class``: a subclass of redis-py's asyncio client to build."""
     if not uses_sentinel(settings):
-        return AsyncRedis.from_url(settings.redis_url, **options)
+        return redis_class.from_url(settings.redis_url, **options)
     sentinel = AsyncSentinel(
         parse_sentinels(settings.redis_sentinels), sentinel_kwargs=_sentinel_kwargs(settings, options)
     )
     return sentinel.master_for(
-        settings.redis_sentinel_service, redis_class=AsyncRedis, **_primary_kwargs(settings, options)
+        settings.redis_sentinel_service, redis_class=redis_class, **_primary_kwargs(settings, options)
     )
 
 

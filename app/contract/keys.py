@@ -95,7 +95,8 @@ diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open wa
                                                       requests) -> unix time their claim lapses.
 diffq:ratelimit:<id>:<n>/<w>:<k>    string  API       two rate windows. Requests of key <id> in
                                                       window <k> of <w> seconds (rate <n> per <w>):
-                                                      sliding-window counters (``diffq.app.auth.quotas``).
+                                                      sliding-window counters (``diffq.app.contract.rate``,
+                                                      run by ``diffq.app.auth.quotas`` and the submit script).
 diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
                                                       (``diffq.app.core.a1111_session``): field -> JSON
                                                       value; ``sd_model_checkpoint`` is its default

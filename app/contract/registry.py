@@ -89,10 +89,9 @@ class Registry:
         """Models with at least one live worker, by name. ``max_age`` > 0: a listing this process
         read at most that many seconds ago will do (the API's submits: a job is then queued only
         if the model's registration is still the one it was checked against, ``JobStore.submit``)."""
-        if max_age > 0:
-            cached = _listings.get(self.redis)
-            if cached is not None and time.monotonic() - cached[0] < max_age:
-                return cached[1]
+        cached = self.cached(max_age) if max_age > 0 else None
+        if cached is not None:
+            return cached
         read_at = time.monotonic()
         by_model: dict[str, list[WorkerRecord]] = defaultdict(list)
         for worker in self.live_workers():
@@ -109,6 +108,13 @@ class Registry:
                 )
         _listings[self.redis] = (read_at, served)
         return served
+
+    def cached(self, max_age: float) -> list[ServedModel] | None:
+        """This process's listing of ``served_models`` if it was read at most ``max_age`` seconds ago, else None."""
+        cached = _listings.get(self.redis)
+        if cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        return None
 
     def forget(self) -> None:
         """Drop this process's cached listing: the next ``served_models`` reads Redis."""

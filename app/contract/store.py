@@ -25,10 +25,11 @@ from enum import IntEnum
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from diffq.app.contract import batches, events, keys, rq_adapter, tasks, webhook_queue
+from diffq.app.contract import batches, events, keys, rate, rq_adapter, tasks, webhook_queue
 from diffq.app.contract.records import ErrorCode, JobRecord, encode_fields, utcnow
 from diffq.app.contract.scripts import script
 from diffq.app.contract.status import TERMINAL, JobStatus
@@ -316,25 +317,34 @@ return made
 """
 
 # Submit one job (``JobStore.submit``): every check and write of an accepted job in one round trip.
-# Refuses, writing nothing, if its Idempotency-Key is taken ({'taken', stored JSON}), its model has
+# First, when asked, one request against the API key's rate (``diffq.app.contract.rate``): refused or
+# revoked, nothing else happens ({'rate', the hit's reply...}). Then
+# refuses, writing nothing, if its Idempotency-Key is taken ({'taken', stored JSON}), its model has
 # no live worker or another registration than the one checked ({'unserved'}), the model's queue is
 # at its depth ({'full', depth}) or the owner has its cap of queued jobs ({'quota'}). Else writes the key,
 # the owner's queued set, the record,
 # RQ's job hash and its fair place in RQ's queue list, the ``queued`` event (and its webhook's
 # outbox entry), the owner's job index; returns {'ok', position in the queue list (-1: taken
-# already), the model's recent durations...}.
+# already), the rate hit's 4 values (1, 0, 0, 0 when not asked), the model's recent durations...}.
 # KEYS: 1 record, 2 event stream, 3 outbox, 4 RQ queue list, 5 fair zset, 6 fair state, 7 RQ job
 # hash, 8 RQ's set of queues, 9 owner's queued set, 10 owner's job index, 11 Idempotency-Key,
-# 12 model's durations, 13 model's registration.
+# 12 model's durations, 13 model's registration, 14 the API key's record (rate only).
 # ARGV: 1 job id, 2 record TTL, 3 queue depth (0: none), 4 queued cap (0: none), 5 owner, 6 class,
 # 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
 # score, 12 index size, 13 queued event data, 14 the model's registration as checked ('': any),
-# 15 n record strings, then them, then RQ's strings.
+# 15 the rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 n record strings,
+# then them, then RQ's strings.
 _SUBMIT = (
     _EMIT
     + rq_adapter.FAIR_PUSH_FN
+    + rate.HIT_FN
     + """
 local id, ttl = ARGV[1], ARGV[2]
+local hit = {1, 0, 0, 0}
+if ARGV[15] ~= '' then
+  hit = rate_hit(KEYS[14], ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17]))
+  if hit[1] ~= 1 then return {'rate', unpack(hit)} end
+end
 if ARGV[9] ~= '' then
   local existing = redis.call('GET', KEYS[11])
   if existing then return {'taken', existing} end
@@ -358,10 +368,10 @@ if cap > 0 then
   redis.call('EXPIRE', KEYS[9], ttl)
 end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[11], ARGV[9], 'EX', ARGV[10]) end
-local n = tonumber(ARGV[15])
-redis.call('HSET', KEYS[1], unpack(ARGV, 16, 15 + n))
+local n = tonumber(ARGV[18])
+redis.call('HSET', KEYS[1], unpack(ARGV, 19, 18 + n))
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('HSET', KEYS[7], unpack(ARGV, 16 + n))
+redis.call('HSET', KEYS[7], unpack(ARGV, 19 + n))
 redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('SADD', KEYS[8], KEYS[4])
 fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7])
@@ -369,7 +379,7 @@ emit(KEYS[1], KEYS[2], KEYS[3], id, 'queued', ARGV[13])
 redis.call('ZADD', KEYS[10], ARGV[11], id)
 redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
 redis.call('EXPIRE', KEYS[10], ttl)
-local result = {'ok', redis.call('LPOS', KEYS[4], id) or -1}
+local result = {'ok', redis.call('LPOS', KEYS[4], id) or -1, hit[1], hit[2], hit[3], hit[4]}
 for _, d in ipairs(redis.call('LRANGE', KEYS[12], 0, -1)) do result[#result + 1] = d end
 return result
 """
@@ -439,14 +449,15 @@ class PreviewWrite:
 
 @dataclass(frozen=True)
 class Submitted:
-    """What ``JobStore.submit`` did: ``outcome`` "ok", or why nothing was written ("taken": the
-    Idempotency-Key's stored JSON in ``detail``; "unserved"; "full": the queue's depth in
-    ``detail``; "quota")."""
+    """What ``JobStore.submit`` did: ``outcome`` "ok", or why nothing was written ("rate": the key's
+    rate refused it or the key is revoked, ``rate`` says which; "taken": the Idempotency-Key's stored
+    JSON in ``detail``; "unserved"; "full": the queue's depth in ``detail``; "quota")."""
 
     outcome: str
     detail: bytes | int | None = None
     position: int | None = None  # in RQ's queue list; None: a worker is already taking it
     durations: list[bytes] | None = None  # the model's recent job durations
+    rate: list[int] | None = None  # the rate hit's reply (``diffq.app.contract.rate``), when one was asked
 
 
 @dataclass(frozen=True)
@@ -545,69 +556,38 @@ class JobStore:
         owner's queued set is ``queue.place.owner``'s); ``idempotency``: (Redis key, value, TTL) of
         an Idempotency-Key to reserve with the job; ``rq_fields``: RQ's job hash
         (``tasks.rq_job_fields``)."""
-        place = queue.place
-        fields = _flatten(record.to_hash())
-        # Without a key, KEYS[11] is a placeholder the script never touches.
-        key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
-        reply = self._submit(
-            keys=[
-                keys.job(record.id),
-                keys.events(record.id),
-                OUTBOX,
-                queue.key,
-                keys.fair(queue.name),
-                keys.fair_state(queue.name),
-                queue.job_class.key_for(record.id),
-                queue.redis_queues_keys,
-                keys.owner_queued(place.owner),
-                keys.owner_jobs(place.owner),
-                key,
-                keys.model_durations(record.model),
-                keys.model(record.model),
-            ],
-            args=[
-                record.id,
-                ttl,
-                max_depth or 0,
-                queued_cap or 0,
-                place.owner,
-                place.rank,
-                keys.job(""),
-                rq_ttl,
-                value,
-                key_ttl,
-                record.created_at.timestamp(),
-                keys.JOBS_INDEX_MAX,
-                _compact({"status": "queued"}),
-                registration or "",
-                len(fields),
-                *fields,
-                *rq_fields,
-            ],
-        )
-        outcome = reply[0].decode()
-        if outcome != "ok":
-            return Submitted(outcome, detail=reply[1] if len(reply) > 1 else None)
-        position = int(reply[1])
-        return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[2:]))
+        call = _submit_call(record, ttl, queue, rq_fields, registration, max_depth, queued_cap, idempotency, rq_ttl)
+        return _submitted(self._submit(**call))
+
+    async def submit_async(
+        self,
+        quick: AsyncRedis,
+        record: JobRecord,
+        ttl: int,
+        queue: tasks.FairQueue,
+        rq_fields: Sequence[Any],
+        *,
+        registration: bytes | None,
+        max_depth: int | None,
+        queued_cap: int | None,
+        rq_ttl: int,
+        rate: tuple[str, Sequence[Any]] | None = None,
+    ) -> Submitted:
+        """``submit`` (without an Idempotency-Key) through ``quick``, an asyncio client: the same one
+        script, from the event loop. ``rate``: (the API key's record, ``rate_hit``'s prefix, limit and
+        window) to count this request against the key's rate first, in the same round trip."""
+        call = _submit_call(record, ttl, queue, rq_fields, registration, max_depth, queued_cap, None, rq_ttl, rate)
+        return _submitted(await script(quick, _SUBMIT)(**call))
 
     def read(self, job_id: str) -> Read | None:
         """The record with what a client's view of it needs (``_READ``), in one round trip; ``None``
         if there is no record."""
-        reply = self._read(
-            keys=[keys.job(job_id)],
-            args=[
-                job_id,
-                f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
-                *keys.model_durations("\n").split("\n"),
-            ],
-        )
-        if not reply:
-            return None
-        pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
-        pairs = reply[3 : 3 + count]
-        record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
-        return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None, list(reply[3 + count :]))
+        return _read_reply(self._read(**_read_call(job_id)))
+
+    @staticmethod
+    async def read_async(quick: AsyncRedis, job_id: str) -> Read | None:
+        """``read`` through ``quick``, an asyncio client, from the event loop."""
+        return _read_reply(await script(quick, _READ)(**_read_call(job_id)))
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or ``None`` if there is none (never created, deleted or expired)."""
@@ -890,6 +870,96 @@ class JobStore:
     def journey(self, job_id: str, index: int) -> bytes | None:
         """Image ``index``'s journey animation (WebP), or ``None``."""
         return self.redis.get(keys.journey(job_id, index))
+
+
+def _submit_call(
+    record: JobRecord,
+    ttl: int,
+    queue: tasks.FairQueue,
+    rq_fields: Sequence[Any],
+    registration: bytes | None,
+    max_depth: int | None,
+    queued_cap: int | None,
+    idempotency: tuple[str, str, int] | None,
+    rq_ttl: int,
+    rate: tuple[str, Sequence[Any]] | None = None,
+) -> dict[str, list[Any]]:
+    """``_SUBMIT``'s keys and arguments (``JobStore.submit``)."""
+    record_key, hit = rate if rate is not None else (keys.job(record.id), ("", 0, 0))  # a placeholder: unread
+    place = queue.place
+    fields = _flatten(record.to_hash())
+    # Without a key, KEYS[11] is a placeholder the script never touches.
+    key, value, key_ttl = idempotency if idempotency is not None else (keys.job(record.id), "", 0)
+    return {
+        "keys": [
+            keys.job(record.id),
+            keys.events(record.id),
+            OUTBOX,
+            queue.key,
+            keys.fair(queue.name),
+            keys.fair_state(queue.name),
+            queue.job_class.key_for(record.id),
+            queue.redis_queues_keys,
+            keys.owner_queued(place.owner),
+            keys.owner_jobs(place.owner),
+            key,
+            keys.model_durations(record.model),
+            keys.model(record.model),
+            record_key,
+        ],
+        "args": [
+            record.id,
+            ttl,
+            max_depth or 0,
+            queued_cap or 0,
+            place.owner,
+            place.rank,
+            keys.job(""),
+            rq_ttl,
+            value,
+            key_ttl,
+            record.created_at.timestamp(),
+            keys.JOBS_INDEX_MAX,
+            _compact({"status": "queued"}),
+            registration or "",
+            *hit,
+            len(fields),
+            *fields,
+            *rq_fields,
+        ],
+    }
+
+
+def _submitted(reply: list[Any]) -> Submitted:
+    outcome = reply[0].decode()
+    if outcome == "rate":
+        return Submitted(outcome, rate=[int(value) for value in reply[1:]])
+    if outcome != "ok":
+        return Submitted(outcome, detail=reply[1] if len(reply) > 1 else None)
+    position = int(reply[1])
+    hit = [int(value) for value in reply[2:6]]
+    return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[6:]), rate=hit)
+
+
+#: ``_READ``'s RQ queue-list key prefix, and the durations key's prefix and suffix.
+_READ_ARGS = (
+    f"{rq_adapter.Queue.redis_queue_namespace_prefix}{tasks.QUEUE_PREFIX}",
+    *keys.model_durations("\n").split("\n"),
+)
+
+
+def _read_call(job_id: str) -> dict[str, list[Any]]:
+    """``_READ``'s keys and arguments (``JobStore.read``)."""
+    return {"keys": [keys.job(job_id)], "args": [job_id, *_READ_ARGS]}
+
+
+def _read_reply(reply: list[Any]) -> Read | None:
+    if not reply:
+        return None
+    pttl, position, count = int(reply[0]), int(reply[1]), int(reply[2])
+    pairs = reply[3 : 3 + count]
+    record = JobRecord.from_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
+    return Read(record, pttl if pttl > 0 else None, position if position >= 0 else None, list(reply[3 + count :]))
 
 
 def _run_check(token: str, status: bytes | None, owner: bytes | None, cancel: bytes | None) -> RunCheck:

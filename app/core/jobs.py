@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
+from anyio import to_thread
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import WatchError
 
 from diffq.app.auth.caller import Caller
@@ -36,7 +41,7 @@ from diffq.app.core.errors import (
     UnknownModelError,
 )
 from diffq.app.core.idempotency import Entry, IdempotencyStore, KeyTakenError
-from diffq.app.core.inputs import PreparedInputs, infer_mode, prepare_inputs
+from diffq.app.core.inputs import PreparedInputs, has_inputs, infer_mode, prepare_inputs
 from diffq.app.core.validation import check_before_decode, resolve_request, respecified
 from diffq.app.schemas.jobs import JobCreate
 from diffq.app.settings import Settings
@@ -58,6 +63,21 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass
+class CountedRate:
+    """A request's hit against its API key's rate, for the submit script to make first
+    (``diffq.app.contract.rate``): the key's record, ``rate_hit``'s arguments, and its reply once made."""
+
+    record_key: str
+    arguments: Sequence[Any]
+    reply: list[int] | None = None
+
+
+class RateRefusedError(Exception):
+    """The submit script's rate hit refused the request (over the rate, or the key revoked): nothing was
+    written; ``CountedRate.reply`` says which."""
+
+
 @dataclass(frozen=True)
 class JobView:
     """A job record as clients should see it right now."""
@@ -75,9 +95,15 @@ class JobService:
     """The operations behind the job endpoints, against Redis and RQ."""
 
     def __init__(
-        self, redis: Redis, settings: Settings, caller: Caller | None = None, results: ResultStore | None = None
+        self,
+        redis: Redis,
+        settings: Settings,
+        caller: Caller | None = None,
+        results: ResultStore | None = None,
+        quick: AsyncRedis | None = None,
     ) -> None:
         self.redis = redis
+        self.quick = quick  # an asyncio client for ``submit_async`` and ``get_async``, on the event loop
         self.settings = settings
         self.caller = caller if caller is not None else Caller(None, settings)
         self.store = JobStore(redis)
@@ -99,13 +125,62 @@ class JobService:
             check_url(body.webhook.url, AllowList.from_settings(self.settings))  # resolves DNS: blocks
         served = self._served(body.model)
         record, ttl = self.build(body, files or {}, served, job_id or (idempotency.job_id if idempotency else None))
+        return self._queue(record, ttl, served, idempotency)
+
+    def _queue(self, record: JobRecord, ttl: int, served: ServedModel, idempotency: Entry | None) -> JobView:
+        """Write and queue a built job (``_write``), checked against the model's workers once more if
+        they stopped since the listing was read."""
         submitted = self._write(record, ttl, served, idempotency)
         if submitted.outcome == "unserved":  # its workers stopped since the registry was read
             self.registry.forget()
-            served = self._served(body.model)  # UnknownModelError unless another worker serves it now
+            served = self._served(record.model)  # UnknownModelError unless another worker serves it now
             submitted = self._write(record, ttl, served, idempotency)
+        return self._queued(record, submitted, served)
+
+    def _queued(self, record: JobRecord, submitted: Submitted, served: ServedModel) -> JobView:
         log.info("job %s queued on model %s", record.id, record.model, extra={"job_id": record.id})
         return self._queued_view(record, submitted, len(served.workers))
+
+    @staticmethod
+    def submits_on_loop(body: JobCreate, files: Mapping[str, bytes]) -> bool:
+        """Whether ``submit_async`` can take this request: nothing in it blocks (no input image to
+        decode, no webhook URL to resolve, no LoRA folder to read)."""
+        return not has_inputs(body, files) and body.webhook is None and not body.loras and "<lora:" not in body.prompt
+
+    async def submit_async(self, body: JobCreate, rate: CountedRate | None = None) -> JobView:
+        """``submit`` from the event loop for a request ``submits_on_loop`` accepts: validated here, written
+        by the same one script through the asyncio client. Whatever is not the usual case (no fresh
+        listing of the served models, or the script refused: unserved, queue full, quota) is
+        ``submit``'s own code in a worker thread, as before (a refused script wrote nothing). ``rate``: the
+        request's API-key rate hit, made first by the same script (its reply is left in ``rate.reply``);
+        refused, nothing is written and ``RateRefusedError`` is raised."""
+        assert self.quick is not None, "submit_async needs the asyncio client"
+        await self._fresh_listing()
+        served = self._served_cached(body.model)
+        if served is None:  # not served (a 422 naming the served models), or served since the listing
+            served = await to_thread.run_sync(self._served, body.model)
+        record, ttl = self.build(body, {}, served, None)
+        caller, model = self.caller, served.model.name
+        queue = _fair_queue(model, self.redis, Place(caller.scope, caller.priority_rank, ttl))
+        submitted = await self.store.submit_async(
+            self.quick,
+            record,
+            ttl,
+            queue,
+            rq_job_fields(queue, record.id, self.settings),
+            registration=served.registration,
+            max_depth=backpressure.max_depth(self.settings, model),
+            queued_cap=caller.max_queued_jobs if caller.key is not None else None,
+            rq_ttl=self.settings.job_ttl,
+            rate=(rate.record_key, rate.arguments) if rate is not None else None,
+        )
+        if rate is not None:
+            rate.reply = submitted.rate
+        if submitted.outcome == "rate":
+            raise RateRefusedError()
+        if submitted.outcome != "ok":
+            return await to_thread.run_sync(self._queue, record, ttl, served, None)
+        return self._queued(record, submitted, served)
 
     def _write(self, record: JobRecord, ttl: int, served: ServedModel, idempotency: Entry | None) -> Submitted:
         """Create and queue the job in one round trip (``JobStore.submit``: the Idempotency-Key, the
@@ -319,6 +394,45 @@ class JobService:
             raise JobNotFoundError(job_id)
         return self.view(found.record, found)
 
+    async def get_async(self, job_id: str) -> JobView:
+        """``get`` from the event loop: the one read through the asyncio client; the view is made here
+        unless it needs more reads (a webhook's attempts, a passed deadline, a stale listing of the
+        served models for the ETA), which ``view`` makes in a worker thread."""
+        assert self.quick is not None, "get_async needs the asyncio client"
+        found = await JobStore.read_async(self.quick, job_id)
+        if found is None or not self.caller.can_see(found.record.owner):
+            raise JobNotFoundError(job_id)
+        if found.durations and found.record.status is JobStatus.QUEUED:
+            await self._fresh_listing()  # for the ETA: the model's live workers
+        if self._view_reads(found):
+            return await to_thread.run_sync(self.view, found.record, found)
+        return self.view(found.record, found)
+
+    async def _fresh_listing(self) -> None:
+        """Make this process's listing of the served models fresh (``Registry.served_models``), reading it
+        in a worker thread when it is older than ``SERVED_MAX_AGE``: once for all the requests that find
+        it stale together."""
+        if self.registry.cached(SERVED_MAX_AGE) is not None:
+            return
+        pending = _listing_reads.get(self.redis)
+        if pending is None:
+            pending = asyncio.ensure_future(to_thread.run_sync(self.registry.served_models))
+            _listing_reads[self.redis] = pending
+            pending.add_done_callback(lambda _: _listing_reads.pop(self.redis, None))
+        await asyncio.shield(pending)
+
+    def _view_reads(self, found: Read) -> bool:
+        """Whether ``view`` of ``found`` reads Redis."""
+        record = found.record
+        if record.request.webhook is not None:
+            return True
+        if record.status is not JobStatus.QUEUED:
+            return False
+        deadline = record.request.deadline_at
+        if deadline is not None and deadline < utcnow():
+            return True
+        return bool(found.durations) and self.registry.cached(SERVED_MAX_AGE) is None
+
     def _record(self, job_id: str) -> JobRecord:
         """The caller's job ``job_id``; another key's job is ``JobNotFoundError`` as a missing one is."""
         record = self.store.get(job_id)
@@ -468,6 +582,16 @@ class JobService:
         """The model a request runs on; raises ``UnknownModelError`` naming the served ones."""
         return self._served(name).model
 
+    def _served_cached(self, name: str | None) -> ServedModel | None:
+        """``_served`` from this process's listing if it is fresh and names the model; else None."""
+        listing = self.registry.cached(SERVED_MAX_AGE)
+        if listing is None:
+            return None
+        served = {entry.model.name: entry for entry in listing}
+        asked = name if name is not None else self.settings.default_model
+        name = next(iter(served)) if asked is None and len(served) == 1 else asked
+        return served.get(name) if name is not None else None
+
     def _served(self, name: str | None) -> ServedModel:
         # A listing read within SERVED_MAX_AGE will do when it names the model; else a fresh one.
         asked = name if name is not None else self.settings.default_model
@@ -479,6 +603,17 @@ class JobService:
         listing = ", ".join(sorted(served)) or "none (no live workers)"
         problem = "is required when several models are served" if name is None else f"{name!r} is not served"
         raise UnknownModelError([FieldProblem("model", f"{problem}; served models: {listing}")])
+
+
+#: Listings of the served models being read, by client (``JobService._fresh_listing``).
+_listing_reads: WeakKeyDictionary[Redis, asyncio.Future[list[ServedModel]]] = WeakKeyDictionary()
+
+
+@lru_cache(maxsize=1024)
+def _fair_queue(model: str, redis: Redis, place: Place) -> FairQueue:
+    """The model's queue for ``place``, made once: building RQ's ``Queue`` costs more than the rest of a submit's
+    checks. ``submit_async`` reads only its key names from it."""
+    return cast(FairQueue, model_queue(model, redis, place))
 
 
 class _StoredImages:

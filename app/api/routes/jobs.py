@@ -22,7 +22,17 @@ from diffq.app.core.errors import POLL_HINT_SECONDS, JobListingDisabledError, Jo
 from diffq.app.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from diffq.app.core.inputs import has_inputs
 from diffq.app.core.jobs import JobService, JobView
-from diffq.app.deps import CallerDep, JobServiceDep, SettingsDep, Submission, SubmissionBody, WaiterDep
+from diffq.app.deps import (
+    CallerDep,
+    JobServiceDep,
+    SettingsDep,
+    Submission,
+    SubmissionBody,
+    WaiterDep,
+    rate_due,
+    rate_in_submit,
+    settle_rate,
+)
 from diffq.app.schemas.jobs import ImagePublic, JobList, JobPublic, Timings, WebhookDelivery, WebhookPublic
 from diffq.app.storage.urls import image_links
 
@@ -49,10 +59,10 @@ MAX_LIST = 100
         415: ERROR_RESPONSES[415],
     },
 )
+@rate_in_submit
 async def create_job(
     body: SubmissionBody,
-    jobs: JobServiceDep,
-    caller: CallerDep,
+    jobs: JobServiceDep,  # and with it the caller: each dependency named here costs its resolution
     request: Request,
     response: Response,
     idempotency_key: Annotated[
@@ -65,15 +75,30 @@ async def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    # Submitting runs in a worker thread, so decoding input images (and checking a webhook URL's
-    # DNS) never blocks the event loop; a request with images first waits for a decode slot of its
-    # key (diffq.app.api.decode_gate) on the event loop, holding no thread meanwhile.
-    gate: AbstractAsyncContextManager[object] = nullcontext()
-    if has_inputs(body.body, body.files):
-        client = request.client.host if request.client is not None else "unknown"
-        gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
-    async with gate:
-        view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
+    # A plain request (no Idempotency-Key, nothing that blocks) is submitted on the event loop: one
+    # script through the asyncio client, no thread. Any other runs in a worker thread, so decoding
+    # input images (and checking a webhook URL's DNS) never blocks the event loop; a request with
+    # images first waits for a decode slot of its key (diffq.app.api.decode_gate) on the event
+    # loop, holding no thread meanwhile.
+    # The key's rate, when get_caller left it to the submit (rate_in_submit), is counted by the same
+    # script: one round trip per accepted job. Every other way out settles it (settle_rate).
+    keyed = idempotency_key is not None and body.fingerprint is not None
+    if not keyed and JobService.submits_on_loop(body.body, body.files):
+        try:
+            view, replayed = await jobs.submit_async(body.body, rate_due(request)), False
+        except Exception:
+            await settle_rate(request)  # 401/429 first, as if counted before; else the error itself
+            raise
+        await settle_rate(request, response)
+    else:
+        await settle_rate(request, response)
+        gate: AbstractAsyncContextManager[object] = nullcontext()
+        if has_inputs(body.body, body.files):
+            client = request.client.host if request.client is not None else "unknown"
+            caller = jobs.caller
+            gate = request.app.state.decode_gate.slot(caller.key.id if caller.key is not None else f"address:{client}")
+        async with gate:
+            view, replayed = await run_in_threadpool(_submit, jobs, body, idempotency_key)
     if jobs.settings.redis_wait_replicas > 0:  # a separate step: a retry with the key finds the job
         await run_in_threadpool(jobs.confirm_replicated)
     if replayed:
@@ -112,8 +137,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, summary="Read a job, or wait for it to end")
 async def get_job(
     job_id: str,
-    jobs: JobServiceDep,
-    caller: CallerDep,
+    jobs: JobServiceDep,  # and with it the caller
     waiter: WaiterDep,
     request: Request,
     response: Response,
@@ -134,10 +158,10 @@ async def get_job(
             raise PollingTooFastError(job_id, pacer.retry_after(job_id))
         if hold > 0:
             await asyncio.sleep(hold)
-    view = await run_in_threadpool(jobs.get, job_id)  # a plain read: the thread pool's own connections
+    view = await jobs.get_async(job_id)  # one read through the asyncio client, on the event loop
     if wait == 0 or view.status.is_terminal:
         return _polled(view, request, response)
-    async with waiter.admit(caller) as held:  # 429/503 before any blocking read
+    async with waiter.admit(jobs.caller) as held:  # 429/503 before any blocking read
         try:
             ended = await held.until_ended(jobs, job_id, wait, disconnected=request.is_disconnected)
         except WaitTimedOut as late:
