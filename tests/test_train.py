@@ -78,7 +78,12 @@ def assert_lcm_folder(folder, steps, ode_steps):
     engine = Engine.load(folder)
     assert (engine.info.default_scheduler, engine.info.default_steps) == ("lcm", 4)
     assert engine.info.scheduler_max_steps["lcm"] == ode_steps
-    assert engine.generate([GenerationRequest(prompt="a red circle", seed=1)])[0].images[0].size == (64, 64)
+    [result] = engine.generate([GenerationRequest(prompt="a red circle", negative_prompt="blue", seed=1)])
+    assert result.images[0].size == (64, 64)
+    assert result.warnings == [
+        "negative prompt ignored: this model takes the guidance scale as an input of its UNet (LCM-distilled) "
+        "and runs no classifier-free guidance"
+    ]
 
 
 def test_lcm_student_starts_as_the_teacher_and_its_solver_is_ddim_under_guidance():
