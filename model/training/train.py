@@ -724,6 +724,7 @@ def train_lcm(args: argparse.Namespace) -> None:
                     "target": target.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
+                    "ode_steps": args.ode_steps,  # the grid the student learnt: its scheduler's
                     "device": str(device),
                     "argv": sys.argv[1:],
                     "seconds": previous_seconds + time.time() - started,
@@ -748,8 +749,9 @@ def export_lcm(args: argparse.Namespace, state: dict) -> None:
     student.load_state_dict(state["target"])
     pipe.unet = student.eval()
     pipe.register_modules(unet=pipe.unet)
+    ode_steps = state.get("ode_steps", args.ode_steps)
     pipe.scheduler = LCMScheduler.from_config(
-        build_scheduler().config, original_inference_steps=args.ode_steps, timestep_scaling=LCM_TIMESTEP_SCALING
+        build_scheduler().config, original_inference_steps=ode_steps, timestep_scaling=LCM_TIMESTEP_SCALING
     )
     pipe.register_modules(scheduler=pipe.scheduler)
     out = Path(args.out)
@@ -767,6 +769,7 @@ def export_lcm(args: argparse.Namespace, state: dict) -> None:
         "teacher_unet_steps": teacher_record.get("unet_steps"),
         "lcm_steps": state["step"],
         "lcm_seconds": state.get("seconds", 0.0),
+        "ode_steps": ode_steps,
         "seed": args.seed,
         "history": previous.get("history", [])
         + [
