@@ -523,7 +523,12 @@ class Engine:
         """What of the request's text the model will ignore, for the user (see diffq.model.prompt_check)."""
         warnings = prompt_warnings(self._tokenizers, request.prompt, request.negative_prompt)
         guidance = self.info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
-        if request.negative_prompt and not self._uses_guidance(guidance):
+        if request.negative_prompt and self.pipe.unet.config.time_cond_proj_dim is not None:
+            warnings.append(
+                "negative prompt ignored: this model takes the guidance scale as an input of its UNet "
+                "(LCM-distilled) and runs no classifier-free guidance"
+            )
+        elif request.negative_prompt and not self._uses_guidance(guidance):
             warnings.append(
                 f"negative prompt ignored: guidance_scale {guidance} turns classifier-free guidance off "
                 "(it needs guidance_scale > 1)"

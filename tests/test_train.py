@@ -45,6 +45,94 @@ def test_train_all_stages_resume_and_export(tmp_path):
     image = pipe("a red circle", num_inference_steps=2).images[0]
     assert image.size == (64, 64)
 
+    # lcm: the exported tiny model distilled into a 4-step student, two steps then a resumed third
+    student = tmp_path / "model-lcm"
+    lcm = ["lcm", "--init-from", str(out), "--run", str(tmp_path / "lcm"), "--batch", "4", "--save-every", "1",
+           "--ode-steps", "25", "--threads", "1", "--out", str(student)]
+    run(*lcm, "--steps", "2")
+    run(*lcm, "--steps", "3")
+    assert_lcm_folder(student, steps=3, ode_steps=25)
+
+
+def assert_lcm_folder(folder, steps, ode_steps):
+    """A 4-step model that plain diffusers and the service load: an LCMScheduler on the teacher's
+    noise schedule, a guidance-conditioned UNet, the record of its distillation."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from diffq.model.engine import Engine, GenerationRequest
+
+    settings = json.loads((folder / "diffq.json").read_text())
+    assert (settings["lcm"], settings["default_steps"], settings["default_scheduler"]) == (True, 4, "lcm")
+    record = json.loads((folder / "training.json").read_text())
+    assert record["lcm_steps"] == steps and record["history"][-1]["argv"][0] == "lcm"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == ode_steps
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    assert pipe.unet.config.time_cond_proj_dim is not None
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64) and len(pipe.scheduler.timesteps) == 4
+    assert not pipe.do_classifier_free_guidance  # guidance is the UNet's input: one UNet call per step
+    engine = Engine.load(folder)
+    assert (engine.info.default_scheduler, engine.info.default_steps) == ("lcm", 4)
+    assert engine.info.scheduler_max_steps["lcm"] == ode_steps
+    [result] = engine.generate([GenerationRequest(prompt="a red circle", negative_prompt="blue", seed=1)])
+    assert result.images[0].size == (64, 64)
+    assert result.warnings == [
+        "negative prompt ignored: this model takes the guidance scale as an input of its UNet (LCM-distilled) "
+        "and runs no classifier-free guidance"
+    ]
+
+
+def test_lcm_student_starts_as_the_teacher_and_its_solver_is_ddim_under_guidance():
+    """The student is the teacher's UNet plus a zero-initialised guidance projection: at step 0 it
+    predicts exactly what the teacher does without guidance, whatever the guidance scale (the
+    embedding of a scale is far from zero, so this holds only because of the zero start). The
+    teacher's guided ODE step is diffusers' DDIM step on the guided v-prediction, and the
+    consistency scalings are LCMScheduler's."""
+    import torch
+    from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
+
+    from diffq.model.training.architecture import build_scheduler
+    from diffq.model.training.train import consistency_scalings, guidance_embedding, lcm_student, teacher_step
+
+    teacher = UNet2DConditionModel.from_pretrained("model/shapes/unet", torch_dtype=torch.float32).eval()
+    student = lcm_student(teacher).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 16, 16, generator=g)
+    hidden = torch.randn(3, 16, 128, generator=g)
+    unconditional = torch.randn(1, 16, 128, generator=g)
+    t = torch.tensor([999, 519, 79])
+    scale = torch.tensor([3.0, 5.0, 7.0])
+    w = guidance_embedding(scale)
+    assert w.abs().sum(1).min() > 1
+    with torch.no_grad():
+        expected = teacher(x, t, hidden).sample
+        assert torch.equal(student(x, t, hidden, timestep_cond=w).sample, expected)
+        student.time_embedding.cond_proj.weight.fill_(0.01)  # what an unzeroed projection would do
+        assert not torch.allclose(student(x, t, hidden, timestep_cond=w).sample, expected, atol=1e-3)
+
+    schedule = build_scheduler()
+    alphas = schedule.alphas_cumprod
+    ddim = DDIMScheduler.from_config(schedule.config)
+    ddim.set_timesteps(25)
+    with torch.no_grad():
+        ours = teacher_step(teacher, x, t, t - 40, hidden, unconditional, scale, alphas)
+        for i in range(3):
+            cond = teacher(x[i : i + 1], t[i], hidden[i : i + 1]).sample
+            uncond = teacher(x[i : i + 1], t[i], unconditional).sample
+            guided = uncond + scale[i] * (cond - uncond)
+            theirs = ddim.step(guided, int(t[i]), x[i : i + 1]).prev_sample
+            torch.testing.assert_close(ours[i : i + 1], theirs, rtol=1e-4, atol=1e-4)
+
+    lcm = LCMScheduler.from_config(schedule.config)
+    for step in (0, 39, 999):
+        c_skip, c_out = consistency_scalings(torch.tensor([step]))
+        expected_skip, expected_out = lcm.get_scalings_for_boundary_condition_discrete(step)
+        assert abs(c_skip.item() - expected_skip) < 1e-6 and abs(c_out.item() - expected_out) < 1e-6
+
 
 def test_edge_weighted_loss_counts_errors_at_a_shapes_outline_more():
     import torch

@@ -601,7 +601,252 @@ def save_lora(unet, args: argparse.Namespace, state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Stage 5: a 4-step variant by latent consistency distillation (LCM, Luo et al. 2023)
+
+LCM_W_DIM = 256  # the guidance embedding's width (`time_cond_proj_dim`), as in LCM-distilled SD
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's default: the consistency boundary's time scale
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_student(teacher):
+    """The teacher's UNet with a guidance input: `time_cond_proj_dim` adds a linear projection of
+    the guidance scale's embedding to the timestep embedding. It starts at zero, so until training
+    moves it the student predicts exactly what the teacher does without guidance."""
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=LCM_W_DIM)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def guidance_embedding(guidance: torch.Tensor) -> torch.Tensor:
+    """What diffusers' pipelines feed a w-conditioned UNet for `guidance_scale` (they embed w = scale - 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, guidance - 1, embedding_dim=LCM_W_DIM)
+
+
+def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip and c_out of LCMScheduler: f(x, t) = c_skip x + c_out x̂0, so f(x, 0) = x."""
+    scaled = (t.float() * LCM_TIMESTEP_SCALING).view(-1, 1, 1, 1)
+    c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2).sqrt()
+    return c_skip, c_out
+
+
+def v_to_x0_eps(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor):
+    """x̂0 and ε̂ from a v-prediction at x_t (Salimans & Ho 2022)."""
+    a = alphas[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+    return a * x - s * v, s * x + a * v
+
+
+def teacher_step(teacher, x, t, t_prev, hidden, unconditional, scale, alphas) -> torch.Tensor:
+    """One DDIM step t → t_prev of the teacher's ODE under classifier-free guidance at `scale`
+    (per sample): x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev) ε̂, both guided."""
+    n = x.shape[0]
+    v = teacher(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([hidden, unconditional.expand(n, -1, -1)])).sample
+    x0, eps = v_to_x0_eps(v, x.repeat(2, 1, 1, 1), t.repeat(2), alphas)
+    g = scale.view(-1, 1, 1, 1)
+    x0 = x0[n:] + g * (x0[:n] - x0[n:])
+    eps = eps[n:] + g * (eps[:n] - eps[n:])
+    return alphas[t_prev].sqrt().view(-1, 1, 1, 1) * x0 + (1 - alphas[t_prev]).sqrt().view(-1, 1, 1, 1) * eps
+
+
+def lcm_timesteps(batch: int, ode_steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (t, t - k) on the `ode_steps`-point grid of the 1000-step schedule that LCMScheduler
+    samples from (`original_inference_steps`): t = (i + 1) k - 1, k = 1000 // ode_steps."""
+    k = 1000 // ode_steps
+    start = (torch.randint(0, ode_steps, (batch,), generator=generator) + 1) * k - 1
+    return start, (start - k).clamp(min=0)
+
+
+def lcm_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    c = 0.001  # pseudo-Huber (Song & Dhariwal 2023), as LCM's distillation uses
+    return ((pred - target) ** 2 + c**2).sqrt().sub(c).mean()
+
+
+def train_lcm(args: argparse.Namespace) -> None:
+    """Latent consistency distillation of an exported model into a few-step student.
+
+    Each step: scenes → latents (frozen VAE) → x_t at a grid timestep t; the frozen teacher with
+    classifier-free guidance at a sampled scale takes one DDIM step of its ODE to x_{t-k}; the
+    student's consistency output f(x_t, t, w) learns the target network's f(x_{t-k}, t-k, w),
+    the target being an exponential moving average of the student."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if args.init_from is None:
+        raise SystemExit("lcm needs --init-from: the exported model folder to distil (the teacher)")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    vae = load_vae(args, device)
+    text_encoder = CLIPTextModel.from_pretrained(args.init_from / "text_encoder", torch_dtype=torch.float32)
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    teacher = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = lcm_student(teacher).to(device).train()
+    target = lcm_student(teacher).to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    ckpt = Checkpoints(args.run, "lcm")
+    step, previous_seconds = 0, 0.0
+    if (state := ckpt.load()) is not None:
+        student.load_state_dict(state["unet"])
+        target.load_state_dict(state["target"])
+        opt.load_state_dict(state["optimizer"])
+        step, previous_seconds = state["step"], state.get("seconds", 0.0)
+        print(f"resumed lcm at step {step}")
+    generator = torch.Generator().manual_seed(args.seed * 7919 + step)
+    alphas = build_scheduler().alphas_cumprod.to(device)
+    empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        unconditional = text_encoder(empty).last_hidden_state
+    started = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="lcm", dynamic_ncols=True)
+    while step < args.steps:
+        images, captions = scene_batch(5, step, args.batch, args.seed)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        n = len(captions)
+        with torch.no_grad():
+            latents = vae.encode(images.to(device)).latent_dist.mode() * vae.config.scaling_factor
+            hidden = text_encoder(ids).last_hidden_state
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t, t_prev = lcm_timesteps(n, args.ode_steps, generator)
+        scale = args.guidance_min + (args.guidance_max - args.guidance_min) * torch.rand(n, generator=generator)
+        t, t_prev, scale = t.to(device), t_prev.to(device), scale.to(device)
+        w = guidance_embedding(scale).to(device)
+        with torch.no_grad():
+            a, s = alphas[t].sqrt().view(-1, 1, 1, 1), (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+            noisy = a * latents + s * noise
+            prev = teacher_step(teacher, noisy, t, t_prev, hidden, unconditional, scale, alphas)
+            c_skip, c_out = consistency_scalings(t_prev)
+            x0_target = v_to_x0_eps(target(prev, t_prev, hidden, timestep_cond=w).sample, prev, t_prev, alphas)[0]
+            goal = c_skip * prev + c_out * x0_target
+        c_skip, c_out = consistency_scalings(t)
+        x0_student = v_to_x0_eps(student(noisy, t, hidden, timestep_cond=w).sample, noisy, t, alphas)[0]
+        loss = lcm_loss(c_skip * noisy + c_out * x0_student, goal, args.lcm_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.step()
+        with torch.no_grad():  # the target network: an exponential moving average of the student
+            for p_target, p_student in zip(target.parameters(), student.parameters(), strict=True):
+                p_target.lerp_(p_student, 1 - args.target_decay)
+        step += 1
+        bar.update(1)
+        if step % 5 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log_line(args.run, {"stage": "lcm", "step": step, "loss": loss.item(), "elapsed_s": time.time() - started})
+        if step % args.save_every == 0 or step == args.steps:
+            ckpt.save(
+                {
+                    "unet": student.state_dict(),
+                    "target": target.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "ode_steps": args.ode_steps,  # the grid the student learnt: its scheduler's
+                    "device": str(device),
+                    "argv": sys.argv[1:],
+                    "seconds": previous_seconds + time.time() - started,
+                }
+            )
+    bar.close()
+    state = ckpt.load()
+    if state is None:
+        raise SystemExit(f"no lcm checkpoint in {args.run}: --steps 0 trains nothing")
+    export_lcm(args, state)
+
+
+def export_lcm(args: argparse.Namespace, state: dict) -> None:
+    """The student (its target network's weights) as a model folder of its own: the teacher's VAE,
+    text encoder and tokenizer, an LCMScheduler on the teacher's noise schedule."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    teacher_record = json.loads((args.init_from / "training.json").read_text())
+    teacher_settings = json.loads((args.init_from / "diffq.json").read_text())
+    pipe = StableDiffusionPipeline.from_pretrained(args.init_from, torch_dtype=torch.float32, local_files_only=True)
+    student = lcm_student(pipe.unet)
+    student.load_state_dict(state["target"])
+    pipe.unet = student.eval()
+    pipe.register_modules(unet=pipe.unet)
+    ode_steps = state.get("ode_steps", args.ode_steps)
+    pipe.scheduler = LCMScheduler.from_config(
+        build_scheduler().config, original_inference_steps=ode_steps, timestep_scaling=LCM_TIMESTEP_SCALING
+    )
+    pipe.register_modules(scheduler=pipe.scheduler)
+    out = Path(args.out)
+    settings = {
+        **teacher_settings,
+        "name": f"{teacher_settings['name']}-lcm",
+        "default_steps": 4,
+        "default_scheduler": "lcm",
+        "lcm": True,
+    }
+    write_folder(pipe, out, settings)
+    previous = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
+    record = {
+        "teacher": teacher_settings["name"],
+        "teacher_unet_steps": teacher_record.get("unet_steps"),
+        "lcm_steps": state["step"],
+        "lcm_seconds": state.get("seconds", 0.0),
+        "ode_steps": ode_steps,
+        "seed": args.seed,
+        "history": previous.get("history", [])
+        + [
+            {
+                "lcm_steps": state["step"],
+                "seconds": state.get("seconds", 0.0),
+                "device": state.get("device"),
+                "argv": state.get("argv"),
+                "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "torch": torch.__version__,
+                "cpu_threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+            }
+        ],
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"exported the {state['step']}-step LCM student to {out}")
+
+
+# ------------------------------------------------------------------------------------------
 # Stage 3: the diffusers folder
+
+
+SHAPES_SETTINGS = {
+    "name": "shapes",
+    "default_width": 64,
+    "default_height": 64,
+    "min_size": 32,
+    "max_size": 128,
+    "default_steps": 20,
+    "default_guidance_scale": 5.0,
+    "default_scheduler": "dpmpp_2m",
+    "lcm": False,
+}
+
+
+def write_folder(pipe, out: Path, settings: dict) -> None:
+    """A pipeline as the diffusers folder the service loads, with its diffq.json."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    # The UNet is stored in float16 to keep the repository's weights small; diffusers loads
+    # it back as float32 unless asked otherwise. The text encoder stays float32: transformers
+    # would otherwise load it in float16 ("auto" dtype) and mismatch the rest on a CPU.
+    pipe.unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    pipe.unet.to(torch.float32)
+    index = json.loads((out / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]  # loadable by transformers 4 and 5
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "diffq.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def export(args: argparse.Namespace) -> None:
@@ -643,32 +888,7 @@ def export(args: argparse.Namespace) -> None:
         requires_safety_checker=False,
     )
     out = Path(args.out)
-    pipe.save_pretrained(out, safe_serialization=True)
-    # The UNet is stored in float16 to keep the repository's weights small; diffusers loads
-    # it back as float32 unless asked otherwise. The text encoder stays float32: transformers
-    # would otherwise load it in float16 ("auto" dtype) and mismatch the rest on a CPU.
-    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    unet.to(torch.float32)
-    index = json.loads((out / "model_index.json").read_text())
-    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]  # loadable by transformers 4 and 5
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out / "diffq.json").write_text(
-        json.dumps(
-            {
-                "name": "shapes",
-                "default_width": 64,
-                "default_height": 64,
-                "min_size": 32,
-                "max_size": 128,
-                "default_steps": 20,
-                "default_guidance_scale": 5.0,
-                "default_scheduler": "dpmpp_2m",
-                "lcm": False,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    write_folder(pipe, out, SHAPES_SETTINGS)
     vae_state = Checkpoints(args.run, "vae").load()
     previous = json.loads((args.init_from / "training.json").read_text()) if args.init_from else {}
     record = {
@@ -718,7 +938,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffq.model.training.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "decoder", "unet", "export", "lora"])
+    parser.add_argument("stage", choices=["vae", "decoder", "unet", "export", "lora", "lcm"])
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
     parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="checkpoint folder")
     parser.add_argument("--steps", type=int, default=3000, help="train until this step")
@@ -751,13 +971,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument(
-        "--init-from", type=Path, default=None, help="start the UNet stage from an exported folder (a new sitting)"
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start the UNet stage from an exported folder (a new sitting); lora, lcm: the model to adapt or distil",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors)",
+        help="export: the model folder (model/shapes); lora: the adapter file (model/loras/<style>.safetensors); "
+        "lcm: the student's model folder (model/shapes-lcm)",
     )
     parser.add_argument(
         "--style",
@@ -791,14 +1015,32 @@ def main(argv: list[str] | None = None) -> None:
         default=10,
         help="lora: decoder-inversion steps per pooled latent (0: the encoder's latents)",
     )
+    parser.add_argument(
+        "--ode-steps",
+        type=int,
+        default=50,
+        help="lcm: the teacher's ODE grid (LCMScheduler's original_inference_steps); it steps t -> t - 1000/N",
+    )
+    parser.add_argument("--guidance-min", type=float, default=3.0, help="lcm: guidance scales sampled from min..max")
+    parser.add_argument("--guidance-max", type=float, default=7.0)
+    parser.add_argument("--target-decay", type=float, default=0.95, help="lcm: EMA decay of the target network")
+    parser.add_argument("--lcm-loss", default="huber", choices=["huber", "l2"], help="lcm: pseudo-Huber or L2")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(args.seed)
     if args.out is None:
         model_dir = Path(__file__).parent.parent  # model/: the bundled model and its adapters
-        args.out = model_dir / ("shapes" if args.stage != "lora" else f"loras/{args.style}.safetensors")
-    stages = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "export": export, "lora": train_lora}
+        outs = {"lora": f"loras/{args.style}.safetensors", "lcm": "shapes-lcm"}
+        args.out = model_dir / outs.get(args.stage, "shapes")
+    stages = {
+        "vae": train_vae,
+        "decoder": train_decoder,
+        "unet": train_unet,
+        "export": export,
+        "lora": train_lora,
+        "lcm": train_lcm,
+    }
     stages[args.stage](args)
 
 
