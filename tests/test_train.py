@@ -258,3 +258,17 @@ def test_flat_term_makes_a_blotch_or_a_soft_second_pixel_count_and_leaves_rims_t
     assert flat[1] - flat[0] > 50 * (plain[1] - plain[0])
     assert flat[2] - plain[2] > 1.0  # a soft second pixel costs
     assert torch.isclose(flat[3], plain[3])  # rims are the rest of the loss's business
+
+
+def test_the_sample_sheet_puts_each_prompt_through_both_bundled_models_side_by_side(tmp_path):
+    from PIL import Image
+
+    from diffq.model.training import samples
+
+    out = tmp_path / "samples.png"
+    samples.main(["-n", "2", "--out", str(out)])
+    sheet = Image.open(out)
+    assert sheet.size == (4 * 200, 1 * 236)  # one row: prompt 0 (20 steps, 4 steps), prompt 1 (20 steps, 4 steps)
+    cells = [sheet.crop((x * 200 + 4, 4, x * 200 + 196, 196)) for x in range(4)]
+    assert cells[0].tobytes() != cells[1].tobytes()  # two models, not one image twice
+    assert cells[0].tobytes() != cells[2].tobytes()
