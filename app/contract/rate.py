@@ -25,8 +25,9 @@ local function rate_hit(record, prefix, limit, window)
   local index = math.floor(t / window)
   local left = window - (t - index * window)
   local current_key = prefix .. index
-  local current = tonumber(redis.call('GET', current_key) or '0')
-  local previous = tonumber(redis.call('GET', prefix .. (index - 1)) or '0')
+  local counts = redis.call('MGET', current_key, prefix .. (index - 1))
+  local current = tonumber(counts[1] or '0')
+  local previous = tonumber(counts[2] or '0')
   local weight = previous * left / window
   if weight + current + 1 > limit then
     -- When this window is full, the next one starts with this one's count weighing on it: the
@@ -39,8 +40,9 @@ local function rate_hit(record, prefix, limit, window)
     end
     return {0, 0, math.ceil(left * 1000), math.ceil(wait * 1000)}
   end
-  redis.call('INCR', current_key)
-  redis.call('EXPIRE', current_key, 2 * window)
+  if redis.call('INCR', current_key) == 1 then  -- a window's first hit: its counter lives two windows
+    redis.call('EXPIRE', current_key, 2 * window)
+  end
   return {1, math.floor(limit - weight - current - 1), math.ceil(left * 1000), 0}
 end
 """

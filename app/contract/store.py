@@ -394,9 +394,13 @@ _READ = """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return {} end
 local result = {redis.call('PTTL', KEYS[1]), -1, #fields}
-for _, v in ipairs(fields) do result[#result + 1] = v end
-if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return result end
-local model = cjson.decode(redis.call('HGET', KEYS[1], 'model'))
+local record = {}
+for i, v in ipairs(fields) do
+  result[#result + 1] = v
+  if i % 2 == 0 then record[fields[i - 1]] = v end
+end
+if record['status'] ~= '"queued"' then return result end
+local model = cjson.decode(record['model'])
 result[2] = redis.call('LPOS', ARGV[2] .. model, ARGV[1]) or -1
 for _, d in ipairs(redis.call('LRANGE', ARGV[3] .. model .. ARGV[4], 0, -1)) do result[#result + 1] = d end
 return result
