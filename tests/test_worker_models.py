@@ -61,6 +61,13 @@ def test_a_name_given_twice_is_refused(two_models: dict[str, Path]) -> None:
         model_sources(Settings(_env_file=None, models=f"a={two_models['alpha']},a={two_models['beta']}"))
 
 
+def test_a_name_given_twice_for_the_same_folder_is_served_once(two_models: dict[str, Path], monkeypatch) -> None:
+    # `diffq up` serves the bundled model as "shapes"; the README's DIFFQ_MODELS names it too
+    monkeypatch.chdir(two_models["alpha"].parent)
+    models = f"a={two_models['alpha']},a={two_models['alpha'].name},b={two_models['beta']}"
+    assert model_sources(Settings(_env_file=None, models=models)) == {"a": two_models["alpha"], "b": two_models["beta"]}
+
+
 # -- queue order ---------------------------------------------------------------------------------
 
 

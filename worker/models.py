@@ -77,6 +77,8 @@ def _own_name(path: Path) -> str:
 
 def _add(sources: dict[str, Path], name: str, path: Path) -> None:
     if name in sources:
+        if sources[name].resolve() == path.resolve():  # the same model named twice (`diffq up` names its own)
+            return
         raise ModelConfigError(f"model name {name!r} is given twice ({sources[name]} and {path})")
     sources[name] = path
 
