@@ -167,11 +167,7 @@ class JobService:
             record,
             ttl,
             queue,
-            rq_job_fields(queue, record.id, self.settings),
-            registration=served.registration,
-            max_depth=backpressure.max_depth(self.settings, model),
-            queued_cap=caller.max_queued_jobs if caller.key is not None else None,
-            rq_ttl=self.settings.job_ttl,
+            **self._submit_limits(record, queue, served),
             rate=(rate.record_key, rate.arguments) if rate is not None else None,
         )
         if rate is not None:
@@ -181,6 +177,17 @@ class JobService:
         if submitted.outcome != "ok":
             return await to_thread.run_sync(self._queue, record, ttl, served, None)
         return self._queued(record, submitted, served)
+
+    def _submit_limits(self, record: JobRecord, queue: FairQueue, served: ServedModel) -> dict[str, Any]:
+        """What the submit script checks and writes besides the record, the same on both paths."""
+        caller = self.caller
+        return {
+            "rq_fields": rq_job_fields(queue, record.id, self.settings),
+            "registration": served.registration,
+            "max_depth": backpressure.max_depth(self.settings, served.model.name),
+            "queued_cap": caller.max_queued_jobs if caller.key is not None else None,
+            "rq_ttl": self.settings.job_ttl,
+        }
 
     def _write(self, record: JobRecord, ttl: int, served: ServedModel, idempotency: Entry | None) -> Submitted:
         """Create and queue the job in one round trip (``JobStore.submit``: the Idempotency-Key, the
@@ -192,12 +199,8 @@ class JobService:
             record,
             ttl,
             queue,
-            rq_job_fields(queue, record.id, self.settings),
-            registration=served.registration,
-            max_depth=backpressure.max_depth(self.settings, model),
-            queued_cap=caller.max_queued_jobs if caller.key is not None else None,
+            **self._submit_limits(record, queue, served),
             idempotency=(idempotency.redis_key, idempotency.value, idempotency.ttl) if idempotency else None,
-            rq_ttl=self.settings.job_ttl,
         )
         if submitted.outcome == "taken":
             raise KeyTakenError(idempotency.redis_key if idempotency else "")
