@@ -90,11 +90,11 @@ def test_a_job_with_s3_storage_gives_signed_urls_a_plain_client_fetches_and_dele
             assert read_metadata(fetched.content)["seed"] == str(image["seed"])
             assert httpx.get(image["journey_url"]).content[:4] == b"RIFF"
         assert len(moto.keys(bucket)) == 4  # two images, two journeys
-        # Redis holds the job's state only (record, events, RQ's job and result): no image byte.
-        # Events, preview and RQ's keys lapse 5 minutes after the end, leaving the record.
+        # Redis holds the job's state only (record, events, RQ's job; RQ keeps no result for a success,
+        # issue 28): no image byte. Events, preview and RQ's job lapse 5 minutes after the end, leaving the record.
         assert list(redis.scan_iter(match=keys.stored_object("*"))) == []
         by_key = _redis_bytes(redis, job["id"])
-        lapsing = {keys.events(job["id"]), f"rq:job:{job['id']}", f"rq:results:{job['id']}"}
+        lapsing = {keys.events(job["id"]), f"rq:job:{job['id']}"}
         assert set(by_key) - {keys.preview(job["id"])} == {keys.job(job["id"]), *lapsing}, by_key
         assert all(0 < redis.ttl(name) <= 300 for name in lapsing), {name: redis.ttl(name) for name in lapsing}
         # Under 8 KB (about 4 KB on a quiet machine; one loaded CI run measured 7 KB): the fields say what grew.
