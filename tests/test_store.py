@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis import Redis
 
-from diffq.app.contract import events, keys
+from diffq.app.contract import events, keys, tasks
 from diffq.app.contract.records import JobParams, JobRecord, Webhook
 from diffq.app.contract.status import JobStatus
 from diffq.app.contract.store import JobStore, StoredImage, WriteResult
@@ -181,11 +181,14 @@ def test_a_run_s_claim_and_finish_read_the_record_once_each_and_keep_the_stream_
     store.create(record, ttl=100)
     redis.xadd(keys.events("j2"), {"type": "queued", "data": "{}"})  # as a submit makes it
     redis.expire(keys.events("j2"), 100)
+    fair = keys.fair(tasks.queue_name("tiny"))
+    redis.zadd(fair, {"j2": 1, "other": 2})  # its place in the fair order, as a submit gives it
     before = _commands(redis)
     claimed = store.claim("j2", "w1", "t")
     claim_cost = _commands(redis) - before - 1
     assert claimed is not None and (claimed.attempt, claimed.attempt_token, claimed.worker) == (1, "t", "w1")
-    assert claim_cost <= 6  # EVALSHA, HGETALL, HSET, ZADD, XADD, XADD (webhook)
+    assert claim_cost <= 7  # EVALSHA, HGETALL, HSET, ZADD, ZREM (its fair place), XADD, XADD (webhook)
+    assert redis.zrange(fair, 0, -1) == [b"other"]  # taken: the next submit has no stale place to drop
     assert 0 < redis.ttl(keys.events("j2")) <= 100
     assert 0 < redis.ttl(keys.events("j0")) <= 100  # a record without its stream: made with the record's TTL
 

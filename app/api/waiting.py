@@ -66,6 +66,10 @@ class Waiter:
     blocking: AsyncRedis  # XREAD BLOCK only, redis_wait_connections of them
     count: WaitCount
 
+    async def last_event_id(self, job_id: str) -> str:
+        """The id of the job's newest event ("0" if none): follow from here to miss nothing after it."""
+        return events.last_id_text(await self.quick.xrevrange(keys.events(job_id), count=1))
+
     @asynccontextmanager
     async def admit(self, caller: Caller, *, stream: bool = False) -> AsyncIterator[Wait]:
         """One admitted wait of ``caller`` (``diffq.app.api.waits``: 429/503 here), held until the block exits."""
@@ -83,7 +87,7 @@ class Wait:
 
     async def last_event_id(self, job_id: str) -> str:
         """The id of the job's newest event ("0" if none): follow from here to miss nothing after it."""
-        return events.last_id_text(await self.waiter.quick.xrevrange(keys.events(job_id), count=1))
+        return await self.waiter.last_event_id(job_id)
 
     async def follow(
         self, job_id: str, after: str, *, deadline: float | None = None, disconnected: Disconnected | None = None
@@ -115,13 +119,23 @@ class Wait:
                 yield []
 
     async def until_ended(
-        self, jobs: JobService, job_id: str, timeout: float, *, disconnected: Disconnected | None = None
+        self,
+        jobs: JobService,
+        job_id: str,
+        timeout: float,
+        *,
+        disconnected: Disconnected | None = None,
+        known: tuple[str, JobView] | None = None,
     ) -> JobView | None:
         """The job once it has ended; ``None`` if the client hung up first. Raises ``WaitTimedOut``
-        (carrying the job as it is then) or ``JobNotFoundError`` if the job is deleted meanwhile."""
+        (carrying the job as it is then) or ``JobNotFoundError`` if the job is deleted meanwhile.
+        ``known``: the job's newest event id and the job as read after it, if the caller has them."""
         deadline = time.monotonic() + timeout
-        after = await self.last_event_id(job_id)
-        view = await run_in_threadpool(jobs.get, job_id)  # read after `after`: nothing ends unseen
+        if known is not None:
+            after, view = known
+        else:
+            after = await self.last_event_id(job_id)
+            view = await run_in_threadpool(jobs.get, job_id)  # read after `after`: nothing ends unseen
         if view.status.is_terminal:
             return view
         async with aclosing(self.follow(job_id, after, deadline=deadline, disconnected=disconnected)) as batches:

@@ -63,7 +63,7 @@ def parse_rate(text: str) -> RateLimitItem:
 
 # One request against a key's rate, in one round trip (``diffq.app.contract.rate.HIT_FN``); the submit
 # script of ``POST /v1/jobs`` runs the same function before its own checks.
-_HIT = HIT_FN + "return rate_hit(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
+_HIT = HIT_FN + "return rate_hit(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])\n"
 
 
 class RateLimiter:
@@ -96,7 +96,9 @@ class RateLimiter:
         if item is None:
             item = self._items[rate] = parse_rate(rate)
         window = item.get_expiry()
-        return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window]
+        # The API process's clock, not Redis's TIME: one command fewer per request; API processes' clocks
+        # a few milliseconds apart move a window's edge by as much.
+        return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window, time.time()]
 
 
 def decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:

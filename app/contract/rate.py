@@ -7,21 +7,25 @@ window still covers. ``diffq.app.auth.quotas.RateLimiter`` runs it alone; the su
 ``POST /v1/jobs`` (``diffq.app.contract.store``) runs it before its own checks, so an accepted
 job costs one round trip, the rate included.
 
-``rate_hit(record, prefix, limit, window)``: ``record`` is the key's record (``diffq:apikey:<id>``):
+``rate_hit(record, prefix, limit, window, now)``: ``record`` is the key's record (``diffq:apikey:<id>``):
 a key revoked or removed since the API process checked its secret is refused here ({-1}),
-uncounted. ``prefix``: the key's counters' prefix; ``limit`` requests per ``window`` seconds. The
-counters are named from the window's number (one Redis, no cluster: as RQ needs). Returns {1
+uncounted. ``prefix``: the key's counters' prefix; ``limit`` requests per ``window`` seconds;
+``now``: the caller's clock in seconds (the API process's; '' or nil: Redis's ``TIME``, one command
+more per request). The counters are named from the window's number (one Redis, no cluster: as RQ needs). Returns {1
 allowed or 0 refused, remaining, ms until the window resets, ms until a retry fits}.
 """
 
 from __future__ import annotations
 
 HIT_FN = """
-local function rate_hit(record, prefix, limit, window)
+local function rate_hit(record, prefix, limit, window, now)
   local revoked = redis.call('HGET', record, 'revoked_at')
   if not revoked or revoked ~= 'null' then return {-1} end
-  local now = redis.call('TIME')
-  local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+  local t = tonumber(now or '')
+  if not t then
+    local clock = redis.call('TIME')
+    t = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  end
   local index = math.floor(t / window)
   local left = window - (t - index * window)
   local current_key = prefix .. index

@@ -112,11 +112,15 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
   end
   local last_field = 'last:' .. rank .. ':' .. owner
   local top_field = 'top:' .. rank
-  local last = tonumber(redis.call('HGET', state, last_field) or '-1')
-  local top = tonumber(redis.call('HGET', state, top_field) or '0')
+  local got = redis.call('HMGET', state, last_field, top_field)
+  local last = tonumber(got[1] or '-1')
+  local top = tonumber(got[2] or '0')
   local round = math.max(last + 1, base or top)
-  redis.call('HSET', state, last_field, round)
-  if round > top then redis.call('HSET', state, top_field, round) end
+  if round > top then
+    redis.call('HSET', state, last_field, round, top_field, round)
+  else
+    redis.call('HSET', state, last_field, round)
+  end
   local score = low + round
   while true do
     local after = redis.call('ZRANGEBYSCORE', zset, '(' .. score, '+inf', 'LIMIT', 0, 1)

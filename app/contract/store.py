@@ -169,7 +169,9 @@ return {{1, lost, 0}}
 )
 
 # KEYS[2]: the running index; KEYS[3]: the job's event stream; KEYS[4]: the outbox. ARGV[1]: the
-# new attempt token (JSON); ARGV[2]: claim time; ARGV[3]: job id; ARGV[4]: unused; ARGV[5..]:
+# new attempt token (JSON); ARGV[2]: claim time; ARGV[3]: job id; ARGV[4]: the fair zsets' key
+# prefix (the job leaves its model queue's fair order here, so the next submit finds no stale
+# entry to drop, ``rq_adapter._FAIR_PUSH_FN``; a job that never had a place is not in it); ARGV[5..]:
 # field, value pairs to set; the attempt counter is incremented here, and the ``running`` event
 # carries it. The record is read once (HGETALL): the guard, the attempt, the webhook and batch
 # for the event, and the reply, which is {1, the record's fields and values as read, then those
@@ -185,6 +187,7 @@ _CLAIM_BODY = """
 local attempt = tostring(tonumber(record['attempt'] or '0') + 1)
 redis.call('HSET', KEYS[1], 'attempt', attempt, 'attempt_token', ARGV[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if record['model'] then redis.call('ZREM', ARGV[4] .. cjson.decode(record['model']), ARGV[3]) end
 emit_known(KEYS[1], KEYS[3], KEYS[4], ARGV[3], 'running', cjson.encode({attempt = tonumber(attempt)}),
            record['request'], record['batch'])
 local result = {1}
@@ -332,17 +335,18 @@ return made
 # ARGV: 1 job id, 2 record TTL, 3 queue depth (0: none), 4 queued cap (0: none), 5 owner, 6 class,
 # 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
 # score, 12 index size, 13 queued event data, 14 the model's registration as checked ('': any),
-# 15 the rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 n record strings,
-# then them, then RQ's strings.
+# 15 the rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 the API's clock,
+# 19 n record strings, then them, then RQ's strings.
 _SUBMIT = (
     _EMIT
     + rq_adapter.FAIR_PUSH_FN
     + rate.HIT_FN
+    + f"local MAX_EVENTS = '{events.MAX_EVENTS}'\n"
     + """
 local id, ttl = ARGV[1], ARGV[2]
 local hit = {1, 0, 0, 0}
 if ARGV[15] ~= '' then
-  hit = rate_hit(KEYS[14], ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17]))
+  hit = rate_hit(KEYS[14], ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17]), ARGV[18])
   if hit[1] ~= 1 then return {'rate', unpack(hit)} end
 end
 if ARGV[9] ~= '' then
@@ -368,14 +372,21 @@ if cap > 0 then
   redis.call('EXPIRE', KEYS[9], ttl)
 end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[11], ARGV[9], 'EX', ARGV[10]) end
-local n = tonumber(ARGV[18])
-redis.call('HSET', KEYS[1], unpack(ARGV, 19, 18 + n))
+local n = tonumber(ARGV[19])
+redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + n))
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('HSET', KEYS[7], unpack(ARGV, 19 + n))
+redis.call('HSET', KEYS[7], unpack(ARGV, 20 + n))
 redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('SADD', KEYS[8], KEYS[4])
 fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7])
-emit(KEYS[1], KEYS[2], KEYS[3], id, 'queued', ARGV[13])
+-- the queued event as emit makes it, from what this script knows (the record's TTL, its request)
+local request = nil
+for i = 20, 19 + n, 2 do
+  if ARGV[i] == 'request' then request = ARGV[i + 1] break end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAX_EVENTS, '*', 'type', 'queued', 'data', ARGV[13])
+redis.call('EXPIRE', KEYS[2], ttl)
+hook_out(KEYS[3], id, 'queued', ARGV[13], request)
 redis.call('ZADD', KEYS[10], ARGV[11], id)
 redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
 redis.call('EXPIRE', KEYS[10], ttl)
@@ -654,7 +665,8 @@ class JobStore:
                 "error": None,
             }
         )
-        reply = script(keys=script_keys, args=[json.dumps(token), str(time.time()), job_id, "", *_flatten(fields)])
+        args = [json.dumps(token), str(time.time()), job_id, _FAIR_PREFIX, *_flatten(fields)]
+        reply = script(keys=script_keys, args=args)
         if int(reply[0]) != WriteResult.WRITTEN:
             return None
         pairs = reply[1:]
@@ -889,7 +901,7 @@ def _submit_call(
     rate: tuple[str, Sequence[Any]] | None = None,
 ) -> dict[str, list[Any]]:
     """``_SUBMIT``'s keys and arguments (``JobStore.submit``)."""
-    record_key, hit = rate if rate is not None else (keys.job(record.id), ("", 0, 0))  # a placeholder: unread
+    record_key, hit = rate if rate is not None else (keys.job(record.id), ("", 0, 0, ""))  # a placeholder: unread
     place = queue.place
     fields = _flatten(record.to_hash())
     # Without a key, KEYS[11] is a placeholder the script never touches.
@@ -944,6 +956,9 @@ def _submitted(reply: list[Any]) -> Submitted:
     hit = [int(value) for value in reply[2:6]]
     return Submitted(outcome, position=position if position >= 0 else None, durations=list(reply[6:]), rate=hit)
 
+
+#: The fair zset of a model's queue is this and the model's name (``keys.fair`` of ``tasks.queue_name``).
+_FAIR_PREFIX = keys.fair(tasks.QUEUE_PREFIX)
 
 #: ``_READ``'s RQ queue-list key prefix, and the durations key's prefix and suffix.
 _READ_ARGS = (

@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 
 #: Seconds a submit may rely on this process's last listing of served models (``Registry.served_models``).
-SERVED_MAX_AGE = 1.0
+#: Safe to be stale: the submit script checks the model's registration itself ('unserved': read again),
+#: and a model the listing lacks is read afresh; what ages is the ETA's count of workers.
+SERVED_MAX_AGE = 5.0
 
 
 def new_job_id() -> str:

@@ -158,12 +158,17 @@ async def get_job(
             raise PollingTooFastError(job_id, pacer.retry_after(job_id))
         if hold > 0:
             await asyncio.sleep(hold)
+    # A long poll notes the job's newest event before it reads the job, and follows from there: an end
+    # after the read is an event after that one (the wait reads the job once, not twice).
+    after = await waiter.last_event_id(job_id) if wait > 0 else None
     view = await jobs.get_async(job_id)  # one read through the asyncio client, on the event loop
-    if wait == 0 or view.status.is_terminal:
+    if after is None or view.status.is_terminal:
         return _polled(view, request, response)
     async with waiter.admit(jobs.caller) as held:  # 429/503 before any blocking read
         try:
-            ended = await held.until_ended(jobs, job_id, wait, disconnected=request.is_disconnected)
+            ended = await held.until_ended(
+                jobs, job_id, wait, disconnected=request.is_disconnected, known=(after, view)
+            )
         except WaitTimedOut as late:
             ended = late.view  # a long poll answers the job as it is
     if ended is None:  # the client hung up: nobody reads this, and the job goes on
