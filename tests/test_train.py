@@ -22,6 +22,7 @@ def test_train_all_stages_resume_and_export(tmp_path):
     common = ["--preset", "tiny", "--run", str(tmp_path / "run"), "--batch", "4", "--save-every", "2"]
     run("vae", *common, "--steps", "4")
     run("decoder", *common, "--steps", "2", "--edge-weight", "8", "--peak-weight", "0.25")
+    run("decoder", *common, "--steps", "3", "--pool", str(tiny_pool(tmp_path / "pool.pt")))  # resumes, with a pool
     run("unet", *common, "--steps", "3")
     run("unet", *common, "--steps", "5")  # resumes from step 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -29,8 +30,8 @@ def test_train_all_stages_resume_and_export(tmp_path):
     out = tmp_path / "model"
     run("export", *common, "--out", str(out))
     record = json.loads((out / "training.json").read_text())
-    assert (record["vae_steps"], record["decoder_steps"], record["unet_steps"]) == (4, 2, 5)
-    assert record["history"][-1]["decoder"]["argv"][-4:] == ["--edge-weight", "8", "--peak-weight", "0.25"]
+    assert (record["vae_steps"], record["decoder_steps"], record["unet_steps"]) == (4, 3, 5)
+    assert record["history"][-1]["decoder"]["argv"][-2:] == ["--pool", str(tmp_path / "pool.pt")]
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -52,6 +53,55 @@ def test_train_all_stages_resume_and_export(tmp_path):
     run(*lcm, "--steps", "2")
     run(*lcm, "--steps", "3")
     assert_lcm_folder(student, steps=3, ode_steps=25)
+
+
+def tiny_pool(path):
+    """A pool file as `diffq.model.training.generated` writes one, for the tiny preset's latents."""
+    import torch
+
+    from diffq.model.training import shapes_data
+    from diffq.model.training.architecture import PRESETS
+
+    arch = PRESETS["tiny"]
+    side = 64 // 2 ** (len(arch.vae_channels) - 1)
+    images, captions = shapes_data.batch(range(3), as_uint8=True)
+    torch.save({"latents": torch.randn(3, arch.latent_channels, side, side), "truths": torch.from_numpy(images),
+                "captions": captions, "seeds": [0, 1, 2], "tried": 3}, path)
+    return path
+
+
+def test_aligned_truth_is_the_ideal_scene_where_the_generator_drew_it_or_nothing_when_it_drew_another():
+    import numpy as np
+    from PIL import ImageFilter
+
+    from diffq.model.training import fidelity, generated, shapes_data
+
+    all_ = generated.ALL_MENTIONS
+    scene = shapes_data.Scene("blue", (shapes_data.Shape("yellow", "square", "left", "large"),), all_)
+    ideal = generated.render_at(scene, [shapes_data.POSITION_CENTRES["left"]])
+    assert np.array_equal(np.asarray(ideal), np.asarray(shapes_data.render(scene)))
+    # a soft square drawn 3 px right of its place: the truth is a crisp one, 3 px right
+    moved = generated.render_at(scene, [(20.0, 32.0)])
+    soft = moved.filter(ImageFilter.GaussianBlur(1.5))
+    assert fidelity.measure(soft, scene.shapes[0]).speckle > 0.1  # a soft inside, off its colour
+    truth = generated.aligned_truth(soft, scene)
+    assert truth is not None
+    assert fidelity.measure(truth, scene.shapes[0]).speckle == 0
+    assert np.abs(np.asarray(truth, np.int16) - np.asarray(moved, np.int16)).max() <= 2
+    # two shapes: each centred where its half has it
+    pair = shapes_data.Scene("black", (shapes_data.Shape("red", "circle", "left", "small"),
+                                       shapes_data.Shape("green", "star", "right", "large")), all_)
+    drawn = generated.render_at(pair, [(18.0, 31.0), (49.0, 33.5)])
+    offset = np.abs(np.asarray(generated.aligned_truth(drawn, pair), np.int16) - np.asarray(drawn, np.int16))
+    assert offset.mean() < 1.0 and np.percentile(offset, 99) < 40  # within a fraction of a pixel
+    # what does not read back as the scene gives no pair: another colour, another kind, a shape missing
+    for other in (
+        shapes_data.Scene("blue", (shapes_data.Shape("red", "square", "left", "large"),), all_),
+        shapes_data.Scene("blue", (shapes_data.Shape("yellow", "circle", "left", "large"),), all_),
+        shapes_data.Scene("blue", (shapes_data.Shape("yellow", "square", "right", "large"),), all_),
+    ):
+        assert generated.aligned_truth(moved, other) is None
+    assert generated.aligned_truth(generated.render_at(pair, [(18.0, 31.0), (-40.0, -40.0)]), pair) is None
 
 
 def assert_lcm_folder(folder, steps, ode_steps):

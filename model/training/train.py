@@ -193,6 +193,7 @@ def autoencoder_loop(
         previous_seconds = state.get("seconds", 0.0)
         print(f"resumed {name} at step {step}")
     val_images = torch.from_numpy(shapes_data.batch(range(64))[0]).to(device)
+    pool = load_pool(args, device) if stage == 2 else None
     started = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=name, dynamic_ncols=True)
     while step < args.steps:
@@ -204,6 +205,10 @@ def autoencoder_loop(
         # learning to outshout the posterior noise before edges get sharp. The KL term still
         # keeps the latents' scale tame, and the UNet stage encodes with the mean as well.
         recon = vae.decode(posterior.mode()).sample
+        if pool is not None:  # and the generator's latents, each to its aligned ideal scene
+            picks = [pool_index(len(pool[0]), step * pool[2] + j, args.seed) for j in range(pool[2])]
+            recon = torch.cat([recon, vae.decode(pool[0][picks]).sample])
+            images = torch.cat([images, pool[1][picks]])
         # L1 keeps edges sharp on flat colours; MSE drives PSNR
         loss = reconstruction_loss(recon, images, args.edge_weight, args.peak_weight, args.flat_weight)
         if stage == 0:
@@ -237,6 +242,19 @@ def autoencoder_loop(
                 }
             )
     bar.close()
+
+
+def load_pool(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """`--pool`'s generated latents (unscaled) and aligned truths in [-1, 1], and how many of them
+    join each step's batch (`--pool-share` of `--batch`, beside that many fewer reconstructions)."""
+    if args.pool is None:
+        return None
+    pool = torch.load(args.pool)
+    per_step = round(args.batch * args.pool_share)
+    args.batch -= per_step
+    truths = pool["truths"].float() / 127.5 - 1.0
+    print(f"pool {args.pool}: {len(truths)} generated latents, {per_step} a step beside {args.batch} reconstructions")
+    return pool["latents"].to(device), truths.to(device), per_step
 
 
 @torch.no_grad()
@@ -966,6 +984,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="vae/decoder: weight of flat pixels' squared excess over 24 RGB units off their colour (0: none)",
     )
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        default=None,
+        help="decoder: generated latents with their aligned ideal scenes (python -m diffq.model.training.generated)",
+    )
+    parser.add_argument("--pool-share", type=float, default=0.5, help="decoder: share of each batch taken from --pool")
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")

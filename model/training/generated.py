@@ -1,0 +1,162 @@
+"""Decoder training pairs from the generator itself: what the UNet makes, and what it should look like.
+
+The decoder was trained on the encoder's latents of rendered scenes, and it reconstructs them
+crisply (docs/model.md); the UNet's latents lie a little off those, and the decoder turns the
+difference into the pillows, soft corners and speckles the 20-step images show. This module
+samples latents the way the service does (the model's pipeline, DPM-Solver++ 20 steps,
+guidance 5, full captions of scenes the training seeds draw) and pairs each with the scene
+rendered ideally where the generator put each shape: the scene's colours and kinds at the
+scene's sizes, each shape centred on the centroid of what the current decoder draws for it.
+A sample whose decoding does not read back as its scene (wrong colour, kind or position, a
+shape missing) is left out: the decoder learns to sharpen what the UNet drew, never to draw
+something else. `python -m diffq.model.training.train decoder --pool runs/pool.pt` mixes these
+pairs with reconstructions (`--pool-share`).
+
+`python -m diffq.model.training.generated --model model/shapes -n 2000 --out runs/pool.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from diffq.model.training import fidelity, shapes_data
+
+POOL_SEED_BASE = 30_000_000  # above training.train's TRAIN_SEED_BASE (evaluation's seeds are below it)
+ALL_MENTIONS = frozenset({"background", "position", "size"})
+
+
+def full_scene(seed: int) -> shapes_data.Scene:
+    """Training scene number `seed` with every attribute in its caption, so it has one rendering."""
+    scene = shapes_data.random_scene(random.Random(seed))
+    return shapes_data.Scene(scene.background, scene.shapes, ALL_MENTIONS)
+
+
+def render_at(scene: shapes_data.Scene, centres: list[tuple[float, float]]) -> Image.Image:
+    """`scene` drawn as `shapes_data.render` draws it, each shape centred at the given point."""
+    s = shapes_data.SUPERSAMPLE
+    size = shapes_data.IMAGE_SIZE
+    canvas = Image.new("RGB", (size * s, size * s), shapes_data.COLOURS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    for shape, (cx, cy) in zip(scene.shapes, centres, strict=True):
+        radius = shapes_data.SIZE_RADII[shape.size] * s
+        shapes_data.draw_shape(draw, shape.kind, cx * s, cy * s, radius, shapes_data.COLOURS[shape.colour])
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def half_of(position: str) -> np.ndarray:
+    """The half of the canvas a two-shape scene's shape at `position` is read from (as `analyse` splits)."""
+    size = shapes_data.IMAGE_SIZE
+    region = np.zeros((size, size), bool)
+    cut = {"left": np.s_[:, : size // 2], "right": np.s_[:, size // 2 :], "top": np.s_[: size // 2, :]}
+    region[cut.get(position, np.s_[size // 2 :, :])] = True
+    return region
+
+
+def aligned_truth(image: Image.Image, scene: shapes_data.Scene) -> Image.Image | None:
+    """The ideal rendering of `scene` with each shape where `image` drew it, or None when `image`
+    does not read back as `scene` (background, or any shape's colour, kind or position)."""
+    found = shapes_data.analyse(image, scene)
+    if found.background != scene.background:
+        return None
+    pixels = np.asarray(image.convert("RGB"))
+    centres = []
+    for shape, got in zip(scene.shapes, found.shapes, strict=True):
+        if (got["colour"], got["kind"], got["position"]) != (shape.colour, shape.kind, shape.position):
+            return None
+        mask = fidelity.shape_pixels(pixels, shape.colour)
+        if len(scene.shapes) > 1:
+            mask &= half_of(shape.position)
+        region = fidelity.largest_region(mask)
+        if region.sum() < 6:
+            return None
+        gx, gy = fidelity.centroid(region)
+        ox, oy = fidelity._centroid_offset(shape.kind, shape.size)
+        centres.append((gx - ox, gy - oy))
+    return render_at(scene, centres)
+
+
+@torch.no_grad()
+def build_pool(
+    model: Path, n: int, seed: int, steps: int, guidance: float, scheduler: str, batch: int, device: str
+) -> dict:
+    """`n` candidate samples of `model`; returns the kept ones: {"latents" (K, C, h, w) unscaled,
+    "truths" (K, 3, 64, 64) uint8, "captions", "seeds", and how many were tried}."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffq.model.schedulers import build_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+    pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    factor = pipe.vae.config.scaling_factor
+    latents, truths, captions, seeds = [], [], [], []
+    started = time.time()
+    for start in range(0, n, batch):
+        chunk = [POOL_SEED_BASE + seed * 1_000_003 + i for i in range(start, min(n, start + batch))]
+        scenes = [full_scene(s) for s in chunk]
+        out = pipe(
+            [sc.caption for sc in scenes],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(s) for s in chunk],
+            output_type="latent",
+        ).images
+        raw = out / factor
+        decoded = pipe.vae.decode(raw).sample.clamp(-1, 1)
+        arrays = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for k, scene in enumerate(scenes):
+            truth = aligned_truth(Image.fromarray(arrays[k]), scene)
+            if truth is None:
+                continue
+            latents.append(raw[k].cpu())
+            truths.append(torch.from_numpy(np.asarray(truth).transpose(2, 0, 1).copy()))
+            captions.append(scene.caption)
+            seeds.append(chunk[k])
+        print(f"{start + len(chunk)}/{n} tried, {len(latents)} kept, {time.time() - started:.0f} s", flush=True)
+    return {
+        "latents": torch.stack(latents),
+        "truths": torch.stack(truths),
+        "captions": captions,
+        "seeds": seeds,
+        "tried": n,
+        "model": str(model),
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler,
+        "seconds": time.time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffq.model.training.generated", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--model", type=Path, default=Path(__file__).parent.parent / "shapes")
+    parser.add_argument("-n", type=int, default=2000, help="samples to try")
+    parser.add_argument("--out", type=Path, required=True, help="the pool file (.pt)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--scheduler", default="dpmpp_2m")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pool = build_pool(args.model, args.n, args.seed, args.steps, args.guidance, args.scheduler, args.batch, args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pool, args.out)
+    print(f"kept {len(pool['seeds'])} of {pool['tried']} in {pool['seconds']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
