@@ -38,12 +38,14 @@ def full_scene(seed: int) -> shapes_data.Scene:
     return shapes_data.Scene(scene.background, scene.shapes, ALL_MENTIONS)
 
 
-def render_at(scene: shapes_data.Scene, centres: list[tuple[float, float]]) -> Image.Image:
+def render_at(scene: shapes_data.Scene, centres: list[tuple[float, float]], style: str = "plain") -> Image.Image:
     """`scene` drawn as `shapes_data.render` draws it, each shape centred at the given point."""
     s = shapes_data.SUPERSAMPLE
     size = shapes_data.IMAGE_SIZE
     canvas = Image.new("RGB", (size * s, size * s), shapes_data.COLOURS[scene.background])
     draw = ImageDraw.Draw(canvas)
+    if style == "stripes":
+        shapes_data.draw_stripes(draw, scene.background, s)
     for shape, (cx, cy) in zip(scene.shapes, centres, strict=True):
         radius = shapes_data.SIZE_RADII[shape.size] * s
         shapes_data.draw_shape(draw, shape.kind, cx * s, cy * s, radius, shapes_data.COLOURS[shape.colour])
@@ -59,9 +61,12 @@ def half_of(position: str) -> np.ndarray:
     return region
 
 
-def aligned_truth(image: Image.Image, scene: shapes_data.Scene) -> Image.Image | None:
-    """The ideal rendering of `scene` with each shape where `image` drew it, or None when `image`
-    does not read back as `scene` (background, or any shape's colour, kind or position)."""
+def aligned_truth(image: Image.Image, scene: shapes_data.Scene, style: str = "plain") -> Image.Image | None:
+    """The ideal rendering of `scene` (in `style`) with each shape where `image` drew it, or None when
+    `image` does not read back as `scene` (background, or any shape's colour, kind or position; with
+    stripes asked, a background without them)."""
+    if style == "stripes" and not shapes_data.has_stripes(image):
+        return None
     found = shapes_data.analyse(image, scene)
     if found.background != scene.background:
         return None
@@ -79,15 +84,25 @@ def aligned_truth(image: Image.Image, scene: shapes_data.Scene) -> Image.Image |
         gx, gy = fidelity.centroid(region)
         ox, oy = fidelity._centroid_offset(shape.kind, shape.size)
         centres.append((gx - ox, gy - oy))
-    return render_at(scene, centres)
+    return render_at(scene, centres, style)
 
 
 @torch.no_grad()
 def build_pool(
-    model: Path, n: int, seed: int, steps: int, guidance: float, scheduler: str, batch: int, device: str
+    model: Path,
+    n: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    scheduler: str,
+    batch: int,
+    device: str,
+    lora: Path | None = None,
+    style: str = "plain",
 ) -> dict:
-    """`n` candidate samples of `model`; returns the kept ones: {"latents" (K, C, h, w) unscaled,
-    "truths" (K, 3, 64, 64) uint8, "captions", "seeds", and how many were tried}."""
+    """`n` candidate samples of `model` (with the LoRA adapter file `lora` at weight 1, whose style
+    the truths are drawn in); returns the kept ones: {"latents" (K, C, h, w) unscaled, "truths"
+    (K, 3, 64, 64) uint8, "captions", "seeds", and how many were tried}."""
     from diffusers import StableDiffusionPipeline
 
     from diffq.model.schedulers import build_scheduler
@@ -95,6 +110,8 @@ def build_pool(
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.to(device)
     factor = pipe.vae.config.scaling_factor
     latents, truths, captions, seeds = [], [], [], []
@@ -113,7 +130,7 @@ def build_pool(
         decoded = pipe.vae.decode(raw).sample.clamp(-1, 1)
         arrays = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for k, scene in enumerate(scenes):
-            truth = aligned_truth(Image.fromarray(arrays[k]), scene)
+            truth = aligned_truth(Image.fromarray(arrays[k]), scene, style)
             if truth is None:
                 continue
             latents.append(raw[k].cpu())
@@ -131,6 +148,8 @@ def build_pool(
         "steps": steps,
         "guidance": guidance,
         "scheduler": scheduler,
+        "lora": str(lora) if lora else None,
+        "style": style,
         "seconds": time.time() - started,
     }
 
@@ -147,12 +166,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--scheduler", default="dpmpp_2m")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lora", type=Path, default=None, help="a LoRA adapter file to sample with, at weight 1")
+    parser.add_argument(
+        "--style", default="plain", choices=shapes_data.STYLES, help="the style the truths are drawn in"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pool = build_pool(args.model, args.n, args.seed, args.steps, args.guidance, args.scheduler, args.batch, args.device)
+    pool = build_pool(
+        args.model,
+        args.n,
+        args.seed,
+        args.steps,
+        args.guidance,
+        args.scheduler,
+        args.batch,
+        args.device,
+        args.lora,
+        args.style,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(pool, args.out)
     print(f"kept {len(pool['seeds'])} of {pool['tried']} in {pool['seconds']:.0f} s -> {args.out}")

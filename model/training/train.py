@@ -419,8 +419,9 @@ def invert_latents(vae, images: torch.Tensor, iterations: int, device) -> torch.
     """Latents that the frozen decoder turns into `images`: the encoder's, then `iterations` Adam
     steps on the decoder's reconstruction loss. The VAE saw only flat palette colours; it encodes
     a striped background so that it decodes faded (the stripe detector finds a quarter of the
-    reconstructions plain) with off-palette pixels the scorer reads as shapes. Ten steps give
-    latents whose decodings are all striped and score like plain scenes (docs/models.md)."""
+    reconstructions plain) with off-palette pixels the scorer reads as shapes. Ten steps gave
+    latents whose decodings are all striped and score like plain scenes with the decoder of stop 32
+    (docs/models.md); the decoder since stop 33 fades more stripes and needs about twenty."""
     images = images.to(device)
     with torch.no_grad():
         z = vae.encode(images).latent_dist.mode()
