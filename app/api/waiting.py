@@ -85,10 +85,6 @@ class Wait:
     slot: WaitSlot
     hung_up: bool = False  # set once ``follow`` has seen the client gone
 
-    async def last_event_id(self, job_id: str) -> str:
-        """The id of the job's newest event ("0" if none): follow from here to miss nothing after it."""
-        return await self.waiter.last_event_id(job_id)
-
     async def follow(
         self, job_id: str, after: str, *, deadline: float | None = None, disconnected: Disconnected | None = None
     ) -> AsyncGenerator[list[events.Event], None]:
@@ -134,7 +130,7 @@ class Wait:
         if known is not None:
             after, view = known
         else:
-            after = await self.last_event_id(job_id)
+            after = await self.waiter.last_event_id(job_id)
             view = await run_in_threadpool(jobs.get, job_id)  # read after `after`: nothing ends unseen
         if view.status.is_terminal:
             return view

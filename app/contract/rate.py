@@ -10,8 +10,8 @@ job costs one round trip, the rate included.
 ``rate_hit(record, prefix, limit, window, now)``: ``record`` is the key's record (``diffq:apikey:<id>``):
 a key revoked or removed since the API process checked its secret is refused here ({-1}),
 uncounted. ``prefix``: the key's counters' prefix; ``limit`` requests per ``window`` seconds;
-``now``: the caller's clock in seconds (the API process's; '' or nil: Redis's ``TIME``, one command
-more per request). The counters are named from the window's number (one Redis, no cluster: as RQ needs). Returns {1
+``now``: the caller's clock in seconds (the API process's, so no ``TIME``: one command fewer per
+request). The counters are named from the window's number (one Redis, no cluster: as RQ needs). Returns {1
 allowed or 0 refused, remaining, ms until the window resets, ms until a retry fits}.
 """
 
@@ -21,11 +21,7 @@ HIT_FN = """
 local function rate_hit(record, prefix, limit, window, now)
   local revoked = redis.call('HGET', record, 'revoked_at')
   if not revoked or revoked ~= 'null' then return {-1} end
-  local t = tonumber(now or '')
-  if not t then
-    local clock = redis.call('TIME')
-    t = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-  end
+  local t = tonumber(now)
   local index = math.floor(t / window)
   local left = window - (t - index * window)
   local current_key = prefix .. index

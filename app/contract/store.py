@@ -65,6 +65,13 @@ local function emit(job_key, stream, outbox, job_id, kind, data)
   if ({_TERMINAL_EVENTS_LUA})[kind] then tally(job_key, outbox, kind) end
   hook_out(outbox, job_id, kind, data, redis.call('HGET', job_key, 'request'))
 end
+-- emit_made(..., ttl, request): ``emit`` of a job's first event by the script that has just written
+-- its record with TTL ``ttl`` and request field ``request``: no TTL/HGET to read them back.
+local function emit_made(stream, outbox, job_id, kind, data, ttl, request)
+  redis.call('XADD', stream, 'MAXLEN', '~', '{events.MAX_EVENTS}', '*', 'type', kind, 'data', data)
+  redis.call('EXPIRE', stream, ttl)
+  hook_out(outbox, job_id, kind, data, request)
+end
 -- emit_known(..., request, batch): ``emit`` for a script that has read the record's ``request``
 -- and ``batch`` fields already (with its guard), into a stream that exists (made by the job's
 -- ``queued`` event with the record's TTL, which XADD keeps): one XADD, no TTL/EXPIRE/HGET. A
@@ -341,7 +348,6 @@ _SUBMIT = (
     _EMIT
     + rq_adapter.FAIR_PUSH_FN
     + rate.HIT_FN
-    + f"local MAX_EVENTS = '{events.MAX_EVENTS}'\n"
     + """
 local id, ttl = ARGV[1], ARGV[2]
 local hit = {1, 0, 0, 0}
@@ -379,14 +385,11 @@ redis.call('HSET', KEYS[7], unpack(ARGV, 20 + n))
 redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('SADD', KEYS[8], KEYS[4])
 fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7])
--- the queued event as emit makes it, from what this script knows (the record's TTL, its request)
 local request = nil
 for i = 20, 19 + n, 2 do
   if ARGV[i] == 'request' then request = ARGV[i + 1] break end
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', MAX_EVENTS, '*', 'type', 'queued', 'data', ARGV[13])
-redis.call('EXPIRE', KEYS[2], ttl)
-hook_out(KEYS[3], id, 'queued', ARGV[13], request)
+emit_made(KEYS[2], KEYS[3], id, 'queued', ARGV[13], ttl, request)
 redis.call('ZADD', KEYS[10], ARGV[11], id)
 redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
 redis.call('EXPIRE', KEYS[10], ttl)

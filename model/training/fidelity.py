@@ -124,7 +124,7 @@ def ideal_mask(kind: str, size: str, cx: float, cy: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _centroid_offset(kind: str, size: str) -> tuple[float, float]:
+def centroid_offset(kind: str, size: str) -> tuple[float, float]:
     """Where the ideal mask's centroid lies relative to the centre it is drawn at (a triangle's is lower)."""
     mid = shapes_data.IMAGE_SIZE / 2
     x, y = centroid(ideal_mask(kind, size, mid, mid))
@@ -141,7 +141,7 @@ def best_iou(region: np.ndarray, kind: str, size: str) -> float:
     if not region.any():
         return 0.0
     gx, gy = centroid(region)
-    ox, oy = _centroid_offset(kind, size)
+    ox, oy = centroid_offset(kind, size)
     cx, cy = gx - ox, gy - oy
     cx, cy = round(cx * 4) / 4, round(cy * 4) / 4  # quarter pixels: the ideal masks' cache is reused
     return max(iou(region, ideal_mask(kind, size, cx + dx, cy + dy)) for dx in OFFSETS for dy in OFFSETS)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffq.model.training import fidelity, shapes_data
+from diffq.model.training.shapes_data import render_at
 
 POOL_SEED_BASE = 30_000_000  # above training.train's TRAIN_SEED_BASE (evaluation's seeds are below it)
 ALL_MENTIONS = frozenset({"background", "position", "size"})
@@ -36,29 +37,6 @@ def full_scene(seed: int) -> shapes_data.Scene:
     """Training scene number `seed` with every attribute in its caption, so it has one rendering."""
     scene = shapes_data.random_scene(random.Random(seed))
     return shapes_data.Scene(scene.background, scene.shapes, ALL_MENTIONS)
-
-
-def render_at(scene: shapes_data.Scene, centres: list[tuple[float, float]], style: str = "plain") -> Image.Image:
-    """`scene` drawn as `shapes_data.render` draws it, each shape centred at the given point."""
-    s = shapes_data.SUPERSAMPLE
-    size = shapes_data.IMAGE_SIZE
-    canvas = Image.new("RGB", (size * s, size * s), shapes_data.COLOURS[scene.background])
-    draw = ImageDraw.Draw(canvas)
-    if style == "stripes":
-        shapes_data.draw_stripes(draw, scene.background, s)
-    for shape, (cx, cy) in zip(scene.shapes, centres, strict=True):
-        radius = shapes_data.SIZE_RADII[shape.size] * s
-        shapes_data.draw_shape(draw, shape.kind, cx * s, cy * s, radius, shapes_data.COLOURS[shape.colour])
-    return canvas.resize((size, size), Image.Resampling.BOX)
-
-
-def half_of(position: str) -> np.ndarray:
-    """The half of the canvas a two-shape scene's shape at `position` is read from (as `analyse` splits)."""
-    size = shapes_data.IMAGE_SIZE
-    region = np.zeros((size, size), bool)
-    cut = {"left": np.s_[:, : size // 2], "right": np.s_[:, size // 2 :], "top": np.s_[: size // 2, :]}
-    region[cut.get(position, np.s_[size // 2 :, :])] = True
-    return region
 
 
 def aligned_truth(image: Image.Image, scene: shapes_data.Scene, style: str = "plain") -> Image.Image | None:
@@ -77,12 +55,12 @@ def aligned_truth(image: Image.Image, scene: shapes_data.Scene, style: str = "pl
             return None
         mask = fidelity.shape_pixels(pixels, shape.colour)
         if len(scene.shapes) > 1:
-            mask &= half_of(shape.position)
+            mask &= shapes_data.half_region(shape.position)
         region = fidelity.largest_region(mask)
         if region.sum() < 6:
             return None
         gx, gy = fidelity.centroid(region)
-        ox, oy = fidelity._centroid_offset(shape.kind, shape.size)
+        ox, oy = fidelity.centroid_offset(shape.kind, shape.size)
         centres.append((gx - ox, gy - oy))
     return render_at(scene, centres, style)
 

@@ -177,16 +177,24 @@ def draw_stripes(draw: ImageDraw.ImageDraw, colour: str, scale: int) -> None:
 
 def render(scene: Scene, rng: random.Random | None = None, style: str = "plain") -> Image.Image:
     """Render a scene to a 64×64 RGB image; `rng` adds a little jitter to each shape's place."""
-    s = SUPERSAMPLE
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), COLOURS[scene.background])
-    draw = ImageDraw.Draw(canvas)
-    if style == "stripes":
-        draw_stripes(draw, scene.background, s)
+    centres = []
     for shape in scene.shapes:
         cx, cy = POSITION_CENTRES[shape.position]
         if rng is not None:
             cx += rng.uniform(-JITTER, JITTER)
             cy += rng.uniform(-JITTER, JITTER)
+        centres.append((cx, cy))
+    return render_at(scene, centres, style)
+
+
+def render_at(scene: Scene, centres: list[tuple[float, float]], style: str = "plain") -> Image.Image:
+    """`scene` rendered with each shape centred at the given point (64×64 pixel coordinates)."""
+    s = SUPERSAMPLE
+    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), COLOURS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    if style == "stripes":
+        draw_stripes(draw, scene.background, s)
+    for shape, (cx, cy) in zip(scene.shapes, centres, strict=True):
         draw_shape(draw, shape.kind, cx * s, cy * s, SIZE_RADII[shape.size] * s, COLOURS[shape.colour])
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
@@ -269,6 +277,16 @@ def position_of(cx: float, cy: float) -> str:
     return min(POSITION_CENTRES, key=lambda p: (POSITION_CENTRES[p][0] - cx) ** 2 + (POSITION_CENTRES[p][1] - cy) ** 2)
 
 
+def half_region(position: str) -> np.ndarray:
+    """The half of the canvas a two-shape scene's shape at `position` is read from (left, right,
+    top; any other: the bottom)."""
+    region = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    half = IMAGE_SIZE // 2
+    cut = {"left": np.s_[:, :half], "right": np.s_[:, half:], "top": np.s_[:half, :]}
+    region[cut.get(position, np.s_[half:, :])] = True
+    return region
+
+
 def analyse(image: Image.Image, scene: Scene) -> Analysis:
     """Read back background colour and, for each shape the scene asks for, its colour, kind and place.
 
@@ -287,18 +305,7 @@ def analyse(image: Image.Image, scene: Scene) -> Analysis:
     if len(scene.shapes) == 1:
         regions.append(foreground)
     else:
-        half = np.zeros_like(foreground)
-        for shape in scene.shapes:
-            region = half.copy()
-            if shape.position == "left":
-                region[:, : IMAGE_SIZE // 2] = True
-            elif shape.position == "right":
-                region[:, IMAGE_SIZE // 2 :] = True
-            elif shape.position == "top":
-                region[: IMAGE_SIZE // 2, :] = True
-            else:
-                region[IMAGE_SIZE // 2 :, :] = True
-            regions.append(foreground & region)
+        regions += [foreground & half_region(shape.position) for shape in scene.shapes]
 
     found: list[dict[str, str | None]] = []
     for region in regions:

@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -194,10 +195,11 @@ def autoencoder_loop(
         print(f"resumed {name} at step {step}")
     val_images = torch.from_numpy(shapes_data.batch(range(64))[0]).to(device)
     pool = load_pool(args, device) if stage == 2 else None
+    fresh = args.batch - (pool.per_step if pool is not None else 0)  # reconstructions a step
     started = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=name, dynamic_ncols=True)
     while step < args.steps:
-        images, _ = scene_batch(stage, step, args.batch, args.seed)
+        images, _ = scene_batch(stage, step, fresh, args.seed)
         images = images.to(device)
         with torch.set_grad_enabled(stage == 0):
             posterior = vae.encode(images).latent_dist
@@ -206,9 +208,9 @@ def autoencoder_loop(
         # keeps the latents' scale tame, and the UNet stage encodes with the mean as well.
         recon = vae.decode(posterior.mode()).sample
         if pool is not None:  # and the generator's latents, each to its aligned ideal scene
-            picks = [pool_index(len(pool[0]), step * pool[2] + j, args.seed) for j in range(pool[2])]
-            recon = torch.cat([recon, vae.decode(pool[0][picks]).sample])
-            images = torch.cat([images, pool[1][picks]])
+            picks = [pool_index(len(pool.latents), step * pool.per_step + j, args.seed) for j in range(pool.per_step)]
+            recon = torch.cat([recon, vae.decode(pool.latents[picks]).sample])
+            images = torch.cat([images, pool.truths[picks]])
         # L1 keeps edges sharp on flat colours; MSE drives PSNR
         loss = reconstruction_loss(recon, images, args.edge_weight, args.peak_weight, args.flat_weight)
         if stage == 0:
@@ -244,17 +246,23 @@ def autoencoder_loop(
     bar.close()
 
 
-def load_pool(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """`--pool`'s generated latents (unscaled) and aligned truths in [-1, 1], and how many of them
+class Pool(NamedTuple):
+    """`--pool`'s generated latents (unscaled), their aligned truths in [-1, 1], and how many of them
     join each step's batch (`--pool-share` of `--batch`, beside that many fewer reconstructions)."""
+
+    latents: torch.Tensor
+    truths: torch.Tensor
+    per_step: int
+
+
+def load_pool(args: argparse.Namespace, device: torch.device) -> Pool | None:
     if args.pool is None:
         return None
     pool = torch.load(args.pool)
     per_step = round(args.batch * args.pool_share)
-    args.batch -= per_step
     truths = pool["truths"].float() / 127.5 - 1.0
-    print(f"pool {args.pool}: {len(truths)} generated latents, {per_step} a step beside {args.batch} reconstructions")
-    return pool["latents"].to(device), truths.to(device), per_step
+    print(f"pool {args.pool}: {len(truths)} generated latents, {per_step} of each batch of {args.batch}")
+    return Pool(pool["latents"].to(device), truths.to(device), per_step)
 
 
 @torch.no_grad()
