@@ -13,7 +13,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from diffq.app.auth.apikeys import KeyLimits, KeyStore
-from diffq.app.auth.quotas import RateLimiter
+from diffq.app.auth.quotas import Claim, Quotas, RateLimiter
 from diffq.app.contract import keys
 from diffq.app.contract.records import ModelRecord
 from diffq.app.contract.tasks import model_queue
@@ -237,6 +237,40 @@ def test_rate_window_slides_over_the_previous_window(redis: Redis) -> None:
     assert decisions[3].headers()["Retry-After"] == "2"
     time.sleep(decisions[3].reset_seconds + 0.05)
     assert limiter.hit(key_id, "3/second").allowed
+
+
+def test_a_keys_rate_is_two_fields_of_its_record_three_commands_a_request(redis: Redis) -> None:
+    # The revocation and both windows' counts in one HMGET, the count in one HSET: no counter keys.
+    key_id = KeyStore(redis).create("counted", KeyLimits(rate_limit="5/second"))[0].id
+    limiter = RateLimiter(redis)
+    limiter.hit(key_id, "5/second")  # loads the script
+    calls = {name: stats["calls"] for name, stats in redis.info("commandstats").items()}
+    limiter.hit(key_id, "5/second")
+    after = {name: stats["calls"] for name, stats in redis.info("commandstats").items()}
+    spent = {name: after[name] - calls.get(name, 0) for name in after if after[name] != calls.get(name, 0)}
+    spent.pop("cmdstat_info", None)
+    assert spent == {"cmdstat_evalsha": 1, "cmdstat_hmget": 1, "cmdstat_hset": 1}
+    record = keys.api_key(key_id)
+    assert sorted(f for f in redis.hkeys(record) if f.startswith(b"rate:")) in ([b"rate:5/1:0"], [b"rate:5/1:1"],
+                                                                                [b"rate:5/1:0", b"rate:5/1:1"])
+    assert redis.keys("diffq:ratelimit*") == []
+    assert KeyStore(redis).get(key_id).name == "counted"  # the counters are not the key's fields
+    # Counts of windows long gone (a quiet key) weigh nothing: full slots of old windows, all 5 left.
+    redis.hset(record, mapping={"rate:5/1:0": "10:99", "rate:5/1:1": "11:99"})
+    decision = limiter.hit(key_id, "5/second")
+    assert decision.allowed and decision.remaining == 4
+
+
+def test_a_wait_claim_drops_lapsed_claims_only_when_they_would_refuse_it(redis: Redis) -> None:
+    quotas, waits = Quotas(redis, "owner-1"), keys.owner_waits("owner-1")
+    redis.zadd(waits, {"crashed-process": time.time() - 1})  # lapsed a second ago, never closed
+    first = quotas.open_claim({waits: 2})
+    assert isinstance(first, Claim) and redis.zcard(waits) == 2  # below the cap: left for the set's TTL
+    second = quotas.open_claim({waits: 2})  # at the cap: the lapsed claim goes, this one fits
+    assert isinstance(second, Claim) and redis.zscore(waits, "crashed-process") is None
+    assert quotas.open_claim({waits: 2}) == waits  # two live claims: full
+    quotas.close_claim(first)
+    assert isinstance(quotas.open_claim({waits: 2}), Claim)
 
 
 def test_queued_job_cap(keyed: TestClient, redis: Redis) -> None:

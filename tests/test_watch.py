@@ -65,7 +65,7 @@ def test_cancel_stops_a_running_job_within_a_step(api, watched, engine, redis: R
 
 def test_cancel_is_heard_within_a_step_between_progress_writes(api, settings, engine,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # Progress written at the first and last step only, no previews: no step reads the record
+    # No progress write during the run (one an hour), no previews: no step reads the record
     # unless the worker's stop listener heard the cancel (diffq.worker.stops).
     quiet = settings.model_copy(update={"progress_interval": 3600.0, "preview_decoder": "off"})
     steps: list[int] = []
@@ -90,6 +90,20 @@ def test_cancel_is_heard_within_a_step_between_progress_writes(api, settings, en
     results = while_working(quiet, engine, cancel_mid_run)
     assert job_of(api, job_id)["status"] == "canceled"
     assert len(steps) <= results["step"] + 2 < SLOW_JOB["steps"]  # the step under way, and the next at most
+
+
+def test_a_short_job_writes_no_progress_of_its_own_yet_ends_at_its_last_step(api, settings, engine,
+                                                                            redis: Redis) -> None:
+    # A run shorter than the progress interval makes no progress write (Redis commands a job saves);
+    # the last step's progress is stored with the job's end.
+    quiet = settings.model_copy(update={"progress_interval": 3600.0, "preview_decoder": "off"})
+    job_id = api.post("/v1/jobs", json=SLOW_JOB).json()["id"]
+    work(quiet, engine)
+    job = job_of(api, job_id)
+    assert job["status"] == "succeeded"
+    assert (job["progress"]["step"], job["progress"]["total"], job["progress"]["eta_seconds"]) == (80, 80, 0.0)
+    types = [fields[b"type"] for _, fields in redis.xrange(keys.events(job_id))]
+    assert types == [b"queued", b"running", b"succeeded"]
 
 
 def test_a_canceled_queued_job_never_runs(api, watched, engine) -> None:

@@ -4,7 +4,9 @@ The engine calls ``ProgressReporter`` after every step (a batch of jobs calls
 ``report_step`` with every job's reporter). It
 
 - writes progress with an ETA from the measured step times, at most once per
-  ``interval`` seconds (and always the last step), and publishes it as an event;
+  ``interval`` seconds (the first one interval after the run starts: its ``running`` event
+  says it began), and publishes it as an event; the last step's progress goes with the
+  job's end (``final_progress``, written by the finish script), not in a write of its own;
 - stores a preview of the clean-image estimate at most once per
   ``preview_interval`` seconds, with a progress write (the fitted latent
   projection by default, the VAE when configured), and publishes that too;
@@ -102,7 +104,8 @@ class ProgressReporter:
         self.writes = 0
         self.previews_written = 0
         self._started = clock()
-        self._last_write = -float("inf")
+        self._last_write = self._started  # the first write after one interval, as previews
+        self._last_step: tuple[int, int, float] | None = None  # the last step seen: step, total, when
         self._last_preview = clock()  # the first preview after one interval: step 1 is mostly noise
         self._redis_down = False
 
@@ -112,9 +115,13 @@ class ProgressReporter:
             raise stop
 
     def _progress_due(self, step: int, total: int, now: float) -> dict[str, Any] | None:
-        """The progress to write at this step, or None while throttled (the last step always is)."""
-        if not (step == total or now - self._last_write >= self.interval):
+        """The progress to write at this step, or None while throttled."""
+        self._last_step = (step, total, now)
+        if now - self._last_write < self.interval:
             return None
+        return self._progress(step, total, now)
+
+    def _progress(self, step: int, total: int, now: float) -> dict[str, Any]:
         step_seconds = (now - self._started) / step
         return {
             "step": step,
@@ -122,6 +129,13 @@ class ProgressReporter:
             "step_seconds": round(step_seconds, 4),
             "eta_seconds": round(step_seconds * (total - step), 2),
         }
+
+    def final_progress(self) -> dict[str, Any] | None:
+        """The progress at the last step the run reached, for the job's end to store with its result
+        (a step's own write would be followed within milliseconds by the end's); None before any step."""
+        if self._last_step is None:
+            return None
+        return self._progress(*self._last_step)
 
     def _after_check(
         self,

@@ -508,6 +508,9 @@ class JobRunner:
             "images": [image.model_dump(mode="json") for image in stored.images],
             "journeys": len(result.journeys),
         }
+        final = job.reporter.final_progress() if job.reporter is not None else None
+        if final is not None:  # the last step's progress, written with the end instead of just before it
+            values["progress"] = final
         outcome = self._end(record, token, "succeeded", values)
         if outcome is WriteResult.WRITTEN:
             log.info("job %s: succeeded with %d image(s)", record.id, len(stored.images))

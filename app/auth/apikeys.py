@@ -167,10 +167,16 @@ def _checked(fields: dict[bytes, bytes], secret: str, parsed: bool) -> ApiKey | 
     return _from_hash(fields)
 
 
+_RATE_FIELD = keys.RATE_FIELD_PREFIX.encode()
+
+
 def _from_hash(fields: dict[bytes, bytes]) -> ApiKey | None:
     if not fields:
         return None
-    return ApiKey.model_validate({k.decode(): json.loads(v) for k, v in fields.items()})
+    # The rate's counters live in the same hash (diffq.app.contract.rate); they are not the key's.
+    return ApiKey.model_validate(
+        {k.decode(): json.loads(v) for k, v in fields.items() if not k.startswith(_RATE_FIELD)}
+    )
 
 
 class VerifiedKeys:

@@ -1,7 +1,7 @@
 """Per-key quotas kept in Redis, so every API process enforces the same ones.
 
-- Request rate: a sliding-window counter (two Redis counters a key, the ``limits`` package's
-  algorithm in one script, with the key's revocation checked in the same round trip), answered
+- Request rate: a sliding-window counter (two counters in the key's record, the ``limits``
+  package's algorithm in one script, with the key's revocation read in the same command), answered
   with ``RateLimit-*`` headers on every response and ``429`` + ``Retry-After`` past it.
 - Queued jobs: a set of the key's queued job ids, checked and added to in one script.
 - Open waits: claims that lapse unless renewed, so a crashed API process cannot hold a key's
@@ -98,7 +98,7 @@ class RateLimiter:
         window = item.get_expiry()
         # The API process's clock, not Redis's TIME: one command fewer per request; API processes' clocks
         # a few milliseconds apart move a window's edge by as much.
-        return item, [f"{keys.RATE_LIMIT_PREFIX}:{key_id}:{item.amount}/{window}:", item.amount, window, time.time()]
+        return item, [f"{keys.RATE_FIELD_PREFIX}{item.amount}/{window}:", item.amount, window, time.time()]
 
 
 def decision(item: RateLimitItem, reply: list[int]) -> RateDecision | None:
@@ -134,10 +134,15 @@ return 1
 
 # KEYS: the owner's claim sets. ARGV: claim id, now, lapse time, key TTL, then each set's cap.
 # Returns 0 once the claim is in every set, else the (1-based) index of the first full set.
+# Lapsed claims (a crashed API process's) are dropped only from a set that looks full: below its
+# cap they cannot refuse anyone, and the set's TTL ends them with it.
 _OPEN_CLAIM = """
 for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
-  if redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then return i end
+  local cap = tonumber(ARGV[4 + i])
+  if redis.call('ZCARD', key) >= cap then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
+    if redis.call('ZCARD', key) >= cap then return i end
+  end
 end
 for _, key in ipairs(KEYS) do
   redis.call('ZADD', key, ARGV[3], ARGV[1])

@@ -75,7 +75,11 @@ API keys and tenants (``diffq.app.auth``; an owner is an API key id, or ``-`` wi
 key                                 type    writer    lifetime
 ==================================  ======  ========  ==============================================
 diffq:apikey:<key id>               hash    CLI       none. ``ApiKey`` fields, JSON-encoded: name,
-                                                      sha256 of the secret, limits, revoked_at.
+                                                      sha256 of the secret, limits, revoked_at; and
+                                                      the rate's two window counters the API writes,
+                                                      ``rate:<n>/<w>:<0|1>`` = ``"<window>:<count>"``
+                                                      (rate <n> per <w> seconds; the windows of even
+                                                      and odd number: ``diffq.app.contract.rate``).
 diffq:apikeys                       set     CLI       none. Every key id, for ``diffq keys list``.
 diffq:owner:<owner>:jobs            zset    API       ``job_ttl``, renewed at submit. The owner's
                                                       job ids -> creation time, for ``GET /v1/jobs``
@@ -93,10 +97,6 @@ diffq:owner:<owner>:streams         zset    API       a minute, renewed. Open ev
 diffq:owner:<owner>:waits           zset    API       a minute, renewed. Open waits of every kind
                                                       (long polls, event streams, OpenAI-endpoint
                                                       requests) -> unix time their claim lapses.
-diffq:ratelimit:<id>:<n>/<w>:<k>    string  API       two rate windows. Requests of key <id> in
-                                                      window <k> of <w> seconds (rate <n> per <w>):
-                                                      sliding-window counters (``diffq.app.contract.rate``,
-                                                      run by ``diffq.app.auth.quotas`` and the submit script).
 diffq:owner:<owner>:sdapi:options   hash    API       none. The owner's AUTOMATIC1111 options
                                                       (``diffq.app.core.a1111_session``): field -> JSON
                                                       value; ``sd_model_checkpoint`` is its default
@@ -162,8 +162,9 @@ REPLICATION_MARK = f"{PREFIX}:replication:mark"
 API_KEYS = f"{PREFIX}:apikeys"
 """Set of every API key id."""
 
-RATE_LIMIT_PREFIX = f"{PREFIX}:ratelimit"
-"""Prefix of the rate limiter's counters."""
+RATE_FIELD_PREFIX = "rate:"
+"""Prefix of the rate limiter's counters: fields of the key's ``api_key`` hash
+(``diffq.app.contract.rate``), which ``diffq.app.auth.apikeys`` leaves out of the key."""
 
 
 def api_key(key_id: str) -> str:
