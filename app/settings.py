@@ -315,8 +315,9 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         0.5,
         ge=0,
-        description="Least seconds between two progress writes of one job (0.5 = at most 2/s; each "
-        "costs Redis commands, see the README's performance section).",
+        description="Least seconds between two progress writes of one job, and from its start to the first "
+        "(0.5 = at most 2/s; each costs Redis commands, see the README's performance section); the last "
+        "step's progress is stored with the job's end.",
     )
     preview_decoder: Literal["latent", "vae", "off"] = Field(
         "latent",
