@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from diffq.model.training import shapes_data
@@ -106,6 +107,19 @@ def palette_pixels(images: torch.Tensor) -> torch.Tensor:
     return (distance.amin(1, keepdim=True) < 1.0).to(images.dtype)
 
 
+def flat_pixels(images: torch.Tensor, striped: torch.Tensor | None = None) -> torch.Tensor:
+    """The pixels the flat term holds to their colour: `palette_pixels`, and in the images that
+    `striped` (N bools) marks, only those at least 2 px from any blended pixel. A striped truth's
+    background is bands of a shade between flat gaps; held pixel by pixel, a band the generator drew
+    a pixel off costs its whole width, and the cheapest answer is no band at all: the flat term
+    taught the decoder to erase stripes (docs/models.md)."""
+    flat = palette_pixels(images)
+    if striped is None or not bool(striped.any()):
+        return flat
+    near_blend = F.max_pool2d(1.0 - flat, 5, stride=1, padding=2)
+    return torch.where(striped.to(images.device)[:, None, None, None], flat * (1.0 - near_blend), flat)
+
+
 PEAK_SHARE = 0.01  # the share of each image's pixels the peak term averages over (its worst)
 #: The flat term's margin: a pixel of a flat area this far from its true colour (Euclidean, RGB
 #: units) starts to cost. Half the evaluation's speckle distance (fidelity.SPECKLE_DISTANCE, 48).
@@ -118,6 +132,7 @@ def reconstruction_loss(
     edge_weight: float = 0.0,
     peak_weight: float = 0.0,
     flat_weight: float = 0.0,
+    striped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L1 + MSE per pixel, with pixels near edges counting (1 + edge_weight) times: a small
     star's points are a few dozen pixels of a 4,096-pixel image, and an unweighted loss
@@ -134,7 +149,8 @@ def reconstruction_loss(
     than 48 units off inside a shape, rim left out: blotches 50-70 units off inside flat areas
     and a second soft pixel beside the rim. Neither is ever among an image's worst 1% (the rims
     are), so the peak term does not reach them; this one costs nothing until such a pixel
-    drifts past the margin."""
+    drifts past the margin. `striped` (N bools): the images whose background is striped, whose
+    flat term keeps away from the bands (`flat_pixels`)."""
     per_pixel = (recon - images).abs() + (recon - images) ** 2
     if not edge_weight:
         loss = per_pixel.mean()
@@ -146,7 +162,7 @@ def reconstruction_loss(
         worst = errors.topk(max(1, round(PEAK_SHARE * errors.shape[1])), dim=1).values
         loss = loss + peak_weight * worst.mean()
     if flat_weight:
-        flat = palette_pixels(images)
+        flat = flat_pixels(images, striped)
         distance = (recon - images).norm(dim=1, keepdim=True)
         excess = F.relu(distance - FLAT_MARGIN / 127.5) ** 2
         loss = loss + flat_weight * (excess * flat).sum() / images.shape[0]
@@ -211,8 +227,11 @@ def autoencoder_loop(
             picks = [pool_index(len(pool.latents), step * pool.per_step + j, args.seed) for j in range(pool.per_step)]
             recon = torch.cat([recon, vae.decode(pool.latents[picks]).sample])
             images = torch.cat([images, pool.truths[picks]])
+            striped = torch.cat([torch.zeros(fresh, dtype=torch.bool), pool.striped[picks]])
+        else:
+            striped = None
         # L1 keeps edges sharp on flat colours; MSE drives PSNR
-        loss = reconstruction_loss(recon, images, args.edge_weight, args.peak_weight, args.flat_weight)
+        loss = reconstruction_loss(recon, images, args.edge_weight, args.peak_weight, args.flat_weight, striped)
         if stage == 0:
             loss = loss + args.kl * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -253,6 +272,7 @@ class Pool(NamedTuple):
     latents: torch.Tensor
     truths: torch.Tensor
     per_step: int
+    striped: torch.Tensor  # (N,) bools: the truths with a striped background (`flat_pixels`)
 
 
 def load_pool(args: argparse.Namespace, device: torch.device) -> Pool | None:
@@ -261,8 +281,15 @@ def load_pool(args: argparse.Namespace, device: torch.device) -> Pool | None:
     pool = torch.load(args.pool)
     per_step = round(args.batch * args.pool_share)
     truths = pool["truths"].float() / 127.5 - 1.0
-    print(f"pool {args.pool}: {len(truths)} generated latents, {per_step} of each batch of {args.batch}")
-    return Pool(pool["latents"].to(device), truths.to(device), per_step)
+    striped = torch.tensor(
+        [shapes_data.has_stripes(Image.fromarray(truth.permute(1, 2, 0).numpy())) for truth in pool["truths"]],
+        dtype=torch.bool,
+    )
+    print(
+        f"pool {args.pool}: {len(truths)} generated latents ({int(striped.sum())} striped), "
+        f"{per_step} of each batch of {args.batch}"
+    )
+    return Pool(pool["latents"].to(device), truths.to(device), per_step, striped)
 
 
 @torch.no_grad()
