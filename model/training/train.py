@@ -101,23 +101,33 @@ def edge_map(images: torch.Tensor) -> torch.Tensor:
 
 def palette_pixels(images: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) in {0, 1}: pixels whose colour is one of the palette's (not an antialiased blend)."""
+    return palette_labels(images)[1]
+
+
+def palette_labels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 1, H, W) each pixel's nearest palette colour's index, and (N, 1, H, W) in {0, 1}: whether the
+    pixel is that colour (not an antialiased blend)."""
     palette = torch.tensor(list(shapes_data.COLOURS.values()), dtype=images.dtype, device=images.device)
     rgb = (images + 1) * 127.5
     distance = (rgb[:, None] - palette[None, :, :, None, None]).abs().amax(2)  # (N, colours, H, W)
-    return (distance.amin(1, keepdim=True) < 1.0).to(images.dtype)
+    nearest = distance.min(1, keepdim=True)
+    return nearest.indices, (nearest.values < 1.0).to(images.dtype)
 
 
 def flat_pixels(images: torch.Tensor, striped: torch.Tensor | None = None) -> torch.Tensor:
-    """The pixels the flat term holds to their colour: `palette_pixels`, and in the images that
-    `striped` (N bools) marks, only those at least 2 px from any blended pixel. A striped truth's
-    background is bands of a shade between flat gaps; held pixel by pixel, a band the generator drew
-    a pixel off costs its whole width, and the cheapest answer is no band at all: the flat term
-    taught the decoder to erase stripes (docs/models.md)."""
-    flat = palette_pixels(images)
+    """The pixels the flat term holds to their colour: `palette_pixels`, but in the images that
+    `striped` (N bools) marks, only the shapes' (the background's colour left out). A striped
+    truth's background is bands of a shade between flat gaps; held pixel by pixel, a band drawn a
+    little off or thinner than the truth's costs much, and the cheapest answer is no band at all:
+    the flat term taught the decoder to erase stripes (docs/models.md)."""
+    labels, flat = palette_labels(images)
     if striped is None or not bool(striped.any()):
         return flat
-    near_blend = F.max_pool2d(1.0 - flat, 5, stride=1, padding=2)
-    return torch.where(striped.to(images.device)[:, None, None, None], flat * (1.0 - near_blend), flat)
+    counts = torch.zeros(len(images), len(shapes_data.COLOURS), dtype=images.dtype, device=images.device)
+    counts.scatter_add_(1, labels.flatten(1), flat.flatten(1))
+    background = counts.argmax(1)[:, None, None, None]  # each image's commonest palette colour
+    shapes_only = flat * (labels != background).to(images.dtype)
+    return torch.where(striped.to(images.device)[:, None, None, None], shapes_only, flat)
 
 
 PEAK_SHARE = 0.01  # the share of each image's pixels the peak term averages over (its worst)
@@ -150,7 +160,7 @@ def reconstruction_loss(
     and a second soft pixel beside the rim. Neither is ever among an image's worst 1% (the rims
     are), so the peak term does not reach them; this one costs nothing until such a pixel
     drifts past the margin. `striped` (N bools): the images whose background is striped, whose
-    flat term keeps away from the bands (`flat_pixels`)."""
+    flat term holds their shapes only (`flat_pixels`)."""
     per_pixel = (recon - images).abs() + (recon - images) ** 2
     if not edge_weight:
         loss = per_pixel.mean()
