@@ -101,33 +101,23 @@ def edge_map(images: torch.Tensor) -> torch.Tensor:
 
 def palette_pixels(images: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) in {0, 1}: pixels whose colour is one of the palette's (not an antialiased blend)."""
-    return palette_labels(images)[1]
-
-
-def palette_labels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 1, H, W) each pixel's nearest palette colour's index, and (N, 1, H, W) in {0, 1}: whether the
-    pixel is that colour (not an antialiased blend)."""
     palette = torch.tensor(list(shapes_data.COLOURS.values()), dtype=images.dtype, device=images.device)
     rgb = (images + 1) * 127.5
     distance = (rgb[:, None] - palette[None, :, :, None, None]).abs().amax(2)  # (N, colours, H, W)
-    nearest = distance.min(1, keepdim=True)
-    return nearest.indices, (nearest.values < 1.0).to(images.dtype)
+    return (distance.amin(1, keepdim=True) < 1.0).to(images.dtype)
 
 
 def flat_pixels(images: torch.Tensor, striped: torch.Tensor | None = None) -> torch.Tensor:
-    """The pixels the flat term holds to their colour: `palette_pixels`, but in the images that
-    `striped` (N bools) marks, only the shapes' (the background's colour left out). A striped
-    truth's background is bands of a shade between flat gaps; held pixel by pixel, a band drawn a
-    little off or thinner than the truth's costs much, and the cheapest answer is no band at all:
-    the flat term taught the decoder to erase stripes (docs/models.md)."""
-    labels, flat = palette_labels(images)
+    """The pixels the flat term holds to their colour: `palette_pixels`, none in the images that
+    `striped` (N bools) marks. The term is a sum over pixels, far larger than the rest of the loss:
+    held pixel by pixel, a band drawn a little off costs much and no band at all little, and even
+    held to its shapes only, a striped image's flat term outweighs its bands' share of the loss: the
+    flat term taught the decoder to erase stripes (docs/models.md). Striped images keep the edge and
+    peak terms; the plain ones in the same batch keep the flat term."""
+    flat = palette_pixels(images)
     if striped is None or not bool(striped.any()):
         return flat
-    counts = torch.zeros(len(images), len(shapes_data.COLOURS), dtype=images.dtype, device=images.device)
-    counts.scatter_add_(1, labels.flatten(1), flat.flatten(1))
-    background = counts.argmax(1)[:, None, None, None]  # each image's commonest palette colour
-    shapes_only = flat * (labels != background).to(images.dtype)
-    return torch.where(striped.to(images.device)[:, None, None, None], shapes_only, flat)
+    return flat * (~striped.to(images.device))[:, None, None, None].to(images.dtype)
 
 
 PEAK_SHARE = 0.01  # the share of each image's pixels the peak term averages over (its worst)
@@ -159,8 +149,8 @@ def reconstruction_loss(
     than 48 units off inside a shape, rim left out: blotches 50-70 units off inside flat areas
     and a second soft pixel beside the rim. Neither is ever among an image's worst 1% (the rims
     are), so the peak term does not reach them; this one costs nothing until such a pixel
-    drifts past the margin. `striped` (N bools): the images whose background is striped, whose
-    flat term holds their shapes only (`flat_pixels`)."""
+    drifts past the margin. `striped` (N bools): the images whose background is striped, which
+    have no flat term (`flat_pixels`)."""
     per_pixel = (recon - images).abs() + (recon - images) ** 2
     if not edge_weight:
         loss = per_pixel.mean()
