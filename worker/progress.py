@@ -106,7 +106,7 @@ class ProgressReporter:
         self._started = clock()
         self._last_write = self._started  # the first write after one interval, as previews
         self._last_step: tuple[int, int, float] | None = None  # the last step seen: step, total, when
-        self._last_preview = clock()  # the first preview after one interval: step 1 is mostly noise
+        self._last_preview = self._started  # the first preview after one interval: step 1 is mostly noise
         self._redis_down = False
 
     def __call__(self, step: int, total: int, latents_by_request: Any = None, denoised_by_request: Any = None) -> None:

@@ -115,7 +115,7 @@ def flat_pixels(images: torch.Tensor, striped: torch.Tensor | None = None) -> to
     flat term taught the decoder to erase stripes (docs/models.md). Striped images keep the edge and
     peak terms; the plain ones in the same batch keep the flat term."""
     flat = palette_pixels(images)
-    if striped is None or not bool(striped.any()):
+    if striped is None:
         return flat
     return flat * (~striped.to(images.device))[:, None, None, None].to(images.dtype)
 
