@@ -222,3 +222,22 @@ def test_a_tally_keeps_its_counts_while_redis_is_down(redis: Redis) -> None:
     down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     assert tally.flush(down) is False
     assert tally.flush(redis) and metrics.read(redis)["m"].jobs == {"failed": 1}
+
+
+def test_a_tally_holds_a_models_job_durations_after_its_first_and_writes_them_with_its_counts(redis: Redis) -> None:
+    """The queued jobs' ETAs read a model's last 20 durations (newest first): a worker's first
+    durations of a model are written at once (the tally says so), later ones with the counts."""
+    tally = metrics.Tally(every=3600)
+    key = keys.model_durations("m")
+    assert not tally.hold_durations("m", ["1.000"])  # the first: the caller writes it now
+    with redis.pipeline() as pipe:
+        metrics.write_durations(pipe, "m", ["1.000"])
+        pipe.execute()
+    assert tally.hold_durations("m", ["2.000", "2.000"]) and tally.hold_durations("m", ["3.000"])
+    assert redis.lrange(key, 0, -1) == [b"1.000"]  # held
+    assert tally.flush(redis)
+    assert redis.lrange(key, 0, -1) == [b"3.000", b"2.000", b"2.000", b"1.000"]
+    for n in range(30):
+        assert tally.hold_durations("m", [f"{n}.000"])
+    assert tally.flush(redis)
+    assert redis.lrange(key, 0, -1) == [f"{n}.000".encode() for n in range(29, 9, -1)]

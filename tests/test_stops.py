@@ -107,3 +107,28 @@ def test_a_resubscribed_listener_makes_every_run_read_its_record_once(store: Job
     stops.generation += 1  # ... and the listener had subscribed again
     with pytest.raises(JobCanceledError):
         reporter(2, 100, None)
+
+
+def test_a_run_whose_claim_read_its_record_under_the_listener_skips_the_first_steps_read(
+    store: JobStore, redis: Redis, stops: StopListener
+) -> None:
+    """The runner notes the listener's generation before the claim (which reads the record):
+    the first step then reads it again only if the listener has subscribed again since, or
+    heard a stop for the job."""
+    reporter = ProgressReporter(store, "j", "t", interval=10.0, clock=FakeClock(), stops=stops, seen=stops.generation)
+    before = commands(redis)
+    reporter(1, 100, None)
+    assert commands(redis) == before
+
+    stale = ProgressReporter(store, "j", "t", interval=10.0, clock=FakeClock(), stops=stops, seen=stops.generation - 1)
+    store.cancel("j", "2030-01-01T00:00:00+00:00")
+    wait_heard(stops, "j")
+    stops._heard.clear()  # lost with the connection, which has subscribed again since the claim
+    with pytest.raises(JobCanceledError):
+        stale(1, 100, None)
+
+    heard = ProgressReporter(store, "j", "t", interval=10.0, clock=FakeClock(), stops=stops, seen=stops.generation)
+    store.cancel("j", "2030-01-01T00:00:00+00:00")
+    wait_heard(stops, "j")
+    with pytest.raises(JobCanceledError):
+        heard(1, 100, None)

@@ -60,4 +60,8 @@ class AllowListedJob(Job):
             log.error("refused RQ job %s: %s", self.id, reason)
             _fail_record(self.id, reason)
             raise RefusedTaskError(f"refused RQ job {self.id}: {reason}")
-        return super().perform()
+        # RQ's perform, less its PERSIST of the job hash (one command a job): the hash keeps the job
+        # TTL it was enqueued with, far longer than a run. Nor is the job pushed on RQ's stack of
+        # current jobs: diffq's task never asks RQ for its current job (rq.get_current_job).
+        self._result = self._execute()
+        return self._result

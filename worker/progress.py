@@ -90,6 +90,7 @@ class ProgressReporter:
         previews: PreviewSettings | None = None,
         overdue: Callable[[], bool] = lambda: False,
         stops: StopListener | None = None,
+        seen: int = -1,
     ) -> None:
         self.store = store
         self.job_id = job_id
@@ -100,7 +101,10 @@ class ProgressReporter:
         self.previews = previews if previews is not None else PreviewSettings(decoder="off")
         self.overdue = overdue
         self.stops = stops
-        self._generation = -1  # the stop listener's generation at the last read of the record: none yet
+        # The stop listener's generation at the last read of the record: ``seen``, when the claim
+        # read it (-1: no read yet, or no listener then), so the first step reads it only if the
+        # listener has subscribed again since (it may have missed a cancel) or heard one.
+        self._generation = seen
         self.writes = 0
         self.previews_written = 0
         self._started = clock()

@@ -25,6 +25,7 @@ from diffq.app.contract.rq_adapter import (
     is_suspended,
     mark_requeued,
     set_dequeue_order,
+    write_counts,
 )
 from diffq.app.contract.status import JobStatus
 from diffq.app.contract.store import WriteResult
@@ -86,11 +87,27 @@ class DiffqWorker(SimpleWorker):
 
     def heartbeat(self, timeout=None, pipeline=None):
         """RQ's worker heartbeat, at most every ``RQ_HEARTBEAT_EVERY`` s when RQ renews it on its
-        own schedule (before and after every dequeue, after every job, in every suspension check)."""
-        if timeout is None and pipeline is None and self.last_heartbeat is not None:
-            if (datetime.now(UTC) - self.last_heartbeat).total_seconds() < RQ_HEARTBEAT_EVERY:
-                return
+        own schedule (before and after every dequeue, after every job, in every suspension check),
+        with the job counters ``end_success`` holds."""
+        if timeout is None and pipeline is None:
+            if self.last_heartbeat is not None:
+                if (datetime.now(UTC) - self.last_heartbeat).total_seconds() < RQ_HEARTBEAT_EVERY:
+                    return
+            with self.connection.pipeline(transaction=False) as pipe:
+                super().heartbeat(None, pipe)
+                write_counts(self, pipe)  # the jobs ended since the last beat, for RQ's worker counters
+                pipe.execute()
+            return
         super().heartbeat(timeout, pipeline)
+
+    def register_death(self) -> None:
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                write_counts(self, pipe)
+                pipe.execute()
+        except redis.exceptions.RedisError as error:
+            log.warning("worker %s: could not write its job counters: %s", self.name, error)
+        super().register_death()
 
     def set_state(self, state, pipeline=None):
         """RQ's worker state, written only when it changes (RQ writes ``idle`` after every job and

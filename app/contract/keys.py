@@ -32,7 +32,8 @@ diffq:object:<object key>       string  both      the job's retention. With ``DI
                                                   image, journey or input (``diffq.app.storage.objects``).
 diffq:store:sweeper             string  worker    a sweep interval. Lock: one store sweep at once.
 diffq:model:<name>:durations    list    worker    none (20 entries). Seconds of the model's last
-                                                  jobs, for queue ETAs.
+                                                  jobs, for queue ETAs; a worker writes its first
+                                                  at once, the rest with its metrics (every 10 s).
 diffq:running                   zset    worker    none. Ids of claimed, unended jobs (score: claim
                                                   time); the sweeper looks there for lost jobs.
 diffq:sweeper:<model>           string  worker    a sweep interval. Lock: one sweep per model at once.

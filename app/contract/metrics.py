@@ -171,7 +171,21 @@ class Tally:
         self.every = every
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, int | float]] = {}
+        self._durations: dict[str, list[str]] = {}  # model -> job durations not written yet, oldest first
+        self._timed: set[str] = set()  # models whose durations this tally has been given before
         self._flushed = time.monotonic()
+
+    def hold_durations(self, model: str, seconds: Iterable[str]) -> bool:
+        """Hold recent job durations for ``keys.model_durations`` (the queued jobs' ETAs) until the
+        next write of the counts: an ETA then lags a worker's jobs by up to ``every`` seconds, as
+        ``GET /metrics`` does. False for a model's first durations, held nowhere: the caller
+        writes them now (``write_durations``), so that ETAs exist from a worker's first job."""
+        with self._lock:
+            if model not in self._timed:
+                self._timed.add(model)
+                return False
+            self._durations.setdefault(model, []).extend(seconds)
+            return True
 
     def add(self, model: str, counts: Iterable[tuple[str, int | float]]) -> None:
         with self._lock:
@@ -186,20 +200,37 @@ class Tally:
             if due_only and time.monotonic() - self._flushed < self.every:
                 return True
             pending, self._pending = self._pending, {}
+            durations, self._durations = self._durations, {}
             self._flushed = time.monotonic()
-        if not pending:
+        if not pending and not durations:
             return True
         try:
             with redis.pipeline(transaction=True) as pipe:
                 for model, counts in pending.items():
                     _write_counts(pipe, model, counts.items())
+                for model, seconds in durations.items():
+                    write_durations(pipe, model, seconds)
                 pipe.execute()
             return True
         except RedisError as error:
-            log.warning("could not write the metrics of %d model(s): %s", len(pending), error)
+            log.warning("could not write the metrics of %d model(s): %s", len(pending) + len(durations), error)
             for model, counts in pending.items():
                 self.add(model, counts.items())
+            with self._lock:
+                for model, seconds in durations.items():
+                    self._durations[model] = [*seconds, *self._durations.get(model, [])]
             return False
+
+
+#: Job durations kept per model for the queued jobs' ETAs (``keys.model_durations``).
+DURATIONS_KEPT = 20
+
+
+def write_durations(pipe: Pipeline, model: str, seconds: Sequence[str]) -> None:
+    """Add job durations (oldest first) to the model's recent ones, newest first, keeping the last 20."""
+    key = keys.model_durations(model)
+    pipe.lpush(key, *seconds)
+    pipe.ltrim(key, 0, DURATIONS_KEPT - 1)
 
 
 def _bucket(bounds: Sequence[float], value: float) -> float:

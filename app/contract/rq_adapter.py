@@ -27,6 +27,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from uuid import uuid4
 
 from redis import Redis
 from redis.client import Pipeline
@@ -377,11 +378,24 @@ def mark_requeued(queue: Queue, job_id: str) -> bool:
     except NoSuchJobError:
         return False
     with queue.connection.pipeline() as pipe:
-        StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job, pipeline=pipe)
+        _drop_started(queue, job, pipe)
         FinishedJobRegistry(queue.name, connection=queue.connection).remove(job, pipeline=pipe)
         job.set_status(RQStatus.QUEUED, pipeline=pipe)
+        if job.ttl:  # a run that ended in RQ gave the hash its result TTL: queued, it lives a job's again
+            pipe.expire(job.key, job.ttl)
         pipe.execute()
     return True
+
+
+def _drop_started(queue: Queue, job: Job, pipe: Pipeline) -> None:
+    """Take ``job``'s executions out of ``queue``'s started registry: the entries ``<id>:<execution>``
+    there (diffq's workers keep no per-job executions set; the registry holds running jobs only,
+    a few per worker), and those of an executions set an RQ-made execution left."""
+    registry = StartedJobRegistry(queue.name, connection=queue.connection)
+    mine = [m for m in queue.connection.zrange(registry.key, 0, -1) if m.decode().startswith(f"{job.id}:")]
+    if mine:
+        pipe.zrem(registry.key, *mine)
+    registry.remove_executions(job, pipeline=pipe)
 
 
 def end_lost(queue: Queue, job_id: str, ttl: int, reason: str) -> None:
@@ -392,7 +406,7 @@ def end_lost(queue: Queue, job_id: str, ttl: int, reason: str) -> None:
     except NoSuchJobError:
         return
     with queue.connection.pipeline() as pipe:
-        StartedJobRegistry(queue.name, connection=queue.connection).remove_executions(job, pipeline=pipe)
+        _drop_started(queue, job, pipe)
         job.set_status(RQStatus.FAILED, pipeline=pipe)
         FailedJobRegistry(queue.name, connection=queue.connection).add(job, ttl=ttl, exc_string=reason, pipeline=pipe)
         pipe.expire(job.key, ttl)
@@ -472,48 +486,96 @@ def fetch_job(worker: BaseWorker, job_id: str) -> Job | None:
 
 
 def start_execution(worker: BaseWorker, job: Job) -> Execution:
-    """Mark ``job`` started by ``worker`` as RQ marks the job it dequeued itself (``prepare_execution``
-    and ``prepare_job_execution``, minus the worker's own single-job fields): an execution in the
-    queue's started registry, status ``started``, the worker's name. For a job diffq has taken
-    off the queue list itself (a batch's company: ``diffq.worker.batching``)."""
+    """Mark ``job`` started by ``worker`` as ``begin_execution`` marks the job it dequeued, minus the
+    worker's own single-job fields: an execution in the queue's started registry, status
+    ``started``, the worker's name; one round trip. For a job diffq has taken off the queue list
+    itself (a batch's company: ``diffq.worker.batching``)."""
     ttl = worker.get_heartbeat_ttl(job)
-    with worker.connection.pipeline() as pipe:
-        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
-        job.heartbeat(now(), ttl, pipeline=pipe)
+    with worker.connection.pipeline(transaction=False) as pipe:
+        execution = _started(job, ttl, worker.name, pipe)
         job.prepare_for_execution(worker.name, pipeline=pipe)
         pipe.execute()
     return execution
 
 
 def end_execution(worker: BaseWorker, job: Job, queue: Queue, execution: Execution, failure: str | None) -> None:
-    """End a job ``start_execution`` started, through RQ's own handlers as if RQ had run it:
-    ``finished`` with a result, the finished registry and the worker's counters, or, with
-    ``failure`` (RQ's exception text), ``failed``. RQ's handlers end the worker's current
-    execution, so this one is made current meanwhile."""
+    """End a job ``start_execution`` started: ``finished`` as ``end_success`` ends one (without the
+    worker's own fields), or, with ``failure`` (RQ's exception text), ``failed`` through RQ's own
+    handler. RQ's handler ends the worker's current execution, so this one is made current meanwhile."""
+    job.ended_at = job.last_heartbeat = datetime.now(UTC)
+    if failure is None:
+        with worker.connection.pipeline(transaction=False) as pipe:
+            _finished(worker, job, execution, pipe)
+            pipe.execute()
+        return
     worker.execution = execution
     try:
-        worker.handle_execution_ended(job, queue, job.success_callback_timeout)
-        if failure is None:
-            job._status = RQStatus.FINISHED
-            worker.handle_job_success(job=job, queue=queue, started_job_registry=queue.started_job_registry)
-        else:
-            job._status = RQStatus.FAILED
-            worker.handle_job_failure(
-                job=job, queue=queue, started_job_registry=queue.started_job_registry, exc_string=failure
-            )
+        worker.handle_execution_ended(job, queue, job.failure_callback_timeout)
+        job._status = RQStatus.FAILED
+        worker.handle_job_failure(
+            job=job, queue=queue, started_job_registry=queue.started_job_registry, exc_string=failure
+        )
     finally:
         worker.execution = None
 
 
-# RQ's own per-job bookkeeping, each field written once and without MULTI/EXEC: a diffq job never
-# has dependents, callbacks or repeats, its task returns nothing, and diffq's record (not RQ's) is
-# what anyone reads for its status; so the ~40 commands RQ's handlers spend on a job (two
+# RQ's own per-job bookkeeping, cut to what RQ's queue and its tools need: a diffq job never has
+# dependents, callbacks or repeats, its task returns nothing, and diffq's record (not RQ's) is what
+# anyone reads for its status and history. So the ~40 commands RQ's handlers spend on a job (two
 # transactions at its start, a WATCH on its dependents and a transaction with a result stream at
-# its end, a heartbeat at every turn) come down to ~20 that leave RQ's view of the job the same:
-# its status and times, the started and finished registries with their executions, the worker's
-# state, current job and counters. What is left out: the result stream of a success (a ``None``
-# return value; a failure's is kept, ``failure_text`` reads it), and the dependents' keys'
-# EXPIREs (keys that never exist). Tests: tests/test_rq_adapter.py.
+# its end, a heartbeat at every turn, an execution hash and a per-job executions set) come down to
+# 10, in two round trips: RQ still shows each job's status and times, the job in the started
+# registry while it runs (an execution id in ``rq:wip:<queue>``, which ``rq info`` and RQ's
+# cleanup read), and each worker's state and current job. Left out: the execution hash and the
+# job's executions set (nothing of diffq or of RQ's tools reads them), the finished registry (a
+# finished job's RQ hash still says ``finished`` until it expires), the result stream of a
+# success, and the worker's job counters per job: ``count_success`` holds them and
+# ``write_counts`` adds them with RQ's worker heartbeat (once a minute). Failures keep RQ's own
+# handler (its failed registry and result stream, which ``failure_text`` reads). Tests:
+# tests/test_rq_adapter.py.
+
+
+def _started(job: Job, ttl: int, worker_name: str, pipe: Pipeline) -> Execution:
+    """An execution of ``job`` in its queue's started registry (one ZADD; no execution hash)."""
+    execution = Execution(id=uuid4().hex, job_id=job.id, connection=job.connection, worker_name=worker_name)
+    job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
+    return execution
+
+
+def _finished(worker: BaseWorker, job: Job, execution: Execution, pipe: Pipeline) -> None:
+    """``job`` finished: its status and end time, its result TTL, out of the started registry."""
+    result_ttl = job.get_result_ttl(worker.default_result_ttl)
+    job._status = RQStatus.FINISHED
+    assert job.started_at is not None and job.ended_at is not None
+    count_success(worker, (job.ended_at - job.started_at).total_seconds())
+    fields = {"status": RQStatus.FINISHED.value, "ended_at": utcformat(job.ended_at)}
+    if job.last_heartbeat is not None:
+        fields["last_heartbeat"] = utcformat(job.last_heartbeat)
+    if result_ttl == 0:
+        pipe.delete(job.key)
+    else:
+        pipe.hset(job.key, mapping=fields)
+        if result_ttl > 0:
+            pipe.expire(job.key, result_ttl)
+    job.started_job_registry.remove_execution(execution, pipeline=pipe)
+
+
+def count_success(worker: BaseWorker, seconds: float) -> None:
+    """One more successful job of ``seconds`` for RQ's worker counters, written by ``write_counts``."""
+    held = worker.__dict__.setdefault("_diffq_counts", [0, 0.0])
+    held[0] += 1
+    held[1] += seconds
+
+
+def write_counts(worker: BaseWorker, pipe: Pipeline) -> None:
+    """Add the jobs ``count_success`` holds to RQ's worker counters (``successful_job_count``,
+    ``total_working_time``), as RQ's ``increment_*`` would have one job at a time."""
+    held = worker.__dict__.get("_diffq_counts")
+    if not held or not held[0]:
+        return
+    pipe.hincrby(worker.key, "successful_job_count", held[0])
+    pipe.hincrbyfloat(worker.key, "total_working_time", held[1])
+    worker.__dict__["_diffq_counts"] = [0, 0.0]
 
 
 def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool) -> Execution:
@@ -523,7 +585,7 @@ def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool
     ttl = worker.get_heartbeat_ttl(job)
     stamp = now()
     with worker.connection.pipeline(transaction=False) as pipe:
-        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+        execution = _started(job, ttl, worker.name, pipe)
         worker._state = WorkerStatus.BUSY
         worker.current_job_working_time = 0
         worker.last_heartbeat = stamp
@@ -536,7 +598,7 @@ def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool
                 "last_heartbeat": utcformat(stamp),
             },
         )
-        pipe.expire(worker.key, ttl)
+        pipe.expire(worker.key, ttl)  # the worker key outlives the job (RQ renews it before each dequeue)
         job.prepare_for_execution(worker.name, pipeline=pipe)
         if remove_from_intermediate:
             pipe.lrem(job_queue(job).intermediate_queue_key, 1, job.id)
@@ -550,27 +612,18 @@ def job_queue(job: Job) -> Queue:
 
 
 def end_success(worker: BaseWorker, job: Job) -> None:
-    """RQ's ``handle_job_success`` for a diffq job, in one round trip: ``finished`` with its end
-    time, in the finished registry for its result TTL, the execution gone, the worker's counters
-    up and its current job cleared."""
-    result_ttl = job.get_result_ttl(worker.default_result_ttl)
-    job._status = RQStatus.FINISHED
-    assert job.started_at is not None and job.ended_at is not None
+    """RQ's ``handle_job_success`` and the worker going idle, for a diffq job, in one round trip:
+    ``finished`` with its end time and its result TTL, out of the started registry, the worker
+    idle with no current job (its counters held for ``write_counts``)."""
+    execution = worker.execution
+    assert execution is not None
     with worker.connection.pipeline(transaction=False) as pipe:
-        worker.increment_successful_job_count(pipeline=pipe)
-        worker.increment_total_working_time(job.ended_at - job.started_at, pipe)
-        fields = {"status": RQStatus.FINISHED.value, "ended_at": utcformat(job.ended_at)}
-        if job.last_heartbeat is not None:
-            fields["last_heartbeat"] = utcformat(job.last_heartbeat)
-        pipe.hset(job.key, mapping=fields)
-        if result_ttl != 0:
-            job.finished_job_registry.add(job, result_ttl, pipe)
-        if result_ttl > 0:
-            pipe.expire(job.key, result_ttl)
-        elif result_ttl == 0:
-            pipe.delete(job.key)
-        worker.cleanup_execution(job, pipeline=pipe)
+        _finished(worker, job, execution, pipe)
+        worker._state = WorkerStatus.IDLE
+        pipe.hset(worker.key, "state", WorkerStatus.IDLE.value)
+        pipe.hdel(worker.key, "current_job")
         pipe.execute()
+    worker.execution = None
 
 
 def is_suspended(redis: Redis) -> bool:
@@ -607,6 +660,7 @@ __all__ = [
     "WorkerStatus",
     "begin_execution",
     "cancel_queued",
+    "count_success",
     "drop_many",
     "end_execution",
     "end_lost",
@@ -629,4 +683,5 @@ __all__ = [
     "start_execution",
     "started_ids",
     "taken_ids",
+    "write_counts",
 ]
