@@ -246,3 +246,31 @@ def test_rq_bookkeeping_in_two_round_trips_leaves_what_rq_s_queue_and_tools_read
     assert views["r2"]["worker"] == ("idle", False)
     assert costs["r2"] <= 10 and costs["r2"] < 0.3 * costs["r1"], costs
 
+
+
+def test_a_busy_workers_rq_key_is_renewed_at_a_jobs_start_only_when_it_could_lapse_before_the_job_ends(
+    redis: Redis, settings: Settings
+) -> None:
+    """begin_execution gives the worker's RQ key the job's heartbeat TTL (its timeout plus 60 s)
+    only when what it was last given has less than the job's timeout left: a worker busy with
+    job after job renews it about once a minute, not at every job."""
+    queue = queued(redis, settings, "k1", "k2")
+    worker = worker_of(queue)
+    worker.register_birth()
+    expires = []
+    for _ in ("k1", "k2"):
+        job, _ = Queue.dequeue_any([queue], timeout=1, connection=redis, serializer=JSONSerializer)
+        before = redis.info("commandstats").get("cmdstat_expire", {}).get("calls", 0)
+        begin_execution(worker, job, remove_from_intermediate=True)
+        expires.append(redis.info("commandstats").get("cmdstat_expire", {}).get("calls", 0) - before)
+        ttl = worker.get_heartbeat_ttl(job)
+        assert redis.ttl(worker.key) >= ttl - 60 == job.timeout  # outlives the job's longest run
+        job.ended_at = job.last_heartbeat = datetime.now(UTC)
+        end_success(worker, job)
+    assert expires == [1, 0]
+    worker.__dict__["_diffq_key_until"] -= 120  # as if the last renewal were two minutes older
+    job = fetch_job(worker, "k1")
+    assert job is not None
+    before = redis.info("commandstats")["cmdstat_expire"]["calls"]
+    begin_execution(worker, job, remove_from_intermediate=False)
+    assert redis.info("commandstats")["cmdstat_expire"]["calls"] - before == 1

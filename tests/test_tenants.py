@@ -356,3 +356,56 @@ def test_canceled_and_taken_jobs_do_not_disturb_the_order(keyed: TestClient, red
     _take(queue, redis, 1)
     b_job = submit(keyed, b)["id"]
     assert queue.get_job_ids() == [a_jobs[3], b_job] or queue.get_job_ids() == [b_job, a_jobs[3]]
+
+
+def test_a_submit_renews_the_fair_keys_ttl_once_per_eighth_of_it_and_leaves_rq_s_queue_set_to_the_workers(
+    keyed: TestClient, redis: Redis, served: ModelRecord, settings: Settings
+) -> None:
+    """The fair order's zset and state hash live the job TTL past the last renewal; a submit renews
+    them only when an eighth of it has passed since (the state's `renewed` stamp), not at every
+    submit. RQ's set of queues lists the model's queue from its worker's registration; a submit
+    does not write it."""
+    headers = new_key(redis, "renewals")
+    queue = _queue(redis, served)
+    zset, state = keys.fair(queue.name), keys.fair_state(queue.name)
+    assert queue.key.encode() in redis.smembers("rq:queues")  # from the registration (`served`)
+    redis.delete("rq:queues")
+    submit(keyed, headers)
+    assert redis.smembers("rq:queues") == set()  # the submit leaves it to the workers
+    ttl = settings.job_ttl
+    assert ttl - 5 <= redis.ttl(zset) <= ttl and ttl - 5 <= redis.ttl(state) <= ttl
+    stamp = float(redis.hget(state, "renewed"))
+    assert abs(stamp - time.time()) < 60
+
+    redis.expire(zset, 1000)
+    redis.expire(state, 1000)
+    submit(keyed, headers)  # within an eighth of the TTL of the stamp: no renewal
+    assert redis.ttl(zset) <= 1000 and redis.ttl(state) <= 1000
+    assert float(redis.hget(state, "renewed")) == stamp
+
+    redis.hset(state, "renewed", str(stamp - ttl / 8 - 1))
+    submit(keyed, headers)  # an eighth of the TTL later: both renewed, the stamp moved on
+    assert redis.ttl(zset) > 1000 and redis.ttl(state) > 1000
+    assert float(redis.hget(state, "renewed")) > stamp - 1
+    assert len(queue.get_job_ids()) == 3
+
+
+def test_an_owners_job_index_is_trimmed_to_its_size_on_one_submit_in_16(
+    keyed: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's job index (GET /v1/jobs) keeps its newest JOBS_INDEX_MAX ids: trimmed by the
+    submits whose random id ends in 0, so it holds at most a few more between two trims."""
+    from diffq.app.core import jobs
+
+    monkeypatch.setattr(keys, "JOBS_INDEX_MAX", 3)
+    headers = new_key(redis, "index-trim")
+    made = iter([*(f"{n:031x}1" for n in range(5)), "f" * 31 + "0"])
+    monkeypatch.setattr(jobs, "new_job_id", lambda: next(made))
+    for _ in range(5):
+        submit(keyed, headers)
+    owner = KeyStore(redis).find("index-trim")[0].id
+    assert redis.zcard(keys.owner_jobs(owner)) == 5  # no id ended in 0: not trimmed yet
+    last = submit(keyed, headers)["id"]
+    assert last.endswith("0")
+    assert redis.zcard(keys.owner_jobs(owner)) == 3  # trimmed to the newest three
+    assert redis.zrange(keys.owner_jobs(owner), -1, -1) == [last.encode()]

@@ -25,6 +25,7 @@ from diffq.app.contract.rq_adapter import (
     is_suspended,
     mark_requeued,
     set_dequeue_order,
+    worker_key_renewed,
     write_counts,
 )
 from diffq.app.contract.status import JobStatus
@@ -43,6 +44,9 @@ RESUME_RESET = 60.0
 RQ_HEARTBEAT_EVERY = 60.0
 """Seconds between renewals of RQ's worker key (it lives ``worker_ttl + 60`` s, 480 by default): RQ
 renews it several times per job. diffq's own liveness is its heartbeat thread's (``heartbeat.py``)."""
+SUSPENSION_CHECK_EVERY = 5.0
+"""Seconds between two reads of ``rq suspend``'s flag (RQ reads it before every dequeue): a
+suspension stops this worker's dequeues within that long."""
 
 
 class DiffqWorker(SimpleWorker):
@@ -97,8 +101,10 @@ class DiffqWorker(SimpleWorker):
                 super().heartbeat(None, pipe)
                 write_counts(self, pipe)  # the jobs ended since the last beat, for RQ's worker counters
                 pipe.execute()
+            worker_key_renewed(self, self.worker_ttl + 60)
             return
         super().heartbeat(timeout, pipeline)
+        worker_key_renewed(self, timeout or self.worker_ttl + 60)
 
     def register_death(self) -> None:
         try:
@@ -116,8 +122,15 @@ class DiffqWorker(SimpleWorker):
             return
         super().set_state(state, pipeline)
 
+    _suspension_read = -SUSPENSION_CHECK_EVERY  # monotonic time of the last read of the flag
+
     def check_for_suspension(self, burst: bool) -> None:
-        if is_suspended(self.connection):  # one EXISTS per job, no heartbeat with it
+        """RQ's suspension check, reading the flag (one EXISTS, no heartbeat with it) at most every
+        ``SUSPENSION_CHECK_EVERY`` s; once suspended, RQ's own check, which waits for the resume."""
+        if time.monotonic() - self._suspension_read < SUSPENSION_CHECK_EVERY:
+            return
+        self._suspension_read = time.monotonic()
+        if is_suspended(self.connection):
             super().check_for_suspension(burst)
 
     def prepare_execution(self, job: Job):

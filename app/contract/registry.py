@@ -18,6 +18,7 @@ from redis import Redis
 
 from diffq.app.contract import keys
 from diffq.app.contract.records import ModelRecord, WorkerRecord
+from diffq.app.contract.rq_adapter import RQ_QUEUES, queue_key
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Registry:
             pipe.sadd(keys.WORKERS, worker.id)
             for record in models:
                 pipe.set(keys.model(record.name), record.model_dump_json(), ex=self.ttl)
+            if models:  # known to RQ for as long as it is served (a submit checks the registration)
+                pipe.sadd(RQ_QUEUES, *[queue_key(record.name) for record in models])
             pipe.execute()
 
     def renew_worker(self, worker: WorkerRecord) -> None:

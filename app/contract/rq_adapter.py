@@ -23,6 +23,7 @@ every other guarded write in ``diffq.app.contract.store``; they get the list nam
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +67,12 @@ def queue_key(model: str) -> str:
     return f"{Queue.redis_queue_namespace_prefix}{queue_name(model)}"
 
 
+#: RQ's set of known queue lists (``rq info``, ``Queue.all``, ``queue_depths``). A worker adds the
+#: queues of the models it serves with each registration (``Registry.announce``), so a submit,
+#: which needs the model's registration anyway, does not add its queue itself.
+RQ_QUEUES = Queue.redis_queues_keys
+
+
 def model_queue(model: str, redis: Redis, place: Place | None = None) -> Queue:
     """The RQ queue of a model, with RQ's JSON serializer (never pickle). With ``place``, jobs
     enqueued through it take their owner's fair place in the queue instead of its end."""
@@ -96,8 +103,12 @@ class Place:
 # ARGV: job id, owner, class, TTL, job record key prefix. Ids the zset still holds whose job is
 # no longer queued (taken by a worker, canceled, deleted) are dropped when met: as the base, by
 # the job record's status (no list scan); as the place to insert before, when LINSERT misses.
+# ``now`` (a caller's clock, seconds; nil: renew every time): both keys' TTL is renewed when an
+# eighth of it has passed since the state's ``renewed`` stamp, not at every push (2 commands). A
+# zset that emptied (its key gone) and was made again may go without a TTL until then; it
+# holds queued jobs only, and goes when they are taken.
 _FAIR_PUSH_FN = """
-local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
+local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix, now)
   local SPAN = 1000000000000
   local rank = tonumber(rank)
   local low = rank * SPAN
@@ -113,15 +124,21 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
   end
   local last_field = 'last:' .. rank .. ':' .. owner
   local top_field = 'top:' .. rank
-  local got = redis.call('HMGET', state, last_field, top_field)
+  local got = redis.call('HMGET', state, last_field, top_field, 'renewed')
   local last = tonumber(got[1] or '-1')
   local top = tonumber(got[2] or '0')
   local round = math.max(last + 1, base or top)
+  local renew = ttl and (not now or not got[3] or tonumber(now) - tonumber(got[3]) >= tonumber(ttl) / 8)
+  local fields = {last_field, round}
   if round > top then
-    redis.call('HSET', state, last_field, round, top_field, round)
-  else
-    redis.call('HSET', state, last_field, round)
+    fields[#fields + 1] = top_field
+    fields[#fields + 1] = round
   end
+  if renew and now then
+    fields[#fields + 1] = 'renewed'
+    fields[#fields + 1] = now
+  end
+  redis.call('HSET', state, unpack(fields))
   local score = low + round
   while true do
     local after = redis.call('ZRANGEBYSCORE', zset, '(' .. score, '+inf', 'LIMIT', 0, 1)
@@ -133,7 +150,7 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
     redis.call('ZREM', zset, after[1])
   end
   redis.call('ZADD', zset, score, id)
-  if ttl then  -- nil: the caller renews both once for many jobs
+  if renew then  -- ttl nil: the caller renews both once for many jobs
     redis.call('EXPIRE', zset, ttl)
     redis.call('EXPIRE', state, ttl)
   end
@@ -141,7 +158,7 @@ local function fair_push(queue, zset, state, id, owner, rank, ttl, prefix)
 end
 """
 
-#: ``fair_push(queue, zset, state, id, owner, rank, ttl, prefix)`` for other scripts that queue a job.
+#: ``fair_push(queue, zset, state, id, owner, rank, ttl, prefix, now)`` for other scripts that queue a job.
 FAIR_PUSH_FN = _FAIR_PUSH_FN
 
 _FAIR_PUSH = (
@@ -598,13 +615,33 @@ def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool
                 "last_heartbeat": utcformat(stamp),
             },
         )
-        pipe.expire(worker.key, ttl)  # the worker key outlives the job (RQ renews it before each dequeue)
+        keep_worker_key(worker, ttl, pipe)
         job.prepare_for_execution(worker.name, pipeline=pipe)
         if remove_from_intermediate:
             pipe.lrem(job_queue(job).intermediate_queue_key, 1, job.id)
         pipe.execute()
     worker.execution = execution
     return execution
+
+
+#: Seconds RQ adds to a job's timeout for its heartbeat TTL (``SimpleWorker.get_heartbeat_ttl``).
+HEARTBEAT_SLACK = 60
+
+
+def keep_worker_key(worker: BaseWorker, ttl: int, pipe: Pipeline | None = None) -> None:
+    """The worker's RQ key outlives a job of heartbeat TTL ``ttl`` starting now (its timeout plus
+    ``HEARTBEAT_SLACK``): given ``ttl`` s (one EXPIRE) only when what it was last given
+    (``worker_key_renewed``) has less than the job's timeout left, so a busy worker renews it
+    about once a minute instead of at every job."""
+    left = worker.__dict__.get("_diffq_key_until", 0.0) - time.monotonic()
+    if left < ttl - HEARTBEAT_SLACK:
+        (pipe if pipe is not None else worker.connection).expire(worker.key, ttl)
+        worker_key_renewed(worker, ttl)
+
+
+def worker_key_renewed(worker: BaseWorker, ttl: int) -> None:
+    """Note that the worker's RQ key was just given ``ttl`` s to live (RQ's heartbeat, ``keep_worker_key``)."""
+    worker.__dict__["_diffq_key_until"] = time.monotonic() + ttl
 
 
 def job_queue(job: Job) -> Queue:
@@ -672,6 +709,7 @@ __all__ = [
     "forget",
     "intermediate_key",
     "is_suspended",
+    "keep_worker_key",
     "mark_requeued",
     "model_queue",
     "queue_depths",
@@ -683,5 +721,6 @@ __all__ = [
     "start_execution",
     "started_ids",
     "taken_ids",
+    "worker_key_renewed",
     "write_counts",
 ]

@@ -337,13 +337,15 @@ return made
 # outbox entry), the owner's job index; returns {'ok', position in the queue list (-1: taken
 # already), the rate hit's 4 values (1, 0, 0, 0 when not asked), the model's recent durations...}.
 # KEYS: 1 record, 2 event stream, 3 outbox, 4 RQ queue list, 5 fair zset, 6 fair state, 7 RQ job
-# hash, 8 RQ's set of queues, 9 owner's queued set, 10 owner's job index, 11 Idempotency-Key,
+# hash, 8 RQ's set of queues (not written: the model's workers list its queue there when they
+# register, ``Registry.announce``), 9 owner's queued set, 10 owner's job index, 11 Idempotency-Key,
 # 12 model's durations, 13 model's registration, 14 the API key's record (rate only).
 # ARGV: 1 job id, 2 record TTL, 3 queue depth (0: none), 4 queued cap (0: none), 5 owner, 6 class,
 # 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
-# score, 12 index size, 13 queued event data, 14 the model's registration as checked ('': any),
-# 15 the rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 the API's clock,
-# 19 n record strings, then them, then RQ's strings.
+# score (the API's clock, also the fair keys' renewal clock), 12 index size (trimmed to it on one
+# submit in 16), 13 queued event data, 14 the model's registration as checked ('': any), 15 the
+# rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 the API's clock, 19 n
+# record strings, then them, then RQ's strings.
 _SUBMIT = (
     _EMIT
     + rq_adapter.FAIR_PUSH_FN
@@ -383,15 +385,16 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + n))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('HSET', KEYS[7], unpack(ARGV, 20 + n))
 redis.call('EXPIRE', KEYS[7], ARGV[8])
-redis.call('SADD', KEYS[8], KEYS[4])
-fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7])
+fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7], ARGV[11])
 local request = nil
 for i = 20, 19 + n, 2 do
   if ARGV[i] == 'request' then request = ARGV[i + 1] break end
 end
 emit_made(KEYS[2], KEYS[3], id, 'queued', ARGV[13], ttl, request)
 redis.call('ZADD', KEYS[10], ARGV[11], id)
-redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
+if string.sub(id, -1) == '0' then  -- one submit in 16 (ids are random hex): the index holds ~16 over its size
+  redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
+end
 redis.call('EXPIRE', KEYS[10], ttl)
 local result = {'ok', redis.call('LPOS', KEYS[4], id) or -1, hit[1], hit[2], hit[3], hit[4]}
 for _, d in ipairs(redis.call('LRANGE', KEYS[12], 0, -1)) do result[#result + 1] = d end
