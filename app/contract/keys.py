@@ -53,11 +53,13 @@ diffq:metrics:<model>           hash    both      none. Counters and histogram b
                                                   jobs (``diffq.app.contract.metrics``), read by
                                                   ``GET /metrics``.
 diffq:metrics:models            set     both      none. Models that have a metrics hash.
-diffq:fair:<queue>              zset    API       ``job_ttl``, renewed at each submit. Queued job
-                                                  id -> its place in the fair order (priority
-                                                  class, then round: ``diffq.app.contract.tasks``).
-diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed at each submit. Each
-                                                  owner's latest round per class, and the top.
+diffq:fair:<queue>              zset    API       ``job_ttl``, renewed by a submit once an
+                                                  eighth of it has passed. Queued job id -> its
+                                                  place in the fair order (priority class, then
+                                                  round: ``diffq.app.contract.tasks``).
+diffq:fair:<queue>:state        hash    API       ``job_ttl``, renewed with the zset. Each
+                                                  owner's latest round per class, the top, and
+                                                  ``renewed`` (when both TTLs last were).
 diffq:replication:mark          string  both      a minute. Written just before a ``WAIT``, on the
                                                   same connection, so the ``WAIT`` covers every
                                                   write made before it (``diffq.app.contract.replication``).
