@@ -36,13 +36,18 @@ def test_registration_outlives_its_ttl_while_beating_and_goes_on_stop(redis: Red
     assert not redis.exists(keys.worker("hb"), keys.model(served.name))
 
 
-def test_busy_shows_the_current_job(redis: Redis, served: ModelRecord) -> None:
+def test_busy_shows_the_current_job_at_once_and_its_end_with_the_next_beat(redis: Redis, served: ModelRecord) -> None:
     heartbeat = _heartbeat(redis, served)
     registry = Registry(redis, ttl=1)
     heartbeat.start()
     try:
         with heartbeat.busy("job-1"):
             assert {w.id: w.current_job for w in registry.live_workers()}["hb"] == "job-1"
-        assert {w.id: w.current_job for w in registry.live_workers()}["hb"] is None
+        with heartbeat.busy("job-2"):  # the next job: its start is written at once
+            assert {w.id: w.current_job for w in registry.live_workers()}["hb"] == "job-2"
+        deadline = time.monotonic() + 5 * heartbeat.interval + 2
+        while {w.id: w.current_job for w in registry.live_workers()}["hb"] is not None:
+            assert time.monotonic() < deadline, "the end of the job was never written"
+            time.sleep(0.02)
     finally:
         heartbeat.stop()

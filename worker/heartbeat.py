@@ -69,14 +69,17 @@ class Heartbeat:
 
     @contextmanager
     def busy(self, job_id: str) -> Iterator[None]:
-        """Show ``job_id`` as this worker's current job while the block runs."""
+        """Show ``job_id`` as this worker's current job while the block runs: written at once; that
+        it has ended is written by the next periodic beat (at most ``interval`` s later), so a
+        worker going from job to job writes its record once a job, not twice."""
         self._set_current(job_id)
         try:
             yield
         finally:
-            self._set_current(None)
+            with self._lock:
+                self.worker = self.worker.model_copy(update={"current_job": None})
 
-    def _set_current(self, job_id: str | None) -> None:
+    def _set_current(self, job_id: str) -> None:
         """The worker's record, now with ``job_id``; its models and its place in the set of
         workers are the periodic beat's (one command per change, not three)."""
         with self._lock:
