@@ -8,6 +8,7 @@ import io
 import json
 import time
 import zipfile
+from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -316,3 +317,17 @@ def test_a_shared_input_is_uploaded_once_and_used_by_every_item(
 
     unknown = client.post("/v1/batches", json={"items": [{"prompt": "x", "image": "input:nope"}]})
     assert unknown.status_code == 422 and unknown.json()["fields"][0]["field"] == "items[0].image"
+
+
+def test_items_with_a_deadline_go_in_the_models_deadline_index_as_a_single_job_does(
+    client: TestClient, served: ModelRecord, redis: Redis
+) -> None:
+    items = [{**TINY_JOB, "deadline_seconds": 60}, dict(TINY_JOB), {**TINY_JOB, "deadline_seconds": 120}]
+    batch = submit(client, {"items": items})
+    ids = [i.decode() for i in redis.lrange(keys.batch_items(batch["id"]), 0, -1)]
+    index = dict(redis.zrange(keys.deadlines(served.name), 0, -1, withscores=True))
+    assert sorted(i.decode() for i in index) == sorted([ids[0], ids[2]])
+    for job_id in (ids[0], ids[2]):
+        deadline = json.loads(redis.hget(keys.job(job_id), "request"))["deadline_at"]
+        assert abs(index[job_id.encode()] - datetime.fromisoformat(deadline).timestamp()) < 1e-3
+    assert redis.ttl(keys.deadlines(served.name)) > 0

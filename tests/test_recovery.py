@@ -186,3 +186,22 @@ def test_a_job_failed_worker_lost_leaves_an_expiring_failed_rq_record(client, re
     assert Job.fetch(job_id, connection=redis).get_status() == "failed"
     assert 0 < redis.ttl(f"rq:job:{job_id}") <= settings.job_ttl
     assert [e.type for e in events.read(redis, job_id)] == ["queued", "running", "failed"]
+
+
+def test_a_sweep_reads_only_the_jobs_whose_deadline_has_passed(client, redis, settings, served) -> None:
+    """The sweeper finds passed deadlines in the model's deadline index, so queued jobs without
+    one (or not yet due) cost a sweep nothing, however many are queued; entries go once their
+    job has ended."""
+    for _ in range(30):
+        client.post("/v1/jobs", json=TINY_JOB)
+    due = client.post("/v1/jobs", json={**TINY_JOB, "deadline_seconds": 1}).json()["id"]
+    later_one = client.post("/v1/jobs", json={**TINY_JOB, "deadline_seconds": 3600}).json()["id"]
+    index = keys.deadlines(served.name)
+    assert [raw.decode() for raw in redis.zrange(index, 0, -1)] == [due, later_one]
+    redis.config_resetstat()
+    report = Sweeper(redis, settings, served.name, "s", clock=later(5)).sweep()
+    assert report.expired == [due]
+    reads = redis.info("commandstats")
+    assert reads.get("cmdstat_hgetall", {}).get("calls", 0) <= 2, reads  # the due job's record, not 32
+    assert [raw.decode() for raw in redis.zrange(index, 0, -1)] == [later_one]
+    assert client.get(f"/v1/jobs/{due}").json()["error"]["code"] == "deadline_exceeded"

@@ -164,15 +164,32 @@ class Sweeper:
         return record is not None and record.status is JobStatus.QUEUED and record.attempt_token is None
 
     def _passed_deadlines(self, report: SweepReport) -> None:
+        """End the queued jobs whose deadline has passed. Only those are read: the model's deadline
+        index (``keys.deadlines``, written with each job that has a deadline) gives them in one
+        command, however many jobs are queued. An entry goes once its job has ended or is gone; a
+        running one stays (it may be queued again), and is read again at each sweep until then."""
+        index = keys.deadlines(self.model)
+        due = [raw.decode() for raw in self.redis.zrangebyscore(index, "-inf", self.clock())]
+        if not due:
+            return
         now = datetime.fromtimestamp(self.clock(), UTC)
-        for job_id in self.queue.get_job_ids():
+        done = []
+        for job_id in due:
             record = self.store.get(job_id)
-            if record is None or record.request.deadline_at is None or record.request.deadline_at > now:
+            if record is None or record.status.is_terminal:
+                done.append(job_id)
                 continue
+            if record.status is not JobStatus.QUEUED or record.request.deadline_at is None:
+                continue
+            if record.request.deadline_at > now:
+                continue  # the index's time is the record's; a clock that moved back
             if self.store.expire_if_queued(job_id, self.settings.job_ttl):
                 metrics.record_finished(self.redis, self.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
                 self.queue.remove(job_id)
                 report.expired.append(job_id)
+                done.append(job_id)
+        if done:
+            self.redis.zrem(index, *done)
 
 
 class SweeperThread:

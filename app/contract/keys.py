@@ -40,6 +40,10 @@ diffq:sweeper:<model>           string  worker    a sweep interval. Lock: one sw
 diffq:sweeper:<model>:unclaimed hash    worker    3 heartbeat TTLs, renewed by each sweep. Job id ->
                                                   unix time a sweep first saw it taken off the queue
                                                   list but unclaimed (``diffq.worker.sweeper``).
+diffq:deadlines:<model>         zset    API       ``job_ttl``, renewed by each entry. Ids of the
+                                                  model's jobs made with a ``deadline_at`` -> that
+                                                  time; the sweeper reads the passed ones alone and
+                                                  drops each once its job has ended or gone.
 diffq:workers                   set     worker    none. Ids of registered workers; readers drop
                                                   ids whose worker key has expired.
 diffq:worker:<worker id>        string  worker    ``heartbeat_ttl``, renewed every
@@ -271,6 +275,11 @@ def journey(job_id: str, index: int) -> str:
 def sweeper_lock(model: str) -> str:
     """Held by the worker sweeping a model's jobs, for one sweep interval."""
     return f"{PREFIX}:sweeper:{model}"
+
+
+def deadlines(model: str) -> str:
+    """Sorted set of a model's jobs that have a deadline, by that deadline (unix seconds)."""
+    return f"{PREFIX}:deadlines:{model}"
 
 
 def sweeper_unclaimed(model: str) -> str:

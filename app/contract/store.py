@@ -339,13 +339,15 @@ return made
 # KEYS: 1 record, 2 event stream, 3 outbox, 4 RQ queue list, 5 fair zset, 6 fair state, 7 RQ job
 # hash, 8 RQ's set of queues (not written: the model's workers list its queue there when they
 # register, ``Registry.announce``), 9 owner's queued set, 10 owner's job index, 11 Idempotency-Key,
-# 12 model's durations, 13 model's registration, 14 the API key's record (rate only).
+# 12 model's durations, 13 model's registration, 14 the API key's record (rate only), 15 the
+# model's deadline index.
 # ARGV: 1 job id, 2 record TTL, 3 queue depth (0: none), 4 queued cap (0: none), 5 owner, 6 class,
 # 7 job-record key prefix, 8 RQ job TTL, 9 Idempotency-Key value ('': none), 10 its TTL, 11 index
 # score (the API's clock, also the fair keys' renewal clock), 12 index size (trimmed to it on one
 # submit in 16), 13 queued event data, 14 the model's registration as checked ('': any), 15 the
-# rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 the API's clock, 19 n
-# record strings, then them, then RQ's strings.
+# rate's counter prefix ('': no rate hit), 16 its limit, 17 its window, 18 the API's clock, 19 the
+# job's deadline in unix seconds ('': none; else it goes in the deadline index), 20 n record
+# strings, then them, then RQ's strings.
 _SUBMIT = (
     _EMIT
     + rq_adapter.FAIR_PUSH_FN
@@ -380,17 +382,21 @@ if cap > 0 then
   redis.call('EXPIRE', KEYS[9], ttl)
 end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[11], ARGV[9], 'EX', ARGV[10]) end
-local n = tonumber(ARGV[19])
-redis.call('HSET', KEYS[1], unpack(ARGV, 20, 19 + n))
+local n = tonumber(ARGV[20])
+redis.call('HSET', KEYS[1], unpack(ARGV, 21, 20 + n))
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('HSET', KEYS[7], unpack(ARGV, 20 + n))
+redis.call('HSET', KEYS[7], unpack(ARGV, 21 + n))
 redis.call('EXPIRE', KEYS[7], ARGV[8])
 fair_push(KEYS[4], KEYS[5], KEYS[6], id, ARGV[5], ARGV[6], ttl, ARGV[7], ARGV[11])
 local request = nil
-for i = 20, 19 + n, 2 do
+for i = 21, 20 + n, 2 do
   if ARGV[i] == 'request' then request = ARGV[i + 1] break end
 end
 emit_made(KEYS[2], KEYS[3], id, 'queued', ARGV[13], ttl, request)
+if ARGV[19] ~= '' then
+  redis.call('ZADD', KEYS[15], ARGV[19], id)
+  redis.call('EXPIRE', KEYS[15], ttl)
+end
 redis.call('ZADD', KEYS[10], ARGV[11], id)
 if string.sub(id, -1) == '0' then  -- one submit in 16 (ids are random hex): the index holds ~16 over its size
   redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -tonumber(ARGV[12]) - 1)
@@ -558,6 +564,11 @@ class JobStore:
                         events.webhook_id(record.id, "queued", queued),
                     )
             self._create_many(keys=[], args=args, client=pipeline)
+        timed = {record.id: float(_deadline_score(record)) for record in records if record.request.deadline_at}
+        if timed:  # the deadline index (``keys.deadlines``), as ``_SUBMIT`` writes it for one job
+            index = keys.deadlines(records[0].model)
+            pipeline.zadd(index, timed)
+            pipeline.expire(index, ttl)
 
     def submit(
         self,
@@ -928,6 +939,7 @@ def _submit_call(
             keys.model_durations(record.model),
             keys.model(record.model),
             record_key,
+            keys.deadlines(record.model),
         ],
         "args": [
             record.id,
@@ -945,11 +957,18 @@ def _submit_call(
             _compact({"status": "queued"}),
             registration or "",
             *hit,
+            _deadline_score(record),
             len(fields),
             *fields,
             *rq_fields,
         ],
     }
+
+
+def _deadline_score(record: JobRecord) -> str:
+    """The job's deadline for the model's deadline index (unix seconds), '' if it has none."""
+    deadline = record.request.deadline_at
+    return repr(deadline.timestamp()) if deadline is not None else ""
 
 
 def _submitted(reply: list[Any]) -> Submitted:
