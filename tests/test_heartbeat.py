@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from redis import Redis
 
 from diffq.app.contract import keys
 from diffq.app.contract.records import ModelRecord, WorkerRecord, utcnow
 from diffq.app.contract.registry import Registry
+from diffq.worker import heartbeat as heartbeat_module
 from diffq.worker.heartbeat import Heartbeat
 
 
@@ -51,3 +53,22 @@ def test_busy_shows_the_current_job_at_once_and_its_end_with_the_next_beat(redis
             time.sleep(0.02)
     finally:
         heartbeat.stop()
+
+
+def test_a_heartbeat_lists_its_models_queues_in_rq_s_set_now_and_then(
+    redis: Redis, served: ModelRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RQ's set of queues (rq info, queue depths) gets the models' queues from the first beat and
+    then every QUEUES_EVERY-th: a submit no longer writes it, and nothing else removes them."""
+    monkeypatch.setattr(heartbeat_module, "QUEUES_EVERY", 3)
+    heartbeat = _heartbeat(redis, served)
+    listed = f"rq:queue:diffq:{served.name}".encode()
+    redis.delete("rq:queues")
+    heartbeat.beat()
+    assert redis.smembers("rq:queues") == {listed}
+    redis.delete("rq:queues")  # as if Redis had lost it
+    heartbeat.beat()
+    heartbeat.beat()
+    assert redis.smembers("rq:queues") == set()
+    heartbeat.beat()
+    assert redis.smembers("rq:queues") == {listed}

@@ -20,6 +20,11 @@ from diffq.app.contract.registry import Registry
 log = logging.getLogger(__name__)
 
 
+QUEUES_EVERY = 30
+"""Beats between two writes of the models' queues to RQ's set of queues (the first beat writes
+them): about a minute at the default interval."""
+
+
 class Heartbeat:
     """Announce now, renew periodically, withdraw on stop."""
 
@@ -41,6 +46,7 @@ class Heartbeat:
         self._status = status  # fields of the worker record to refresh at each beat (loaded models)
         self._also = also  # run after each periodic beat (the metrics' flush); must not raise
         self.interval = interval
+        self._beats = 0  # periodic beats so far: every QUEUES_EVERY-th also lists the queues in RQ's set
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="diffq-heartbeat", daemon=True)
@@ -65,7 +71,8 @@ class Heartbeat:
         with self._lock:
             update = self._status() if self._status is not None else {}
             self.worker = self.worker.model_copy(update={**update, "heartbeat_at": utcnow()})
-            self.registry.announce(self.worker, list(self.records.values()))
+            self.registry.announce(self.worker, list(self.records.values()), queues=self._beats % QUEUES_EVERY == 0)
+            self._beats += 1
 
     @contextmanager
     def busy(self, job_id: str) -> Iterator[None]:

@@ -41,8 +41,12 @@ class Registry:
         self.redis = redis
         self.ttl = ttl
 
-    def announce(self, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord]) -> None:
-        """Register or renew a worker and its model(s) for another ``ttl`` seconds."""
+    def announce(
+        self, worker: WorkerRecord, model: ModelRecord | Sequence[ModelRecord], *, queues: bool = True
+    ) -> None:
+        """Register or renew a worker and its model(s) for another ``ttl`` seconds; ``queues``: also
+        list the models' queues in RQ's set of queues (a heartbeat does so now and then, not at
+        every beat: the set loses them only if Redis loses its data)."""
         models = [model] if isinstance(model, ModelRecord) else model
         # One round trip, no MULTI/EXEC: each write renews a key on its own, and a reader that
         # sees one renewed before the others sees a live worker either way.
@@ -51,7 +55,7 @@ class Registry:
             pipe.sadd(keys.WORKERS, worker.id)
             for record in models:
                 pipe.set(keys.model(record.name), record.model_dump_json(), ex=self.ttl)
-            if models:  # known to RQ for as long as it is served (a submit checks the registration)
+            if models and queues:  # known to RQ while it is served (a submit checks the registration)
                 pipe.sadd(RQ_QUEUES, *[queue_key(record.name) for record in models])
             pipe.execute()
 
