@@ -169,20 +169,18 @@ class Sweeper:
         command, however many jobs are queued. An entry goes once its job has ended or is gone; a
         running one stays (it may be queued again), and is read again at each sweep until then."""
         index = keys.deadlines(self.model)
-        due = [raw.decode() for raw in self.redis.zrangebyscore(index, "-inf", self.clock())]
-        if not due:
-            return
-        now = datetime.fromtimestamp(self.clock(), UTC)
+        stamp = self.clock()
+        due = [raw.decode() for raw in self.redis.zrangebyscore(index, "-inf", stamp)]
+        now = datetime.fromtimestamp(stamp, UTC)
         done = []
         for job_id in due:
             record = self.store.get(job_id)
             if record is None or record.status.is_terminal:
                 done.append(job_id)
                 continue
-            if record.status is not JobStatus.QUEUED or record.request.deadline_at is None:
-                continue
-            if record.request.deadline_at > now:
-                continue  # the index's time is the record's; a clock that moved back
+            deadline = record.request.deadline_at
+            if record.status is not JobStatus.QUEUED or deadline is None or deadline > now:
+                continue  # running (it may be queued again), or the record's deadline is later than the index's
             if self.store.expire_if_queued(job_id, self.settings.job_ttl):
                 metrics.record_finished(self.redis, self.model, "failed", ErrorCode.DEADLINE_EXCEEDED.value)
                 self.queue.remove(job_id)

@@ -519,8 +519,8 @@ def end_execution(worker: BaseWorker, job: Job, queue: Queue, execution: Executi
     """End a job ``start_execution`` started: ``finished`` as ``end_success`` ends one (without the
     worker's own fields), or, with ``failure`` (RQ's exception text), ``failed`` through RQ's own
     handler. RQ's handler ends the worker's current execution, so this one is made current meanwhile."""
-    job.ended_at = job.last_heartbeat = datetime.now(UTC)
     if failure is None:
+        job.ended_at = job.last_heartbeat = datetime.now(UTC)  # what RQ's handle_execution_ended sets
         with worker.connection.pipeline(transaction=False) as pipe:
             _finished(worker, job, execution, pipe)
             pipe.execute()
@@ -628,14 +628,14 @@ def begin_execution(worker: BaseWorker, job: Job, remove_from_intermediate: bool
 HEARTBEAT_SLACK = 60
 
 
-def keep_worker_key(worker: BaseWorker, ttl: int, pipe: Pipeline | None = None) -> None:
+def keep_worker_key(worker: BaseWorker, ttl: int, pipe: Pipeline) -> None:
     """The worker's RQ key outlives a job of heartbeat TTL ``ttl`` starting now (its timeout plus
     ``HEARTBEAT_SLACK``): given ``ttl`` s (one EXPIRE) only when what it was last given
     (``worker_key_renewed``) has less than the job's timeout left, so a busy worker renews it
     about once a minute instead of at every job."""
     left = worker.__dict__.get("_diffq_key_until", 0.0) - time.monotonic()
     if left < ttl - HEARTBEAT_SLACK:
-        (pipe if pipe is not None else worker.connection).expire(worker.key, ttl)
+        pipe.expire(worker.key, ttl)
         worker_key_renewed(worker, ttl)
 
 
@@ -697,7 +697,6 @@ __all__ = [
     "WorkerStatus",
     "begin_execution",
     "cancel_queued",
-    "count_success",
     "drop_many",
     "end_execution",
     "end_lost",
@@ -709,7 +708,6 @@ __all__ = [
     "forget",
     "intermediate_key",
     "is_suspended",
-    "keep_worker_key",
     "mark_requeued",
     "model_queue",
     "queue_depths",

@@ -564,7 +564,7 @@ class JobStore:
                         events.webhook_id(record.id, "queued", queued),
                     )
             self._create_many(keys=[], args=args, client=pipeline)
-        timed = {record.id: float(_deadline_score(record)) for record in records if record.request.deadline_at}
+        timed = {r.id: deadline.timestamp() for r in records if (deadline := r.request.deadline_at) is not None}
         if timed:  # the deadline index (``keys.deadlines``), as ``_SUBMIT`` writes it for one job
             index = keys.deadlines(records[0].model)
             pipeline.zadd(index, timed)
